@@ -1,0 +1,219 @@
+"""The Python API: compress a model with a recipe, evaluate a model, and run the main job.
+
+The CLI (`slimlm.cli`) is a thin layer over these three functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimlm.data.calibration import CalibrationSet, sample_calibration
+from slimlm.data.text import load_text
+from slimlm.evaluate.footprint import parameter_count, peak_memory
+from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, evaluate_quality, make_windows
+from slimlm.models.load import DEFAULT_MODEL, LoadedModel, load_model
+from slimlm.models.save import check_output_dir, read_manifest, save_model
+from slimlm.pipeline import check_recipe, compress_, linear_sparsity
+from slimlm.recipes import Recipe, load_recipe
+from slimlm.recipes.registry import METHODS
+
+DEFAULT_RUN_RECIPES = ("magnitude-50", "magnitude-2of4", "rtn-w8", "rtn-w4-g64")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What quality is measured on. Defaults: every 2048-token window of the offline default corpus."""
+
+    data: str = "default"  # "default", a .txt/.jsonl file, "wikitext2:DIR" or "hf:NAME[:CONFIG]"
+    split: str = "evaluation"
+    seqlen: int = 2048
+    max_windows: int | None = None  # None: every window of the text
+    kl_windows: int = 4  # base log-probs kept for KL/top-1 (~400 MB per 2048-token window of SmolLM2's vocab)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    data: str = "default"
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class Variant:
+    """One row of a report: a model and what it cost and bought."""
+
+    name: str
+    recipe: list[dict] | None
+    metrics: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes of the model as a dense checkpoint in its own dtype (tied weights once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def quality_metrics(model: nn.Module, windows: EvalWindows, reference: ReferenceLogits | None, keep_reference: int = 0) -> tuple[dict, ReferenceLogits | None]:
+    quality, kept = evaluate_quality(model, windows, reference=reference, keep_reference=keep_reference)
+    return asdict(quality), kept
+
+
+def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) -> CalibrationSet | None:
+    """Draw calibration samples only when some stage needs statistics."""
+    if not any(METHODS[stage.method].statistics for stage in recipe.stages):
+        return None
+    text = load_text(settings.data, split="calibration")
+    return sample_calibration(tokenizer, text, settings.samples, settings.seqlen, settings.seed)
+
+
+def _compress_copy(base: LoadedModel, recipe: Recipe, calibration_settings: CalibrationSettings, device: torch.device | None) -> tuple[nn.Module, dict]:
+    model = copy.deepcopy(base.model)
+    calibration = calibration_for(recipe, base.tokenizer, calibration_settings)
+    start = time.perf_counter()
+    logs = compress_(model, recipe, calibration, device)
+    info = {
+        "compress_seconds": time.perf_counter() - start,
+        "stages": [asdict(log) for log in logs],
+        "calibration": calibration.describe() if calibration else "none: every stage of this recipe is data-free",
+    }
+    return model, info
+
+
+def _manifest(base: LoadedModel, recipe: Recipe, info: dict, metrics: dict) -> dict:
+    return {
+        "base_model": {"source": base.source, "resolved": base.resolved, "kind": base.kind},
+        "recipe": {"name": recipe.name, "description": recipe.description, "stages": recipe.to_list()},
+        "calibration": info["calibration"],
+        "stages": info["stages"],
+        "compress_seconds": info["compress_seconds"],
+        "metrics": metrics,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def compress(
+    model: str = DEFAULT_MODEL,
+    recipe: str = "magnitude-2of4",
+    out: str | Path = "slimlm-out",
+    calibration: CalibrationSettings = CalibrationSettings(),
+    evaluation: EvalSettings | None = EvalSettings(max_windows=8),
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Compress `model` with `recipe`, evaluate base and result (unless `evaluation` is None), save to `out`.
+
+    Returns the manifest written to `out/slimlm.json`.
+    """
+    check_output_dir(out, overwrite)
+    parsed = load_recipe(recipe)
+    text = load_text(evaluation.data, evaluation.split) if evaluation is not None else None
+    base = load_model(model, allow_pickle=allow_pickle, device=device)
+    check_recipe(base.model, parsed, has_calibration=True)  # fail before the (slow) base evaluation
+    metrics: dict = {}
+    reference = windows = None
+    if evaluation is not None:
+        windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+        metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+    compressed, info = _compress_copy(base, parsed, calibration, base.model.device)
+    if windows is not None:
+        metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
+    metrics["sparsity"] = linear_sparsity(compressed)
+    metrics["parameters"] = parameter_count(compressed)
+    metrics["base_dense_bytes"] = dense_bytes(base.model)
+    metrics["peak_memory"] = peak_memory()
+    manifest = _manifest(base, parsed, info, metrics)
+    path = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
+    return read_manifest(path)
+
+
+def evaluate(
+    model: str,
+    evaluation: EvalSettings = EvalSettings(),
+    base: str | None = None,
+    allow_pickle: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk."""
+    loaded = load_model(model, allow_pickle=allow_pickle, device=device)
+    windows = make_windows(loaded.tokenizer, load_text(evaluation.data, evaluation.split), evaluation.seqlen, evaluation.max_windows)
+    reference = None
+    result: dict = {"model": model}
+    if base is not None:
+        base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
+        result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+        result["base_dense_bytes"] = dense_bytes(base_loaded.model)
+        del base_loaded
+    result["quality"], _ = quality_metrics(loaded.model, windows, reference)
+    result["parameters"] = parameter_count(loaded.model)
+    result["sparsity"] = linear_sparsity(loaded.model)
+    if loaded.kind == "slimlm-dir":
+        result["storage"] = read_manifest(loaded.resolved)["storage"]
+    return result
+
+
+def run(
+    model: str = DEFAULT_MODEL,
+    recipes: tuple[str, ...] = DEFAULT_RUN_RECIPES,
+    evaluation: EvalSettings = EvalSettings(),
+    calibration: CalibrationSettings = CalibrationSettings(),
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str | None = None,
+) -> Path:
+    """The main job: evaluate the base, compress it with each recipe, evaluate and save each, write one report.
+
+    Writes `out_dir/report.json`, `out_dir/report.md` and `out_dir/models/<recipe>/`; returns `out_dir`.
+    """
+    from slimlm.report import write_report
+
+    out = Path(out_dir or Path("slimlm-runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_output_dir(out, overwrite)
+    parsed = [load_recipe(name) for name in recipes]  # refuse a bad recipe before any work
+    text = load_text(evaluation.data, evaluation.split)
+    base = load_model(model, allow_pickle=allow_pickle, device=device)
+    for recipe in parsed:
+        check_recipe(base.model, recipe, has_calibration=True)
+    windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+    base_quality, reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+    base_bytes = dense_bytes(base.model)
+    variants = [
+        Variant(
+            "base",
+            None,
+            {
+                "quality": base_quality,
+                "parameters": parameter_count(base.model),
+                "sparsity": linear_sparsity(base.model),
+                "weight_bytes": base_bytes,
+                "compression_ratio": 1.0,
+            },
+        )
+    ]
+    models_dir = out / "models"
+    for recipe in parsed:
+        compressed, info = _compress_copy(base, recipe, calibration, base.model.device)
+        quality, _ = quality_metrics(compressed, windows, reference)
+        metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
+        path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
+        storage = read_manifest(path)["storage"]
+        metrics.update(storage, compression_ratio=base_bytes / storage["weight_bytes"], compress_seconds=info["compress_seconds"], peak_memory=peak_memory())
+        variants.append(Variant(recipe.name, recipe.to_list(), metrics, str(path)))
+        del compressed
+    context = {
+        "model": {"source": base.source, "resolved": base.resolved, "dtype": str(next(base.model.parameters()).dtype)},
+        "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0])},
+        "device": str(base.model.device),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_report(out, variants, context)
+    return out

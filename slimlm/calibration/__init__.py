@@ -1,0 +1,1 @@
+"""Calibration: statistics of each linear's inputs, gathered block by block."""

@@ -1,0 +1,127 @@
+"""The sequential calibration driver (GPTQ / SparseGPT / Wanda style).
+
+1. Run the model on the calibration windows until the first decoder block and keep that block's inputs.
+2. For each block: hook its target linears to accumulate input statistics while the block runs on every
+   window, hand the statistics to the method (which compresses the block in place), then run the
+   *compressed* block again to produce the next block's inputs — so every block is calibrated on the
+   activations it will really see.
+
+Only one block (plus the activations of the calibration windows) needs to sit on the compute device;
+the rest of the model stays where it was loaded, so this scales past what fits on the GPU at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from slimlm.calibration.stats import InputStats
+from slimlm.models.adapters import adapter_for, block_linears, decoder_blocks, linear_weight
+from slimlm.progress import progress_bar
+
+BlockCompressor = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], None]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's inputs are known; private, never escapes this module."""
+
+
+@contextmanager
+def hooks_removed_after(handles: list) -> Iterator[list]:
+    """Own a list of hook handles and always remove them, even when the body raises."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def collect_input_stats(linears: dict[str, nn.Module], wanted: tuple[str, ...]) -> Iterator[dict[str, InputStats]]:
+    """Forward hooks that feed each linear's input into an InputStats while the context is open."""
+    stats = {
+        name: InputStats(linear_weight(module).shape[1], wanted, linear_weight(module).device)
+        for name, module in linears.items()
+    }
+
+    def hook_for(name: str):
+        return lambda _module, inputs, _output: stats[name].update(inputs[0])
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in linears.items()]
+    with hooks_removed_after(handles):
+        yield stats
+
+
+def _move_(model: nn.Module, paths: list[str | None], device: torch.device) -> None:
+    for path in paths:
+        if path:
+            model.get_submodule(path).to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], tuple, dict]:
+    """Hidden states entering block 0 for each window (each (1, L, hidden)), plus the other args/kwargs it got.
+
+    All windows have the same length and no padding, so the extra arguments (masks, rotary cos/sin) are
+    identical for every window and kept once.
+    """
+    adapter = adapter_for(model)
+    block0 = decoder_blocks(model)[0]
+    inputs: list[torch.Tensor] = []
+    extra: dict = {}
+
+    def capture(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden)
+        if not extra:
+            extra["args"], extra["kwargs"] = args[1:], kwargs
+        raise _StopForward
+
+    stems = [adapter.embed, adapter.position_embed, adapter.rotary]
+    original = next(model.parameters()).device
+    _move_(model, stems, device)
+    handle = block0.register_forward_pre_hook(capture, with_kwargs=True)
+    with hooks_removed_after([handle]):
+        for window in calibration_ids:
+            try:
+                model(window.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    _move_(model, stems, original)
+    return inputs, extra["args"], extra["kwargs"]
+
+
+def _block_output(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def calibrate_sequentially(
+    model: nn.Module,
+    calibration_ids: torch.Tensor,
+    statistics: tuple[str, ...],
+    compress_block: BlockCompressor,
+    select: Callable[[str], bool] = lambda name: True,
+    device: torch.device | None = None,
+    description: str = "calibrating",
+) -> None:
+    """Compress `model` block by block; `compress_block(index, linears, stats)` edits block `index` in place."""
+    device = device or next(model.parameters()).device
+    hidden_states, args, kwargs = capture_block_inputs(model, calibration_ids, device)
+    blocks = decoder_blocks(model)
+    with progress_bar(description, total=len(blocks)) as advance:
+        for index, block in enumerate(blocks):
+            home = next(block.parameters()).device
+            block.to(device)
+            linears = {name: module for name, module in block_linears(model, index).items() if select(name)}
+            with collect_input_stats(linears, statistics) as stats:
+                for hidden in hidden_states:
+                    _block_output(block, hidden, args, kwargs)
+            compress_block(index, linears, stats)
+            hidden_states = [_block_output(block, hidden, args, kwargs) for hidden in hidden_states]
+            block.to(home)
+            advance()

@@ -1,0 +1,48 @@
+"""Statistics of a linear layer's inputs, accumulated over calibration tokens — computed once, shared by all methods.
+
+- `hessian`: H = 2/N · Σ x xᵀ (in, in), the layer-wise reconstruction Hessian of GPTQ / SparseGPT,
+  kept as a running mean so it does not grow with N.
+- `input_norm`: ‖X_j‖₂ per input channel j (in,), Wanda's activation term; also mean |x| for AWQ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATISTICS = ("hessian", "input_norm")
+
+
+class InputStats:
+    """Running statistics of the rows x (in,) a linear layer sees; `update` takes (..., in)."""
+
+    def __init__(self, in_features: int, wanted: tuple[str, ...], device: torch.device):
+        unknown = set(wanted) - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {STATISTICS}")
+        self.wanted = wanted
+        self.tokens = 0
+        self.hessian = torch.zeros(in_features, in_features, device=device) if "hessian" in wanted else None
+        self.sq_sum = torch.zeros(in_features, device=device) if "input_norm" in wanted else None
+        self.abs_sum = torch.zeros(in_features, device=device) if "input_norm" in wanted else None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        n = rows.shape[0]
+        total = self.tokens + n
+        if self.hessian is not None:
+            # running mean of 2·x xᵀ: rescale the old mean, add the new batch's share
+            self.hessian.mul_(self.tokens / total).add_(rows.t() @ rows, alpha=2.0 / total)
+        if self.sq_sum is not None:
+            self.sq_sum.add_(rows.pow(2).sum(dim=0))
+            self.abs_sum.add_(rows.abs().sum(dim=0))
+        self.tokens = total
+
+    @property
+    def input_norm(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens, per input channel."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)

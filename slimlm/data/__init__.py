@@ -1,0 +1,1 @@
+"""Text sources for evaluation and calibration, and the calibration sampler."""

@@ -1,0 +1,1 @@
+"""Quality (perplexity, KL vs the base model) and footprint (parameters, sparsity, bytes, memory) of a model."""

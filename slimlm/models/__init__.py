@@ -1,0 +1,1 @@
+"""Models in and out: loading, the architecture adapter table, saving with a manifest."""

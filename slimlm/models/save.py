@@ -1,0 +1,174 @@
+"""Save a (compressed) model as a Hugging Face directory plus the `slimlm.json` manifest, atomically.
+
+Everything is written into a hidden sibling directory and renamed into place at the end, so an
+interrupted or failed run never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.quantize.linear import QuantizedLinear
+
+MANIFEST = "slimlm.json"
+WEIGHTS = "model.safetensors"
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output directory up front, before any expensive work."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"output directory '{out}' already exists", "choose another --out, or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"output path '{out}' exists and is a file", "choose a directory path for --out")
+    return out
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out_dir` only if the body finishes."""
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(trash)
+        partial.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        partial.rename(out)
+
+
+def _weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor to save: dense parameters/buffers as they are, quantized linears packed; tied copies once."""
+    from slimlm.quantize.storage import pack_quantized_linear
+
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in quantized.items():
+        tensors.update(pack_quantized_linear(name, module))
+    seen: set[int] = set()
+    persistent = {name for name, _ in model.named_buffers()} - _non_persistent_buffers(model)
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update({name: buf for name, buf in model.named_buffers() if name in persistent})
+    for name, tensor in state.items():
+        owner = name.rpartition(".")[0]
+        if owner in quantized or tensor is None:
+            continue
+        if tensor.data_ptr() in seen:  # tied (e.g. lm_head = embed_tokens): transformers re-ties on load
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def _non_persistent_buffers(model: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        for buffer in module._non_persistent_buffers_set:
+            names.add(f"{module_name}.{buffer}" if module_name else buffer)
+    return names
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("slimlm", "torch", "transformers", "safetensors", "compressed-tensors", "gguf"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
+    """Write safetensors + config + generation config + tokenizer + slimlm.json; return the final path."""
+    from safetensors.torch import save_file
+
+    from slimlm.quantize.storage import quantization_config
+
+    with atomic_directory(out_dir, overwrite) as staging:
+        save_file(_weight_tensors(model), str(staging / WEIGHTS), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        quant = quantization_config(model)
+        if quant:
+            config["quantization_config"] = quant
+        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        storage = storage_summary(staging, quantized)
+        full_manifest = {"slimlm_manifest_version": 1, **manifest, "quantized_linears": quantized, "storage": storage, "versions": library_versions()}
+        (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def storage_summary(model_dir: Path, quantized: dict[str, list[int]]) -> dict:
+    """Bytes of the saved weights, and of the quantized linears against what they would take in fp16."""
+    from slimlm.evaluate.footprint import tensor_bytes_by_module
+
+    by_module = tensor_bytes_by_module(model_dir)
+    summary = {"weight_bytes": sum(by_module.values())}
+    if quantized:
+        packed = sum(by_module[name] for name in quantized)
+        fp16 = sum(2 * out_features * in_features for out_features, in_features in quantized.values())
+        summary.update(quantized_linear_bytes=packed, quantized_linear_fp16_bytes=fp16, quantized_share_of_fp16=packed / fp16)
+    return summary
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / MANIFEST).read_text())
+
+
+def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """Load a directory written by `save_model`, rebuilding quantized linears from their packed codes."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.models.swap import replace_module_
+    from slimlm.quantize.storage import grids_by_module, unpack_quantized_linear
+
+    config_dict = json.loads((model_dir / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    quant = config_dict.get("quantization_config")
+    if quant is None:
+        from slimlm.models.load import from_pretrained_checked
+
+        return from_pretrained_checked(model_dir, dtype), tokenizer
+    config = AutoConfig.from_pretrained(model_dir)
+    del config.quantization_config
+    tensors = load_file(str(model_dir / WEIGHTS))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    grids = grids_by_module(quant)
+    for name, grid in grids.items():
+        replace_module_(model, name, unpack_quantized_linear(name, tensors, grid, dtype))
+    dense = {key: value for key, value in tensors.items() if key.rpartition(".")[0] not in grids}
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    missing = [key for key in missing if key.rpartition(".")[0] not in grids]
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise SlimlmError(f"'{model_dir}' does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})", "re-create the model with slimlm compress")
+    return model, tokenizer

@@ -1,0 +1,109 @@
+"""Apply a recipe to a loaded model, stage by stage; the calibration engine runs for stages that need data."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimlm.calibration.sequential import calibrate_sequentially
+from slimlm.data.calibration import CalibrationSet
+from slimlm.errors import SlimlmError
+from slimlm.models.adapters import block_linears, decoder_blocks, is_linear
+from slimlm.progress import progress_bar
+from slimlm.quantize.linear import QuantizedLinear
+from slimlm.recipes import Recipe
+from slimlm.recipes.config import StageConfig
+from slimlm.recipes.registry import METHODS
+
+
+@dataclass(frozen=True)
+class StageLog:
+    method: str
+    seconds: float
+    layers: int
+
+
+def _selector(config: StageConfig):
+    pattern = re.compile(config.targets) if config.targets else None
+    return lambda name: pattern is None or pattern.search(name) is not None
+
+
+def targeted_linears(model: nn.Module, config: StageConfig) -> list[dict[str, nn.Module]]:
+    """Per decoder block, the linears this stage edits; refuses stages that would touch quantized layers."""
+    select = _selector(config)
+    per_block = []
+    for index in range(len(decoder_blocks(model))):
+        chosen = {name: m for name, m in block_linears(model, index).items() if select(name)}
+        for name, module in chosen.items():
+            if isinstance(module, QuantizedLinear):
+                raise SlimlmError(f"stage '{config.method}' would edit {name}, which an earlier stage already quantized", "put quantization stages last in the recipe, or narrow this stage with 'targets'")
+            if not is_linear(module):
+                raise SlimlmError(f"{name} is a {type(module).__name__}, not a linear layer", "narrow the stage with 'targets'")
+        per_block.append(chosen)
+    if not any(per_block):
+        raise SlimlmError(f"stage '{config.method}' matches no layer (targets={config.targets!r})", "fix the 'targets' regex; names look like 'model.layers.0.mlp.up_proj'")
+    return per_block
+
+
+def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> None:
+    """Every stage's preconditions on this model, before any weight changes (and before any slow evaluation)."""
+    quantized: set[str] = set()
+    for config in recipe.stages:
+        method = METHODS[config.method]
+        if method.statistics and not has_calibration:
+            raise SlimlmError(f"method '{config.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)")
+        for linears in targeted_linears(model, config):
+            method.check(linears, config)
+            if quantized & linears.keys():
+                name = sorted(quantized & linears.keys())[0]
+                raise SlimlmError(f"stage '{config.method}' would edit {name}, which an earlier stage quantizes", "put quantization stages last in the recipe, or narrow this stage with 'targets'")
+            if method.quantizes:
+                quantized |= linears.keys()
+
+
+def compress_(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: CalibrationSet | None = None,
+    device: torch.device | None = None,
+) -> list[StageLog]:
+    """Run every stage of `recipe` on `model` in place; checks all stages' preconditions first."""
+    check_recipe(model, recipe, calibration is not None)
+    logs = []
+    for config in recipe.stages:
+        method = METHODS[config.method]
+        start = time.perf_counter()
+        per_block = targeted_linears(model, config)
+        if method.statistics:
+            select = _selector(config)
+            calibrate_sequentially(
+                model,
+                calibration.input_ids,
+                method.statistics,
+                lambda index, linears, stats: method.apply(model, linears, config, stats),
+                select=select,
+                device=device,
+                description=config.method,
+            )
+        else:
+            with progress_bar(config.method, total=len(per_block)) as advance:
+                for linears in per_block:
+                    method.apply(model, linears, config, {})
+                    advance()
+        logs.append(StageLog(config.method, time.perf_counter() - start, sum(len(b) for b in per_block)))
+    return logs
+
+
+def linear_sparsity(model: nn.Module) -> float:
+    """Share of exactly-zero weights over all decoder-block linears (quantized ones after dequantization)."""
+    zeros = total = 0
+    for index in range(len(decoder_blocks(model))):
+        for module in block_linears(model, index).values():
+            weight = module.dequantized_weight() if isinstance(module, QuantizedLinear) else module.weight
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
+    return zeros / total

@@ -1,0 +1,35 @@
+"""Progress bars for long work (rich), silenced with SLIMLM_QUIET=1 or when not asked for."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def quiet() -> bool:
+    return os.environ.get("SLIMLM_QUIET", "0") not in ("0", "")
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[], None]]:
+    """Yield an `advance()` callable; draws a bar on stderr unless quiet."""
+    if quiet():
+        yield lambda: None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)

@@ -1,0 +1,1 @@
+"""Pruning: remove weights (unstructured, n:m) or whole structures."""

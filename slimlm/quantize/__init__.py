@@ -1,0 +1,1 @@
+"""Quantization: integer weights with scales, stored packed."""

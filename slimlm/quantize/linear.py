@@ -1,0 +1,47 @@
+"""A linear layer that holds integer codes: its memory and its saved bytes are the quantized ones."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimlm.quantize.grid import QuantGrid, dequantize
+
+
+class QuantizedLinear(nn.Module):
+    """y = x · dequant(codes)ᵀ + b, with codes (out, in) int8 and per-group scales (out, groups).
+
+    Dequantizing on every call keeps only the codes resident; it is a simulation of a W-only kernel,
+    exact in value, not in speed.
+    """
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        grid: QuantGrid,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ):
+        super().__init__()
+        self.grid = grid
+        self.out_features, self.in_features = codes.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_q", codes)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero_point)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize(self.weight_q, self.weight_scale, self.weight_zero_point, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        group = "channel" if self.grid.group_size is None else f"group={self.grid.group_size}"
+        kind = "sym" if self.grid.symmetric else "asym"
+        return f"in={self.in_features}, out={self.out_features}, int{self.grid.bits} {kind} {group}"
+

@@ -1,0 +1,53 @@
+"""Round-to-nearest weight quantization: min/max scales per channel or group, no data needed.
+
+The baseline GPTQ/AWQ improve on; also the final rounding step those methods share (`quantize/grid.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimlm.models.adapters import linear_weight
+from slimlm.models.swap import replace_module_
+from slimlm.quantize.grid import QuantGrid, choose_qparams, quantize_with
+from slimlm.quantize.linear import QuantizedLinear
+from slimlm.recipes.config import StageConfig, check_range
+
+
+@dataclass(frozen=True)
+class RTNConfig(StageConfig):
+    """Round-to-nearest integer weights with min/max scales."""
+
+    method: ClassVar[str] = "rtn"
+
+    bits: int = 4  # 2..8
+    group_size: int | None = 128  # input channels per scale; null for one scale per output channel
+    symmetric: bool = True  # false: an integer zero point per group as well
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "bits", self.bits, 2, 8)
+        if self.group_size is not None:
+            check_range(self, "group_size", self.group_size, 1, 2**20)
+
+    @property
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.group_size, self.symmetric)
+
+
+def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """weight (out, in) -> (codes int8 (out, in), scale fp16 (out, groups), zero_point int8 (out, groups) | None)."""
+    scale, zero_point = choose_qparams(weight, grid)
+    return quantize_with(weight, scale, zero_point, grid), scale, zero_point
+
+
+def quantize_rtn_(model: nn.Module, linears: dict[str, nn.Module], config: RTNConfig) -> None:
+    for name, module in linears.items():
+        weight = linear_weight(module).detach()
+        codes, scale, zero_point = rtn_quantize(weight, config.grid)
+        bias = module.bias.detach() if module.bias is not None else None
+        replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, weight.dtype))

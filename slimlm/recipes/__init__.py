@@ -1,0 +1,121 @@
+"""Recipes: YAML lists of stages, each parsed into its method's frozen config dataclass and validated on load.
+
+    - method: magnitude
+      pattern: "2:4"
+    - method: rtn
+      bits: 8
+      group_size: null
+
+A file may also be a mapping with `description:` and `stages:`. Shipped recipes live in `recipes/shipped/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from slimlm.errors import SlimlmError
+from slimlm.recipes.config import StageConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    stages: tuple[StageConfig, ...]
+
+    def to_list(self) -> list[dict]:
+        """The recipe as plain data (what the manifest records)."""
+        return [{"method": stage.method, **dataclasses.asdict(stage)} for stage in self.stages]
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("slimlm.recipes") / "shipped"))
+
+
+def shipped_recipes() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(shipped_dir().glob("*.yaml"))}
+
+
+def _field_types(config_class: type) -> dict[str, object]:
+    hints = typing.get_type_hints(config_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
+
+
+def _coerce(value: object, annotation: object) -> object:
+    """Check a YAML scalar against a field annotation (int, float, bool, str, or X | None)."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    raise TypeError(" or ".join("null" if o is type(None) else o.__name__ for o in options))
+
+
+def parse_stage(raw: object, where: str) -> StageConfig:
+    from slimlm.recipes.registry import METHODS
+
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise SlimlmError(f"{where}: a stage must be a mapping with a 'method' key", "write e.g. '- method: magnitude'")
+    method = raw["method"]
+    if method not in METHODS:
+        raise SlimlmError(f"{where}: unknown method '{method}'", f"known methods: {', '.join(sorted(METHODS))}")
+    config_class = METHODS[method].config
+    fields = _field_types(config_class)
+    values = {}
+    for key, value in raw.items():
+        if key == "method":
+            continue
+        if key not in fields:
+            raise SlimlmError(f"{where} ({method}): unknown key '{key}'", f"allowed keys: {', '.join(fields)}")
+        try:
+            values[key] = _coerce(value, fields[key])
+        except TypeError as expected:
+            hint = " (YAML reads an unquoted 2:4 as a number: quote it, \"2:4\")" if key == "pattern" else ""
+            raise SlimlmError(f"{where} ({method}): '{key}' is {value!r}, expected {expected}{hint}", f"fix '{key}' in the recipe") from None
+    try:
+        return config_class(**values)
+    except SlimlmError as err:
+        raise SlimlmError(f"{where}: {err.problem}", err.fix) from None
+
+
+def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
+    if isinstance(data, dict):
+        description = data.get("description", description)
+        data = data.get("stages")
+    if not isinstance(data, list) or not data:
+        raise SlimlmError(f"recipe '{name}' has no stages", "write a YAML list of stages, e.g. '- method: magnitude'")
+    stages = tuple(parse_stage(raw, f"recipe '{name}', stage {i + 1}") for i, raw in enumerate(data))
+    return Recipe(name, description, stages)
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name, or a YAML file by path."""
+    shipped = shipped_recipes()
+    if name_or_path in shipped:
+        path = shipped[name_or_path]
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise SlimlmError(f"recipe '{name_or_path}' is neither a shipped recipe nor a file", f"shipped recipes: {', '.join(shipped)} (see 'slimlm recipes')")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SlimlmError(f"recipe '{path}' is not valid YAML{where}: {problem}", "fix the YAML syntax") from None
+    return parse_recipe(data, path.stem)

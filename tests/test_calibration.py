@@ -1,0 +1,103 @@
+"""The sequential calibration engine: block inputs equal a full forward's, statistics equal naive ones, hooks go away."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from slimlm.calibration.sequential import calibrate_sequentially, capture_block_inputs, collect_input_stats
+from slimlm.calibration.stats import InputStats
+from slimlm.models.adapters import block_linears, decoder_blocks
+
+
+def _hooks(model):
+    """Every hook on every module (transformers itself leaves output-capturing hooks after output_hidden_states)."""
+    return {(name, kind, key) for name, m in model.named_modules() for kind, hooks in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in hooks}
+
+
+def _hidden_states(model, ids):
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True, use_cache=False).hidden_states  # (embeddings, block 1 out, ...)
+
+
+def test_input_stats_match_naive():
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 8), torch.randn(1, 7, 8)]
+    stats = InputStats(8, ("hessian", "input_norm"), torch.device("cpu"))
+    for batch in batches:
+        stats.update(batch)
+    rows = torch.cat([b.reshape(-1, 8) for b in batches])
+    torch.testing.assert_close(stats.hessian, 2 * rows.t() @ rows / rows.shape[0])
+    torch.testing.assert_close(stats.input_norm, rows.norm(dim=0))
+    torch.testing.assert_close(stats.mean_abs, rows.abs().mean(dim=0))
+    assert stats.tokens == 17
+
+
+def test_captured_block_inputs_equal_embeddings(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 300, (3, 16))
+    inputs, _, _ = capture_block_inputs(model, ids, torch.device("cpu"))
+    full = _hidden_states(model, ids)[0]
+    assert len(inputs) == 3
+    for i in range(3):
+        torch.testing.assert_close(inputs[i][0], full[i], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_with_identity_compression_reproduces_full_forward(arch):
+    """Each block sees the hidden states a full forward gives it, and its linears' statistics match a naive hook."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 300, (2, 16))
+    full = _hidden_states(model, ids)
+    # naive reference: hook block 1's first linear during a full forward
+    name, linear = next(iter(block_linears(model, 1).items()))
+    seen = []
+    handle = linear.register_forward_hook(lambda m, inp, out: seen.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    rows = torch.cat(seen)
+    expected_hessian = 2 * rows.t() @ rows / rows.shape[0]
+
+    observed = {}
+    hooks_before = _hooks(model)
+
+    def record(index, linears, stats):
+        observed[index] = {n: s.hessian.clone() for n, s in stats.items()}
+
+    calibrate_sequentially(model, ids, ("hessian",), record)
+    assert sorted(observed) == list(range(len(decoder_blocks(model))))
+    torch.testing.assert_close(observed[1][name], expected_hessian, rtol=1e-4, atol=1e-5)
+    assert _hooks(model) == hooks_before  # every hook the engine added is gone
+    assert len(full) == len(decoder_blocks(model)) + 1
+
+
+def test_engine_feeds_compressed_block_outputs_forward():
+    """After a block is compressed, the next block's statistics come from the compressed block's outputs."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 300, (2, 16))
+    names = list(block_linears(model, 1))
+    hessians = {}
+
+    def zero_block0(index, linears, stats):
+        hessians[index] = stats[names[0].replace("layers.1", f"layers.{index}")].hessian.clone()
+        if index == 0:
+            for module in linears.values():
+                module.weight.data.zero_()
+
+    calibrate_sequentially(model, ids, ("hessian",), zero_block0)
+    # with block 0 zeroed it is the identity on the residual stream, so block 1 sees block 0's input
+    torch.testing.assert_close(hessians[1], hessians[0], rtol=1e-4, atol=1e-6)
+
+
+def test_hooks_removed_when_the_method_fails():
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 300, (1, 8))
+
+    def fail(index, linears, stats):
+        raise RuntimeError("method failed")
+
+    with pytest.raises(RuntimeError, match="method failed"):
+        calibrate_sequentially(model, ids, ("input_norm",), fail)
+    with pytest.raises(KeyError):
+        with collect_input_stats(block_linears(model, 0), ("input_norm",)):
+            raise KeyError("boom")
+    assert _hooks(model) == set()

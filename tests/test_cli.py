@@ -1,0 +1,102 @@
+"""The `slimlm` command line as a user runs it: a subprocess, on a tiny random Llama saved to a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_model, tiny_tokenizer
+from slimlm.recipes import load_recipe, shipped_recipes
+
+TEXT = "the quick brown fox jumps over the lazy dog. small language models are compressed language models.\n" * 30
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m slimlm.cli ARGS`; stdout and stderr together in `.stdout` (rich prints to stderr)."""
+    env = {**os.environ, "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout
+    assert "Traceback" not in result.stdout
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A plain Hugging Face directory of a tiny random Llama and its tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.mark.parametrize("verb", [None, "run", "compress", "eval", "recipes"])
+def test_help_has_examples(verb):
+    out = ok(run_cli(*([verb] if verb else []), "--help"))
+    assert "Examples" in out
+    examples = out.split("Examples", 1)[1]
+    assert f"slimlm {verb or ''}".strip() in examples  # a runnable line of this very verb
+
+
+def test_recipes_lists_every_shipped_recipe():
+    out = ok(run_cli("recipes"))
+    names = list(shipped_recipes())
+    assert {"magnitude-2of4", "magnitude-50", "rtn-w8", "rtn-w4-g64"} <= set(names)
+    for name in names:
+        assert name in out
+        assert load_recipe(name).description[:30] in " ".join(out.split())  # rich may wrap long descriptions
+
+
+def test_recipes_shows_one_recipe_stages():
+    out = ok(run_cli("recipes", "magnitude-2of4"))
+    assert "magnitude-2of4" in out
+    assert "1. method=magnitude" in out
+    assert "pattern=2:4" in out
+
+
+def test_compress_then_eval(hf_dir, text_file, tmp_path):
+    out = tmp_path / "tiny-2of4"
+    printed = ok(run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--windows", "1", "--seqlen", "32", "--eval-data", text_file))
+    assert "perplexity" in printed and f"saved: {out}" in printed
+    assert {"config.json", "model.safetensors", "slimlm.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not any(p.name.startswith(f".{out.name}.") for p in tmp_path.iterdir())  # no staging dir left
+
+    manifest = json.loads((out / "slimlm.json").read_text())
+    assert manifest["recipe"]["name"] == "magnitude-2of4"
+    assert manifest["recipe"]["stages"][0]["pattern"] == "2:4"
+    assert manifest["base_model"]["source"] == str(hf_dir)
+    assert {"torch", "transformers", "slimlm", "python"} <= manifest["versions"].keys()
+    metrics = manifest["metrics"]
+    assert metrics["sparsity"] == pytest.approx(0.5)
+    assert metrics["base"]["windows"] == metrics["compressed"]["windows"] == 1
+    assert metrics["base"]["perplexity"] > 1 and metrics["compressed"]["perplexity"] > 1
+    assert metrics["compressed"]["kl_divergence"] > 0
+
+    report = tmp_path / "eval.json"
+    ok(run_cli("eval", out, "--data", text_file, "--seqlen", "32", "--windows", "1", "--json", report))
+    result = json.loads(report.read_text())
+    # Same text, seqlen and first window: the saved model reloads to the perplexity measured before saving.
+    assert result["quality"]["perplexity"] == pytest.approx(metrics["compressed"]["perplexity"], rel=1e-5)
+    assert result["quality"]["windows"] == 1 and result["sparsity"] == pytest.approx(0.5)
+    assert result["storage"]["weight_bytes"] == manifest["storage"]["weight_bytes"]

@@ -1,0 +1,182 @@
+"""Perplexity (GPTQ protocol), KL / top-1 against a reference, and footprint measures."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from slimlm.data.text import Text, load_text
+from slimlm.errors import SlimlmError
+from slimlm.evaluate.footprint import (
+    directory_bytes,
+    parameter_count,
+    peak_memory,
+    sparsity,
+    tensor_bytes_by_module,
+    weight_file_bytes,
+)
+from slimlm.evaluate.perplexity import evaluate_quality, make_windows
+
+SEQLEN = 32
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A byte-level BPE trained in memory on part of the default corpus: real HF tokenizer code, no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
+    tokenizer.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", model_max_length=64)
+
+
+def tiny_llama(seed: int = 0, tie: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def windows(tokenizer):
+    return make_windows(tokenizer, load_text("default"), seqlen=SEQLEN, max_windows=3)
+
+
+def naive_perplexity(model: nn.Module, input_ids: torch.Tensor) -> float:
+    """The straightforward computation: HF's own shifted loss per window, exp of the mean."""
+    with torch.no_grad():
+        losses = [model(ids[None], labels=ids[None]).loss.item() for ids in input_ids]
+    return math.exp(sum(losses) / len(losses))
+
+
+def test_windows_follow_gptq_protocol(tokenizer):
+    from slimlm.data.calibration import tokenize_text
+
+    text = load_text("default")
+    ids = tokenize_text(tokenizer, text.text)
+    everything = make_windows(tokenizer, text, seqlen=SEQLEN)
+    total = ids.numel() // SEQLEN
+    assert everything.input_ids.shape == (total, SEQLEN)
+    assert torch.equal(everything.input_ids.flatten(), ids[: total * SEQLEN])  # trailing tokens dropped
+    assert everything.protocol() == (
+        f"GPTQ protocol: {total} non-overlapping windows x {SEQLEN} tokens of {text.label}; loss on tokens 2..L of each window"
+    )
+    first = make_windows(tokenizer, text, seqlen=SEQLEN, max_windows=3)
+    assert torch.equal(first.input_ids, everything.input_ids[:3])
+    assert f"the first 3 of {total} non-overlapping windows" in first.protocol()
+
+
+def test_too_short_text_for_one_window(tokenizer):
+    with pytest.raises(SlimlmError, match="fewer than one window of 2048"):
+        make_windows(tokenizer, Text("just a few words", "tiny text"), seqlen=2048)
+
+
+def test_perplexity_equals_naive_reference(windows):
+    model = tiny_llama()
+    result, kept = evaluate_quality(model, windows, progress=True)
+    expected = naive_perplexity(model, windows.input_ids)
+    assert result.perplexity == pytest.approx(expected, rel=1e-4)
+    assert result.nll == pytest.approx(math.log(expected), rel=1e-4)
+    assert 50 < result.perplexity < 300  # a random 128-token model is near-uniform: ppl near 128
+    assert (result.windows, result.seqlen, result.kl_windows) == (3, SEQLEN, 0)
+    assert result.kl_divergence is None and result.top1_agreement is None and kept is None
+    assert result.protocol == windows.protocol()
+
+
+def test_kl_is_zero_against_itself_and_positive_when_perturbed(windows):
+    model = tiny_llama()
+    model.train()  # evaluate_quality must evaluate in eval mode and give the mode back
+    base, reference = evaluate_quality(model, windows, keep_reference=2, progress=False)
+    assert model.training
+    assert len(reference.log_probs) == 2 and reference.log_probs[0].shape == (SEQLEN, 128)
+    assert reference.log_probs[0].dtype == torch.float32 and reference.log_probs[0].device.type == "cpu"
+
+    same, none_kept = evaluate_quality(model, windows, reference=reference, progress=False)
+    assert same.kl_divergence == pytest.approx(0.0, abs=1e-7)
+    assert same.top1_agreement == 1.0 and same.kl_windows == 2 and none_kept is None
+    assert same.perplexity == base.perplexity
+
+    perturbed = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        perturbed.lm_head.weight.add_(0.5 * torch.randn_like(perturbed.lm_head.weight))
+    moved, _ = evaluate_quality(perturbed, windows, reference=reference, progress=False)
+    with torch.no_grad():  # naive KL(p || q) over the 2 reference windows
+        q = torch.log_softmax(perturbed(windows.input_ids[:2]).logits.float(), dim=-1)  # (2, L, V)
+    p = torch.stack(reference.log_probs)  # (2, L, V)
+    naive_kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    naive_top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    assert moved.kl_divergence == pytest.approx(naive_kl, rel=1e-4) and moved.kl_divergence > 1e-3
+    assert moved.top1_agreement == pytest.approx(naive_top1) and moved.top1_agreement < 1.0
+
+
+def test_reference_from_other_windows_is_refused(tokenizer, windows):
+    model = tiny_llama()
+    _, reference = evaluate_quality(model, windows, keep_reference=10, progress=False)
+    assert len(reference.log_probs) == 3  # clamped to the windows there are
+    other = make_windows(tokenizer, load_text("default", "calibration"), seqlen=SEQLEN, max_windows=3)
+    with pytest.raises(SlimlmError, match="other windows"):
+        evaluate_quality(model, other, reference=reference, progress=False)
+
+
+def test_parameter_count_and_sparsity():
+    tied, untied = tiny_llama(tie=True), tiny_llama(tie=False)
+    assert parameter_count(untied) - parameter_count(tied) == 128 * 32  # lm_head shares the embedding once tied
+    attention = 32 * 32 + 2 * 32 * 16 + 32 * 32  # q, k and v (2 kv heads x 8 dims), o
+    layer = attention + 3 * 32 * 64 + 2 * 32  # gate, up, down, two norms
+    assert parameter_count(untied) == 2 * 128 * 32 + 2 * layer + 32  # embedding, lm_head, layers, final norm
+
+    class Codes(nn.Module):  # stands in for a quantized linear: int codes in a buffer, no weight parameter
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight_q", torch.zeros(4, 8, dtype=torch.uint8))
+            self.scale = nn.Parameter(torch.ones(4))
+
+    assert parameter_count(nn.Sequential(Codes(), nn.Linear(8, 2))) == 32 + 4 + 18
+
+    model = tiny_llama()
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, :32] = 0  # half of one of two equal-size weights
+    assert sparsity(model, names) == 0.25
+    with pytest.raises(SlimlmError, match="no module 'model.layers.9.mlp'"):
+        sparsity(model, ["model.layers.9.mlp"])
+
+
+def test_file_sizes_from_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    first = {"model.a.weight": torch.zeros(4, 3), "model.a.bias": torch.zeros(3), "lm_head.weight": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    second = {"model.a.weight_scale": torch.zeros(4, dtype=torch.float16), "model.b.weight_q": torch.zeros(5, dtype=torch.uint8)}
+    save_file(first, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(second, tmp_path / "model-00002-of-00002.safetensors")  # model.a spans both shards
+    (tmp_path / "config.json").write_text("{}")
+    assert tensor_bytes_by_module(tmp_path) == {"model.a": 48 + 12 + 8, "lm_head": 8, "model.b": 5}
+    shards = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert weight_file_bytes(tmp_path) == shards
+    assert directory_bytes(tmp_path) == shards + 2
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(SlimlmError, match="broken.safetensors"):
+        tensor_bytes_by_module(tmp_path)
+    with pytest.raises(SlimlmError, match="not a directory"):
+        directory_bytes(tmp_path / "config.json")
+
+
+def test_peak_memory_reports_rss():
+    peak = peak_memory()
+    assert 10 < peak["cpu_peak_rss_mb"] < 1_000_000  # a Python process with torch is tens of MB at least
+    assert (peak["cuda_max_allocated_mb"] is None) == (not torch.cuda.is_available())
