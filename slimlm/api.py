@@ -20,7 +20,7 @@ from slimlm.evaluate.footprint import parameter_count, peak_memory
 from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, evaluate_quality, make_windows
 from slimlm.models.load import DEFAULT_MODEL, LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
-from slimlm.pipeline import check_recipe, compress_, linear_sparsity
+from slimlm.pipeline import check_recipe, compress_, linear_sparsity, needs_calibration
 from slimlm.recipes import Recipe, load_recipe
 from slimlm.recipes.registry import METHODS
 
@@ -68,7 +68,7 @@ def quality_metrics(model: nn.Module, windows: EvalWindows, reference: Reference
 
 def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) -> CalibrationSet | None:
     """Draw calibration samples only when some stage needs statistics."""
-    if not any(METHODS[stage.method].statistics for stage in recipe.stages):
+    if not any(needs_calibration(METHODS[stage.method]) for stage in recipe.stages):
         return None
     text = load_text(settings.data, split="calibration")
     return sample_calibration(tokenizer, text, settings.samples, settings.seqlen, settings.seed)

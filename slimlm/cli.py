@@ -32,6 +32,10 @@ Seqlen = Annotated[int, typer.Option("--seqlen", help="Tokens per perplexity win
 Windows = Annotated[Optional[int], typer.Option("--windows", help="Evaluate only the first N windows (default: all).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")]
+CalibData = Annotated[str, typer.Option("--calib-data", help="Calibration text (same forms as --eval-data); used only by methods that need data.")]
+CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Calibration windows (128 as in GPTQ/Wanda; fewer is faster on CPU).")]
+CalibSeqlen = Annotated[int, typer.Option("--calib-seqlen", help="Tokens per calibration window.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the calibration sampler.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints (they can run code: trusted sources only).")]
 
 
@@ -50,6 +54,10 @@ def run(
     seqlen: Seqlen = 2048,
     windows: Windows = None,
     fast: Annotated[bool, typer.Option("--fast", help="Quick look: 4 windows of 512 tokens, KL on 2.")] = False,
+    calib_data: CalibData = "default",
+    calib_samples: CalibSamples = 128,
+    calib_seqlen: CalibSeqlen = 2048,
+    seed: Seed = 0,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
     device: Device = None,
@@ -61,12 +69,14 @@ def run(
       slimlm run                                   # SmolLM2-135M, default recipes, offline corpus
       slimlm run --fast                            # a quick look in a couple of minutes
       slimlm run --recipes magnitude-50,rtn-w4-g64 --eval-data wikitext2:../shared/data/wikitext-2-raw
+      slimlm run --recipes magnitude-50,wanda-50 --calib-samples 32   # Wanda calibrates on 32 x 2048 tokens
     """
-    from slimlm.api import DEFAULT_RUN_RECIPES, run as run_job
+    from slimlm.api import DEFAULT_RUN_RECIPES, CalibrationSettings, run as run_job
 
     names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else DEFAULT_RUN_RECIPES
     settings = _settings(eval_data, "evaluation", 512 if fast else seqlen, 4 if fast else windows, 2 if fast else 4)
-    run_job(model=model, recipes=names, evaluation=settings, out_dir=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
+    calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)
+    run_job(model=model, recipes=names, evaluation=settings, calibration=calibration, out_dir=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
 
 
 @app.command()
@@ -74,10 +84,10 @@ def compress(
     model: ModelArg,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name (see 'slimlm recipes') or a YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (written atomically).")],
-    calib_data: Annotated[str, typer.Option("--calib-data", help="Calibration text (same forms as --eval-data); used only by methods that need data.")] = "default",
-    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration windows.")] = 128,
-    calib_seqlen: Annotated[int, typer.Option("--calib-seqlen", help="Tokens per calibration window.")] = 2048,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sampler.")] = 0,
+    calib_data: CalibData = "default",
+    calib_samples: CalibSamples = 128,
+    calib_seqlen: CalibSeqlen = 2048,
+    seed: Seed = 0,
     eval_data: EvalData = "default",
     seqlen: Seqlen = 2048,
     windows: Annotated[int, typer.Option("--windows", help="Perplexity windows for the before/after check.")] = 8,

@@ -17,7 +17,7 @@ from slimlm.progress import progress_bar
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.recipes import Recipe
 from slimlm.recipes.config import StageConfig
-from slimlm.recipes.registry import METHODS
+from slimlm.recipes.registry import METHODS, Method, ModelMethod
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,30 @@ def targeted_linears(model: nn.Module, config: StageConfig) -> list[dict[str, nn
     return per_block
 
 
+def needs_calibration(method: Method | ModelMethod) -> bool:
+    return method.needs_calibration if isinstance(method, ModelMethod) else bool(method.statistics)
+
+
 def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> None:
-    """Every stage's preconditions on this model, before any weight changes (and before any slow evaluation)."""
+    """Every stage's preconditions on this model, before any weight changes (and before any slow evaluation).
+
+    Stages after an architecture-changing stage are checked again when they run, on the changed model.
+    """
     quantized: set[str] = set()
+    architecture_changed = False
     for config in recipe.stages:
         method = METHODS[config.method]
-        if method.statistics and not has_calibration:
+        if needs_calibration(method) and not has_calibration:
             raise SlimlmError(f"method '{config.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)")
+        if isinstance(method, ModelMethod):
+            if quantized:
+                raise SlimlmError(f"stage '{config.method}' changes the architecture after a quantization stage", "put structured pruning before quantization in the recipe")
+            if not architecture_changed:
+                method.check(model, config)
+            architecture_changed = True
+            continue
+        if architecture_changed:
+            continue
         for linears in targeted_linears(model, config):
             method.check(linears, config)
             if quantized & linears.keys():
@@ -63,6 +80,29 @@ def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> Non
                 raise SlimlmError(f"stage '{config.method}' would edit {name}, which an earlier stage quantizes", "put quantization stages last in the recipe, or narrow this stage with 'targets'")
             if method.quantizes:
                 quantized |= linears.keys()
+
+
+def _run_block_method(model: nn.Module, method: Method, config: StageConfig, calibration: CalibrationSet | None, device: torch.device | None) -> int:
+    per_block = targeted_linears(model, config)
+    for linears in per_block:
+        method.check(linears, config)
+    configs = method.block_configs(model, config, calibration, device) if method.block_configs else [config] * len(per_block)
+    if method.statistics:
+        calibrate_sequentially(
+            model,
+            calibration.input_ids,
+            method.statistics,
+            lambda index, linears, stats: method.apply(model, linears, configs[index], stats),
+            select=_selector(config),
+            device=device,
+            description=config.method,
+        )
+    else:
+        with progress_bar(config.method, total=len(per_block)) as advance:
+            for index, linears in enumerate(per_block):
+                method.apply(model, linears, configs[index], {})
+                advance()
+    return sum(len(block) for block in per_block)
 
 
 def compress_(
@@ -77,24 +117,13 @@ def compress_(
     for config in recipe.stages:
         method = METHODS[config.method]
         start = time.perf_counter()
-        per_block = targeted_linears(model, config)
-        if method.statistics:
-            select = _selector(config)
-            calibrate_sequentially(
-                model,
-                calibration.input_ids,
-                method.statistics,
-                lambda index, linears, stats: method.apply(model, linears, config, stats),
-                select=select,
-                device=device,
-                description=config.method,
-            )
+        if isinstance(method, ModelMethod):
+            method.check(model, config)
+            method.apply(model, config, calibration, device)
+            layers = len(decoder_blocks(model))
         else:
-            with progress_bar(config.method, total=len(per_block)) as advance:
-                for linears in per_block:
-                    method.apply(model, linears, config, {})
-                    advance()
-        logs.append(StageLog(config.method, time.perf_counter() - start, sum(len(b) for b in per_block)))
+            layers = _run_block_method(model, method, config, calibration, device)
+        logs.append(StageLog(config.method, time.perf_counter() - start, layers))
     return logs
 
 

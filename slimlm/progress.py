@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Logs and CI are not terminals: give them a width that fits the report table instead of rich's 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def quiet() -> bool:

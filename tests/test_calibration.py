@@ -47,15 +47,17 @@ def test_engine_with_identity_compression_reproduces_full_forward(arch):
     model = tiny_model(arch)
     ids = torch.randint(0, 300, (2, 16))
     full = _hidden_states(model, ids)
-    # naive reference: hook block 1's first linear during a full forward
-    name, linear = next(iter(block_linears(model, 1).items()))
-    seen = []
-    handle = linear.register_forward_hook(lambda m, inp, out: seen.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    # naive reference: hook every linear of block 1 during a full forward
+    seen = {name: [] for name in block_linears(model, 1)}
+    handles = [
+        linear.register_forward_hook(lambda m, inp, out, name=name: seen[name].append(inp[0].reshape(-1, inp[0].shape[-1])))
+        for name, linear in block_linears(model, 1).items()
+    ]
     with torch.no_grad():
         model(ids, use_cache=False)
-    handle.remove()
-    rows = torch.cat(seen)
-    expected_hessian = 2 * rows.t() @ rows / rows.shape[0]
+    for handle in handles:
+        handle.remove()
+    expected = {name: 2 * torch.cat(rows).t() @ torch.cat(rows) / torch.cat(rows).shape[0] for name, rows in seen.items()}
 
     observed = {}
     hooks_before = _hooks(model)
@@ -65,7 +67,8 @@ def test_engine_with_identity_compression_reproduces_full_forward(arch):
 
     calibrate_sequentially(model, ids, ("hessian",), record)
     assert sorted(observed) == list(range(len(decoder_blocks(model))))
-    torch.testing.assert_close(observed[1][name], expected_hessian, rtol=1e-4, atol=1e-5)
+    for name, hessian in expected.items():  # shared-input linears (q/k/v, gate/up) included
+        torch.testing.assert_close(observed[1][name], hessian, rtol=1e-4, atol=1e-5)
     assert _hooks(model) == hooks_before  # every hook the engine added is gone
     assert len(full) == len(decoder_blocks(model)) + 1
 
@@ -101,3 +104,13 @@ def test_hooks_removed_when_the_method_fails():
         with collect_input_stats(block_linears(model, 0), ("input_norm",)):
             raise KeyError("boom")
     assert _hooks(model) == set()
+
+
+def test_shared_input_linears_share_one_statistics_object():
+    model = tiny_model("llama")
+    linears = block_linears(model, 0)
+    with collect_input_stats(linears, ("hessian",), (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)) as stats:
+        model(torch.randint(0, 300, (1, 8)), use_cache=False)
+    q, k, v, o = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
+    assert q is k is v and q is not o
+    assert q.tokens == 8  # updated once per forward, not three times

@@ -40,17 +40,32 @@ def hooks_removed_after(handles: list) -> Iterator[list]:
 
 
 @contextmanager
-def collect_input_stats(linears: dict[str, nn.Module], wanted: tuple[str, ...]) -> Iterator[dict[str, InputStats]]:
-    """Forward hooks that feed each linear's input into an InputStats while the context is open."""
-    stats = {
-        name: InputStats(linear_weight(module).shape[1], wanted, linear_weight(module).device)
-        for name, module in linears.items()
-    }
+def collect_input_stats(
+    linears: dict[str, nn.Module],
+    wanted: tuple[str, ...],
+    shared_inputs: tuple[tuple[str, ...], ...] = (),
+) -> Iterator[dict[str, InputStats]]:
+    """Forward hooks that feed each linear's input into an InputStats while the context is open.
+
+    Linears named together in `shared_inputs` (suffixes, e.g. q/k/v) read one tensor: only the first is
+    hooked and the others share its statistics object, so a Hessian is never computed twice.
+    """
+    leader_of = {}
+    for group in shared_inputs:
+        members = [name for name in linears if name.endswith(group)]
+        leader_of.update({name: members[0] for name in members})
+    stats: dict[str, InputStats] = {}
+    for name, module in linears.items():
+        leader = leader_of.get(name, name)
+        if leader not in stats:
+            stats[leader] = InputStats(linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device)
+        stats[name] = stats[leader]
 
     def hook_for(name: str):
         return lambda _module, inputs, _output: stats[name].update(inputs[0])
 
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in linears.items()]
+    leaders = [name for name in linears if leader_of.get(name, name) == name]
+    handles = [linears[name].register_forward_hook(hook_for(name)) for name in leaders]
     with hooks_removed_after(handles):
         yield stats
 
@@ -113,12 +128,13 @@ def calibrate_sequentially(
     device = device or next(model.parameters()).device
     hidden_states, args, kwargs = capture_block_inputs(model, calibration_ids, device)
     blocks = decoder_blocks(model)
+    adapter = adapter_for(model)
     with progress_bar(description, total=len(blocks)) as advance:
         for index, block in enumerate(blocks):
             home = next(block.parameters()).device
             block.to(device)
             linears = {name: module for name, module in block_linears(model, index).items() if select(name)}
-            with collect_input_stats(linears, statistics) as stats:
+            with collect_input_stats(linears, statistics, adapter.shared_inputs) as stats:
                 for hidden in hidden_states:
                     _block_output(block, hidden, args, kwargs)
             compress_block(index, linears, stats)

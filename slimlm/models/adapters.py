@@ -27,6 +27,8 @@ class ArchAdapter:
     # Linear projections inside a block, relative to the block, in execution order.
     attention: tuple[str, ...]
     mlp: tuple[str, ...]
+    # Projections that read the very same input tensor: their input statistics are computed once.
+    shared_inputs: tuple[tuple[str, ...], ...] = ()
 
     def linears(self) -> tuple[str, ...]:
         return self.attention + self.mlp
@@ -41,6 +43,7 @@ _LLAMA_LIKE = ArchAdapter(
     rotary="model.rotary_emb",
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
 )
 
 ADAPTERS: dict[str, ArchAdapter] = {
@@ -80,6 +83,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
         rotary=None,
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
+        shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
     ),
 }
 

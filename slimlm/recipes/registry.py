@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from slimlm.data.calibration import CalibrationSet
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
@@ -24,11 +27,26 @@ Applier = Callable[[nn.Module, dict[str, nn.Module], StageConfig, dict], None]
 
 @dataclass(frozen=True)
 class Method:
+    """A method that edits the linears of each decoder block (pruning masks, quantized weights)."""
+
     config: type[StageConfig]
     apply: Applier
     statistics: tuple[str, ...]  # what the calibration engine must collect; () = needs no data
     check: Callable[[dict[str, nn.Module], StageConfig], None]  # raises before anything is modified
     quantizes: bool  # replaces linears with QuantizedLinear: later stages may not edit those layers
+    summary: str
+    # Optional: one config per decoder block (e.g. OWL's layer-wise sparsity), computed before the stage runs.
+    block_configs: Callable[[nn.Module, StageConfig, CalibrationSet | None, torch.device | None], list[StageConfig]] | None = None
+
+
+@dataclass(frozen=True)
+class ModelMethod:
+    """A method that changes the architecture (drops blocks, narrows layers): it gets the whole model."""
+
+    config: type[StageConfig]
+    apply: Callable[[nn.Module, StageConfig, CalibrationSet | None, torch.device | None], None]
+    needs_calibration: bool
+    check: Callable[[nn.Module, StageConfig], None]  # raises before anything is modified
     summary: str
 
 
@@ -51,7 +69,7 @@ def _check_rtn(linears: dict[str, nn.Module], config: RTNConfig) -> None:
             )
 
 
-METHODS: dict[str, Method] = {
+METHODS: dict[str, Method | ModelMethod] = {
     "magnitude": Method(
         MagnitudeConfig,
         lambda model, linears, config, stats: prune_magnitude_(linears, config),

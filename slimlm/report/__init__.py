@@ -77,7 +77,6 @@ def write_report(out_dir: Path, variants, context: dict) -> None:
     payload = {"context": context, "variants": [vars(v) for v in variants]}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(variants, context))
-    table = rich_table(variants, title=f"slimlm — {context['model']['source']}")
-    console.print(table, width=max(console.width, 120))
+    console.print(rich_table(variants, title=f"slimlm — {context['model']['source']}"))
     console.print(f"[dim]{context['evaluation']['protocol']}[/dim]")
     console.print(f"report: {out_dir / 'report.md'}  ·  {out_dir / 'report.json'}")
