@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,17 +35,36 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in memory on a little text: no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+def tiny_tokenizer(vocab_size: int = 256, model_max_length: int = 64):
+    """A byte-level BPE trained in memory on part of the default corpus: real HF tokenizer code, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = ["the quick brown fox jumps over the lazy dog " * 4, "small language models are compressed language models"]
-    tok.train_from_iterator(corpus, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    from slimlm.data.text import load_text
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tokenizer.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", model_max_length=model_max_length
+    )
+
+
+TEXT = "the quick brown fox jumps over the lazy dog. small language models are compressed language models.\n" * 30
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m slimlm.cli ARGS` as a user runs it; stdout and stderr together in `.stdout` (rich prints to stderr)."""
+    full_env = {**os.environ, "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", *map(str, args)],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(params=CORE_ARCHS)

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
 from slimlm.recipes import load_recipe, shipped_recipes
-
-TEXT = "the quick brown fox jumps over the lazy dog. small language models are compressed language models.\n" * 30
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    """`python -m slimlm.cli ARGS`; stdout and stderr together in `.stdout` (rich prints to stderr)."""
-    env = {**os.environ, "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "slimlm.cli", *map(str, args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=300,
-    )
-
 
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout

@@ -9,8 +9,10 @@ import random
 from pathlib import Path
 
 import pytest
+
 import torch
 
+from conftest import tiny_tokenizer
 from slimlm.data.calibration import ids_sha256, sample_calibration, tokenize_text
 from slimlm.data.text import Text, default_corpus_boundary, load_text
 from slimlm.errors import SlimlmError
@@ -18,21 +20,9 @@ from slimlm.errors import SlimlmError
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
 
 
-def tiny_tokenizer(vocab_size: int = 128, model_max_length: int = 64):
-    """A byte-level BPE trained in memory on part of the default corpus: real HF tokenizer code, no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
-    tokenizer.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", model_max_length=model_max_length)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return tiny_tokenizer(vocab_size=128)
 
 
 def test_default_corpus_splits_are_disjoint_and_labelled():

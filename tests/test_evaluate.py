@@ -6,9 +6,11 @@ import copy
 import math
 
 import pytest
+
 import torch
 from torch import nn
 
+from conftest import tiny_tokenizer
 from slimlm.data.text import Text, load_text
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import (
@@ -24,18 +26,6 @@ from slimlm.evaluate.perplexity import evaluate_quality, make_windows
 SEQLEN = 32
 
 
-def tiny_tokenizer(vocab_size: int = 128):
-    """A byte-level BPE trained in memory on part of the default corpus: real HF tokenizer code, no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
-    tokenizer.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", model_max_length=64)
-
-
 def tiny_llama(seed: int = 0, tie: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -49,7 +39,7 @@ def tiny_llama(seed: int = 0, tie: bool = False) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer()
+    return tiny_tokenizer(vocab_size=128)
 
 
 @pytest.fixture(scope="module")
