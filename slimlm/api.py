@@ -74,9 +74,9 @@ def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) ->
     return sample_calibration(tokenizer, text, settings.samples, settings.seqlen, settings.seed)
 
 
-def _compress_copy(base: LoadedModel, recipe: Recipe, calibration_settings: CalibrationSettings, device: torch.device | None) -> tuple[nn.Module, dict]:
-    model = copy.deepcopy(base.model)
-    calibration = calibration_for(recipe, base.tokenizer, calibration_settings)
+def _compress(model: nn.Module, tokenizer, recipe: Recipe, calibration_settings: CalibrationSettings, device: torch.device | None) -> tuple[nn.Module, dict]:
+    """Compress `model` in place (pass a copy to keep the original); returns it and what the run did."""
+    calibration = calibration_for(recipe, tokenizer, calibration_settings)
     start = time.perf_counter()
     logs = compress_(model, recipe, calibration, device)
     info = {
@@ -123,12 +123,13 @@ def compress(
     if evaluation is not None:
         windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
         metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
-    compressed, info = _compress_copy(base, parsed, calibration, base.model.device)
+    metrics["base_dense_bytes"] = dense_bytes(base.model)
+    metrics["base_parameters"] = parameter_count(base.model)
+    compressed, info = _compress(base.model, base.tokenizer, parsed, calibration, base.model.device)  # in place: the base is not needed again
     if windows is not None:
         metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
     metrics["sparsity"] = linear_sparsity(compressed)
     metrics["parameters"] = parameter_count(compressed)
-    metrics["base_dense_bytes"] = dense_bytes(base.model)
     metrics["peak_memory"] = peak_memory()
     manifest = _manifest(base, parsed, info, metrics)
     path = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
@@ -201,7 +202,7 @@ def run(
     ]
     models_dir = out / "models"
     for recipe in parsed:
-        compressed, info = _compress_copy(base, recipe, calibration, base.model.device)
+        compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
         quality, _ = quality_metrics(compressed, windows, reference)
         metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
         path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
@@ -213,6 +214,7 @@ def run(
         "model": {"source": base.source, "resolved": base.resolved, "dtype": str(next(base.model.parameters()).dtype)},
         "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0])},
         "device": str(base.model.device),
+        "peak_memory": peak_memory(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_report(out, variants, context)

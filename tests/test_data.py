@@ -54,7 +54,7 @@ def test_wikitext2_matches_gptq_rows():
     assert len(lines) == 4358
     # Each blank line loses its " \n" (2 chars); the 4357 joins add 2 chars each.
     assert len(loaded.text) == len(raw) - 2 * blank + 2 * (len(lines) - 1)
-    assert "WikiText-2 raw test" in loaded.label and "GPTQ protocol" in loaded.label
+    assert "WikiText-2 raw test" in loaded.label and "rows joined as in GPTQ" in loaded.label
     assert load_text(str(WIKITEXT)).text == loaded.text  # a directory holding wiki.test.raw is WikiText
     calibration = load_text(f"wikitext2:{WIKITEXT}", "calibration")  # no train file here: valid, said in the label
     assert "valid" in calibration.label and "wiki.train.raw is absent" in calibration.label

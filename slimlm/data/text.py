@@ -99,7 +99,7 @@ def _wikitext2(directory: Path, split: str) -> Text:
     # what the `datasets` wikitext builder does when it iterates over the open file.
     rows = [line if line.strip() else "" for line in io.StringIO(_read_utf8(path))]
     note = ", used for calibration because wiki.train.raw is absent" if fallback else ""
-    return Text("\n\n".join(rows), f"WikiText-2 raw {split} ({path}{note}), GPTQ protocol")
+    return Text("\n\n".join(rows), f"WikiText-2 raw {split} ({path}{note}), rows joined as in GPTQ")
 
 
 def _local_path(path: Path, split: str) -> Text:

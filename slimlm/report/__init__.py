@@ -56,6 +56,7 @@ def markdown(variants, context: dict) -> str:
         "- ppl: perplexity; Δppl: change vs base; KL: KL(base‖variant) in nats/token; top-1: share of positions with the same argmax as base",
         "- MB: tensor bytes of the saved safetensors (base: dense, in its dtype); ratio = base bytes / variant bytes",
         "- q/fp16: bytes on disk of the quantized linear layers (packed codes + scales + zero points) / their fp16 bytes",
+        f"- peak memory of the run: {_peak(context)}",
         f"- created: {context['created']}",
         "",
         "| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
@@ -68,6 +69,14 @@ def markdown(variants, context: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _peak(context: dict) -> str:
+    peak = context["peak_memory"]
+    text = f"{peak['cpu_peak_rss_mb']:.0f} MB RSS"
+    if peak["cuda_max_allocated_mb"] is not None:
+        text += f", {peak['cuda_max_allocated_mb']:.0f} MB CUDA"
+    return text
+
+
 def write_report(out_dir: Path, variants, context: dict) -> None:
     """report.json (everything) and report.md (the table), then print the table."""
     from slimlm.progress import console
@@ -78,5 +87,5 @@ def write_report(out_dir: Path, variants, context: dict) -> None:
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(variants, context))
     console.print(rich_table(variants, title=f"slimlm — {context['model']['source']}"))
-    console.print(f"[dim]{context['evaluation']['protocol']}[/dim]")
+    console.print(f"[dim]{context['evaluation']['protocol']} · peak memory {_peak(context)}[/dim]")
     console.print(f"report: {out_dir / 'report.md'}  ·  {out_dir / 'report.json'}")
