@@ -72,9 +72,7 @@ def main() -> None:
 
     base_quality, reference = evaluate_quality(base.model, windows, keep_reference=4, progress=False)
     base_params = parameter_count(base.model)
-    base_speed = measure_speed(base.model)
-    rows = [{"method": "base", "tool": "—", "perplexity": base_quality.perplexity, "kl": None, "top1": None, "sparsity": 0.0,
-             "parameters": base_params, "prefill_tok_s": base_speed.prefill_tokens_per_s, "decode_tok_s": base_speed.decode_tokens_per_s}]
+    rows = [{"method": "base", "tool": "—", "perplexity": base_quality.perplexity, "kl": None, "top1": None, "sparsity": 0.0, "parameters": base_params}]
 
     jobs = [("slimlm", m) for m in args.methods.split(",") if m]
     if args.llmcompressor:
@@ -104,14 +102,17 @@ def main() -> None:
         quality, _ = evaluate_quality(model, windows, reference=reference, progress=False)
         row = {"method": method, "tool": tool, "perplexity": quality.perplexity, "kl": quality.kl_divergence, "top1": quality.top1_agreement,
                "sparsity": linear_sparsity(model), "parameters": parameter_count(model), "compress_s": seconds, "process_wall_s": wall, "peak_rss_mib": peak_mib}
-        if method in STRUCTURED:
-            speed = measure_speed(model)
-            row.update(prefill_tok_s=speed.prefill_tokens_per_s, decode_tok_s=speed.decode_tokens_per_s)
         result_file.write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
 
+    # Speed last, side by side in one process, so no compression job competes for the cores while it is measured.
+    for row in rows:
+        if row["method"] == "base" or (row["tool"] == "slimlm" and row["method"] in STRUCTURED):
+            model = base.model if row["method"] == "base" else load_model(str(out / "models" / f"slimlm-{row['method']}")).model
+            speed = measure_speed(model)
+            row.update(prefill_tok_s=speed.prefill_tokens_per_s, decode_tok_s=speed.decode_tokens_per_s)
     print(markdown_table(rows, base_params))
     (out / "summary.json").write_text(json.dumps({"calibration": calibration.describe(), "evaluation": windows.protocol(), "rows": rows}, indent=2))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
@@ -27,17 +26,11 @@ class StageLog:
     layers: int
 
 
-def _selector(config: StageConfig):
-    pattern = re.compile(config.targets) if config.targets else None
-    return lambda name: pattern is None or pattern.search(name) is not None
-
-
 def targeted_linears(model: nn.Module, config: StageConfig) -> list[dict[str, nn.Module]]:
     """Per decoder block, the linears this stage edits; refuses stages that would touch quantized layers."""
-    select = _selector(config)
     per_block = []
     for index in range(len(decoder_blocks(model))):
-        chosen = {name: m for name, m in block_linears(model, index).items() if select(name)}
+        chosen = {name: m for name, m in block_linears(model, index).items() if config.selects(name)}
         for name, module in chosen.items():
             if isinstance(module, QuantizedLinear):
                 raise SlimlmError(f"stage '{config.method}' would edit {name}, which an earlier stage already quantized", "put quantization stages last in the recipe, or narrow this stage with 'targets'")
@@ -93,7 +86,7 @@ def _run_block_method(model: nn.Module, method: Method, config: StageConfig, cal
             calibration.input_ids,
             method.statistics,
             lambda index, linears, stats: method.apply(model, linears, configs[index], stats),
-            select=_selector(config),
+            select=config.selects,
             device=device,
             description=config.method,
         )

@@ -35,7 +35,8 @@ def test_input_stats_match_naive():
 def test_captured_block_inputs_equal_embeddings(arch):
     model = tiny_model(arch)
     ids = torch.randint(0, 300, (3, 16))
-    inputs, _, _ = capture_block_inputs(model, ids, torch.device("cpu"))
+    inputs, arguments = capture_block_inputs(model, ids, torch.device("cpu"))
+    assert len(arguments) == len(decoder_blocks(model))
     full = _hidden_states(model, ids)[0]
     assert len(inputs) == 3
     for i in range(3):

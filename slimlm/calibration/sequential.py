@@ -20,6 +20,7 @@ from torch import nn
 
 from slimlm.calibration.stats import InputStats
 from slimlm.models.adapters import adapter_for, block_linears, decoder_blocks, linear_weight
+from slimlm.models.swap import replace_module_
 from slimlm.progress import progress_bar
 
 BlockCompressor = Callable[[int, dict[str, nn.Module], dict[str, InputStats]], None]
@@ -76,40 +77,63 @@ def _move_(model: nn.Module, paths: list[str | None], device: torch.device) -> N
             model.get_submodule(path).to(device)
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], tuple, dict]:
-    """Hidden states entering block 0 for each window (each (1, L, hidden)), plus the other args/kwargs it got.
+BlockArguments = tuple[tuple, dict]  # what the model passes a block besides its hidden states
 
-    All windows have the same length and no padding, so the extra arguments (masks, rotary cos/sin) are
-    identical for every window and kept once.
+
+class _ArgumentRecorder(nn.Module):
+    """Stands in for a decoder block during capture: records what the model passes it and returns its input.
+
+    Blocks are never run here, so capture costs only the embeddings; the last recorder stops the forward
+    before the final norm and LM head.
+    """
+
+    def __init__(self, last: bool):
+        super().__init__()
+        self.last = last
+        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.calls.append((hidden_states, args, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[BlockArguments]]:
+    """Hidden states entering block 0 for each window (each (1, L, hidden)), and per block the other arguments.
+
+    Blocks differ in what they get (Gemma/Qwen sliding vs full attention: other masks and rotary tables), so
+    each block's arguments are recorded. All windows have the same length and no padding, so those arguments
+    are the same for every window and kept from the first.
     """
     adapter = adapter_for(model)
-    block0 = decoder_blocks(model)[0]
-    inputs: list[torch.Tensor] = []
-    extra: dict = {}
-
-    def capture(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden)
-        if not extra:
-            extra["args"], extra["kwargs"] = args[1:], kwargs
-        raise _StopForward
-
+    blocks = decoder_blocks(model)
+    recorders = [_ArgumentRecorder(last=i == len(blocks) - 1) for i in range(len(blocks))]
+    originals = list(blocks)
     stems = [adapter.embed, adapter.position_embed, adapter.rotary]
-    original = next(model.parameters()).device
+    home = next(model.parameters()).device
     _move_(model, stems, device)
-    handle = block0.register_forward_pre_hook(capture, with_kwargs=True)
-    with hooks_removed_after([handle]):
+    try:
+        for index, recorder in enumerate(recorders):
+            replace_module_(model, f"{adapter.blocks}.{index}", recorder)
         for window in calibration_ids:
             try:
                 model(window.unsqueeze(0).to(device), use_cache=False)
             except _StopForward:
                 pass
-    _move_(model, stems, original)
-    return inputs, extra["args"], extra["kwargs"]
+    finally:
+        for index, original in enumerate(originals):
+            replace_module_(model, f"{adapter.blocks}.{index}", original)
+        _move_(model, stems, home)
+    inputs = [hidden for hidden, _, _ in recorders[0].calls]
+    arguments = [(recorder.calls[0][1], recorder.calls[0][2]) for recorder in recorders]
+    return inputs, arguments
 
 
-def _block_output(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+def block_output(block: nn.Module, hidden: torch.Tensor, arguments: BlockArguments) -> torch.Tensor:
+    """Run one decoder block on (1, L, hidden) with the arguments the model would pass it."""
+    args, kwargs = arguments
     out = block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -126,7 +150,7 @@ def calibrate_sequentially(
 ) -> None:
     """Compress `model` block by block; `compress_block(index, linears, stats)` edits block `index` in place."""
     device = device or next(model.parameters()).device
-    hidden_states, args, kwargs = capture_block_inputs(model, calibration_ids, device)
+    hidden_states, arguments = capture_block_inputs(model, calibration_ids, device)
     blocks = decoder_blocks(model)
     adapter = adapter_for(model)
     with progress_bar(description, total=len(blocks)) as advance:
@@ -136,8 +160,8 @@ def calibrate_sequentially(
             linears = {name: module for name, module in block_linears(model, index).items() if select(name)}
             with collect_input_stats(linears, statistics, adapter.shared_inputs) as stats:
                 for hidden in hidden_states:
-                    _block_output(block, hidden, args, kwargs)
+                    block_output(block, hidden, arguments[index])
             compress_block(index, linears, stats)
-            hidden_states = [_block_output(block, hidden, args, kwargs) for hidden in hidden_states]
+            hidden_states = [block_output(block, hidden, arguments[index]) for hidden in hidden_states]
             block.to(home)
             advance()

@@ -29,6 +29,15 @@ class ArchAdapter:
     mlp: tuple[str, ...]
     # Projections that read the very same input tensor: their input statistics are computed once.
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    # Structured width pruning (prune/width.py). A producer's output rows are read as consecutive segments, one
+    # letter each: "c" = the MLP channels, "q" = query heads, "k" / "v" = key / value heads (Phi-3 fuses them:
+    # "cc" for gate_up_proj, "qkv" for qkv_proj). The consumer is the linear whose input columns are those
+    # channels / the concatenated heads. Empty producers = that axis cannot be pruned for this architecture.
+    mlp_producers: tuple[tuple[str, str], ...] = ()  # (projection, row layout)
+    mlp_consumer: str = ""
+    mlp_width: str = "intermediate_size"  # config attribute holding the MLP width
+    head_producers: tuple[tuple[str, str], ...] = ()  # (projection, row layout); () for GPT-2 / OPT, whose config
+    head_consumer: str = ""  # derives the head size from hidden_size / num_heads, so fewer heads is not expressible
 
     def linears(self) -> tuple[str, ...]:
         return self.attention + self.mlp
@@ -44,6 +53,10 @@ _LLAMA_LIKE = ArchAdapter(
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+    mlp_producers=(("mlp.gate_proj", "c"), ("mlp.up_proj", "c")),
+    mlp_consumer="mlp.down_proj",
+    head_producers=(("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v")),
+    head_consumer="self_attn.o_proj",
 )
 
 ADAPTERS: dict[str, ArchAdapter] = {
@@ -63,6 +76,10 @@ ADAPTERS: dict[str, ArchAdapter] = {
         rotary="model.rotary_emb",
         attention=("self_attn.qkv_proj", "self_attn.o_proj"),
         mlp=("mlp.gate_up_proj", "mlp.down_proj"),
+        mlp_producers=(("mlp.gate_up_proj", "cc"),),
+        mlp_consumer="mlp.down_proj",
+        head_producers=(("self_attn.qkv_proj", "qkv"),),
+        head_consumer="self_attn.o_proj",
     ),
     "gpt2": ArchAdapter(
         blocks="transformer.h",
@@ -73,6 +90,9 @@ ADAPTERS: dict[str, ArchAdapter] = {
         rotary=None,
         attention=("attn.c_attn", "attn.c_proj"),
         mlp=("mlp.c_fc", "mlp.c_proj"),
+        mlp_producers=(("mlp.c_fc", "c"),),
+        mlp_consumer="mlp.c_proj",
+        mlp_width="n_inner",
     ),
     "opt": ArchAdapter(
         blocks="model.decoder.layers",
@@ -84,6 +104,9 @@ ADAPTERS: dict[str, ArchAdapter] = {
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
         shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
+        mlp_producers=(("fc1", "c"),),
+        mlp_consumer="fc2",
+        mlp_width="ffn_dim",
     ),
 }
 

@@ -28,7 +28,11 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Drop the `round(in * sparsity)` lowest-scoring weights of every output row. scores: (out, in)."""
-    n_drop = round(scores.shape[1] * sparsity)
+    return row_mask_count(scores, round(scores.shape[1] * sparsity))
+
+
+def row_mask_count(scores: torch.Tensor, n_drop: int) -> torch.Tensor:
+    """Drop the `n_drop` lowest-scoring weights of every output row. scores: (out, in)."""
     mask = torch.ones_like(scores, dtype=torch.bool)
     if n_drop:
         dropped = torch.topk(scores, n_drop, dim=1, largest=False).indices

@@ -24,10 +24,14 @@ class WandaConfig(SparsityConfig):
     method: ClassVar[str] = "wanda"
 
 
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| · ‖X_j‖₂: weight (out, in), input_norm (in,) -> scores (out, in) float32."""
+    return weight.abs().float() * input_norm.float().unsqueeze(0)
+
+
 def wanda_prune(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:
     """weight (out, in), input_norm (in,) -> weight with the lowest |W|·‖X‖ entries zeroed."""
-    scores = weight.abs().float() * input_norm.float().unsqueeze(0)  # (out, in)
-    return weight * mask_from_scores(scores, sparsity, pattern)
+    return weight * mask_from_scores(wanda_scores(weight, input_norm), sparsity, pattern)
 
 
 def prune_wanda_(linears: dict[str, nn.Module], config: WandaConfig, stats: dict[str, InputStats]) -> None:

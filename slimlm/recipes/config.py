@@ -24,6 +24,10 @@ class StageConfig:
             except re.error as err:
                 self.fail("targets", f"is not a valid regular expression ({err})", "write a Python regex such as 'mlp\\.(up|gate)_proj'")
 
+    def selects(self, name: str) -> bool:
+        """Whether this stage edits the linear with fully-qualified `name`."""
+        return self.targets is None or re.search(self.targets, name) is not None
+
     def fail(self, key: str, problem: str, fix: str) -> None:
         raise SlimlmError(f"{self.method}: '{key}' {problem}", fix)
 

@@ -15,9 +15,13 @@ from slimlm.data.calibration import CalibrationSet
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
+from slimlm.prune.depth import DepthConfig, check_depth, prune_depth_
 from slimlm.prune.magnitude import MagnitudeConfig, prune_magnitude_
 from slimlm.prune.masks import SparsityConfig, parse_pattern
+from slimlm.prune.owl import OWLConfig, owl_block_configs, prune_owl_
+from slimlm.prune.sparsegpt import SparseGPTConfig, prune_sparsegpt_
 from slimlm.prune.wanda import WandaConfig, prune_wanda_
+from slimlm.prune.width import WidthConfig, check_width, prune_width_
 from slimlm.quantize.rtn import RTNConfig, quantize_rtn_
 from slimlm.recipes.config import StageConfig
 
@@ -86,6 +90,23 @@ METHODS: dict[str, Method | ModelMethod] = {
         False,
         "prune the smallest |W|·‖X‖ per output row (Wanda), unstructured or n:m; needs calibration data",
     ),
+    "sparsegpt": Method(
+        SparseGPTConfig,
+        lambda model, linears, config, stats: prune_sparsegpt_(linears, config, stats),
+        ("hessian",),
+        _check_pattern,
+        False,
+        "prune by OBS saliency and update the kept weights to compensate (SparseGPT), unstructured or n:m; needs calibration data",
+    ),
+    "owl": Method(
+        OWLConfig,
+        lambda model, linears, config, stats: prune_owl_(linears, config, stats),
+        ("input_norm",),
+        _check_pattern,
+        False,
+        "per-block sparsity from each block's share of outlier Wanda scores (OWL), then Wanda or magnitude; unstructured; needs calibration data",
+        owl_block_configs,
+    ),
     "rtn": Method(
         RTNConfig,
         lambda model, linears, config, stats: quantize_rtn_(model, linears, config),
@@ -93,5 +114,19 @@ METHODS: dict[str, Method | ModelMethod] = {
         _check_rtn,
         True,
         "round-to-nearest integer weights, per channel or per group, stored packed",
+    ),
+    "depth": ModelMethod(
+        DepthConfig,
+        lambda model, config, calibration, device: prune_depth_(model, config, calibration.input_ids, device),
+        True,
+        check_depth,
+        "remove whole decoder blocks, the lowest block influence first (ShortGPT); needs calibration data",
+    ),
+    "width": ModelMethod(
+        WidthConfig,
+        lambda model, config, calibration, device: prune_width_(model, config, calibration.input_ids, device),
+        True,
+        check_width,
+        "remove the least active MLP channels and key/value head groups in every block (Minitron); needs calibration data",
     ),
 }

@@ -1,0 +1,125 @@
+"""SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+Prune a linear layer's weight W (out, in) column by column and, after each column, update the columns not yet
+visited so the layer's output on the calibration inputs X moves as little as possible — the Optimal Brain
+Surgeon step, with the Hessian H = 2/N · XᵀX (in, in) shared by every row:
+
+    H ← H + δ·mean(diag H)·I                         (dampening)
+    H⁻¹ = UᵀU, U upper triangular                    (Cholesky of the inverse)
+    for column j:  q = w_j with its pruned rows set to 0
+                   err = (w_j − q) / U_jj             (out,)
+                   W[:, j:] −= err ⊗ U[j, j:]         (OBS update of the columns after j)
+
+Row j of U is, up to the factor U_jj, the first row of the inverse of H restricted to columns j.., i.e. of the
+Hessian of the columns still free, so one factorization serves every step. Columns are processed in blocks of
+`block_size`: the update is applied inside the block at once and to the columns after it in one matmul
+("lazy batch update"), which changes the order of the arithmetic, not the result.
+
+Mask selection, by the OBS saliency w² / U_jj²:
+- unstructured: at the start of each block, per output row, drop the lowest-saliency weights of the block. The
+  reference code picks one threshold over the whole block (all rows together); slimlm compares within each
+  output row like Wanda and `prune/masks.py`, so every row ends with exactly round(in·sparsity) zeros. The row's
+  drop count is spread over the blocks as round(end·s) − round(start·s), which sums to exactly round(in·s).
+- n:m: when reaching the first column of each group of m, keep the n highest-saliency weights of the group
+  (on the weights as updated so far), so `block_size` must be a multiple of m.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimlm.calibration.stats import InputStats
+from slimlm.errors import SlimlmError
+from slimlm.models.adapters import linear_weight, set_linear_weight_
+from slimlm.prune.masks import SparsityConfig, n_m_mask, parse_pattern, row_mask_count
+from slimlm.recipes.config import check_range
+
+
+@dataclass(frozen=True)
+class SparseGPTConfig(SparsityConfig):
+    """Prune by OBS saliency w²/[H⁻¹]_jj and update the remaining weights to compensate (SparseGPT)."""
+
+    method: ClassVar[str] = "sparsegpt"
+    block_size: int = 128  # columns per lazy-update block (speed only for n:m; also the mask-selection window for unstructured)
+    dampening: float = 0.01  # share of mean(diag H) added to H's diagonal before inverting it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "block_size", self.block_size, 1, math.inf)
+        if not 0 < self.dampening <= 1:
+            self.fail("dampening", f"is {self.dampening}, outside (0, 1]", "set 'dampening' within (0, 1]; the paper uses 0.01")
+        n_m = parse_pattern(self.pattern)
+        if n_m and self.block_size % n_m[1]:
+            self.fail("block_size", f"{self.block_size} is not a multiple of m={n_m[1]} (pattern {self.pattern})", f"use a block_size divisible by {n_m[1]}, e.g. 128")
+
+
+def _upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
+    """U upper triangular with UᵀU = H⁻¹, for a symmetric positive definite H (in, in)."""
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    if info == 0:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info != 0:
+        raise SlimlmError("sparsegpt: the dampened Hessian is not positive definite (numerically)", "raise 'dampening' (e.g. 0.1) or calibrate on more tokens")
+    return upper
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    pattern: str = "unstructured",
+    block_size: int = SparseGPTConfig.block_size,
+    dampening: float = SparseGPTConfig.dampening,
+) -> torch.Tensor:
+    """weight (out, in), hessian (in, in) -> pruned and OBS-updated weight (out, in), in the weight's dtype.
+
+    `sparsity` is the share removed per output row (ignored for an n:m pattern). Computed in float32; neither
+    input is modified. Input channels that never fire (H_jj = 0) are zeroed and excluded from the updates.
+    """
+    n_m = parse_pattern(pattern)
+    in_features = weight.shape[1]
+    if n_m and (in_features % n_m[1] or block_size % n_m[1]):
+        raise SlimlmError(f"sparsegpt: pattern {pattern} needs the input size ({in_features}) and block_size ({block_size}) to be multiples of {n_m[1]}", "pick an n:m pattern whose m divides both")
+    W = weight.detach().float().clone()  # (out, in)
+    H = hessian.detach().float().clone()  # (in, in); the caller's Hessian may be shared by q/k/v
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(dampening * H.diagonal().mean())
+    U = _upper_cholesky_of_inverse(H)  # (in, in)
+
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        W1 = W[:, start:end].clone()  # (out, B)
+        U1 = U[start:end, start:end]  # (B, B)
+        d = U1.diagonal()  # (B,)
+        err1 = torch.zeros_like(W1)  # (out, B): (w − q)/d of each column, for the lazy update
+        if n_m is None:
+            n_drop = round(end * sparsity) - round(start * sparsity)
+            keep = row_mask_count(W1.pow(2) / d.pow(2), n_drop)  # (out, B)
+        else:
+            keep = torch.ones_like(W1, dtype=torch.bool)  # (out, B), filled group by group below
+        for j in range(end - start):
+            if n_m is not None and j % n_m[1] == 0:
+                group = slice(j, j + n_m[1])
+                keep[:, group] = n_m_mask(W1[:, group].pow(2) / d[group].pow(2), *n_m)
+            w = W1[:, j]  # (out,)
+            q = w * keep[:, j]
+            err = (w - q) / d[j]
+            W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # (out, B − j)
+            W1[:, j] = q  # exactly q: pruned weights are exact zeros, not rounding residue
+            err1[:, j] = err
+        W[:, start:end] = W1
+        W[:, end:] -= err1 @ U[start:end, end:]  # lazy batch update of every later column
+    return W.to(weight.dtype)
+
+
+def prune_sparsegpt_(linears: dict[str, nn.Module], config: SparseGPTConfig, stats: dict[str, InputStats]) -> None:
+    for name, module in linears.items():
+        pruned = sparsegpt_prune(linear_weight(module), stats[name].hessian, config.target_sparsity, config.pattern, config.block_size, config.dampening)
+        set_linear_weight_(module, pruned)
