@@ -161,7 +161,7 @@ def eval_(
 
 @app.command()
 def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe's stages.")] = None) -> None:
-    """List the shipped recipes, or show one.
+    """List the shipped recipes and the methods their stages use, or show one recipe.
 
     [bold]Examples[/bold]
 
@@ -172,6 +172,7 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe
 
     from slimlm.progress import console
     from slimlm.recipes import load_recipe, shipped_recipes
+    from slimlm.recipes.registry import METHODS
 
     if name:
         recipe = load_recipe(name)
@@ -187,6 +188,12 @@ def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe
         recipe = load_recipe(recipe_name)
         table.add_row(recipe_name, " → ".join(stage.method for stage in recipe.stages), recipe.description)
     console.print(table)
+    methods = Table(title="methods a recipe stage can use")
+    methods.add_column("method")
+    methods.add_column("what it does")
+    for method_name, method in sorted(METHODS.items()):
+        methods.add_row(method_name, method.summary)
+    console.print(methods)
 
 
 def main() -> None:

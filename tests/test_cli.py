@@ -10,6 +10,7 @@ import pytest
 
 from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
 from slimlm.recipes import load_recipe, shipped_recipes
+from slimlm.recipes.registry import METHODS
 
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout
@@ -48,6 +49,8 @@ def test_recipes_lists_every_shipped_recipe():
     for name in names:
         assert name in out
         assert load_recipe(name).description[:30] in " ".join(out.split())  # rich may wrap long descriptions
+    for method in METHODS:  # and the methods a stage can name
+        assert f"│ {method} " in out
 
 
 def test_recipes_shows_one_recipe_stages():
