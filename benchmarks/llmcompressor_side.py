@@ -17,7 +17,7 @@ import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 LINEARS = ["re:.*self_attn\\.(q|k|v|o)_proj$", "re:.*mlp\\.(gate|up|down)_proj$"]
 
@@ -49,6 +49,7 @@ def main(base_dir: str, calib_path: str, method: str, out_dir: str) -> None:
     )
     seconds = time.perf_counter() - start
     model.save_pretrained(out_dir, save_compressed=False)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
     print(json.dumps({"method": method, "oneshot_seconds": seconds, "samples": ids.shape[0], "seqlen": ids.shape[1]}))
 
 

@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--methods", default=",".join(SLIMLM_METHODS))
     parser.add_argument("--llmcompressor", help="a Python with llmcompressor 0.14 installed (its own venv)")
+    parser.add_argument("--llmcompressor-methods", default=",".join(LLMCOMPRESSOR_METHODS))
     parser.add_argument("--out", default="benchmarks/results/pruning")
     args = parser.parse_args()
 
@@ -80,7 +81,7 @@ def main() -> None:
 
     jobs = [("slimlm", m) for m in args.methods.split(",") if m]
     if args.llmcompressor:
-        jobs += [("llm-compressor", m) for m in LLMCOMPRESSOR_METHODS]
+        jobs += [("llm-compressor", m) for m in args.llmcompressor_methods.split(",") if m]
     for tool, method in jobs:
         result_file = out / f"{tool}-{method}.json"
         if result_file.exists():
@@ -92,7 +93,10 @@ def main() -> None:
                        "--calib-data", wikitext, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
         else:
             command = [args.llmcompressor, str(Path(__file__).with_name("llmcompressor_side.py")), str(base_dir), str(calib_ids), method, str(model_dir)]
-        wall, peak_mib, status = run_child(command, out / f"{tool}-{method}.log")
+        if model_dir.exists():  # compressed by an earlier, interrupted run: evaluate it
+            wall, peak_mib, status = None, int((out / f"{tool}-{method}.maxrss").read_text().split()[-1]) / 1024, 0
+        else:
+            wall, peak_mib, status = run_child(command, out / f"{tool}-{method}.log")
         if status:
             print(f"{tool} {method}: failed (exit {status}), see {out / f'{tool}-{method}.log'}", flush=True)
             continue
