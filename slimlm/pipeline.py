@@ -52,18 +52,19 @@ def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> Non
     Stages after an architecture-changing stage are checked again when they run, on the changed model.
     """
     quantized: set[str] = set()
-    architecture_changed = False
+    quantization_seen = architecture_changed = False
     for config in recipe.stages:
         method = METHODS[config.method]
         if needs_calibration(method) and not has_calibration:
             raise SlimlmError(f"method '{config.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)")
         if isinstance(method, ModelMethod):
-            if quantized:
+            if quantization_seen:
                 raise SlimlmError(f"stage '{config.method}' changes the architecture after a quantization stage", "put structured pruning before quantization in the recipe")
             if not architecture_changed:
                 method.check(model, config)
             architecture_changed = True
             continue
+        quantization_seen = quantization_seen or method.quantizes
         if architecture_changed:
             continue
         for linears in targeted_linears(model, config):

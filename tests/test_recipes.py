@@ -87,3 +87,12 @@ def test_targets_select_layers():
     assert 0 < linear_sparsity(model) < 0.5
     with pytest.raises(SlimlmError, match="matches no layer"):
         compress_(model, parse_recipe([{"method": "magnitude", "targets": "nothing-here"}], "none"))
+
+
+def test_structured_stage_after_quantization_is_refused_even_behind_another_structured_stage():
+    stages = [{"method": "width", "mlp": 0.25}, {"method": "rtn", "group_size": 32}, {"method": "depth", "blocks": 1}]
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SlimlmError, match="changes the architecture after a quantization stage"):
+        compress_(model, parse_recipe(stages, "late-depth"), CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

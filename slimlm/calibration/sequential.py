@@ -84,16 +84,22 @@ class _ArgumentRecorder(nn.Module):
     """Stands in for a decoder block during capture: records what the model passes it and returns its input.
 
     Blocks are never run here, so capture costs only the embeddings; the last recorder stops the forward
-    before the final norm and LM head.
+    before the final norm and LM head. Only the first window's arguments are kept (masks may be large), and
+    only block 0's recorder keeps the hidden states.
     """
 
-    def __init__(self, last: bool):
+    def __init__(self, keep_inputs: bool, last: bool):
         super().__init__()
+        self.keep_inputs = keep_inputs
         self.last = last
-        self.calls: list[tuple[torch.Tensor, tuple, dict]] = []
+        self.inputs: list[torch.Tensor] = []
+        self.arguments: BlockArguments | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.calls.append((hidden_states, args, kwargs))
+        if self.arguments is None:
+            self.arguments = (args, kwargs)
+        if self.keep_inputs:
+            self.inputs.append(hidden_states)
         if self.last:
             raise _StopForward
         return hidden_states
@@ -109,7 +115,7 @@ def capture_block_inputs(model: nn.Module, calibration_ids: torch.Tensor, device
     """
     adapter = adapter_for(model)
     blocks = decoder_blocks(model)
-    recorders = [_ArgumentRecorder(last=i == len(blocks) - 1) for i in range(len(blocks))]
+    recorders = [_ArgumentRecorder(keep_inputs=i == 0, last=i == len(blocks) - 1) for i in range(len(blocks))]
     originals = list(blocks)
     stems = [adapter.embed, adapter.position_embed, adapter.rotary]
     home = next(model.parameters()).device
@@ -126,9 +132,7 @@ def capture_block_inputs(model: nn.Module, calibration_ids: torch.Tensor, device
         for index, original in enumerate(originals):
             replace_module_(model, f"{adapter.blocks}.{index}", original)
         _move_(model, stems, home)
-    inputs = [hidden for hidden, _, _ in recorders[0].calls]
-    arguments = [(recorder.calls[0][1], recorder.calls[0][2]) for recorder in recorders]
-    return inputs, arguments
+    return recorders[0].inputs, [recorder.arguments for recorder in recorders]
 
 
 def block_output(block: nn.Module, hidden: torch.Tensor, arguments: BlockArguments) -> torch.Tensor:
