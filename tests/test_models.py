@@ -35,6 +35,11 @@ def test_adapter_finds_every_part(arch):
     hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
     first = linear_weight(next(iter(linears.values())))
     assert first.shape[1] == hidden  # the first projection reads the residual stream: (out, in) layout for Conv1D too
+    block = decoder_blocks(model)[1]
+    for norm, readers in adapter.input_norms:
+        weight = block.get_submodule(norm).weight
+        assert weight.shape == (hidden,)
+        assert set(readers) <= set(adapter.linears())
 
 
 def test_unknown_architecture_names_supported_ones():

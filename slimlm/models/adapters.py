@@ -6,7 +6,7 @@ projections through `adapter_for(model)`, so supporting a new family is one tabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ class ArchAdapter:
     mlp: tuple[str, ...]
     # Projections that read the very same input tensor: their input statistics are computed once.
     shared_inputs: tuple[tuple[str, ...], ...] = ()
+    # Each norm inside a block (relative path) and the projections that read its output directly: where a
+    # per-input-channel scale can be folded (AWQ, SmoothQuant) and what a norm fuses into (rotations).
+    input_norms: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Structured width pruning (prune/width.py). A producer's output rows are read as consecutive segments, one
     # letter each: "c" = the MLP channels, "q" = query heads, "k" / "v" = key / value heads (Phi-3 fuses them:
     # "cc" for gate_up_proj, "qkv" for qkv_proj). The consumer is the linear whose input columns are those
@@ -53,10 +56,24 @@ _LLAMA_LIKE = ArchAdapter(
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")),
+    input_norms=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
     mlp_producers=(("mlp.gate_proj", "c"), ("mlp.up_proj", "c")),
     mlp_consumer="mlp.down_proj",
     head_producers=(("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v")),
     head_consumer="self_attn.o_proj",
+)
+
+# Gemma 2/3 normalise the attention output again (post_attention_layernorm) before the residual add; the MLP
+# reads pre_feedforward_layernorm.
+_GEMMA2_LIKE = replace(
+    _LLAMA_LIKE,
+    input_norms=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
 )
 
 ADAPTERS: dict[str, ArchAdapter] = {
@@ -65,8 +82,8 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
     "phi3": ArchAdapter(
         blocks="model.layers",
         embed="model.embed_tokens",
@@ -76,6 +93,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
         rotary="model.rotary_emb",
         attention=("self_attn.qkv_proj", "self_attn.o_proj"),
         mlp=("mlp.gate_up_proj", "mlp.down_proj"),
+        input_norms=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
         mlp_producers=(("mlp.gate_up_proj", "cc"),),
         mlp_consumer="mlp.down_proj",
         head_producers=(("self_attn.qkv_proj", "qkv"),),
@@ -90,6 +108,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
         rotary=None,
         attention=("attn.c_attn", "attn.c_proj"),
         mlp=("mlp.c_fc", "mlp.c_proj"),
+        input_norms=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
         mlp_producers=(("mlp.c_fc", "c"),),
         mlp_consumer="mlp.c_proj",
         mlp_width="n_inner",
@@ -104,6 +123,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
         shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
+        input_norms=(("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("final_layer_norm", ("fc1",))),
         mlp_producers=(("fc1", "c"),),
         mlp_consumer="fc2",
         mlp_width="ffn_dim",
