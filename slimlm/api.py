@@ -18,10 +18,13 @@ from slimlm.data.calibration import CalibrationSet, sample_calibration
 from slimlm.data.text import load_text
 from slimlm.evaluate.footprint import parameter_count, peak_memory
 from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, evaluate_quality, make_windows
+from slimlm.evaluate.speed import SpeedSettings
 from slimlm.models.load import DEFAULT_MODEL, LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, linear_sparsity, needs_calibration
-from slimlm.recipes import Recipe, load_recipe
+from slimlm.quantize.kv_cache import DEFAULT_CHUNK, KVCacheConfig, kv_cache_setting, kv_cache_summary
+from slimlm.quantize.sensitivity import SensitivityTable, layer_sensitivity
+from slimlm.recipes import Recipe, load_recipe, parse_stage
 from slimlm.recipes.registry import METHODS
 
 DEFAULT_RUN_RECIPES = ("magnitude-50", "magnitude-2of4", "rtn-w8", "rtn-w4-g64")
@@ -36,6 +39,14 @@ class EvalSettings:
     seqlen: int = 2048
     max_windows: int | None = None  # None: every window of the text
     kl_windows: int = 4  # base log-probs kept for KL/top-1 (~400 MB per 2048-token window of SmolLM2's vocab)
+    kv_cache: KVCacheConfig | None = None  # `evaluate` only: through this quantized KV cache instead of the model's own setting
+    chunk_size: int | None = None  # `evaluate` only: tokens per forward through a KV cache; None: one forward per window (128 with a KV cache)
+    perplexity: bool = True  # `evaluate` only: False skips perplexity (e.g. when only zero-shot tasks are wanted)
+    tasks: tuple[str, ...] = ()  # zero-shot tasks ("hellaswag", "piqa:PATH", ...; see slimlm.evaluate.tasks.TASKS)
+    task_limit: int | None = None  # examples per task, a seeded subset; None: all
+    task_seed: int = 0
+    task_data: str | None = None  # folder holding the tasks' files (default: $SLIMLM_DATA or a shared/data nearby)
+    speed: SpeedSettings | None = None  # latency / throughput / memory / energy; None: not measured
 
 
 @dataclass(frozen=True)
@@ -61,9 +72,25 @@ def dense_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def quality_metrics(model: nn.Module, windows: EvalWindows, reference: ReferenceLogits | None, keep_reference: int = 0) -> tuple[dict, ReferenceLogits | None]:
-    quality, kept = evaluate_quality(model, windows, reference=reference, keep_reference=keep_reference)
+def quality_metrics(
+    model: nn.Module,
+    windows: EvalWindows,
+    reference: ReferenceLogits | None,
+    keep_reference: int = 0,
+    kv_cache: KVCacheConfig | None = None,
+    chunk_size: int | None = None,
+) -> tuple[dict, ReferenceLogits | None]:
+    """Quality of `model`; through its quantized KV cache when it carries a kv-cache setting (or `kv_cache` is given)."""
+    kv_cache = kv_cache or kv_cache_setting(model)
+    quality, kept = evaluate_quality(model, windows, reference=reference, keep_reference=keep_reference, kv_cache=kv_cache, chunk_size=chunk_size)
     return asdict(quality), kept
+
+
+def kv_cache_metrics(model: nn.Module, windows: EvalWindows, config: KVCacheConfig, chunk_size: int | None) -> dict:
+    """The KV cache's bytes at the window length against float16, and the perplexity of the same chunked protocol
+    with a full-precision cache: what the quantized cache costs."""
+    full, _ = evaluate_quality(model, windows, chunk_size=chunk_size or DEFAULT_CHUNK)
+    return {**kv_cache_summary(config, model.config, windows.seqlen), "fp_cache_perplexity": full.perplexity, "fp_cache_protocol": full.protocol}
 
 
 def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) -> CalibrationSet | None:
@@ -78,7 +105,7 @@ def _compress(model: nn.Module, tokenizer, recipe: Recipe, calibration_settings:
     """Compress `model` in place (pass a copy to keep the original); returns it and what the run did."""
     calibration = calibration_for(recipe, tokenizer, calibration_settings)
     start = time.perf_counter()
-    logs = compress_(model, recipe, calibration, device)
+    logs = compress_(model, recipe, calibration, device, tokenizer=tokenizer)  # a distill stage reads its data with it
     info = {
         "compress_seconds": time.perf_counter() - start,
         "stages": [asdict(log) for log in logs],
@@ -136,6 +163,28 @@ def compress(
     return read_manifest(path)
 
 
+def load_tasks(evaluation: EvalSettings) -> list:
+    """Read (and check) every zero-shot task's data before any model is loaded, so bad input fails at once."""
+    from slimlm.evaluate.tasks import check_limit, load_task_data
+
+    check_limit(evaluation.task_limit)
+    return [load_task_data(spec, evaluation.task_data) for spec in evaluation.tasks]
+
+
+def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings) -> dict:
+    """{"tasks": {name: result}, "speed": {...}} for what `evaluation` asks (nothing when it asks for neither)."""
+    from slimlm.evaluate.speed import measure_speed
+    from slimlm.evaluate.tasks import score_task
+
+    metrics: dict = {}
+    if tasks:
+        results = [score_task(model, tokenizer, data, evaluation.task_limit, evaluation.task_seed) for data in tasks]
+        metrics["tasks"] = {r.task: {k: v for k, v in asdict(r).items() if k != "per_example"} for r in results}
+    if evaluation.speed is not None:
+        metrics["speed"] = asdict(measure_speed(model, evaluation.speed))
+    return metrics
+
+
 def evaluate(
     model: str,
     evaluation: EvalSettings = EvalSettings(),
@@ -143,22 +192,49 @@ def evaluate(
     allow_pickle: bool = False,
     device: str | None = None,
 ) -> dict:
-    """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk."""
+    """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk; zero-shot
+    task scores and speed when `evaluation` asks for them."""
+    tasks = load_tasks(evaluation)
+    text = load_text(evaluation.data, evaluation.split) if evaluation.perplexity else None
     loaded = load_model(model, allow_pickle=allow_pickle, device=device)
-    windows = make_windows(loaded.tokenizer, load_text(evaluation.data, evaluation.split), evaluation.seqlen, evaluation.max_windows)
-    reference = None
     result: dict = {"model": model}
-    if base is not None:
-        base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
-        result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
-        result["base_dense_bytes"] = dense_bytes(base_loaded.model)
-        del base_loaded
-    result["quality"], _ = quality_metrics(loaded.model, windows, reference)
+    if text is not None:
+        windows = make_windows(loaded.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+        reference = None
+        if base is not None:
+            base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
+            result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+            result["base_dense_bytes"] = dense_bytes(base_loaded.model)
+            del base_loaded
+        result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
+        kv_cache = evaluation.kv_cache or kv_cache_setting(loaded.model)
+        if kv_cache is not None:
+            result["kv_cache"] = kv_cache_metrics(loaded.model, windows, kv_cache, evaluation.chunk_size)
+    result.update(task_and_speed_metrics(loaded.model, loaded.tokenizer, tasks, evaluation))
     result["parameters"] = parameter_count(loaded.model)
     result["sparsity"] = linear_sparsity(loaded.model)
     if loaded.kind == "slimlm-dir":
         result["storage"] = read_manifest(loaded.resolved)["storage"]
     return result
+
+
+def sensitivity(
+    model: str = DEFAULT_MODEL,
+    stage: dict | None = None,
+    evaluation: EvalSettings = EvalSettings(seqlen=512, max_windows=2),
+    calibration: CalibrationSettings = CalibrationSettings(samples=16, seqlen=512),
+    allow_pickle: bool = False,
+    device: str | None = None,
+) -> SensitivityTable:
+    """Rank the model's block linears by the KL divergence from the base when each alone is compressed with `stage`
+    (a recipe stage as a dict; default int4 RTN, groups of 64). Returns a `SensitivityTable`, most sensitive first.
+    Calibration data is drawn only for stages that need statistics (e.g. gptq)."""
+    config = parse_stage(stage or {"method": "rtn", "bits": 4, "group_size": 64}, "sensitivity stage")
+    text = load_text(evaluation.data, evaluation.split)
+    loaded = load_model(model, allow_pickle=allow_pickle, device=device)
+    windows = make_windows(loaded.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+    calibration_set = calibration_for(Recipe("sensitivity", "", (config,)), loaded.tokenizer, calibration)
+    return layer_sensitivity(loaded.model, windows, config, calibration_set, loaded.model.device)
 
 
 def run(
@@ -173,7 +249,8 @@ def run(
 ) -> Path:
     """The main job: evaluate the base, compress it with each recipe, evaluate and save each, write one report.
 
-    Writes `out_dir/report.json`, `out_dir/report.md` and `out_dir/models/<recipe>/`; returns `out_dir`.
+    Writes `out_dir/report.{json,md,html}`, the quality-vs-cost plots and `out_dir/models/<recipe>/`; returns
+    `out_dir`. Zero-shot tasks and speed are measured on every variant when `evaluation` asks for them.
     """
     from slimlm.report import write_report
 
@@ -181,6 +258,7 @@ def run(
     check_output_dir(out, overwrite)
     parsed = [load_recipe(name) for name in recipes]  # refuse a bad recipe before any work
     text = load_text(evaluation.data, evaluation.split)
+    tasks = load_tasks(evaluation)
     base = load_model(model, allow_pickle=allow_pickle, device=device)
     for recipe in parsed:
         check_recipe(base.model, recipe, has_calibration=True)
@@ -197,6 +275,7 @@ def run(
                 "sparsity": linear_sparsity(base.model),
                 "weight_bytes": base_bytes,
                 "compression_ratio": 1.0,
+                **task_and_speed_metrics(base.model, base.tokenizer, tasks, evaluation),
             },
         )
     ]
@@ -205,6 +284,7 @@ def run(
         compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
         quality, _ = quality_metrics(compressed, windows, reference)
         metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
+        metrics.update(task_and_speed_metrics(compressed, base.tokenizer, tasks, evaluation))
         path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
         storage = read_manifest(path)["storage"]
         metrics.update(storage, compression_ratio=base_bytes / storage["weight_bytes"], compress_seconds=info["compress_seconds"], peak_memory=peak_memory())
@@ -219,3 +299,21 @@ def run(
     }
     write_report(out, variants, context)
     return out
+
+
+def export(
+    model: str,
+    format: str,
+    out: str | Path,
+    gguf_type: str = "auto",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """Export `model` to `format` ("hf", "compressed-tensors" or "gguf") at `out`, atomically.
+
+    `gguf_type`: "auto" keeps the model's quantized codes when a GGUF block format holds them (else f16), or one of
+    f16, bf16, q8_0, q4_0, q4_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
+    """
+    from slimlm.export import export_model
+
+    return export_model(model, format, out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle)

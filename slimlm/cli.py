@@ -36,6 +36,10 @@ CalibData = Annotated[str, typer.Option("--calib-data", help="Calibration text (
 CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Calibration windows (128 as in GPTQ/Wanda; fewer is faster on CPU).")]
 CalibSeqlen = Annotated[int, typer.Option("--calib-seqlen", help="Tokens per calibration window.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the calibration sampler.")]
+Tasks = Annotated[Optional[str], typer.Option("--tasks", help="Zero-shot tasks, comma-separated: hellaswag, piqa, arc_easy, arc_challenge, lambada, boolq, winogrande, openbookqa, truthfulqa_mc1, truthfulqa_mc2, crows_pairs; NAME:PATH reads PATH.")]
+TaskLimit = Annotated[Optional[int], typer.Option("--limit", help="Examples per task: a seeded random subset (default: all).")]
+TaskData = Annotated[Optional[Path], typer.Option("--task-data", help="Folder with the tasks' files (default: $SLIMLM_DATA or a shared/data folder nearby; else the hub when online).")]
+SpeedFlag = Annotated[bool, typer.Option("--speed", help="Also measure TTFT, TPOT, throughput at batch 1/8/32, peak memory and energy (where a meter is readable).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints (they can run code: trusted sources only).")]
 
 
@@ -54,6 +58,10 @@ def run(
     seqlen: Seqlen = 2048,
     windows: Windows = None,
     fast: Annotated[bool, typer.Option("--fast", help="Quick look: 4 windows of 512 tokens, KL on 2.")] = False,
+    tasks: Tasks = None,
+    limit: TaskLimit = None,
+    task_data: TaskData = None,
+    speed: SpeedFlag = False,
     calib_data: CalibData = "default",
     calib_samples: CalibSamples = 128,
     calib_seqlen: CalibSeqlen = 2048,
@@ -70,11 +78,15 @@ def run(
       slimlm run --fast                            # a quick look in a couple of minutes
       slimlm run --recipes magnitude-50,rtn-w4-g64 --eval-data wikitext2:../shared/data/wikitext-2-raw
       slimlm run --recipes magnitude-50,wanda-50 --calib-samples 32   # Wanda calibrates on 32 x 2048 tokens
+      slimlm run --fast --tasks piqa,arc_easy --limit 200 --speed       # zero-shot and speed columns, two plots
     """
+    from dataclasses import replace
+
     from slimlm.api import DEFAULT_RUN_RECIPES, CalibrationSettings, run as run_job
 
     names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else DEFAULT_RUN_RECIPES
     settings = _settings(eval_data, "evaluation", 512 if fast else seqlen, 4 if fast else windows, 2 if fast else 4)
+    settings = replace(settings, **_task_settings(tasks, limit, 0, task_data, speed))
     calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)
     run_job(model=model, recipes=names, evaluation=settings, calibration=calibration, out_dir=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
 
@@ -131,32 +143,218 @@ def eval_(
     windows: Windows = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Base model to measure KL divergence and top-1 agreement against.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    kv_bits: Annotated[Optional[int], typer.Option("--kv-bits", help="Evaluate through a KIVI-quantized KV cache of 2, 4 or 8 bits (default: the model's own kv-cache setting, if any).")] = None,
+    kv_group_size: Annotated[Optional[int], typer.Option("--kv-group-size", help="With --kv-bits: tokens per key group / channels per value group (default 32).")] = None,
+    kv_residual: Annotated[Optional[int], typer.Option("--kv-residual", help="With --kv-bits: newest tokens kept in full precision, a multiple of the group (default 128).")] = None,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Feed each window this many tokens at a time through the KV cache (default 128 with a quantized cache; alone: a full-precision cache).")] = None,
+    tasks: Tasks = None,
+    limit: TaskLimit = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = 0,
+    task_data: TaskData = None,
+    perplexity: Annotated[Optional[bool], typer.Option("--perplexity/--no-perplexity", help="Measure perplexity (default: yes, unless --tasks is given).")] = None,
+    speed: SpeedFlag = False,
     allow_pickle: AllowPickle = False,
     device: Device = None,
 ) -> None:
-    """Perplexity (GPTQ protocol), KL/top-1 against a base, parameters and bytes on disk of one model.
+    """Perplexity (GPTQ protocol), KL/top-1 against a base, zero-shot tasks (lm-eval's prompts and scoring), speed,
+    parameters and bytes on disk of one model.
 
     [bold]Examples[/bold]
 
       slimlm eval smollm2-135m --windows 4
       slimlm eval smol-2of4 --data wikitext2:../shared/data/wikitext-2-raw --split test
       slimlm eval smol-w4 --base smollm2-135m --windows 4 --json smol-w4.json
+      slimlm eval smollm2-135m --windows 2 --kv-bits 4    # KV cache in the loop, vs a full-precision cache
+      slimlm eval smollm2-135m --tasks hellaswag,piqa,arc_easy,arc_challenge,lambada --limit 500
+      slimlm eval smol-w4 --tasks piqa:../shared/data/piqa/valid.jsonl --speed
     """
+    from dataclasses import replace
+
     from slimlm.api import evaluate
     from slimlm.progress import console
+    from slimlm.quantize.kv_cache import KVCacheConfig
 
-    result = evaluate(model, _settings(data, split, seqlen, windows, 4), base=base, allow_pickle=allow_pickle, device=device)
-    quality = result["quality"]
-    line = f"perplexity {quality['perplexity']:.3f}"
-    if quality["kl_divergence"] is not None:
-        line += f" · KL {quality['kl_divergence']:.4f} · top-1 agreement {quality['top1_agreement']:.1%} (base ppl {result['base']['perplexity']:.3f})"
-    console.print(line)
-    console.print(f"[dim]{quality['protocol']}[/dim]")
+    kv_cache = None
+    if kv_bits is not None:
+        given = {"group_size": kv_group_size, "residual": kv_residual}
+        kv_cache = KVCacheConfig(bits=kv_bits, **{key: value for key, value in given.items() if value is not None})
+    elif kv_group_size is not None or kv_residual is not None:
+        raise SlimlmError("--kv-group-size and --kv-residual shape a quantized KV cache, but --kv-bits is not given", "add --kv-bits 2, 4 or 8")
+    settings = replace(
+        _settings(data, split, seqlen, windows, 4),
+        kv_cache=kv_cache,
+        chunk_size=chunk_size,
+        **_task_settings(tasks, limit, seed, task_data, speed),
+        perplexity=perplexity if perplexity is not None else not tasks,
+    )
+    result = evaluate(model, settings, base=base, allow_pickle=allow_pickle, device=device)
+    if "quality" in result:
+        quality = result["quality"]
+        line = f"perplexity {quality['perplexity']:.3f}"
+        if quality["kl_divergence"] is not None:
+            line += f" · KL {quality['kl_divergence']:.4f} · top-1 agreement {quality['top1_agreement']:.1%} (base ppl {result['base']['perplexity']:.3f})"
+        console.print(line)
+        console.print(f"[dim]{quality['protocol']}[/dim]")
+    _print_tasks_and_speed(result)
+    if "kv_cache" in result:
+        kv = result["kv_cache"]
+        console.print(
+            f"KV cache at {kv['context_len']} tokens {kv['bytes'] / 1e6:.2f} MB ({kv['share_of_fp16']:.1%} of fp16 {kv['fp16_bytes'] / 1e6:.2f} MB)"
+            f" · perplexity with a full-precision cache {kv['fp_cache_perplexity']:.3f} ({quality['perplexity'] / kv['fp_cache_perplexity'] - 1:+.2%})"
+        )
     console.print(f"parameters {result['parameters'] / 1e6:.1f}M · sparsity {result['sparsity']:.1%}")
     if "storage" in result:
         console.print(f"weights on disk {result['storage']['weight_bytes'] / 1e6:.1f} MB")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+def sensitivity(
+    model: ModelArg,
+    method: Annotated[str, typer.Option("--method", help="Per-layer method each linear is compressed with, alone (rtn, gptq, magnitude, ...).")] = "rtn",
+    bits: Annotated[int, typer.Option("--bits", help="Bits (quantization methods).")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="Input channels per scale; 0 = one scale per output channel.")] = 64,
+    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Symmetric grid, or an integer zero point per group (default: the method's).")] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Sparsity (pruning methods; then --bits/--group-size are ignored).")] = None,
+    targets: Annotated[Optional[str], typer.Option("--targets", help="Regex: measure only these linears.")] = None,
+    data: Annotated[str, typer.Option("--data", help="'default', a .txt/.jsonl file, 'wikitext2:DIR' or 'hf:NAME[:CONFIG]'.")] = "default",
+    split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = "evaluation",
+    seqlen: Seqlen = 512,
+    windows: Annotated[int, typer.Option("--windows", help="Windows the KL is measured on (one forward pass each, per layer).")] = 2,
+    calib_data: CalibData = "default",
+    calib_samples: CalibSamples = 16,
+    calib_seqlen: CalibSeqlen = 512,
+    top: Annotated[int, typer.Option("--top", help="Rows to print (the JSON has all).")] = 20,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full table to this JSON file.")] = None,
+    allow_pickle: AllowPickle = False,
+    device: Device = None,
+) -> None:
+    """Rank the linears by how much the model's predictions move (KL to the base) when each alone is compressed.
+
+    Use it to choose which layers get more bits in a mixed-precision recipe ('targets' / 'exclude').
+
+    [bold]Examples[/bold]
+
+      slimlm sensitivity smollm2-135m --method rtn --bits 4 --group-size 64 --windows 2 --seqlen 512
+      slimlm sensitivity smollm2-135m --bits 3 --asymmetric --targets mlp --json sens.json
+      slimlm sensitivity smollm2-135m --method magnitude --sparsity 0.5
+    """
+    from rich.table import Table
+
+    from slimlm.api import CalibrationSettings, sensitivity as measure
+    from slimlm.progress import console
+
+    stage: dict = {"method": method}
+    if sparsity is not None:
+        stage["sparsity"] = sparsity
+    else:
+        stage.update(bits=bits, group_size=group_size or None)
+    if symmetric is not None:
+        stage["symmetric"] = symmetric
+    if targets is not None:
+        stage["targets"] = targets
+    table = measure(model, stage, _settings(data, split, seqlen, windows, windows), CalibrationSettings(calib_data, calib_samples, calib_seqlen), allow_pickle, device)
+    shown = Table(title=f"sensitivity: {', '.join(f'{k}={v}' for k, v in stage.items())} · base perplexity {table.base_perplexity:.3f}")
+    for column in ("rank", "layer", "KL", "top-1", "perplexity"):
+        shown.add_column(column, justify="left" if column == "layer" else "right")
+    for rank, row in enumerate(table.layers[:top], 1):
+        shown.add_row(str(rank), row.name, f"{row.kl_divergence:.5f}", f"{row.top1_agreement:.1%}", f"{row.perplexity:.3f}")
+    console.print(shown)
+    console.print("mean KL by projection: " + " · ".join(f"{name} {kl:.5f}" for name, kl in table.by_projection().items()))
+    console.print(f"[dim]{table.protocol}[/dim]")
+    if json_out:
+        json_out.write_text(json.dumps(table.to_dict(), indent=2) + "\n")
+
+
+@app.command()
+def export(
+    model: ModelArg,
+    format: Annotated[str, typer.Option("--format", "-f", help="hf (dense), compressed-tensors (transformers, vLLM) or gguf (llama.cpp).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf, compressed-tensors) or .gguf file; written atomically.")],
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="auto (keep the model's 4/8-bit codes, else f16), f16, bf16, q8_0, q4_0, q4_1.")] = "auto",
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Export a model to an engine format: GGUF for llama.cpp, compressed-tensors for transformers/vLLM, plain HF.
+
+    GGUF keeps the codes a slimlm quantizer chose when a block format holds them (int4 group 32k -> Q4_0/Q4_1,
+    int8 -> Q8_0); dense weights are quantized with llama.cpp's reference algorithm.
+
+    [bold]Examples[/bold]
+
+      slimlm export smol-w4 --format gguf --out smol-w4.gguf          # int4 g64 asym -> Q4_1, codes kept
+      slimlm export smollm2-135m --format gguf --gguf-type q4_0 --out smol-q4_0.gguf
+      slimlm export smol-2of4 --format compressed-tensors --out smol-2of4-ct
+    """
+    from slimlm.api import export as export_job
+    from slimlm.progress import console
+
+    result = export_job(model, format, out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle)
+    size = f"{result['bytes'] / 1e6:.1f} MB"
+    if format == "gguf":
+        types = ", ".join(f"{kind} ×{count}" for kind, count in sorted(result["tensor_types"].items()))
+        console.print(f"GGUF {result['gguf_type']} · {size} · tensors {types}")
+        console.print(f"codes kept {result['codes_kept']} · re-quantized {result['requantized']} · dequantized {result['dequantized']}")
+        if result["fallbacks"]:
+            console.print(f"written as F16 (rows not a multiple of 32): {', '.join(result['fallbacks'])}")
+    else:
+        console.print(f"{format} · weights {size} · quantized linears {result['quantized_linears']}")
+    console.print(f"saved: {out}")
+
+
+def _task_settings(tasks: str | None, limit: int | None, seed: int, task_data: Path | None, speed: bool) -> dict:
+    """EvalSettings fields for zero-shot tasks and speed, from the CLI options."""
+    from slimlm.evaluate.speed import SpeedSettings
+
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else ()
+    if tasks is not None and not names:
+        from slimlm.evaluate.tasks import TASKS
+
+        raise SlimlmError("--tasks names no task", f"known tasks: {', '.join(TASKS)}")
+    return {"tasks": names, "task_limit": limit, "task_seed": seed, "task_data": str(task_data) if task_data else None, "speed": SpeedSettings() if speed else None}
+
+
+def _print_tasks_and_speed(result: dict) -> None:
+    from rich.table import Table
+
+    from slimlm.progress import console
+
+    if result.get("tasks"):
+        table = Table(title="zero-shot (lm-eval 0.4 prompts and scoring)")
+        for header in ("task", "metric", "value", "± stderr", "examples", "ex/s"):
+            table.add_column(header, justify="left" if header in ("task", "metric") else "right")
+        for name, task in result["tasks"].items():
+            for metric, value in task["metrics"].items():
+                stderr = task["stderr"].get(metric)
+                shown = f"{value:.2f}" if metric in ("perplexity", "likelihood_diff") else f"{value:.2%}"
+                error = "—" if stderr is None else (f"{stderr:.2f}" if metric in ("perplexity", "likelihood_diff") else f"{stderr:.2%}")
+                table.add_row(name, metric, shown, error, f"{task['examples']}/{task['total']}", f"{task['examples_per_s']:.1f}")
+        console.print(table)
+        for task in result["tasks"].values():
+            console.print(f"[dim]{task['task']}: {task['protocol']}[/dim]")
+    if result.get("speed"):
+        speed = result["speed"]
+        batches = " · ".join(f"batch {b}: {v:.1f} tok/s" for b, v in speed["throughput_tokens_per_s"].items())
+        console.print(f"speed on {speed['device']}: TTFT {speed['ttft_ms']:.1f} ms ({speed['prompt_tokens']}-token prompt) · TPOT {speed['tpot_ms']:.2f} ms · {batches}")
+        energy = speed["energy_joules_per_token"]
+        console.print(f"peak RSS {speed['cpu_peak_rss_mb']:.0f} MB ({speed['cpu_peak_scope']})" + (f" · CUDA {speed['cuda_max_allocated_mb']:.0f} MB" if speed["cuda_max_allocated_mb"] is not None else "")
+                      + (f" · energy {energy:.4f} J/token" if energy is not None else "") + f" · energy meter: {speed['energy_meter']}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A directory written by `slimlm run` (holds report.json).")]) -> None:
+    """Re-render a run's report: Markdown, a self-contained HTML page with the plots, and the PNGs.
+
+    [bold]Examples[/bold]
+
+      slimlm report slimlm-runs/20250101-120000
+    """
+    from slimlm.progress import console
+    from slimlm.report import report_run_dir
+
+    written = report_run_dir(run_dir)
+    console.print("report: " + "  ·  ".join(str(path) for path in written.values()))
 
 
 @app.command()

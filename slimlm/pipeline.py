@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -10,13 +11,14 @@ from torch import nn
 
 from slimlm.calibration.sequential import calibrate_sequentially
 from slimlm.data.calibration import CalibrationSet
+from slimlm.distill.stage import Base
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import block_linears, decoder_blocks, is_linear
 from slimlm.progress import progress_bar
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.recipes import Recipe
 from slimlm.recipes.config import StageConfig
-from slimlm.recipes.registry import METHODS, Method, ModelMethod
+from slimlm.recipes.registry import METHODS, Method, ModelMethod, TrainMethod
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ def targeted_linears(model: nn.Module, config: StageConfig) -> list[dict[str, nn
     return per_block
 
 
-def needs_calibration(method: Method | ModelMethod) -> bool:
+def needs_calibration(method: Method | ModelMethod | TrainMethod) -> bool:
+    if isinstance(method, TrainMethod):
+        return False  # it reads its own training data (the stage's 'data' key)
     return method.needs_calibration if isinstance(method, ModelMethod) else bool(method.statistics)
 
 
@@ -57,6 +61,14 @@ def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> Non
         method = METHODS[config.method]
         if needs_calibration(method) and not has_calibration:
             raise SlimlmError(f"method '{config.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)")
+        if isinstance(method, TrainMethod):  # trains what is there (quantized layers stay frozen)
+            if not architecture_changed:
+                method.check(model, config)
+            continue
+        if isinstance(method, ModelMethod) and not method.edits_weights:
+            if not architecture_changed:
+                method.check(model, config)
+            continue
         if isinstance(method, ModelMethod):
             if quantization_seen:
                 raise SlimlmError(f"stage '{config.method}' changes the architecture after a quantization stage", "put structured pruning before quantization in the recipe")
@@ -64,7 +76,7 @@ def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> Non
                 method.check(model, config)
             architecture_changed = True
             continue
-        quantization_seen = quantization_seen or method.quantizes
+        quantization_seen = quantization_seen or method.quantizes_with(config)
         if architecture_changed:
             continue
         for linears in targeted_linears(model, config):
@@ -72,7 +84,7 @@ def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> Non
             if quantized & linears.keys():
                 name = sorted(quantized & linears.keys())[0]
                 raise SlimlmError(f"stage '{config.method}' would edit {name}, which an earlier stage quantizes", "put quantization stages last in the recipe, or narrow this stage with 'targets'")
-            if method.quantizes:
+            if method.quantizes_with(config):
                 quantized |= linears.keys()
 
 
@@ -90,6 +102,7 @@ def _run_block_method(model: nn.Module, method: Method, config: StageConfig, cal
             select=config.selects,
             device=device,
             description=config.method,
+            true_sequential=method.true_sequential(config),
         )
     else:
         with progress_bar(config.method, total=len(per_block)) as advance:
@@ -104,14 +117,27 @@ def compress_(
     recipe: Recipe,
     calibration: CalibrationSet | None = None,
     device: torch.device | None = None,
+    tokenizer=None,
 ) -> list[StageLog]:
-    """Run every stage of `recipe` on `model` in place; checks all stages' preconditions first."""
+    """Run every stage of `recipe` on `model` in place; checks all stages' preconditions first.
+
+    When a stage trains against the base (distillation), a copy of `model` as it is now is kept for it, with
+    `tokenizer` (which such a stage needs to read its data)."""
     check_recipe(model, recipe, calibration is not None)
+    base = None
+    if any(isinstance(METHODS[config.method], TrainMethod) for config in recipe.stages):
+        if tokenizer is None:
+            raise SlimlmError("a distillation stage needs the model's tokenizer to read its training data", "pass tokenizer= to compress_")
+        base = Base(copy.deepcopy(model).eval().requires_grad_(False), tokenizer)
     logs = []
     for config in recipe.stages:
         method = METHODS[config.method]
         start = time.perf_counter()
-        if isinstance(method, ModelMethod):
+        if isinstance(method, TrainMethod):
+            method.check(model, config)
+            method.apply(model, base, config, device)
+            layers = len(decoder_blocks(model))
+        elif isinstance(method, ModelMethod):
             method.check(model, config)
             method.apply(model, config, calibration, device)
             layers = len(decoder_blocks(model))

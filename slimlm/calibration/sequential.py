@@ -4,7 +4,11 @@
 2. For each block: hook its target linears to accumulate input statistics while the block runs on every
    window, hand the statistics to the method (which compresses the block in place), then run the
    *compressed* block again to produce the next block's inputs — so every block is calibrated on the
-   activations it will really see.
+   activations it will really see. A statistics pass stops as soon as every hooked linear has seen its input.
+3. Optionally ("true sequential", GPTQ), the same inside a block: its linears are compressed in execution-order
+   groups that read one input (q/k/v, then o, then gate/up, then down), each group's statistics collected
+   after the groups before it are compressed. The extra passes are partial (each stops at its group), so it
+   costs about one more block forward per block.
 
 Only one block (plus the activations of the calibration windows) needs to sit on the compute device;
 the rest of the model stays where it was loaded, so this scales past what fits on the GPU at once.
@@ -45,11 +49,14 @@ def collect_input_stats(
     linears: dict[str, nn.Module],
     wanted: tuple[str, ...],
     shared_inputs: tuple[tuple[str, ...], ...] = (),
+    stop_when_seen: bool = False,
 ) -> Iterator[dict[str, InputStats]]:
     """Forward hooks that feed each linear's input into an InputStats while the context is open.
 
     Linears named together in `shared_inputs` (suffixes, e.g. q/k/v) read one tensor: only the first is
-    hooked and the others share its statistics object, so a Hessian is never computed twice.
+    hooked and the others share its statistics object, so a Hessian is never computed twice. With
+    `stop_when_seen`, the forward is cut short (`_StopForward`, caught by `_forward_until_stopped`) once every
+    hooked linear has seen its input.
     """
     leader_of = {}
     for group in shared_inputs:
@@ -59,13 +66,21 @@ def collect_input_stats(
     for name, module in linears.items():
         leader = leader_of.get(name, name)
         if leader not in stats:
-            stats[leader] = InputStats(linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device)
+            stats[leader] = InputStats(linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device, name=leader)
         stats[name] = stats[leader]
+    leaders = [name for name in linears if leader_of.get(name, name) == name]
+    seen: set[str] = set()
 
     def hook_for(name: str):
-        return lambda _module, inputs, _output: stats[name].update(inputs[0])
+        def hook(_module, inputs, _output):
+            stats[name].update(inputs[0])
+            seen.add(name)
+            if stop_when_seen and len(seen) == len(leaders):
+                seen.clear()
+                raise _StopForward
 
-    leaders = [name for name in linears if leader_of.get(name, name) == name]
+        return hook
+
     handles = [linears[name].register_forward_hook(hook_for(name)) for name in leaders]
     with hooks_removed_after(handles):
         yield stats
@@ -142,6 +157,28 @@ def block_output(block: nn.Module, hidden: torch.Tensor, arguments: BlockArgumen
     return out[0] if isinstance(out, tuple) else out
 
 
+def _forward_until_stopped(block: nn.Module, hidden: torch.Tensor, arguments: BlockArguments) -> None:
+    """Run a block for its hooks only: a statistics pass may stop it once every hooked linear has its input."""
+    try:
+        block_output(block, hidden, arguments)
+    except _StopForward:
+        pass
+
+
+def execution_groups(linears: dict[str, nn.Module], shared_inputs: tuple[tuple[str, ...], ...]) -> list[dict[str, nn.Module]]:
+    """One block's linears (in execution order, as the adapter lists them) split into groups that read one input:
+    consecutive members of a `shared_inputs` group together (q/k/v, gate/up), every other linear alone."""
+    groups: list[dict[str, nn.Module]] = []
+    previous = None
+    for name, module in linears.items():
+        shared = next((group for group in shared_inputs if name.endswith(group)), None)
+        if shared is None or shared != previous:
+            groups.append({})
+        groups[-1][name] = module
+        previous = shared
+    return groups
+
+
 @torch.no_grad()
 def calibrate_sequentially(
     model: nn.Module,
@@ -151,8 +188,13 @@ def calibrate_sequentially(
     select: Callable[[str], bool] = lambda name: True,
     device: torch.device | None = None,
     description: str = "calibrating",
+    true_sequential: bool = False,
 ) -> None:
-    """Compress `model` block by block; `compress_block(index, linears, stats)` edits block `index` in place."""
+    """Compress `model` block by block; `compress_block(index, linears, stats)` edits block `index` in place.
+
+    With `true_sequential`, `compress_block` is called once per execution group of the block (see
+    `execution_groups`), each time with that group's linears and statistics.
+    """
     device = device or next(model.parameters()).device
     hidden_states, arguments = capture_block_inputs(model, calibration_ids, device)
     blocks = decoder_blocks(model)
@@ -162,10 +204,11 @@ def calibrate_sequentially(
             home = next(block.parameters()).device
             block.to(device)
             linears = {name: module for name, module in block_linears(model, index).items() if select(name)}
-            with collect_input_stats(linears, statistics, adapter.shared_inputs) as stats:
-                for hidden in hidden_states:
-                    block_output(block, hidden, arguments[index])
-            compress_block(index, linears, stats)
+            for group in execution_groups(linears, adapter.shared_inputs) if true_sequential else [linears]:
+                with collect_input_stats(group, statistics, adapter.shared_inputs, stop_when_seen=True) as stats:
+                    for hidden in hidden_states:
+                        _forward_until_stopped(block, hidden, arguments[index])
+                compress_block(index, group, stats)
             hidden_states = [block_output(block, hidden, arguments[index]) for hidden in hidden_states]
             block.to(home)
             advance()

@@ -3,31 +3,41 @@
 - `hessian`: H = 2/N · Σ x xᵀ (in, in), the layer-wise reconstruction Hessian of GPTQ / SparseGPT,
   kept as a running mean so it does not grow with N.
 - `input_norm`: ‖X_j‖₂ per input channel j (in,), Wanda's activation term; also mean |x| for AWQ.
+- `input_absmax`: max |X_j| per input channel j (in,), SmoothQuant's activation range.
 """
 
 from __future__ import annotations
 
 import torch
 
-STATISTICS = ("hessian", "input_norm")
+from slimlm.errors import SlimlmError
+
+STATISTICS = ("hessian", "input_norm", "input_absmax")
 
 
 class InputStats:
     """Running statistics of the rows x (in,) a linear layer sees; `update` takes (..., in)."""
 
-    def __init__(self, in_features: int, wanted: tuple[str, ...], device: torch.device):
+    def __init__(self, in_features: int, wanted: tuple[str, ...], device: torch.device, name: str = "a linear layer"):
         unknown = set(wanted) - set(STATISTICS)
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {STATISTICS}")
         self.wanted = wanted
+        self.name = name  # the layer whose inputs these are, for error messages
         self.tokens = 0
         self.hessian = torch.zeros(in_features, in_features, device=device) if "hessian" in wanted else None
         self.sq_sum = torch.zeros(in_features, device=device) if "input_norm" in wanted else None
         self.abs_sum = torch.zeros(in_features, device=device) if "input_norm" in wanted else None
+        self.input_absmax = torch.zeros(in_features, device=device) if "input_absmax" in wanted else None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()  # (N, in)
+        if not torch.isfinite(rows).all():
+            raise SlimlmError(
+                f"non-finite activations (NaN/Inf) reach {self.name} during calibration",
+                "the model already overflows on this data: load it in float32, check the base model's perplexity, or drop the stage that broke it",
+            )
         n = rows.shape[0]
         total = self.tokens + n
         if self.hessian is not None:
@@ -36,6 +46,8 @@ class InputStats:
         if self.sq_sum is not None:
             self.sq_sum.add_(rows.pow(2).sum(dim=0))
             self.abs_sum.add_(rows.abs().sum(dim=0))
+        if self.input_absmax is not None:
+            torch.maximum(self.input_absmax, rows.abs().amax(dim=0), out=self.input_absmax)
         self.tokens = total
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from torch import nn
 from slimlm.data.calibration import tokenize_text
 from slimlm.data.text import Text
 from slimlm.errors import SlimlmError
+
+if TYPE_CHECKING:
+    from slimlm.quantize.kv_cache import KVCacheConfig
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,11 +87,27 @@ def evaluate_quality(
     reference: ReferenceLogits | None = None,
     keep_reference: int = 0,
     progress: bool = True,
+    kv_cache: KVCacheConfig | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[QualityResult, ReferenceLogits | None]:
     """Perplexity of `model` on `windows` (one forward per window, batch 1, no KV cache), and with `reference`
     the KL(reference || model) and top-1 agreement over the windows the reference covers. `keep_reference=k`
     returns this model's log-probs of the first k windows (at most all of them) to serve as a later reference.
-    The model runs in eval mode and is put back in the mode it was in."""
+    The model runs in eval mode and is put back in the mode it was in.
+
+    KV cache in the loop: with `chunk_size` (or a `kv_cache` setting, which defaults the chunk to 128) each window
+    is fed `chunk_size` tokens at a time through a cache, so later tokens attend to what the cache holds of earlier
+    ones: a KIVI quantized cache, or without `kv_cache` a plain DynamicCache (same numbers as one forward, up to
+    float rounding). The protocol line says which."""
+    from slimlm.quantize.kv_cache import (
+        DEFAULT_CHUNK,
+        chunked_protocol,
+        forward_in_chunks,
+        make_cache,
+    )
+
+    if kv_cache is not None and chunk_size is None:
+        chunk_size = DEFAULT_CHUNK
     n, seqlen = windows.input_ids.shape
     if keep_reference < 0:
         raise SlimlmError(f"keep_reference must be >= 0, got {keep_reference}", "pass the number of windows to keep, or 0")
@@ -106,7 +126,11 @@ def evaluate_quality(
         with torch.inference_mode():
             for i in track(range(n), description="perplexity", disable=not progress, transient=True):
                 ids = windows.input_ids[i : i + 1].to(device)  # (1, L)
-                log_probs = torch.log_softmax(model(ids, use_cache=False).logits[0].float(), dim=-1)  # (L, V)
+                if chunk_size is None:
+                    logits = model(ids, use_cache=False).logits[0]  # (L, V)
+                else:
+                    logits = forward_in_chunks(model, ids, chunk_size, make_cache(model, kv_cache))
+                log_probs = torch.log_softmax(logits.float(), dim=-1)  # (L, V)
                 nll_sum -= log_probs[:-1].gather(-1, ids[0, 1:, None]).sum().item()  # position t predicts token t+1
                 if reference is not None and i < reference.input_ids.shape[0]:
                     ref = reference.log_probs[i].to(device)  # (L, V)
@@ -129,7 +153,7 @@ def evaluate_quality(
         nll=nll,
         windows=n,
         seqlen=seqlen,
-        protocol=windows.protocol(),
+        protocol=windows.protocol() + ("" if chunk_size is None else f"; {chunked_protocol(kv_cache, chunk_size)}"),
         kl_divergence=kl_sum / (kl_windows * seqlen) if reference is not None else None,
         top1_agreement=agree / (kl_windows * seqlen) if reference is not None else None,
         kl_windows=kl_windows,

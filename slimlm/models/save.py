@@ -58,12 +58,12 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
 
 def _weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor to save: dense parameters/buffers as they are, quantized linears packed; tied copies once."""
-    from slimlm.quantize.storage import pack_quantized_linear
+    from slimlm.quantize.storage import quantized_linear_tensors
 
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     tensors: dict[str, torch.Tensor] = {}
     for name, module in quantized.items():
-        tensors.update(pack_quantized_linear(name, module))
+        tensors.update(quantized_linear_tensors(name, module))
     seen: set[int] = set()
     persistent = {name for name, _ in model.named_buffers()} - _non_persistent_buffers(model)
     state = dict(model.named_parameters(remove_duplicate=False))
@@ -99,10 +99,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
-    """Write safetensors + config + generation config + tokenizer + slimlm.json; return the final path."""
+def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, overwrite: bool = False, sparsity: dict | None = None) -> Path:
+    """Write safetensors + config + generation config + tokenizer + slimlm.json; return the final path.
+
+    `sparsity`: a compressed-tensors `sparsity_config` recorded in config.json's quantization_config (export)."""
     from safetensors.torch import save_file
 
+    from slimlm.quantize.kv_cache import kv_cache_manifest
     from slimlm.quantize.storage import quantization_config
 
     with atomic_directory(out_dir, overwrite) as staging:
@@ -110,6 +113,8 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         quant = quantization_config(model)
+        if sparsity:
+            quant = {**(quant or {"quant_method": "compressed-tensors", "format": "dense"}), "sparsity_config": sparsity}
         if quant:
             config["quantization_config"] = quant
         config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -120,8 +125,20 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
         quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
         storage = storage_summary(staging, quantized)
         full_manifest = {"slimlm_manifest_version": 1, **manifest, "quantized_linears": quantized, "storage": storage, "versions": library_versions()}
+        full_manifest.update(activation_quantization(model))
+        full_manifest.update(kv_cache_manifest(model))
         (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
     return Path(out_dir)
+
+
+def activation_quantization(model: nn.Module) -> dict:
+    """For W8A8 models: how activations are quantized and which matmul path (int8 or simulated) the linears run."""
+    from slimlm.quantize.w8a8 import Int8Linear
+
+    paths = [m.matmul for m in model.modules() if isinstance(m, Int8Linear)]
+    if not paths:
+        return {}
+    return {"activation_quantization": {"scheme": "int8 per token, dynamic, symmetric", "matmul": {path: paths.count(path) for path in sorted(set(paths))}}}
 
 
 def storage_summary(model_dir: Path, quantized: dict[str, list[int]]) -> dict:
@@ -147,12 +164,16 @@ def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, obj
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.models.swap import replace_module_
-    from slimlm.quantize.storage import grids_by_module, unpack_quantized_linear
+    from slimlm.quantize.storage import (
+        grids_by_module,
+        rebuild_quantized_linear,
+        w8a8_modules,
+    )
 
     config_dict = json.loads((model_dir / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     quant = config_dict.get("quantization_config")
-    if quant is None:
+    if quant is None or not quant.get("config_groups"):  # dense, or dense with only a sparsity_config
         from slimlm.models.load import from_pretrained_checked
 
         return from_pretrained_checked(model_dir, dtype), tokenizer
@@ -161,8 +182,9 @@ def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, obj
     tensors = load_file(str(model_dir / WEIGHTS))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     grids = grids_by_module(quant)
+    w8a8 = w8a8_modules(quant)
     for name, grid in grids.items():
-        replace_module_(model, name, unpack_quantized_linear(name, tensors, grid, dtype))
+        replace_module_(model, name, rebuild_quantized_linear(name, tensors, grid, name in w8a8, dtype))
     dense = {key: value for key, value in tensors.items() if key.rpartition(".")[0] not in grids}
     missing, unexpected = model.load_state_dict(dense, strict=False)
     missing = [key for key in missing if key.rpartition(".")[0] not in grids]

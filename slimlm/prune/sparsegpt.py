@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from slimlm.calibration.hessian import dampened_inverse_cholesky
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight, set_linear_weight_
@@ -58,16 +59,6 @@ class SparseGPTConfig(SparsityConfig):
             self.fail("block_size", f"{self.block_size} is not a multiple of m={n_m[1]} (pattern {self.pattern})", f"use a block_size divisible by {n_m[1]}, e.g. 128")
 
 
-def _upper_cholesky_of_inverse(hessian: torch.Tensor) -> torch.Tensor:
-    """U upper triangular with UᵀU = H⁻¹, for a symmetric positive definite H (in, in)."""
-    lower, info = torch.linalg.cholesky_ex(hessian)
-    if info == 0:
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if info != 0:
-        raise SlimlmError("sparsegpt: the dampened Hessian is not positive definite (numerically)", "raise 'dampening' (e.g. 0.1) or calibrate on more tokens")
-    return upper
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -90,8 +81,7 @@ def sparsegpt_prune(
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H.diagonal().add_(dampening * H.diagonal().mean())
-    U = _upper_cholesky_of_inverse(H)  # (in, in)
+    U = dampened_inverse_cholesky(H, dampening, "sparsegpt")  # (in, in)
 
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)

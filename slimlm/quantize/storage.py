@@ -4,6 +4,10 @@ Per quantized module `m`: `m.weight_packed` (int32, codes packed densely along t
 `m.weight_scale` (float16, (out, groups)), `m.weight_shape` ((2,) int64), and for asymmetric grids
 `m.weight_zero_point` (int32, zero points packed along the output dim). `config.json` carries a
 `quantization_config` with one config group per distinct grid, targeting modules by exact name.
+
+W8A8 linears (`Int8Linear`) use the `int-quantized` layout instead: `m.weight` (int8, (out, in)) and
+`m.weight_scale` (float16, (out, 1)); their config group also quantizes `input_activations` (int8 per token,
+dynamic, symmetric), which transformers + compressed-tensors and vLLM read as W8A8.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from torch import nn
 
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
+from slimlm.quantize.w8a8 import Int8Linear
 
 
 def pack_quantized_linear(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:
@@ -32,6 +37,26 @@ def pack_quantized_linear(name: str, module: QuantizedLinear) -> dict[str, torch
     return tensors
 
 
+def int_quantized_linear(name: str, module: Int8Linear) -> dict[str, torch.Tensor]:
+    """State-dict entries of one W8A8 linear in the int-quantized layout (codes stored as int8, unpacked)."""
+    tensors = {f"{name}.weight": module.weight_q.cpu().contiguous(), f"{name}.weight_scale": module.weight_scale.cpu().contiguous()}
+    if module.bias is not None:
+        tensors[f"{name}.bias"] = module.bias.detach().cpu()
+    return tensors
+
+
+def quantized_linear_tensors(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """State-dict entries of any quantized linear, in its compressed-tensors layout."""
+    return int_quantized_linear(name, module) if isinstance(module, Int8Linear) else pack_quantized_linear(name, module)
+
+
+def rebuild_quantized_linear(name: str, tensors: dict[str, torch.Tensor], grid: QuantGrid, w8a8: bool, compute_dtype: torch.dtype) -> QuantizedLinear:
+    """The module `quantized_linear_tensors` saved: an Int8Linear for W8A8 groups, else a QuantizedLinear."""
+    if w8a8:
+        return Int8Linear(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.bias"), compute_dtype)
+    return unpack_quantized_linear(name, tensors, grid, compute_dtype)
+
+
 def unpack_quantized_linear(name: str, tensors: dict[str, torch.Tensor], grid: QuantGrid, compute_dtype: torch.dtype) -> QuantizedLinear:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
@@ -49,14 +74,14 @@ def quantization_config(model: nn.Module) -> dict | None:
     """compressed-tensors `quantization_config` for every QuantizedLinear in `model` (None if there are none)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    by_grid: dict[QuantGrid, list[str]] = {}
+    by_grid: dict[tuple[QuantGrid, bool], list[str]] = {}  # (grid, activations quantized too) -> module names
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLinear):
-            by_grid.setdefault(module.grid, []).append(name)
+            by_grid.setdefault((module.grid, isinstance(module, Int8Linear)), []).append(name)
     if not by_grid:
         return None
     groups = {}
-    for index, (grid, names) in enumerate(by_grid.items()):
+    for index, ((grid, w8a8), names) in enumerate(by_grid.items()):
         args = QuantizationArgs(
             num_bits=grid.bits,
             type="int",
@@ -64,9 +89,16 @@ def quantization_config(model: nn.Module) -> dict | None:
             strategy="channel" if grid.group_size is None else "group",
             group_size=grid.group_size,
         )
-        groups[f"group_{index}"] = QuantizationScheme(targets=names, weights=args)
-    config = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed")
+        activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) if w8a8 else None
+        groups[f"group_{index}"] = QuantizationScheme(targets=names, weights=args, input_activations=activations, format="int-quantized" if w8a8 else "pack-quantized")
+    formats = {group.format for group in groups.values()}
+    config = QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision", quantization_status="compressed")
     return config.model_dump()
+
+
+def w8a8_modules(quant_config: dict) -> set[str]:
+    """Names of the modules whose config group quantizes their input activations too (Int8Linear)."""
+    return {target for group in quant_config["config_groups"].values() if group.get("input_activations") for target in group["targets"]}
 
 
 def grids_by_module(quant_config: dict) -> dict[str, QuantGrid]:

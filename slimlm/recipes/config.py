@@ -16,17 +16,21 @@ class StageConfig:
 
     method: ClassVar[str] = ""
     targets: str | None = None  # regex over fully-qualified linear names (e.g. "mlp"); default: every projection of every decoder block
+    exclude: str | None = None  # regex of linear names this stage leaves alone, even when 'targets' matches them (e.g. "down_proj")
 
     def __post_init__(self) -> None:
-        if self.targets is not None:
-            try:
-                re.compile(self.targets)
-            except re.error as err:
-                self.fail("targets", f"is not a valid regular expression ({err})", "write a Python regex such as 'mlp\\.(up|gate)_proj'")
+        for key in ("targets", "exclude"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    self.fail(key, f"is not a valid regular expression ({err})", "write a Python regex such as 'mlp\\.(up|gate)_proj'")
 
     def selects(self, name: str) -> bool:
-        """Whether this stage edits the linear with fully-qualified `name`."""
-        return self.targets is None or re.search(self.targets, name) is not None
+        """Whether this stage edits the linear with fully-qualified `name`: matched by 'targets', not by 'exclude'."""
+        included = self.targets is None or re.search(self.targets, name) is not None
+        return included and (self.exclude is None or re.search(self.exclude, name) is None)
 
     def fail(self, key: str, problem: str, fix: str) -> None:
         raise SlimlmError(f"{self.method}: '{key}' {problem}", fix)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slimlm.data.calibration import CalibrationSet
+from slimlm.distill.stage import Base, DistillConfig, check_distill, distill_
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
@@ -22,7 +23,13 @@ from slimlm.prune.owl import OWLConfig, owl_block_configs, prune_owl_
 from slimlm.prune.sparsegpt import SparseGPTConfig, prune_sparsegpt_
 from slimlm.prune.wanda import WandaConfig, prune_wanda_
 from slimlm.prune.width import WidthConfig, check_width, prune_width_
+from slimlm.quantize.awq import AWQConfig, quantize_awq_
+from slimlm.quantize.rotation import RotateConfig, apply_rotation_, check_rotate
+from slimlm.quantize.gptq import GPTQConfig, quantize_gptq_
+from slimlm.quantize.kv_cache import KVCacheConfig, check_kv_cache, set_kv_cache_
 from slimlm.quantize.rtn import RTNConfig, quantize_rtn_
+from slimlm.quantize.smoothquant import SmoothQuantConfig, smooth_quant_
+from slimlm.quantize.w8a8 import GPTQW8A8Config, W8A8Config, quantize_gptq_w8a8_, quantize_w8a8_
 from slimlm.recipes.config import StageConfig
 
 # apply(model, linears of one block, config, stats) edits the block in place
@@ -37,10 +44,17 @@ class Method:
     apply: Applier
     statistics: tuple[str, ...]  # what the calibration engine must collect; () = needs no data
     check: Callable[[dict[str, nn.Module], StageConfig], None]  # raises before anything is modified
-    quantizes: bool  # replaces linears with QuantizedLinear: later stages may not edit those layers
+    quantizes: bool | Callable[[StageConfig], bool]  # replaces linears with QuantizedLinear (later stages may not edit
+    # those layers); a callable decides per config (AWQ with quantize: false only folds scales)
     summary: str
     # Optional: one config per decoder block (e.g. OWL's layer-wise sparsity), computed before the stage runs.
     block_configs: Callable[[nn.Module, StageConfig, CalibrationSet | None, torch.device | None], list[StageConfig]] | None = None
+    # Whether the engine compresses each block's linears group by group in execution order, re-collecting the
+    # statistics of later groups after earlier ones are compressed (GPTQ's true sequential); partial extra block forwards.
+    true_sequential: Callable[[StageConfig], bool] = lambda config: False
+
+    def quantizes_with(self, config: StageConfig) -> bool:
+        return self.quantizes(config) if callable(self.quantizes) else self.quantizes
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,19 @@ class ModelMethod:
     config: type[StageConfig]
     apply: Callable[[nn.Module, StageConfig, CalibrationSet | None, torch.device | None], None]
     needs_calibration: bool
+    check: Callable[[nn.Module, StageConfig], None]  # raises before anything is modified
+    summary: str
+    edits_weights: bool = True  # False: only records a setting on the model (kv-cache), so it may follow quantization
+
+
+@dataclass(frozen=True)
+class TrainMethod:
+    """A method that trains the model against the base the recipe started from (distillation, recovery).
+
+    The pipeline keeps a copy of the model as it was before the first stage (`Base`, with the tokenizer) and passes it."""
+
+    config: type[StageConfig]
+    apply: Callable[[nn.Module, Base, StageConfig, torch.device | None], object]
     check: Callable[[nn.Module, StageConfig], None]  # raises before anything is modified
     summary: str
 
@@ -68,12 +95,12 @@ def _check_rtn(linears: dict[str, nn.Module], config: RTNConfig) -> None:
         if config.group_size is not None and in_features % config.group_size:
             divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
             raise SlimlmError(
-                f"rtn: group_size {config.group_size} does not divide the input size {in_features} of {name}",
+                f"{config.method}: group_size {config.group_size} does not divide the input size {in_features} of {name}",
                 f"use a group_size that divides it (e.g. {', '.join(map(str, divisors)) or 'null for per-channel'})",
             )
 
 
-METHODS: dict[str, Method | ModelMethod] = {
+METHODS: dict[str, Method | ModelMethod | TrainMethod] = {
     "magnitude": Method(
         MagnitudeConfig,
         lambda model, linears, config, stats: prune_magnitude_(linears, config),
@@ -115,6 +142,48 @@ METHODS: dict[str, Method | ModelMethod] = {
         True,
         "round-to-nearest integer weights, per channel or per group, stored packed",
     ),
+    "gptq": Method(
+        GPTQConfig,
+        quantize_gptq_,
+        ("hessian",),
+        _check_rtn,
+        True,
+        "integer weights chosen column by column, later columns updated to cancel the output error (GPTQ), per channel or per group, stored packed; needs calibration data",
+        true_sequential=lambda config: config.true_sequential,
+    ),
+    "awq": Method(
+        AWQConfig,
+        quantize_awq_,
+        ("hessian", "input_norm"),
+        _check_rtn,
+        lambda config: config.quantize,
+        "activation-aware per-channel scales folded into norms / producer rows, clipped ranges, then integer weights (AWQ); quantize: false only folds the scales (AWQ + GPTQ); needs calibration data",
+    ),
+    "smoothquant": Method(
+        SmoothQuantConfig,
+        smooth_quant_,
+        ("input_absmax",),
+        lambda linears, config: None,
+        False,
+        "move activation outliers into the weights with per-channel scales folded into the norms (SmoothQuant); function unchanged; run before w8a8; needs calibration data",
+    ),
+    "w8a8": Method(
+        W8A8Config,
+        lambda model, linears, config, stats: quantize_w8a8_(model, linears, config),
+        (),
+        lambda linears, config: None,
+        True,
+        "int8 weights per output channel (round to nearest) and int8 activations per token at run time (W8A8); int8_matmul: real int8 matmuls on CPU",
+    ),
+    "gptq-w8a8": Method(
+        GPTQW8A8Config,
+        quantize_gptq_w8a8_,
+        ("hessian",),
+        lambda linears, config: None,
+        True,
+        "W8A8 with the int8 weights chosen by GPTQ (llm-compressor's W8A8 recipe after SmoothQuant); needs calibration data",
+        true_sequential=lambda config: config.true_sequential,
+    ),
     "depth": ModelMethod(
         DepthConfig,
         lambda model, config, calibration, device: prune_depth_(model, config, calibration.input_ids, device),
@@ -122,11 +191,32 @@ METHODS: dict[str, Method | ModelMethod] = {
         check_depth,
         "remove whole decoder blocks, the lowest block influence first (ShortGPT); needs calibration data",
     ),
+    "rotate": ModelMethod(
+        RotateConfig,
+        lambda model, config, calibration, device: apply_rotation_(model, config),
+        False,
+        check_rotate,
+        "rotate the residual stream by a random Hadamard matrix, norm gains fused (QuaRot): same function, fewer outliers for the quantizer that follows",
+    ),
     "width": ModelMethod(
         WidthConfig,
         lambda model, config, calibration, device: prune_width_(model, config, calibration.input_ids, device),
         True,
         check_width,
         "remove the least active MLP channels and key/value head groups in every block (Minitron); needs calibration data",
+    ),
+    "distill": TrainMethod(
+        DistillConfig,
+        lambda model, base, config, device: distill_(model, base, config, device),
+        check_distill,
+        "train the model to match the recipe's base model (KD: forward/reverse KL, GKD's JSD, TV, ULD; optional hidden-state and CE terms), fully or with LoRA merged back; keeps pruned zeros",
+    ),
+    "kv-cache": ModelMethod(
+        KVCacheConfig,
+        lambda model, config, calibration, device: set_kv_cache_(model, config),
+        False,
+        check_kv_cache,
+        "quantize the KV cache at inference, keys per channel and values per token, newest tokens in full precision (KIVI); weights untouched",
+        edits_weights=False,
     ),
 }

@@ -1,0 +1,1 @@
+"""Distillation: KD losses (logits, hidden states, cross-tokenizer), training data, and the distill / QAT stages."""

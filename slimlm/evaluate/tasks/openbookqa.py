@@ -1,0 +1,55 @@
+"""OpenBookQA (Mihaylov et al., 2018): elementary science questions, 4 choices. Test split, 500.
+
+Prompt (lm-eval `openbookqa`): context = the question stem alone, choices " {text}"; acc and acc_norm.
+Layouts: AI2's jsonl (`question: {stem, choices: [{text, label}]}`, `answerKey`) or the hub's rows
+(`question_stem`, `choices: {text, label}`, `answerKey`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimlm.evaluate.tasks.arc import ai2_to_hub
+from slimlm.evaluate.tasks.common import (
+    MultipleChoice,
+    Rows,
+    Task,
+    bad_row,
+    choice_requests,
+    choice_score,
+    field,
+    rows_file,
+)
+
+
+def parse(rows: Rows) -> list[MultipleChoice]:
+    examples = []
+    for where, row in rows:
+        choices = field(row, "choices", where, dict)
+        texts, labels = field(choices, "text", f"{where}, field 'choices'", list), field(choices, "label", f"{where}, field 'choices'", list)
+        key = field(row, "answerKey", where).lstrip()
+        if key not in labels:
+            raise bad_row(where, f"answerKey {key!r} is not one of the option labels {labels}", "fix the answer key")
+        examples.append(MultipleChoice(field(row, "question_stem", where), tuple(texts), labels.index(key)))
+    return examples
+
+
+def rows(path: Path) -> Rows:
+    """AI2's nested jsonl (`question: {stem, choices}`) becomes the hub's layout (`question_stem`, `choices`)."""
+    for where, row in rows_file(path):
+        if isinstance(row, dict) and "question" in row and "question_stem" not in row:
+            hub = ai2_to_hub(row, where)
+            row = {**{k: v for k, v in hub.items() if k != "question"}, "question_stem": hub["question"]}
+        yield where, row
+
+
+TASK = Task(
+    name="openbookqa",
+    summary="OpenBookQA test (500): science questions, 4 choices, no prompt prefix; acc, acc_norm",
+    local="openbookqa/test.jsonl",
+    hub=("allenai/openbookqa", "main", "test"),
+    rows=rows,
+    parse=parse,
+    requests=choice_requests,
+    score=choice_score,
+)

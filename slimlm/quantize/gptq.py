@@ -1,0 +1,173 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler & Alistarh, 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers").
+
+Quantize a linear layer's weight W (out, in) one input column at a time and, after each column, update the
+columns not yet quantized so the layer's output on the calibration inputs moves as little as possible (the
+Optimal Brain Quantizer step), with the Hessian H = 2/N · XᵀX (in, in) shared by every row:
+
+    H ← H + δ·mean(diag H)·I                          (dampening; ×10 and retry if not positive definite)
+    H⁻¹ = UᵀU, U upper triangular                     (Cholesky of the inverse)
+    for column j:  q = dequant(quant(w_j))            (on the grid of j's group, quantize/grid.py)
+                   err = (w_j − q) / U_jj              (out,)
+                   W[:, j:] −= err ⊗ U[j, j:]          (update of the columns after j)
+
+Columns are processed in blocks of `block_size`: the update is applied inside the block at once and to the
+columns after it in one matmul ("lazy batch update"), which reorders the arithmetic, not the result. Input
+channels that never fire (H_jj = 0) are zeroed and excluded from the updates.
+
+Group quantization parameters (min/max, scales rounded to float16 before codes are chosen):
+- per channel (group_size None): from the whole row of W, before any update.
+- groups, fixed order: when the group's first column is reached, from the group's columns as updated so far
+  (the reference code's behaviour; it reads the in-block columns before their in-block updates, slimlm uses
+  the exact current values, so the result does not depend on `block_size`).
+- act_order: columns are visited by descending H_jj (the most active inputs first, while many columns are still
+  free to absorb their error) with *static* groups: every group's parameters are chosen from the original W,
+  groups are the usual runs of consecutive original columns, so the stored layout is the standard one (no
+  g_idx) and codes are put back in the original column order at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from slimlm.calibration.hessian import dampened_inverse_cholesky
+from slimlm.calibration.stats import InputStats
+from slimlm.errors import SlimlmError
+from slimlm.models.adapters import linear_weight
+from slimlm.models.swap import replace_module_
+from slimlm.quantize.grid import QuantGrid, choose_qparams, quantize_with
+from slimlm.quantize.linear import QuantizedLinear
+from slimlm.recipes.config import StageConfig, check_range
+
+DAMPENING_RETRIES = 2  # δ, 10δ, 100δ: a Hessian that needs more is a symptom (too few tokens), not a rounding issue
+
+
+@dataclass(frozen=True)
+class GPTQConfig(StageConfig):
+    """Integer weights chosen column by column with second-order error compensation (GPTQ)."""
+
+    method: ClassVar[str] = "gptq"
+
+    bits: int = 4  # 2..8
+    group_size: int | None = 128  # input channels per scale; null for one scale per output channel
+    symmetric: bool = True  # false: an integer zero point per group as well
+    act_order: bool = True  # visit columns by descending Hessian diagonal (static groups, standard layout); false: in order, groups chosen on the updated weights
+    block_size: int = 128  # columns per lazy-update block (speed only)
+    dampening: float = 0.01  # share of mean(diag H) added to H's diagonal before inverting it
+    true_sequential: bool = True  # within a block, quantize q/k/v, then o, then gate/up, then down, each on inputs from the already-quantized earlier ones
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "bits", self.bits, 2, 8)
+        if self.group_size is not None:
+            check_range(self, "group_size", self.group_size, 1, 2**20)
+        check_range(self, "block_size", self.block_size, 1, math.inf)
+        if not 0 < self.dampening <= 1:
+            self.fail("dampening", f"is {self.dampening}, outside (0, 1]", "set 'dampening' within (0, 1]; the paper uses 0.01")
+
+    @property
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.group_size, self.symmetric)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: QuantGrid,
+    block_size: int = GPTQConfig.block_size,
+    dampening: float = GPTQConfig.dampening,
+    act_order: bool = GPTQConfig.act_order,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """weight (out, in), hessian (in, in) -> (codes int8 (out, in), scale fp16 (out, groups), zero_point int8 (out, groups) | None).
+
+    The layout is RTN's (`quantize/rtn.py`): dequantize with `quantize.grid.dequantize`. Computed in float32;
+    neither input is modified.
+    """
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise SlimlmError(f"gptq: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match", "pass an (out, in) weight and its (in, in) Hessian")
+    out_features, in_features = weight.shape
+    group = grid.group_size or in_features
+    if in_features % group:
+        raise SlimlmError(f"gptq: group_size {grid.group_size} does not divide the input size {in_features}", "use a group_size that divides it, or null for per-channel")
+    if not torch.isfinite(weight).all():
+        raise SlimlmError("gptq: the weight holds NaN or Inf", "check the model loads correctly (e.g. in float32) before quantizing it")
+    W = weight.detach().float().clone()  # (out, in)
+    H = hessian.detach().float().clone()  # (in, in); the caller's Hessian may be shared by q/k/v
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    row_grid = QuantGrid(grid.bits, None, grid.symmetric)  # one group per row: qparams of one group's columns
+    static = grid.group_size is None or act_order  # qparams known up front, from the original weights
+    if static:
+        scale, zero_point = choose_qparams(W, grid)  # (out, groups)
+    else:
+        scale = torch.empty(out_features, in_features // group, dtype=torch.float16, device=W.device)
+        zero_point = None if grid.symmetric else torch.empty(out_features, in_features // group, dtype=torch.int8, device=W.device)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features, device=W.device)
+    if act_order:
+        W, H = W[:, order], H[order][:, order]
+    group_of = (order // group).tolist()  # visiting position -> group of the original column
+    U = dampened_inverse_cholesky(H, dampening, "gptq", retries=DAMPENING_RETRIES)  # (in, in)
+
+    # The loop works on Wᵀ (in, out) so that a column of W is one contiguous row. After the loop, row j holds
+    # column j as it was when quantized (later updates only touch later columns); the codes are rounded from
+    # those values by `quantize_with` at the end, the loop only needs their dequantized values for the error.
+    Wt = W.t().contiguous()  # (in, out)
+    float_scale = scale.t().float()  # (groups, out): refilled group by group unless static
+    float_zero = zero_point.t().float() if zero_point is not None else torch.zeros_like(float_scale)
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        W1 = Wt[start:end]  # (B, out), a view: updated in place
+        U1 = U[start:end, start:end]  # (B, B)
+        err1 = torch.zeros_like(W1)  # (B, out): (w − q)/U_jj of each column, for the lazy update
+        for j in range(end - start):
+            col = start + j
+            g = group_of[col]
+            if not static and col % group == 0:
+                # this group's columns as updated so far: in-block ones are current, later ones still owe this
+                # block's pending update (err1 is zero from row j on)
+                current = W1[j : j + group]
+                if col + group > end:
+                    rest = Wt[end : col + group] - U[start:end, end : col + group].t() @ err1
+                    current = torch.cat([current, rest])
+                s, z = choose_qparams(current.t(), row_grid)  # (out, 1)
+                scale[:, g] = s[:, 0]
+                float_scale[g] = s[:, 0].float()
+                if zero_point is not None:
+                    zero_point[:, g] = z[:, 0]
+                    float_zero[g] = z[:, 0].float()
+            w = W1[j]  # (out,)
+            # quantize_with's rounding, then dequantize, for one column
+            q = torch.round(w / float_scale[g]).add_(float_zero[g]).clamp_(grid.qmin, grid.qmax).sub_(float_zero[g]).mul_(float_scale[g])
+            err = err1[j]
+            torch.sub(w, q, out=err).div_(U1[j, j])
+            W1[j + 1 :].addr_(U1[j, j + 1 :], err, alpha=-1)  # (B − j − 1, out): the columns after j
+        Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
+
+    if act_order:
+        Wt = Wt[torch.argsort(order)]
+    return quantize_with(Wt.t(), scale, zero_point, grid), scale, zero_point
+
+
+def quantize_gptq_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQConfig, stats: dict[str, InputStats]) -> None:
+    """Replace each linear by a QuantizedLinear. Linears that read the same input (q/k/v, gate/up share one
+    statistics object) are stacked row-wise and quantized in one call: GPTQ treats rows independently given H,
+    so this equals separate calls, with one factorization and one column loop."""
+    by_input: dict[int, list[str]] = {}
+    for name in linears:
+        by_input.setdefault(id(stats[name]), []).append(name)
+    for names in by_input.values():
+        weights = [linear_weight(linears[name]).detach() for name in names]
+        codes, scale, zero_point = gptq_quantize(torch.cat(weights), stats[names[0]].hessian, config.grid, config.block_size, config.dampening, config.act_order)
+        rows = [w.shape[0] for w in weights]
+        zero_points = zero_point.split(rows) if zero_point is not None else [None] * len(names)
+        for name, weight, c, s, z in zip(names, weights, codes.split(rows), scale.split(rows), zero_points):
+            bias = linears[name].bias.detach() if linears[name].bias is not None else None
+            # clones: each layer owns its buffers (saving refuses tensors that share memory)
+            replace_module_(model, name, QuantizedLinear(c.clone(), s.clone(), None if z is None else z.clone(), config.grid, bias, weight.dtype))
