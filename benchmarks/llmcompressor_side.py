@@ -57,6 +57,8 @@ def dequantized_copy(model, base_dir: str):
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    wanted = plain.state_dict().keys()
+    plain.load_state_dict({key: value for key, value in model.state_dict().items() if key in wanted})  # smoothed norms too (AWQ, SmoothQuant)
     with torch.no_grad():
         for name, module in model.named_modules():
             scheme = getattr(module, "quantization_scheme", None)

@@ -364,7 +364,11 @@ def test_smollm2_gguf_round_trip_keeps_its_tokenizer_and_logits(tmp_path):
     base = load_model("smollm2-135m", device="cpu").model
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     expected = logits(base, ids)
-    assert (logits(load_gguf_in_transformers(tmp_path / "smol.gguf"), ids) - expected).abs().max() < 0.02 * expected.abs().max()
+    exported = logits(load_gguf_in_transformers(tmp_path / "smol.gguf"), ids)
+    # Q8_0 re-rounds every linear (blocks of 32, fp16 scales); over 30 blocks that moves the largest logit error to
+    # ~2.7% of the largest logit (measured). A wrong q/k permutation or tensor mapping gives errors of order 100%.
+    assert (exported - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (exported.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
 @pytest.mark.slow
