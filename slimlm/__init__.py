@@ -6,7 +6,7 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["compress", "evaluate", "run", "load_model", "load_recipe", "SlimlmError"]
+__all__ = ["SlimlmError", "compress", "evaluate", "load_model", "load_recipe", "run"]
 
 
 def __getattr__(name: str):

@@ -17,12 +17,23 @@ from torch import nn
 from slimlm.data.calibration import CalibrationSet, sample_calibration
 from slimlm.data.text import load_text
 from slimlm.evaluate.footprint import parameter_count, peak_memory
-from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, evaluate_quality, make_windows
+from slimlm.evaluate.perplexity import (
+    EvalWindows,
+    ReferenceLogits,
+    evaluate_quality,
+    make_windows,
+)
 from slimlm.evaluate.speed import SpeedSettings
+from slimlm.export import export_model
 from slimlm.models.load import DEFAULT_MODEL, LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, linear_sparsity, needs_calibration
-from slimlm.quantize.kv_cache import DEFAULT_CHUNK, KVCacheConfig, kv_cache_setting, kv_cache_summary
+from slimlm.quantize.kv_cache import (
+    DEFAULT_CHUNK,
+    KVCacheConfig,
+    kv_cache_setting,
+    kv_cache_summary,
+)
 from slimlm.quantize.sensitivity import SensitivityTable, layer_sensitivity
 from slimlm.recipes import Recipe, load_recipe, parse_stage
 from slimlm.recipes.registry import METHODS
@@ -301,19 +312,4 @@ def run(
     return out
 
 
-def export(
-    model: str,
-    format: str,
-    out: str | Path,
-    gguf_type: str = "auto",
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-) -> dict:
-    """Export `model` to `format` ("hf", "compressed-tensors" or "gguf") at `out`, atomically.
-
-    `gguf_type`: "auto" keeps the model's quantized codes when a GGUF block format holds them (else f16), or one of
-    f16, bf16, q8_0, q4_0, q4_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
-    """
-    from slimlm.export import export_model
-
-    return export_model(model, format, out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle)
+export = export_model  # the API's export verb is slimlm.export.export_model itself (one signature, one docstring)

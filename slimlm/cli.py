@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,16 +29,16 @@ app = typer.Typer(
 ModelArg = Annotated[str, typer.Argument(help="Built-in alias 'smollm2-135m', a model directory, a .gguf file, or a hub id (org/name).")]
 EvalData = Annotated[str, typer.Option("--eval-data", help="'default' (offline corpus), a .txt/.jsonl file, 'wikitext2:DIR', or 'hf:NAME[:CONFIG]'.")]
 Seqlen = Annotated[int, typer.Option("--seqlen", help="Tokens per perplexity window.")]
-Windows = Annotated[Optional[int], typer.Option("--windows", help="Evaluate only the first N windows (default: all).")]
+Windows = Annotated[int | None, typer.Option("--windows", help="Evaluate only the first N windows (default: all).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output directory if it exists.")]
-Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")]
+Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")]
 CalibData = Annotated[str, typer.Option("--calib-data", help="Calibration text (same forms as --eval-data); used only by methods that need data.")]
 CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Calibration windows (128 as in GPTQ/Wanda; fewer is faster on CPU).")]
 CalibSeqlen = Annotated[int, typer.Option("--calib-seqlen", help="Tokens per calibration window.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the calibration sampler.")]
-Tasks = Annotated[Optional[str], typer.Option("--tasks", help="Zero-shot tasks, comma-separated: hellaswag, piqa, arc_easy, arc_challenge, lambada, boolq, winogrande, openbookqa, truthfulqa_mc1, truthfulqa_mc2, crows_pairs; NAME:PATH reads PATH.")]
-TaskLimit = Annotated[Optional[int], typer.Option("--limit", help="Examples per task: a seeded random subset (default: all).")]
-TaskData = Annotated[Optional[Path], typer.Option("--task-data", help="Folder with the tasks' files (default: $SLIMLM_DATA or a shared/data folder nearby; else the hub when online).")]
+Tasks = Annotated[str | None, typer.Option("--tasks", help="Zero-shot tasks, comma-separated: hellaswag, piqa, arc_easy, arc_challenge, lambada, boolq, winogrande, openbookqa, truthfulqa_mc1, truthfulqa_mc2, crows_pairs; NAME:PATH reads PATH.")]
+TaskLimit = Annotated[int | None, typer.Option("--limit", help="Examples per task: a seeded random subset (default: all).")]
+TaskData = Annotated[Path | None, typer.Option("--task-data", help="Folder with the tasks' files (default: $SLIMLM_DATA or a shared/data folder nearby; else the hub when online).")]
 SpeedFlag = Annotated[bool, typer.Option("--speed", help="Also measure TTFT, TPOT, throughput at batch 1/8/32, peak memory and energy (where a meter is readable).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints (they can run code: trusted sources only).")]
 
@@ -52,8 +52,8 @@ def _settings(eval_data: str, split: str, seqlen: int, windows: int | None, kl_w
 @app.command()
 def run(
     model: Annotated[str, typer.Option("--model", help="Model to compress (alias, directory, .gguf or hub id).")] = "smollm2-135m",
-    recipes: Annotated[Optional[str], typer.Option("--recipes", help="Comma-separated recipe names or YAML paths.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: slimlm-runs/<timestamp>).")] = None,
+    recipes: Annotated[str | None, typer.Option("--recipes", help="Comma-separated recipe names or YAML paths.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report directory (default: slimlm-runs/<timestamp>).")] = None,
     eval_data: EvalData = "default",
     seqlen: Seqlen = 2048,
     windows: Windows = None,
@@ -82,7 +82,8 @@ def run(
     """
     from dataclasses import replace
 
-    from slimlm.api import DEFAULT_RUN_RECIPES, CalibrationSettings, run as run_job
+    from slimlm.api import DEFAULT_RUN_RECIPES, CalibrationSettings
+    from slimlm.api import run as run_job
 
     names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else DEFAULT_RUN_RECIPES
     settings = _settings(eval_data, "evaluation", 512 if fast else seqlen, 4 if fast else windows, 2 if fast else 4)
@@ -116,7 +117,8 @@ def compress(
       slimlm compress smollm2-135m --recipe rtn-w4-g64 --out smol-w4 --windows 4
       slimlm compress ./my-model --recipe my-recipe.yaml --out ./my-model-small --no-eval
     """
-    from slimlm.api import CalibrationSettings, compress as compress_job
+    from slimlm.api import CalibrationSettings
+    from slimlm.api import compress as compress_job
     from slimlm.progress import console
 
     calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)
@@ -141,17 +143,17 @@ def eval_(
     split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = "evaluation",
     seqlen: Seqlen = 2048,
     windows: Windows = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model to measure KL divergence and top-1 agreement against.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
-    kv_bits: Annotated[Optional[int], typer.Option("--kv-bits", help="Evaluate through a KIVI-quantized KV cache of 2, 4 or 8 bits (default: the model's own kv-cache setting, if any).")] = None,
-    kv_group_size: Annotated[Optional[int], typer.Option("--kv-group-size", help="With --kv-bits: tokens per key group / channels per value group (default 32).")] = None,
-    kv_residual: Annotated[Optional[int], typer.Option("--kv-residual", help="With --kv-bits: newest tokens kept in full precision, a multiple of the group (default 128).")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Feed each window this many tokens at a time through the KV cache (default 128 with a quantized cache; alone: a full-precision cache).")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model to measure KL divergence and top-1 agreement against.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    kv_bits: Annotated[int | None, typer.Option("--kv-bits", help="Evaluate through a KIVI-quantized KV cache of 2, 4 or 8 bits (default: the model's own kv-cache setting, if any).")] = None,
+    kv_group_size: Annotated[int | None, typer.Option("--kv-group-size", help="With --kv-bits: tokens per key group / channels per value group (default 32).")] = None,
+    kv_residual: Annotated[int | None, typer.Option("--kv-residual", help="With --kv-bits: newest tokens kept in full precision, a multiple of the group (default 128).")] = None,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Feed each window this many tokens at a time through the KV cache (default 128 with a quantized cache; alone: a full-precision cache).")] = None,
     tasks: Tasks = None,
     limit: TaskLimit = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = 0,
     task_data: TaskData = None,
-    perplexity: Annotated[Optional[bool], typer.Option("--perplexity/--no-perplexity", help="Measure perplexity (default: yes, unless --tasks is given).")] = None,
+    perplexity: Annotated[bool | None, typer.Option("--perplexity/--no-perplexity", help="Measure perplexity (default: yes, unless --tasks is given).")] = None,
     speed: SpeedFlag = False,
     allow_pickle: AllowPickle = False,
     device: Device = None,
@@ -215,9 +217,9 @@ def sensitivity(
     method: Annotated[str, typer.Option("--method", help="Per-layer method each linear is compressed with, alone (rtn, gptq, magnitude, ...).")] = "rtn",
     bits: Annotated[int, typer.Option("--bits", help="Bits (quantization methods).")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Input channels per scale; 0 = one scale per output channel.")] = 64,
-    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Symmetric grid, or an integer zero point per group (default: the method's).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Sparsity (pruning methods; then --bits/--group-size are ignored).")] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Regex: measure only these linears.")] = None,
+    symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="Symmetric grid, or an integer zero point per group (default: the method's).")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Sparsity (pruning methods; then --bits/--group-size are ignored).")] = None,
+    targets: Annotated[str | None, typer.Option("--targets", help="Regex: measure only these linears.")] = None,
     data: Annotated[str, typer.Option("--data", help="'default', a .txt/.jsonl file, 'wikitext2:DIR' or 'hf:NAME[:CONFIG]'.")] = "default",
     split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = "evaluation",
     seqlen: Seqlen = 512,
@@ -226,7 +228,7 @@ def sensitivity(
     calib_samples: CalibSamples = 16,
     calib_seqlen: CalibSeqlen = 512,
     top: Annotated[int, typer.Option("--top", help="Rows to print (the JSON has all).")] = 20,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the full table to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full table to this JSON file.")] = None,
     allow_pickle: AllowPickle = False,
     device: Device = None,
 ) -> None:
@@ -242,7 +244,8 @@ def sensitivity(
     """
     from rich.table import Table
 
-    from slimlm.api import CalibrationSettings, sensitivity as measure
+    from slimlm.api import CalibrationSettings
+    from slimlm.api import sensitivity as measure
     from slimlm.progress import console
 
     stage: dict = {"method": method}
@@ -358,7 +361,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A directory written by 
 
 
 @app.command()
-def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe's stages.")] = None) -> None:
+def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's stages.")] = None) -> None:
     """List the shipped recipes and the methods their stages use, or show one recipe.
 
     [bold]Examples[/bold]

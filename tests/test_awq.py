@@ -21,13 +21,16 @@ from slimlm.quantize.awq import (
     awq_clip_quantize,
     awq_scale_candidates,
     awq_search_scale,
-    fake_quantize_in_ranges,
-    group_ranges,
     output_error,
     scale_groups,
     scaled_quantization_error,
 )
-from slimlm.quantize.grid import QuantGrid, dequantize
+from slimlm.quantize.grid import (
+    QuantGrid,
+    dequantize,
+    fake_quantize_in_ranges,
+    group_ranges,
+)
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import rtn_quantize
 from slimlm.quantize.smoothing import scale_linear_columns_, scale_norm_output_

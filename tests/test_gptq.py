@@ -22,7 +22,14 @@ from slimlm.models.load import load_model
 from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
 from slimlm.quantize.gptq import GPTQConfig, gptq_quantize, quantize_gptq_
-from slimlm.quantize.grid import QuantGrid, choose_qparams, dequantize
+from slimlm.quantize.grid import (
+    QuantGrid,
+    choose_qparams,
+    clip_by_mse,
+    dequantize,
+    quantize_with,
+    shrink_ratios,
+)
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import rtn_quantize
 from slimlm.recipes import load_recipe, parse_recipe
@@ -87,6 +94,37 @@ def test_identity_hessian_is_rtn(grid, act_order):
     expected = rtn_quantize(weight, grid)
     for a, b in zip(got, expected):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_with_clipping_is_rtn_of_the_mse_clipped_weights(grid, act_order):
+    """The clip search only picks the qparams: with H = I, GPTQ is RTN with each group's MSE-best clipped range
+    (fixed order: per group, from the weights at the group's start, which H = I leaves untouched)."""
+    torch.manual_seed(grid.bits + 1)
+    weight = torch.randn(12, 48) * 0.05
+    ratios = shrink_ratios()
+    codes, scale, zero_point = gptq_quantize(weight, torch.eye(48), grid, block_size=16, act_order=act_order, clip_ratios=ratios)
+    clipped_scale, clipped_zero = choose_qparams(clip_by_mse(weight, grid, ratios), grid)
+    assert torch.equal(scale, clipped_scale) and (zero_point is None or torch.equal(zero_point, clipped_zero))
+    assert torch.equal(codes, quantize_with(weight, clipped_scale, clipped_zero, grid))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_clip_by_mse_never_raises_a_groups_rounding_error(grid):
+    torch.manual_seed(3)
+    weight = torch.randn(16, 48)
+
+    def group_errors(clipped: torch.Tensor) -> torch.Tensor:
+        s, z = choose_qparams(clipped, grid)
+        delta = dequantize(quantize_with(weight, s, z, grid), s, z) - weight
+        return delta.square().reshape(16, grid.group_count(48), -1).sum(-1)
+    plain = group_errors(weight)
+    clipped = group_errors(clip_by_mse(weight, grid, shrink_ratios()))
+    assert torch.equal(clip_by_mse(weight, grid, (1.0,)), weight)
+    assert bool((clipped <= plain * (1 + 1e-6)).all())
+    if grid.bits <= 4:  # a Gaussian group's min/max range is wider than its MSE-best one at few levels
+        assert float(clipped.sum()) < float(plain.sum())
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
@@ -271,7 +309,7 @@ def test_stacked_shared_input_linears_equal_separate_calls():
     for name, weight in weights.items():
         module = model.get_submodule(name)
         assert isinstance(module, QuantizedLinear)
-        codes, scale, zero_point = gptq_quantize(weight, hessian, config.grid, config.block_size)
+        codes, scale, zero_point = gptq_quantize(weight, hessian, config.grid, config.block_size, clip_ratios=config.clip_ratios)
         assert torch.equal(module.weight_q, codes) and torch.equal(module.weight_scale, scale) and torch.equal(module.weight_zero_point, zero_point)
 
 

@@ -1,4 +1,5 @@
-"""The factored inverse Hessian that the OBS-style methods (GPTQ, SparseGPT) update weights with.
+"""The factored inverse Hessian that the OBS-style methods (GPTQ, SparseGPT) update weights with, and the float32
+working copies of W and H they start from.
 
 Both walk the input columns of W (out, in) in order and, after fixing column j, move the columns still free by
 the row j of the inverse of the Hessian restricted to them. With H⁻¹ = UᵀU (U upper triangular), that row is
@@ -10,6 +11,18 @@ from __future__ import annotations
 import torch
 
 from slimlm.errors import SlimlmError
+
+
+def working_copies(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies of W (out, in) and H (in, in) with the inputs that never fire (H_jj = 0) taken out, as the
+    GPTQ / SparseGPT reference code does: H_jj := 1 and W[:, j] := 0, so column j stays 0 and moves no other.
+    The caller's tensors are not modified (one Hessian may be shared by q/k/v)."""
+    W = weight.detach().float().clone()  # (out, in)
+    H = hessian.detach().float().clone()  # (in, in)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
 
 
 def dampened_inverse_cholesky(hessian: torch.Tensor, dampening: float, method: str, retries: int = 0) -> torch.Tensor:

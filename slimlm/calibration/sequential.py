@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from slimlm.calibration.stats import InputStats
-from slimlm.models.adapters import adapter_for, block_linears, decoder_blocks, linear_weight
+from slimlm.models.adapters import (
+    adapter_for,
+    block_linears,
+    decoder_blocks,
+    linear_weight,
+)
 from slimlm.models.swap import replace_module_
 from slimlm.progress import progress_bar
 

@@ -54,7 +54,12 @@ def export_model(
     overwrite: bool = False,
     allow_pickle: bool = False,
 ) -> dict:
-    """Export `model` to `format` at `out` (a directory, or a .gguf file); returns what was written."""
+    """Export `model` to `format` ("hf", "compressed-tensors" or "gguf") at `out` (a directory, or a .gguf file),
+    atomically. This is the API's `export` verb (`slimlm.api.export`).
+
+    `gguf_type`: "auto" keeps the model's quantized codes when a GGUF block format holds them (else f16), or one of
+    f16, bf16, q8_0, q4_0, q4_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
+    """
     from slimlm.models.load import load_model
     from slimlm.models.save import check_output_dir, read_manifest
 

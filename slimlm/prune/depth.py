@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimlm.calibration.sequential import block_output, capture_block_inputs, hooks_removed_after
+from slimlm.calibration.sequential import (
+    block_output,
+    capture_block_inputs,
+    hooks_removed_after,
+)
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks
 from slimlm.models.swap import replace_module_

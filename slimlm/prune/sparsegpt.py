@@ -33,7 +33,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimlm.calibration.hessian import dampened_inverse_cholesky
+from slimlm.calibration.hessian import dampened_inverse_cholesky, working_copies
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight, set_linear_weight_
@@ -76,11 +76,7 @@ def sparsegpt_prune(
     in_features = weight.shape[1]
     if n_m and (in_features % n_m[1] or block_size % n_m[1]):
         raise SlimlmError(f"sparsegpt: pattern {pattern} needs the input size ({in_features}) and block_size ({block_size}) to be multiples of {n_m[1]}", "pick an n:m pattern whose m divides both")
-    W = weight.detach().float().clone()  # (out, in)
-    H = hessian.detach().float().clone()  # (in, in); the caller's Hessian may be shared by q/k/v
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = working_copies(weight, hessian)  # float32 (out, in), (in, in); dead inputs zeroed
     U = dampened_inverse_cholesky(H, dampening, "sparsegpt")  # (in, in)
 
     for start in range(0, in_features, block_size):

@@ -30,7 +30,13 @@ from torch import nn
 
 from slimlm.calibration.sequential import calibrate_sequentially
 from slimlm.errors import SlimlmError
-from slimlm.models.adapters import ADAPTERS, adapter_for, decoder_blocks, is_linear, linear_weight
+from slimlm.models.adapters import (
+    ADAPTERS,
+    adapter_for,
+    decoder_blocks,
+    is_linear,
+    linear_weight,
+)
 from slimlm.models.swap import replace_module_
 from slimlm.prune.depth import config_after, round_half_up
 from slimlm.recipes.config import StageConfig, check_range

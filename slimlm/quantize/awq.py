@@ -38,7 +38,12 @@ from torch import nn
 from slimlm.calibration.stats import InputStats
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 from slimlm.models.swap import replace_module_
-from slimlm.quantize.grid import MIN_SCALE, SCALE_DTYPE, QuantGrid
+from slimlm.quantize.grid import (
+    QuantGrid,
+    fake_quantize_in_ranges,
+    group_ranges,
+    shrink_ratios,
+)
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import rtn_quantize
 from slimlm.quantize.smoothing import (
@@ -81,7 +86,7 @@ class AWQConfig(StageConfig):
 
     @property
     def clip_ratios(self) -> tuple[float, ...]:
-        return tuple(torch.linspace(1.0, MIN_CLIP_RATIO, self.clip_grid).tolist()) if self.clip else (1.0,)
+        return shrink_ratios(self.clip_grid, MIN_CLIP_RATIO) if self.clip else (1.0,)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -90,28 +95,6 @@ class AWQConfig(StageConfig):
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """tr(ΔW·H·ΔWᵀ) for ΔW (out, in) and H (in, in): 2/N·‖X·ΔWᵀ‖² when H = 2/N·XᵀX."""
     return (delta @ hessian).mul_(delta).sum()
-
-
-def group_ranges(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, in) -> groups (out, G, size) float32, and RTN's range per group: min(w, 0), max(w, 0), each (out, G, 1)."""
-    out_features, in_features = weight.shape
-    groups = weight.float().reshape(out_features, grid.group_count(in_features), -1)
-    return groups, groups.amin(dim=2, keepdim=True).clamp(max=0), groups.amax(dim=2, keepdim=True).clamp(min=0)
-
-
-def fake_quantize_in_ranges(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
-    """Round `groups` (out, G, size) clamped to [low, high] (out, G, 1; low ≤ 0 ≤ high) and dequantize.
-
-    The grid's choose_qparams → quantize_with → dequantize of the clamped weight, as one chain of float ops
-    with the same rounding steps (equal bit for bit, tested): the searches run it 20 times per layer.
-    """
-    out = torch.clamp(groups, low, high)  # the one new tensor: the rest runs in place (allocations dominate on CPU)
-    if grid.symmetric:
-        scale = (2 * torch.maximum(-low, high) / (grid.qmax - grid.qmin)).to(SCALE_DTYPE).clamp(min=MIN_SCALE).float()
-        return out.div_(scale).round_().clamp_(grid.qmin, grid.qmax).mul_(scale)
-    scale = ((high - low) / (grid.qmax - grid.qmin)).to(SCALE_DTYPE).clamp(min=MIN_SCALE).float()
-    zero = (grid.qmin - torch.round(low / scale)).clamp_(grid.qmin, grid.qmax)
-    return out.div_(scale).round_().add_(zero).clamp_(grid.qmin, grid.qmax).sub_(zero).mul_(scale)
 
 
 def awq_scale_candidates(mean_abs: torch.Tensor, alpha_grid: int) -> torch.Tensor:

@@ -15,7 +15,8 @@ Columns are processed in blocks of `block_size`: the update is applied inside th
 columns after it in one matmul ("lazy batch update"), which reorders the arithmetic, not the result. Input
 channels that never fire (H_jj = 0) are zeroed and excluded from the updates.
 
-Group quantization parameters (min/max, scales rounded to float16 before codes are chosen):
+Group quantization parameters (min/max of the group's weights, scales rounded to float16 before codes are
+chosen; with `clip`, of the weights clamped to the shrunk range of least rounding error, `grid.clip_by_mse`):
 - per channel (group_size None): from the whole row of W, before any update.
 - groups, fixed order: when the group's first column is reached, from the group's columns as updated so far
   (the reference code's behaviour; it reads the in-block columns before their in-block updates, slimlm uses
@@ -29,18 +30,25 @@ Group quantization parameters (min/max, scales rounded to float16 before codes a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from slimlm.calibration.hessian import dampened_inverse_cholesky
+from slimlm.calibration.hessian import dampened_inverse_cholesky, working_copies
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
 from slimlm.models.swap import replace_module_
-from slimlm.quantize.grid import QuantGrid, choose_qparams, quantize_with
+from slimlm.quantize.grid import (
+    QuantGrid,
+    choose_qparams,
+    clip_by_mse,
+    quantize_with,
+    shrink_ratios,
+)
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.recipes.config import StageConfig, check_range
 
@@ -59,6 +67,7 @@ class GPTQConfig(StageConfig):
     act_order: bool = True  # visit columns by descending Hessian diagonal (static groups, standard layout); false: in order, groups chosen on the updated weights
     block_size: int = 128  # columns per lazy-update block (speed only)
     dampening: float = 0.01  # share of mean(diag H) added to H's diagonal before inverting it
+    clip: bool = True  # shrink each group's range to the ratio (1.0 … 0.5) of least rounding error before choosing its scale (MSE observer)
     true_sequential: bool = True  # within a block, quantize q/k/v, then o, then gate/up, then down, each on inputs from the already-quantized earlier ones
 
     def __post_init__(self) -> None:
@@ -74,6 +83,10 @@ class GPTQConfig(StageConfig):
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.symmetric)
 
+    @property
+    def clip_ratios(self) -> tuple[float, ...]:
+        return shrink_ratios() if self.clip else (1.0,)
+
 
 def gptq_quantize(
     weight: torch.Tensor,
@@ -82,11 +95,13 @@ def gptq_quantize(
     block_size: int = GPTQConfig.block_size,
     dampening: float = GPTQConfig.dampening,
     act_order: bool = GPTQConfig.act_order,
+    clip_ratios: tuple[float, ...] = (1.0,),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """weight (out, in), hessian (in, in) -> (codes int8 (out, in), scale fp16 (out, groups), zero_point int8 (out, groups) | None).
 
     The layout is RTN's (`quantize/rtn.py`): dequantize with `quantize.grid.dequantize`. Computed in float32;
-    neither input is modified.
+    neither input is modified. Each group's qparams come from its weights clipped by `grid.clip_by_mse` over
+    `clip_ratios` ((1.0,): plain min/max).
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise SlimlmError(f"gptq: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match", "pass an (out, in) weight and its (in, in) Hessian")
@@ -96,16 +111,12 @@ def gptq_quantize(
         raise SlimlmError(f"gptq: group_size {grid.group_size} does not divide the input size {in_features}", "use a group_size that divides it, or null for per-channel")
     if not torch.isfinite(weight).all():
         raise SlimlmError("gptq: the weight holds NaN or Inf", "check the model loads correctly (e.g. in float32) before quantizing it")
-    W = weight.detach().float().clone()  # (out, in)
-    H = hessian.detach().float().clone()  # (in, in); the caller's Hessian may be shared by q/k/v
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = working_copies(weight, hessian)  # float32 (out, in), (in, in); dead inputs zeroed
 
     row_grid = QuantGrid(grid.bits, None, grid.symmetric)  # one group per row: qparams of one group's columns
     static = grid.group_size is None or act_order  # qparams known up front, from the original weights
     if static:
-        scale, zero_point = choose_qparams(W, grid)  # (out, groups)
+        scale, zero_point = choose_qparams(clip_by_mse(W, grid, clip_ratios), grid)  # (out, groups)
     else:
         scale = torch.empty(out_features, in_features // group, dtype=torch.float16, device=W.device)
         zero_point = None if grid.symmetric else torch.empty(out_features, in_features // group, dtype=torch.int8, device=W.device)
@@ -136,7 +147,7 @@ def gptq_quantize(
                 if col + group > end:
                     rest = Wt[end : col + group] - U[start:end, end : col + group].t() @ err1
                     current = torch.cat([current, rest])
-                s, z = choose_qparams(current.t(), row_grid)  # (out, 1)
+                s, z = choose_qparams(clip_by_mse(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
                 scale[:, g] = s[:, 0]
                 float_scale[g] = s[:, 0].float()
                 if zero_point is not None:
@@ -155,19 +166,33 @@ def gptq_quantize(
     return quantize_with(Wt.t(), scale, zero_point, grid), scale, zero_point
 
 
-def quantize_gptq_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQConfig, stats: dict[str, InputStats]) -> None:
-    """Replace each linear by a QuantizedLinear. Linears that read the same input (q/k/v, gate/up share one
-    statistics object) are stacked row-wise and quantized in one call: GPTQ treats rows independently given H,
-    so this equals separate calls, with one factorization and one column loop."""
+def gptq_by_input(
+    linears: dict[str, nn.Module],
+    stats: dict[str, InputStats],
+    grid: QuantGrid,
+    block_size: int = GPTQConfig.block_size,
+    dampening: float = GPTQConfig.dampening,
+    act_order: bool = GPTQConfig.act_order,
+    clip_ratios: tuple[float, ...] = (1.0,),
+) -> Iterator[tuple[str, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(name, linear, codes, scale, zero_point) for each linear, as `gptq_quantize` gives them. Linears that read
+    the same input (q/k/v, gate/up share one statistics object) are stacked row-wise and quantized in one call:
+    GPTQ treats rows independently given H, so this equals separate calls, with one factorization and one column
+    loop. The tensors are clones: each layer owns its buffers (saving refuses tensors that share memory)."""
     by_input: dict[int, list[str]] = {}
     for name in linears:
         by_input.setdefault(id(stats[name]), []).append(name)
     for names in by_input.values():
         weights = [linear_weight(linears[name]).detach() for name in names]
-        codes, scale, zero_point = gptq_quantize(torch.cat(weights), stats[names[0]].hessian, config.grid, config.block_size, config.dampening, config.act_order)
+        codes, scale, zero_point = gptq_quantize(torch.cat(weights), stats[names[0]].hessian, grid, block_size, dampening, act_order, clip_ratios)
         rows = [w.shape[0] for w in weights]
         zero_points = zero_point.split(rows) if zero_point is not None else [None] * len(names)
-        for name, weight, c, s, z in zip(names, weights, codes.split(rows), scale.split(rows), zero_points):
-            bias = linears[name].bias.detach() if linears[name].bias is not None else None
-            # clones: each layer owns its buffers (saving refuses tensors that share memory)
-            replace_module_(model, name, QuantizedLinear(c.clone(), s.clone(), None if z is None else z.clone(), config.grid, bias, weight.dtype))
+        for name, c, s, z in zip(names, codes.split(rows), scale.split(rows), zero_points):
+            yield name, linears[name], c.clone(), s.clone(), None if z is None else z.clone()
+
+
+def quantize_gptq_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQConfig, stats: dict[str, InputStats]) -> None:
+    """Replace each linear by a QuantizedLinear whose codes GPTQ chose (`gptq_by_input`)."""
+    for name, linear, codes, scale, zero_point in gptq_by_input(linears, stats, config.grid, config.block_size, config.dampening, config.act_order, config.clip_ratios):
+        bias = linear.bias.detach() if linear.bias is not None else None
+        replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, linear.weight.dtype))

@@ -72,7 +72,11 @@ def unpack_quantized_linear(name: str, tensors: dict[str, torch.Tensor], grid: Q
 
 def quantization_config(model: nn.Module) -> dict | None:
     """compressed-tensors `quantization_config` for every QuantizedLinear in `model` (None if there are none)."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+    )
 
     by_grid: dict[tuple[QuantGrid, bool], list[str]] = {}  # (grid, activations quantized too) -> module names
     for name, module in model.named_modules():

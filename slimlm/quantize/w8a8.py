@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from slimlm.calibration.stats import InputStats
 from slimlm.models.adapters import linear_weight
 from slimlm.models.swap import replace_module_
-from slimlm.quantize.gptq import GPTQConfig, gptq_quantize
+from slimlm.quantize.gptq import GPTQConfig, gptq_by_input
 from slimlm.quantize.grid import QuantGrid, dequantize
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import rtn_quantize
@@ -130,15 +130,8 @@ def quantize_w8a8_(model: nn.Module, linears: dict[str, nn.Module], config: W8A8
 
 
 def quantize_gptq_w8a8_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQW8A8Config, stats: dict[str, InputStats]) -> None:
-    """Int8Linears whose codes GPTQ chose. Linears reading one input (one statistics object) are stacked
-    row-wise and quantized in one call, as in `quantize_gptq_` (rows are independent given H)."""
-    by_input: dict[int, list[str]] = {}
-    for name in linears:
-        by_input.setdefault(id(stats[name]), []).append(name)
-    for names in by_input.values():
-        weights = [linear_weight(linears[name]).detach() for name in names]
-        codes, scale, _ = gptq_quantize(torch.cat(weights), stats[names[0]].hessian, INT8, config.block_size, config.dampening, config.act_order)
-        rows = [w.shape[0] for w in weights]
-        for name, weight, c, s in zip(names, weights, codes.split(rows), scale.split(rows)):
-            bias = linears[name].bias.detach() if linears[name].bias is not None else None
-            replace_module_(model, name, Int8Linear(c.clone(), s.clone(), bias, weight.dtype, config.int8_matmul))  # clones: own buffers
+    """Int8Linears whose codes GPTQ chose on the per-channel int8 grid (`gptq_by_input`: linears reading one input
+    are quantized in one call)."""
+    for name, linear, codes, scale, _ in gptq_by_input(linears, stats, INT8, config.block_size, config.dampening, config.act_order):
+        bias = linear.bias.detach() if linear.bias is not None else None
+        replace_module_(model, name, Int8Linear(codes, scale, bias, linear.weight.dtype, config.int8_matmul))

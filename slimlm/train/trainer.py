@@ -35,18 +35,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress, TextColumn
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.progress import console, quiet
+from slimlm.progress import bar_columns, console, quiet
 from slimlm.train.distributed import (
     all_mean,
     full_state,
@@ -370,14 +363,7 @@ def _progress(description: str, total: int, done: int, show: bool) -> Iterator[C
     if quiet() or not show:
         yield lambda loss, rate: None
         return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f} · {task.fields[rate]:,.0f} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
+    columns = bar_columns(TextColumn("loss {task.fields[loss]:.4f} · {task.fields[rate]:,.0f} tok/s"))
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total, completed=done, loss=float("nan"), rate=0.0)
         yield lambda loss, rate: progress.update(task, advance=1, loss=loss, rate=rate)

@@ -20,10 +20,12 @@ from slimlm.evaluate.tasks.common import (
     MultipleChoice,
     Rows,
     Task,
+    ai2_to_hub,
     bad_row,
     choice_requests,
     choice_score,
     field,
+    keyed_choices,
     read_json,
     read_jsonl,
     rows_file,
@@ -36,26 +38,9 @@ _OPTION = re.compile(r"(?:^| )Answer(\d+): ")
 def parse(rows: Rows) -> list[MultipleChoice]:
     examples = []
     for where, row in rows:
-        choices = field(row, "choices", where, dict)
-        texts, labels = field(choices, "text", f"{where}, field 'choices'", list), field(choices, "label", f"{where}, field 'choices'", list)
-        key = field(row, "answerKey", where)
-        if key not in labels:
-            raise bad_row(where, f"answerKey {key!r} is not one of the option labels {labels}", "fix the answer key")
-        examples.append(MultipleChoice(f"Question: {field(row, 'question', where)}\nAnswer:", tuple(texts), labels.index(key)))
+        texts, gold = keyed_choices(row, where)
+        examples.append(MultipleChoice(f"Question: {field(row, 'question', where)}\nAnswer:", texts, gold))
     return examples
-
-
-def ai2_to_hub(row: dict, where: str) -> dict:
-    """AI2's nested layout (also OpenBookQA's) -> the hub's: question text, choices as {text: [...], label: [...]}."""
-    question = field(row, "question", where, (str, dict))
-    if isinstance(question, str):
-        return row
-    choices = field(question, "choices", f"{where}, field 'question'", list)
-    return {
-        **row,
-        "question": field(question, "stem", f"{where}, field 'question'"),
-        "choices": {"text": [field(c, "text", f"{where}, question.choices") for c in choices], "label": [field(c, "label", f"{where}, question.choices") for c in choices]},
-    }
 
 
 def converted_rows(folder: Path) -> Rows:

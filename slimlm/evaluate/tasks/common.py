@@ -146,6 +146,32 @@ def rows_file(path: Path) -> Rows:
     return ((f"{path} item {i}", row) for i, row in enumerate(data))
 
 
+def ai2_to_hub(row: dict, where: str) -> dict:
+    """AI2's nested layout (ARC, OpenBookQA) -> the hub's: question text, choices as {text: [...], label: [...]}."""
+    question = field(row, "question", where, (str, dict))
+    if isinstance(question, str):
+        return row
+    choices = field(question, "choices", f"{where}, field 'question'", list)
+    return {
+        **row,
+        "question": field(question, "stem", f"{where}, field 'question'"),
+        "choices": {"text": [field(c, "text", f"{where}, question.choices") for c in choices], "label": [field(c, "label", f"{where}, question.choices") for c in choices]},
+    }
+
+
+def keyed_choices(row: dict, where: str, lstrip_key: bool = False) -> tuple[tuple[str, ...], int]:
+    """The hub's `choices: {text, label}` and `answerKey` (ARC, OpenBookQA) -> (option texts, gold index), as
+    lm-eval's `choices.label.index(answerKey)` (`answerKey.lstrip()` with `lstrip_key`, as its OpenBookQA does)."""
+    choices = field(row, "choices", where, dict)
+    texts, labels = field(choices, "text", f"{where}, field 'choices'", list), field(choices, "label", f"{where}, field 'choices'", list)
+    key = field(row, "answerKey", where)
+    if lstrip_key:
+        key = key.lstrip()
+    if key not in labels:
+        raise bad_row(where, f"answerKey {key!r} is not one of the option labels {labels}", "fix the answer key")
+    return tuple(texts), labels.index(key)
+
+
 def default_data_root() -> Path | None:
     """Where local evaluation data is looked for: $SLIMLM_DATA, else a `shared/data` beside the working directory
     or beside this checkout (the layout of the project's own machines)."""

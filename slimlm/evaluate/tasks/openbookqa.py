@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimlm.evaluate.tasks.arc import ai2_to_hub
 from slimlm.evaluate.tasks.common import (
     MultipleChoice,
     Rows,
     Task,
-    bad_row,
+    ai2_to_hub,
     choice_requests,
     choice_score,
     field,
+    keyed_choices,
     rows_file,
 )
 
@@ -25,12 +25,8 @@ from slimlm.evaluate.tasks.common import (
 def parse(rows: Rows) -> list[MultipleChoice]:
     examples = []
     for where, row in rows:
-        choices = field(row, "choices", where, dict)
-        texts, labels = field(choices, "text", f"{where}, field 'choices'", list), field(choices, "label", f"{where}, field 'choices'", list)
-        key = field(row, "answerKey", where).lstrip()
-        if key not in labels:
-            raise bad_row(where, f"answerKey {key!r} is not one of the option labels {labels}", "fix the answer key")
-        examples.append(MultipleChoice(field(row, "question_stem", where), tuple(texts), labels.index(key)))
+        texts, gold = keyed_choices(row, where, lstrip_key=True)
+        examples.append(MultipleChoice(field(row, "question_stem", where), texts, gold))
     return examples
 
 
