@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
+
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.pipeline import compress_, linear_sparsity
@@ -24,7 +24,7 @@ def test_every_shipped_recipe_loads_and_runs_on_a_tiny_model():
         model = tiny_model("llama")
         ids = torch.randint(0, 300, (2, 16))
         # training stages (distill) run 2 short steps here: their full budgets are for real models
-        short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method == "distill" else s for s in recipe.stages)
+        short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s for s in recipe.stages)
         logs = compress_(model, dataclasses.replace(recipe, stages=short), CalibrationSet(ids, "test", "random ids", 0), tokenizer=tokenizer)
         assert [log.method for log in logs] == [stage.method for stage in recipe.stages]
 

@@ -184,7 +184,7 @@ def freeze_quantized(model: nn.Module) -> None:
             module.bias.requires_grad_(False)
 
 
-def _teacher_fingerprint(teacher: nn.Module) -> str:
+def teacher_fingerprint(teacher: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in list(teacher.state_dict().items())[:4]:
         digest.update(name.encode())
@@ -271,7 +271,7 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
     try:
         source = distillation_source(config, student.model, teacher, base.tokenizer)
         stage = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every")}
-        run = {"stage": stage, "teacher": _teacher_fingerprint(teacher)}
+        run = {"stage": stage, "teacher": teacher_fingerprint(teacher)}
         result = train(student, distillation_loss_fn(config, teacher, projection, pairs), source, config.train_config(), run=run, description="distill")
     finally:
         for hook in hooks:

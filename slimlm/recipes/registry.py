@@ -13,7 +13,6 @@ from torch import nn
 
 from slimlm.data.calibration import CalibrationSet
 from slimlm.distill.stage import Base, DistillConfig, check_distill, distill_
-
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
 from slimlm.prune.depth import DepthConfig, check_depth, prune_depth_
@@ -24,12 +23,18 @@ from slimlm.prune.sparsegpt import SparseGPTConfig, prune_sparsegpt_
 from slimlm.prune.wanda import WandaConfig, prune_wanda_
 from slimlm.prune.width import WidthConfig, check_width, prune_width_
 from slimlm.quantize.awq import AWQConfig, quantize_awq_
-from slimlm.quantize.rotation import RotateConfig, apply_rotation_, check_rotate
 from slimlm.quantize.gptq import GPTQConfig, quantize_gptq_
 from slimlm.quantize.kv_cache import KVCacheConfig, check_kv_cache, set_kv_cache_
+from slimlm.quantize.qat import QATConfig, check_qat, qat_
+from slimlm.quantize.rotation import RotateConfig, apply_rotation_, check_rotate
 from slimlm.quantize.rtn import RTNConfig, quantize_rtn_
 from slimlm.quantize.smoothquant import SmoothQuantConfig, smooth_quant_
-from slimlm.quantize.w8a8 import GPTQW8A8Config, W8A8Config, quantize_gptq_w8a8_, quantize_w8a8_
+from slimlm.quantize.w8a8 import (
+    GPTQW8A8Config,
+    W8A8Config,
+    quantize_gptq_w8a8_,
+    quantize_w8a8_,
+)
 from slimlm.recipes.config import StageConfig
 
 # apply(model, linears of one block, config, stats) edits the block in place
@@ -210,6 +215,12 @@ METHODS: dict[str, Method | ModelMethod | TrainMethod] = {
         lambda model, base, config, device: distill_(model, base, config, device),
         check_distill,
         "train the model to match the recipe's base model (KD: forward/reverse KL, GKD's JSD, TV, ULD; optional hidden-state and CE terms), fully or with LoRA merged back; keeps pruned zeros",
+    ),
+    "qat": TrainMethod(
+        QATConfig,
+        qat_,
+        check_qat,
+        "quantization-aware training: fake-quantized weights (straight-through rounding) and learned per-group scales (LSQ), distilled from the recipe's base (LLM-QAT; samples: teacher is data-free); starts from RTN qparams or refines an earlier rtn/gptq/awq result; stored packed",
     ),
     "kv-cache": ModelMethod(
         KVCacheConfig,
