@@ -105,7 +105,7 @@ def measure_speed(path: str | Path, prompt_tokens: int, decode_tokens: int, repe
         prompt_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([llm.sample(temp=0.0)])  # greedy; the sampler reads the context's last logits (scores[] is only kept with logits_all)
         decode_seconds = time.perf_counter() - start
         if attempt:  # the first pass warms caches and pages the weights in
             prompt_times.append(prompt_seconds)

@@ -389,3 +389,31 @@ assert len(text.strip()) > 0 and abs(theirs / ours - 1) < 0.02, (ours, theirs)
 """
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_shipped_recipe_exports_to_an_engine_format_that_loads(tmp_path):
+    """Each shipped recipe's output goes to an engine format: GGUF (`auto`: codes kept where a block type holds
+    them, else float16), or compressed-tensors where GGUF refuses; it loads in transformers with slimlm's logits
+    (within float16 tolerance)."""
+    import dataclasses
+
+    from slimlm.recipes import load_recipe, shipped_recipes
+
+    formats = {}
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s for s in recipe.stages)
+        model = tiny_model("llama")
+        compress_(model, dataclasses.replace(recipe, stages=short), CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0), tokenizer=tokenizer())
+        source = saved(model, tmp_path / name)
+        expected = logits(model)
+        try:
+            export_model(str(source), "gguf", tmp_path / f"{name}.gguf")
+            loaded, formats[name] = load_gguf_in_transformers(tmp_path / f"{name}.gguf"), "gguf"
+        except SlimlmError:
+            export_model(str(source), "compressed-tensors", tmp_path / f"{name}-ct")
+            loaded, formats[name] = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-ct", dtype=torch.float32).eval(), "compressed-tensors"
+        got = logits(loaded)
+        assert got.shape == expected.shape and bool(torch.isfinite(got).all()), name
+        assert float((got - expected).abs().max()) < 0.05 * float(expected.abs().max()) + 1e-3, name
+    assert formats.keys() == shipped_recipes().keys()
