@@ -171,7 +171,11 @@ def compress(
     metrics["peak_memory"] = peak_memory()
     manifest = _manifest(base, parsed, info, metrics)
     path = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
-    return read_manifest(path)
+    saved = read_manifest(path)
+    if parsed.export is not None:
+        target = Path(f"{path}.gguf") if parsed.export.format == "gguf" else Path(f"{path}-{parsed.export.format}")
+        saved["export"] = export_model(str(path), parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite)
+    return saved
 
 
 def load_tasks(evaluation: EvalSettings) -> list:

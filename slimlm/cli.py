@@ -134,6 +134,8 @@ def compress(
     if "quantized_share_of_fp16" in storage:
         console.print(f"quantized linears take {storage['quantized_share_of_fp16']:.1%} of their fp16 bytes")
     console.print(f"saved: {out}")
+    if "export" in manifest:  # the recipe's export: key
+        console.print(f"exported ({manifest['export']['format']}): {manifest['export']['path']}")
 
 
 @app.command(name="eval")

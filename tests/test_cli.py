@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
+
 from slimlm.recipes import load_recipe, shipped_recipes
 from slimlm.recipes.registry import METHODS
+
 
 def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout
@@ -85,3 +86,13 @@ def test_compress_then_eval(hf_dir, text_file, tmp_path):
     assert result["quality"]["perplexity"] == pytest.approx(metrics["compressed"]["perplexity"], rel=1e-5)
     assert result["quality"]["windows"] == 1 and result["sparsity"] == pytest.approx(0.5)
     assert result["storage"]["weight_bytes"] == manifest["storage"]["weight_bytes"]
+
+
+def test_recipe_export_key_writes_the_engine_file_beside_the_model(hf_dir, tmp_path):
+    recipe = tmp_path / "rtn-gguf.yaml"
+    recipe.write_text("stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\nexport: gguf\n")
+    out = tmp_path / "smol"
+    printed = ok(run_cli("compress", hf_dir, "--recipe", recipe, "--out", out, "--no-eval"))
+    assert (tmp_path / "smol.gguf").is_file() and f"exported (gguf): {out}.gguf" in printed.replace("\n", "")
+    reader = __import__("gguf").GGUFReader(tmp_path / "smol.gguf")
+    assert any(t.tensor_type.name == "Q4_1" for t in reader.tensors)  # the RTN codes, kept as Q4_1 blocks

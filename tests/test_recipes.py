@@ -101,3 +101,15 @@ def test_structured_stage_after_quantization_is_refused_even_behind_another_stru
     with pytest.raises(SlimlmError, match="changes the architecture after a quantization stage"):
         compress_(model, parse_recipe(stages, "late-depth"), CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_key_parses_and_bad_values_are_named():
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32}]
+    assert parse_recipe({"stages": stages}, "r").export is None
+    assert parse_recipe({"stages": stages, "export": "gguf"}, "r").export.format == "gguf"
+    step = parse_recipe({"stages": stages, "export": {"format": "gguf", "gguf_type": "q4_0"}}, "r").export
+    assert (step.format, step.gguf_type) == ("gguf", "q4_0")
+    for export, message in [("onnx", "unknown format 'onnx'"), ({"format": "gguf", "gguf_type": "q2_k"}, "gguf_type 'q2_k'"),
+                            ({"format": "hf", "gguf_type": "q4_0"}, "gguf_type 'q4_0'"), ({"format": "gguf", "bits": 4}, "unknown key(s) bits"), (3, "expected a format")]:
+        with pytest.raises(SlimlmError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_recipe({"stages": stages, "export": export}, "r")

@@ -25,10 +25,20 @@ from slimlm.recipes.config import StageConfig
 
 
 @dataclass(frozen=True)
+class ExportStep:
+    """The recipe's `export:` key: after the result is saved, also write it in an engine's format beside it
+    (`OUT.gguf`, or `OUT-compressed-tensors` / `OUT-hf`), through `slimlm.export.export_model`."""
+
+    format: str  # gguf, compressed-tensors or hf
+    gguf_type: str = "auto"  # gguf only: auto (keep the quantizer's codes where a block type holds them), f16, bf16, q8_0, q4_0, q4_1
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str
     stages: tuple[StageConfig, ...]
+    export: ExportStep | None = None
 
     def to_list(self) -> list[dict]:
         """The recipe as plain data (what the manifest records)."""
@@ -92,14 +102,37 @@ def parse_stage(raw: object, where: str) -> StageConfig:
         raise SlimlmError(f"{where}: {err.problem}", err.fix) from None
 
 
+def parse_export(raw: object, name: str) -> ExportStep:
+    """`export: gguf` or `export: {format: gguf, gguf_type: q4_0}`."""
+    from slimlm.export import FORMATS
+    from slimlm.export.gguf import GGUF_TYPES
+
+    where = f"recipe '{name}', export"
+    if isinstance(raw, str):
+        raw = {"format": raw}
+    if not isinstance(raw, dict) or "format" not in raw:
+        raise SlimlmError(f"{where}: expected a format name or a mapping with 'format'", f"write e.g. 'export: gguf' or 'export: {{format: gguf, gguf_type: q4_0}}' (formats: {', '.join(FORMATS)})")
+    unknown = set(raw) - {"format", "gguf_type"}
+    if unknown:
+        raise SlimlmError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}", "use 'format' and, for gguf, 'gguf_type'")
+    step = ExportStep(str(raw["format"]), str(raw.get("gguf_type", "auto")))
+    if step.format not in FORMATS:
+        raise SlimlmError(f"{where}: unknown format '{step.format}'", f"use one of: {', '.join(FORMATS)}")
+    if step.gguf_type != "auto" and (step.format != "gguf" or step.gguf_type not in GGUF_TYPES):
+        raise SlimlmError(f"{where}: gguf_type '{step.gguf_type}' does not apply here", f"gguf_type is for format gguf: auto or one of {', '.join(GGUF_TYPES)}")
+    return step
+
+
 def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
+    export = None
     if isinstance(data, dict):
         description = data.get("description", description)
+        export = parse_export(data["export"], name) if data.get("export") is not None else None
         data = data.get("stages")
     if not isinstance(data, list) or not data:
         raise SlimlmError(f"recipe '{name}' has no stages", "write a YAML list of stages, e.g. '- method: magnitude'")
     stages = tuple(parse_stage(raw, f"recipe '{name}', stage {i + 1}") for i, raw in enumerate(data))
-    return Recipe(name, description, stages)
+    return Recipe(name, description, stages, export)
 
 
 def load_recipe(name_or_path: str) -> Recipe:
