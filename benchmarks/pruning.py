@@ -15,30 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import run_child
 
 SLIMLM_METHODS = ("magnitude-50", "magnitude-2of4", "wanda-50", "wanda-2of4", "sparsegpt-50", "sparsegpt-2of4", "owl-wanda-70", "magnitude-70", "depth-25pct", "width-25pct")
 LLMCOMPRESSOR_METHODS = ("sparsegpt-50", "wanda-50", "sparsegpt-2of4", "wanda-2of4")
 STRUCTURED = ("depth-25pct", "width-25pct")
-
-
-def run_child(command: list[str], log: Path) -> tuple[float, float, int]:
-    """Run a command, return (wall seconds, its own peak RSS in MiB, exit status).
-
-    The peak comes from GNU time around the command: a child forked (vforked) from this large process would
-    inherit this process's RSS high-water mark in its own ru_maxrss.
-    """
-    rss_file = log.with_suffix(".maxrss")
-    start = time.perf_counter()
-    with log.open("w") as handle:
-        status = subprocess.call(["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *command], stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "SLIMLM_QUIET": "1"})
-    return time.perf_counter() - start, int(rss_file.read_text().split()[-1]) / 1024, status
 
 
 def main() -> None:

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import run_child
 
 SLIMLM_DEFAULT = ("rtn-w4-g64", "rtn-w4-g64-sym", "gptq-w4-g64", "gptq-w4-g64-sym")
 SLIMLM_FAMILIES = ("awq", "smoothquant", "rotate")  # every shipped recipe starting with these joins the default
@@ -40,19 +38,6 @@ LLMCOMPRESSOR_SCHEMES = {
     "smoothquant-gptq-w8a8": "SmoothQuant 0.8 + GPTQ W8A8 (int8 per channel / per token)",
 }
 LLMCOMPRESSOR_ACTIVATIONS = ("smoothquant-gptq-w8a8",)
-
-
-def run_child(command: list[str], log: Path) -> tuple[float, float, int]:
-    """Run a command, return (wall seconds, its own peak RSS in MiB, exit status).
-
-    The peak comes from GNU time around the command: a child forked (vforked) from this large process would
-    inherit this process's RSS high-water mark in its own ru_maxrss.
-    """
-    rss_file = log.with_suffix(".maxrss")
-    start = time.perf_counter()
-    with log.open("w") as handle:
-        status = subprocess.call(["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *command], stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "SLIMLM_QUIET": "1"})
-    return time.perf_counter() - start, int(rss_file.read_text().split()[-1]) / 1024, status
 
 
 def default_recipes() -> list[str]:

@@ -25,7 +25,7 @@ from slimlm.quantize.gptq import GPTQConfig, gptq_quantize, quantize_gptq_
 from slimlm.quantize.grid import (
     QuantGrid,
     choose_qparams,
-    clip_by_mse,
+    clip_by_error,
     dequantize,
     quantize_with,
     shrink_ratios,
@@ -105,13 +105,13 @@ def test_identity_hessian_with_clipping_is_rtn_of_the_mse_clipped_weights(grid, 
     weight = torch.randn(12, 48) * 0.05
     ratios = shrink_ratios()
     codes, scale, zero_point = gptq_quantize(weight, torch.eye(48), grid, block_size=16, act_order=act_order, clip_ratios=ratios)
-    clipped_scale, clipped_zero = choose_qparams(clip_by_mse(weight, grid, ratios), grid)
+    clipped_scale, clipped_zero = choose_qparams(clip_by_error(weight, grid, ratios), grid)
     assert torch.equal(scale, clipped_scale) and (zero_point is None or torch.equal(zero_point, clipped_zero))
     assert torch.equal(codes, quantize_with(weight, clipped_scale, clipped_zero, grid))
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
-def test_clip_by_mse_never_raises_a_groups_rounding_error(grid):
+def test_clip_by_error_never_raises_a_groups_rounding_error(grid):
     torch.manual_seed(3)
     weight = torch.randn(16, 48)
 
@@ -120,8 +120,8 @@ def test_clip_by_mse_never_raises_a_groups_rounding_error(grid):
         delta = dequantize(quantize_with(weight, s, z, grid), s, z) - weight
         return delta.square().reshape(16, grid.group_count(48), -1).sum(-1)
     plain = group_errors(weight)
-    clipped = group_errors(clip_by_mse(weight, grid, shrink_ratios()))
-    assert torch.equal(clip_by_mse(weight, grid, (1.0,)), weight)
+    clipped = group_errors(clip_by_error(weight, grid, shrink_ratios()))
+    assert torch.equal(clip_by_error(weight, grid, (1.0,)), weight)
     assert bool((clipped <= plain * (1 + 1e-6)).all())
     if grid.bits <= 4:  # a Gaussian group's min/max range is wider than its MSE-best one at few levels
         assert float(clipped.sum()) < float(plain.sum())

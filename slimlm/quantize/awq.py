@@ -40,6 +40,7 @@ from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import (
     QuantGrid,
+    clip_by_error,
     fake_quantize_in_ranges,
     group_ranges,
     shrink_ratios,
@@ -137,18 +138,8 @@ def awq_clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGr
     the inputs the weight reads. Returns codes int8 (out, in), scale fp16 (out, groups), zero_point int8
     (out, groups) | None. Ties keep the earlier ratio; ratios = (1.0,) is RTN.
     """
-    groups, low, high = group_ranges(weight, grid)
-    blocks = _diagonal_blocks(hessian, groups.shape[1])  # (G, size, size)
-    best_error = torch.full(low.shape, torch.inf, device=groups.device)
-    best_ratio = torch.ones_like(low)
-    for ratio in ratios:
-        delta = fake_quantize_in_ranges(groups, low * ratio, high * ratio, grid).sub_(groups)  # Ŵ − W (out, G, size)
-        error = (torch.einsum("ogi,gij->ogj", delta, blocks) * delta).sum(dim=2, keepdim=True)  # (out, G, 1)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_ratio = torch.where(better, ratio, best_ratio)
-    clipped = torch.clamp(groups, low * best_ratio, high * best_ratio)
-    return rtn_quantize(clipped.reshape(weight.shape), grid)
+    blocks = _diagonal_blocks(hessian, grid.group_count(weight.shape[1]))  # (G, size, size)
+    return rtn_quantize(clip_by_error(weight, grid, ratios, blocks), grid)
 
 
 # ---------------------------------------------------------------------------------------------- applier

@@ -16,7 +16,7 @@ columns after it in one matmul ("lazy batch update"), which reorders the arithme
 channels that never fire (H_jj = 0) are zeroed and excluded from the updates.
 
 Group quantization parameters (min/max of the group's weights, scales rounded to float16 before codes are
-chosen; with `clip`, of the weights clamped to the shrunk range of least rounding error, `grid.clip_by_mse`):
+chosen; with `clip`, of the weights clamped to the shrunk range of least rounding error, `grid.clip_by_error`):
 - per channel (group_size None): from the whole row of W, before any update.
 - groups, fixed order: when the group's first column is reached, from the group's columns as updated so far
   (the reference code's behaviour; it reads the in-block columns before their in-block updates, slimlm uses
@@ -45,7 +45,7 @@ from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import (
     QuantGrid,
     choose_qparams,
-    clip_by_mse,
+    clip_by_error,
     quantize_with,
     shrink_ratios,
 )
@@ -100,7 +100,7 @@ def gptq_quantize(
     """weight (out, in), hessian (in, in) -> (codes int8 (out, in), scale fp16 (out, groups), zero_point int8 (out, groups) | None).
 
     The layout is RTN's (`quantize/rtn.py`): dequantize with `quantize.grid.dequantize`. Computed in float32;
-    neither input is modified. Each group's qparams come from its weights clipped by `grid.clip_by_mse` over
+    neither input is modified. Each group's qparams come from its weights clipped by `grid.clip_by_error` over
     `clip_ratios` ((1.0,): plain min/max).
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
@@ -116,7 +116,7 @@ def gptq_quantize(
     row_grid = QuantGrid(grid.bits, None, grid.symmetric)  # one group per row: qparams of one group's columns
     static = grid.group_size is None or act_order  # qparams known up front, from the original weights
     if static:
-        scale, zero_point = choose_qparams(clip_by_mse(W, grid, clip_ratios), grid)  # (out, groups)
+        scale, zero_point = choose_qparams(clip_by_error(W, grid, clip_ratios), grid)  # (out, groups)
     else:
         scale = torch.empty(out_features, in_features // group, dtype=torch.float16, device=W.device)
         zero_point = None if grid.symmetric else torch.empty(out_features, in_features // group, dtype=torch.int8, device=W.device)
@@ -147,7 +147,7 @@ def gptq_quantize(
                 if col + group > end:
                     rest = Wt[end : col + group] - U[start:end, end : col + group].t() @ err1
                     current = torch.cat([current, rest])
-                s, z = choose_qparams(clip_by_mse(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
+                s, z = choose_qparams(clip_by_error(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
                 scale[:, g] = s[:, 0]
                 float_scale[g] = s[:, 0].float()
                 if zero_point is not None:

@@ -82,23 +82,25 @@ def shrink_ratios(count: int = 20, smallest: float = 0.5) -> tuple[float, ...]:
     return tuple(torch.linspace(1.0, smallest, count).tolist())
 
 
-def clip_by_mse(weight: torch.Tensor, grid: QuantGrid, ratios: tuple[float, ...]) -> torch.Tensor:
+def clip_by_error(weight: torch.Tensor, grid: QuantGrid, ratios: tuple[float, ...], group_hessians: torch.Tensor | None = None) -> torch.Tensor:
     """`weight` (out, in) with each group clamped to r·[min(w, 0), max(w, 0)] for the ratio r in `ratios` whose
-    rounding error ‖W_g − Ŵ_g‖² is smallest (ties keep the earlier ratio; (1.0,) returns the weight unchanged).
+    rounding error is smallest (ties keep the earlier ratio; (1.0,) returns the weight unchanged): ‖W_g − Ŵ_g‖², or
+    with `group_hessians` (G, size, size), the output error ΔW_g·H_gg·ΔW_gᵀ (AWQ's clipping search).
 
-    choose_qparams of the result are the MSE-best clipped min/max qparams (llm-compressor's "mse" observer):
+    choose_qparams of the result are the best clipped min/max qparams (llm-compressor's "mse" observer):
     a few outliers no longer stretch a 4-bit group's 16 levels over a range most weights never use.
     """
     groups, low, high = group_ranges(weight, grid)
     best_error = torch.full(low.shape, torch.inf, device=groups.device)
     best_ratio = torch.ones_like(low)
     for ratio in ratios:
-        error = fake_quantize_in_ranges(groups, low * ratio, high * ratio, grid).sub_(groups).square_().sum(dim=2, keepdim=True)
+        delta = fake_quantize_in_ranges(groups, low * ratio, high * ratio, grid).sub_(groups)  # Ŵ − W (out, G, size)
+        weighted = delta if group_hessians is None else torch.einsum("ogi,gij->ogj", delta, group_hessians)
+        error = (weighted * delta).sum(dim=2, keepdim=True)  # (out, G, 1)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_ratio = torch.where(better, ratio, best_ratio)
     return torch.clamp(groups, low * best_ratio, high * best_ratio).reshape(weight.shape)
-
 
 def quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid) -> torch.Tensor:
     """Codes (out, in) int8 for given qparams (scale/zero_point (out, groups))."""

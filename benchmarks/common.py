@@ -1,0 +1,21 @@
+"""What the benchmark scripts share (not part of slimlm): running a compression in its own measured process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+
+def run_child(command: list[str], log: Path) -> tuple[float, float, int]:
+    """Run a command, return (wall seconds, its own peak RSS in MiB, exit status).
+
+    The peak comes from GNU time around the command: a child forked (vforked) from this large process would
+    inherit this process's RSS high-water mark in its own ru_maxrss.
+    """
+    rss_file = log.with_suffix(".maxrss")
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        status = subprocess.call(["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *command], stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "SLIMLM_QUIET": "1"})
+    return time.perf_counter() - start, int(rss_file.read_text().split()[-1]) / 1024, status
