@@ -37,6 +37,7 @@ from slimlm.quantize.kv_cache import (
 from slimlm.quantize.sensitivity import SensitivityTable, layer_sensitivity
 from slimlm.recipes import Recipe, load_recipe, parse_stage
 from slimlm.recipes.registry import METHODS
+from slimlm.train.distributed import world
 
 DEFAULT_RUN_RECIPES = ("magnitude-50", "magnitude-2of4", "rtn-w8", "rtn-w4-g64")
 
@@ -153,6 +154,8 @@ def compress(
     """
     check_output_dir(out, overwrite)
     parsed = load_recipe(recipe)
+    main_process = world().is_main  # under torchrun every process compresses (training is sharded); rank 0 evaluates and saves
+    evaluation = evaluation if main_process else None
     text = load_text(evaluation.data, evaluation.split) if evaluation is not None else None
     base = load_model(model, allow_pickle=allow_pickle, device=device)
     check_recipe(base.model, parsed, has_calibration=True)  # fail before the (slow) base evaluation
@@ -170,6 +173,8 @@ def compress(
     metrics["parameters"] = parameter_count(compressed)
     metrics["peak_memory"] = peak_memory()
     manifest = _manifest(base, parsed, info, metrics)
+    if not main_process:
+        return manifest
     path = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
     saved = read_manifest(path)
     if parsed.export is not None:

@@ -116,14 +116,19 @@ def compress(
       slimlm compress smollm2-135m --recipe magnitude-2of4 --out smol-2of4
       slimlm compress smollm2-135m --recipe rtn-w4-g64 --out smol-w4 --windows 4
       slimlm compress ./my-model --recipe my-recipe.yaml --out ./my-model-small --no-eval
+      torchrun --nproc_per_node 8 -m slimlm.cli compress smollm2-135m --recipe minitron-25 --out smol-minitron
+      (training stages run FSDP2-sharded over the processes; rank 0 evaluates and saves)
     """
     from slimlm.api import CalibrationSettings
     from slimlm.api import compress as compress_job
     from slimlm.progress import console
+    from slimlm.train.distributed import world
 
     calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)
     evaluation = None if no_eval else _settings(eval_data, "evaluation", seqlen, windows, 4)
     manifest = compress_job(model, recipe, out, calibration, evaluation, overwrite, allow_pickle, device)
+    if not world().is_main:
+        return  # under torchrun: rank 0 saved the model and reports
     metrics = manifest["metrics"]
     if "compressed" in metrics:
         before, after = metrics["base"]["perplexity"], metrics["compressed"]["perplexity"]
@@ -404,8 +409,11 @@ def main() -> None:
 
     from slimlm.progress import console
 
+    from slimlm.train.distributed import process_group
+
     try:
-        app()
+        with process_group():  # joins torchrun's processes when launched by it (`torchrun ... -m slimlm.cli compress`)
+            app()
     except SlimlmError as err:  # escaped: a path or value like "[red]x" in the message is text, not markup
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -94,33 +94,66 @@ def test_fsdp_run_resumes_from_its_checkpoint(tmp_path):
     assert resumed == pytest.approx(single, rel=1e-4)
 
 
+@pytest.mark.slow  # two compress runs of a tiny model (one under torchrun): about 30 s
+def test_cli_compress_under_torchrun_trains_sharded_and_saves_once(tmp_path):
+    """`torchrun -m slimlm.cli compress` with a distill stage: the saved student equals the one-process result."""
+    import yaml
+    from conftest import TEXT, tiny_tokenizer
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "text.txt").write_text(TEXT)
+    recipe = tmp_path / "kd.yaml"
+    distill = {"method": "distill", "steps": 3, "batch_size": 4, "seqlen": 32, "lr": 1e-3, "warmup": 1, "data": str(tmp_path / "text.txt")}
+    recipe.write_text(yaml.safe_dump({"name": "kd", "stages": [{"method": "width", "mlp": 0.25, "heads": 0.0, "multiple_of": 8}, distill]}))
+    common = ["compress", str(model_dir), "--recipe", str(recipe), "--no-eval", "--calib-data", str(tmp_path / "text.txt"), "--calib-samples", "2", "--calib-seqlen", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, "-m", "slimlm.cli", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun_bin = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    sharded = subprocess.run([torchrun_bin, "--standalone", "--nproc_per_node", "2", "-m", "slimlm.cli", *common, "--out", str(tmp_path / "two")],
+                             env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert sharded.returncode == 0, (sharded.stdout + sharded.stderr)[-3000:]
+    assert (sharded.stdout + sharded.stderr).count("saved:") == 1  # rank 0 reports and saves
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert one.keys() == two.keys()
+    base = load_file(model_dir / "model.safetensors")
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(one["model.norm.weight"], base["model.norm.weight"])  # the distill stage trained it
+
+
+def worker(checkpoint: str | None, stop: int) -> list[float]:
+    """One torchrun process: the full run, or the full run's config stopped after `stop` steps (as an interruption
+    would, after a checkpoint); returns the losses ([] when stopped)."""
+    if stop == STEPS:
+        return run(checkpoint, STEPS)
+    from slimlm.train.distributed import shard_
+
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    shard_(student, list(decoder_blocks(student)))
+    calls = {"n": 0}
+    inner = distillation(teacher)
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] > stop * 2:  # grad_accum micro-steps per step
+            raise SystemExit(0)
+        return inner(model, batch)
+
+    try:
+        train(student, loss_fn, source(), config(checkpoint))
+    except SystemExit:
+        pass
+    return []
+
+
 if __name__ == "__main__":
-    out_path = sys.argv[1]
-    checkpoint = sys.argv[2] if len(sys.argv) > 2 else None
-    stop = int(sys.argv[3]) if len(sys.argv) > 3 else STEPS
-    losses = run(checkpoint, STEPS) if stop == STEPS else None
-    if losses is None:  # train the full run's config but stop at `stop`: as an interruption would, after a checkpoint
-        from slimlm.train.distributed import init_from_env, shard_
+    from slimlm.train.distributed import process_group
 
-        init_from_env()
-        student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-        shard_(student, list(decoder_blocks(student)))
-        calls = {"n": 0}
-        inner = distillation(teacher)
-
-        def loss_fn(model, batch):
-            calls["n"] += 1
-            if calls["n"] > stop * 2:  # grad_accum micro-steps per step
-                raise SystemExit(0)
-            return inner(model, batch)
-
-        try:
-            train(student, loss_fn, source(), config(checkpoint))
-        except SystemExit:
-            losses = []
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(losses))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with process_group() as place:
+        losses = worker(sys.argv[2] if len(sys.argv) > 2 else None, int(sys.argv[3]) if len(sys.argv) > 3 else STEPS)
+        if place.is_main:
+            Path(sys.argv[1]).write_text(json.dumps(losses))

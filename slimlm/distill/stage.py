@@ -265,8 +265,8 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
     student = _Student(trained, projection)
     place = world()
     if place.size > 1:
-        student = copy.deepcopy(student)
-        shard_(student, list(decoder_blocks(model if config.lora is None else trained.base_model.model)))
+        student = copy.deepcopy(student)  # the copy's blocks are sharded; `model` keeps plain tensors for the gathered weights
+        shard_(student, list(decoder_blocks(student.model if config.lora is None else student.model.base_model.model)))
     hooks = keep_zeros(model, masks) if place.size == 1 else []
     try:
         source = distillation_source(config, student.model, teacher, base.tokenizer)

@@ -11,6 +11,8 @@ gradient of the whole batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,25 @@ def init_from_env() -> World:
     else:
         dist.init_process_group("gloo")
     return world()
+
+
+@contextmanager
+def process_group() -> Iterator[World]:
+    """`init_from_env` for the duration of a command: other ranks than 0 stay quiet (no progress bars), and on the
+    way out every rank waits for the others before the group is torn down, so no process exits while another still
+    talks to it (gloo aborts a worker whose peer vanished mid-teardown). A no-op outside `torchrun`."""
+    place = init_from_env()
+    if not place.is_main:
+        os.environ["SLIMLM_QUIET"] = "1"
+    finished = False
+    try:
+        yield place
+        finished = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def is_sharded(model: nn.Module) -> bool:
