@@ -21,6 +21,7 @@ from slimlm.quantize.awq import (
     awq_clip_quantize,
     awq_scale_candidates,
     awq_search_scale,
+    relative_weight_mean,
     output_error,
     scale_groups,
     scaled_quantization_error,
@@ -130,6 +131,24 @@ def test_scale_search_matches_a_naive_loop(grid):
     torch.testing.assert_close(awq_scale_candidates(stats.mean_abs, 10)[0], torch.ones(64), rtol=0, atol=0)
     torch.testing.assert_close(awq_search_scale(weights, stats.hessian, stats.mean_abs, grid, 10), best)
     assert not torch.equal(best, torch.ones(64))  # the outlier channels made α > 0 pay
+
+
+def test_duo_scaling_candidates_match_autoawq_and_only_add_to_the_search():
+    """s = mean|x|^α / (mean_rows(|w| / group max|w|)^(1-α) + 1e-4), as AutoAWQ writes it; the search over both
+    families never ends with a larger loss than the activation-only search."""
+    grid = QuantGrid(4, 16, False)
+    x = outlier_inputs(256, 64, seed=7, gain=10.0)
+    stats = stats_of(x)
+    weight = torch.randn(12, 64, generator=torch.Generator().manual_seed(8))
+    per_group = weight.abs().reshape(12, 4, 16)
+    w_mean = (per_group / per_group.amax(dim=-1, keepdim=True)).reshape(12, 64).mean(dim=0)
+    torch.testing.assert_close(relative_weight_mean(weight, grid), w_mean)
+    for k, candidate in enumerate(awq_scale_candidates(stats.mean_abs, 10, w_mean)):
+        s = (x.abs().mean(dim=0).pow(k / 10) / (w_mean.pow(1 - k / 10) + 1e-4)).clamp(min=1e-4)
+        torch.testing.assert_close(candidate, s / (s.max() * s.min()).sqrt(), rtol=1e-5, atol=1e-6)
+    plain = awq_search_scale([weight], stats.hessian, stats.mean_abs, grid, 10)
+    duo = awq_search_scale([weight], stats.hessian, stats.mean_abs, grid, 10, duo_scaling=True)
+    assert scaled_quantization_error([weight], stats.hessian, duo, grid) <= scaled_quantization_error([weight], stats.hessian, plain, grid)
 
 
 def test_never_worse_than_rtn_and_much_better_with_outlier_channels():
@@ -245,7 +264,7 @@ def test_folding_the_searched_scales_keeps_the_logits(arch, overrides):
 def test_alpha_zero_without_clipping_is_rtn_end_to_end(arch):
     rtn_model, awq_model = tiny_model(arch), tiny_model(arch)
     compress_(rtn_model, parse_recipe([{"method": "rtn", "group_size": 32, "symmetric": False}], "rtn"))
-    compress_(awq_model, parse_recipe([{"method": "awq", "group_size": 32, "alpha_grid": 1, "clip": False}], "awq"), calibration())
+    compress_(awq_model, parse_recipe([{"method": "awq", "group_size": 32, "alpha_grid": 1, "clip": False, "duo_scaling": False}], "awq"), calibration())
     for index in range(len(decoder_blocks(rtn_model))):
         for (name, a), b in zip(block_linears(rtn_model, index).items(), block_linears(awq_model, index).values(), strict=True):
             assert torch.equal(a.weight_q, b.weight_q) and torch.equal(a.weight_scale, b.weight_scale), name

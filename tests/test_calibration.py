@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from slimlm.calibration.sequential import calibrate_sequentially, capture_block_inputs, collect_input_stats
-from slimlm.calibration.stats import InputStats
+from slimlm.calibration.stats import InputStats, gram
 from slimlm.models.adapters import block_linears, decoder_blocks
 
 
@@ -30,6 +30,12 @@ def test_input_stats_match_naive():
     torch.testing.assert_close(stats.input_norm, rows.norm(dim=0))
     torch.testing.assert_close(stats.mean_abs, rows.abs().mean(dim=0))
     assert stats.tokens == 17
+
+
+@pytest.mark.parametrize("width", [1, 7, 10, 64])
+def test_gram_from_upper_blocks_equals_full_product(width):
+    rows = torch.randn(33, width, dtype=torch.float64)
+    torch.testing.assert_close(gram(rows), rows.t() @ rows)
 
 
 def test_captured_block_inputs_equal_embeddings(arch):
@@ -115,3 +121,46 @@ def test_shared_input_linears_share_one_statistics_object():
     q, k, v, o = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
     assert q is k is v and q is not o
     assert q.tokens == 8  # updated once per forward, not three times
+
+
+def _true_sequential_record(model, ids) -> dict[str, torch.Tensor]:
+    """Hessians the engine hands each execution group, while each group is halved (so later groups see it)."""
+    seen = {}
+
+    def halve(index, linears, stats):
+        for name, module in linears.items():
+            seen[name] = stats[name].hessian.clone()
+            module.weight.data.mul_(0.5)
+
+    calibrate_sequentially(model, ids, ("hessian",), halve, true_sequential=True)
+    return seen
+
+
+def test_one_pass_equals_per_window_passes(arch, monkeypatch):
+    """All windows in one batch with compress-on-call stand-ins gives the statistics of the per-window partial passes."""
+    import slimlm.calibration.sequential as sequential
+
+    ids = torch.randint(0, 300, (3, 16))
+    one_pass_model = tiny_model(arch)
+    one_pass = _true_sequential_record(one_pass_model, ids)
+    monkeypatch.setattr(sequential, "one_pass_fits", lambda *args: False)
+    passes_model = tiny_model(arch)
+    passes = _true_sequential_record(passes_model, ids)
+    assert one_pass.keys() == passes.keys() and len(passes) == sum(len(block_linears(passes_model, i)) for i in range(2))
+    for name, hessian in passes.items():
+        torch.testing.assert_close(one_pass[name], hessian, rtol=1e-4, atol=1e-5)
+    assert not any(type(m).__name__ == "_CompressOnCall" for m in one_pass_model.modules())
+    torch.testing.assert_close(one_pass_model(ids).logits, passes_model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_puts_every_layer_back_when_the_method_fails():
+    model = tiny_model("llama")
+    before = [type(m) for m in model.modules()]
+
+    def fail_on_o_proj(index, linears, stats):
+        if any(name.endswith("o_proj") for name in linears):
+            raise RuntimeError("method failed")
+
+    with pytest.raises(RuntimeError, match="method failed"):
+        calibrate_sequentially(model, torch.randint(0, 300, (2, 8)), ("hessian",), fail_on_o_proj, true_sequential=True)
+    assert [type(m) for m in model.modules()] == before

@@ -7,8 +7,12 @@
    activations it will really see. A statistics pass stops as soon as every hooked linear has seen its input.
 3. Optionally ("true sequential", GPTQ), the same inside a block: its linears are compressed in execution-order
    groups that read one input (q/k/v, then o, then gate/up, then down), each group's statistics collected
-   after the groups before it are compressed. The extra passes are partial (each stops at its group), so it
-   costs about one more block forward per block.
+   after the groups before it are compressed. When the windows' activations fit in memory at once, this runs
+   in ONE block forward over all windows as a single batch: the first linear of each group is replaced by a
+   stand-in that takes the group's statistics from its (whole-batch) input, lets the method compress the group,
+   and computes with the compressed layer, so each linear runs once and the block's output is already the
+   compressed block's (1 forward per block instead of ~2.65). Otherwise, partial passes per window (each
+   stops at its group), which cost about one more block forward per block.
 
 Only one block (plus the activations of the calibration windows) needs to sit on the compute device;
 the rest of the model stays where it was loaded, so this scales past what fits on the GPU at once.
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
 
 from slimlm.calibration.stats import InputStats
+from slimlm.errors import SlimlmError
 from slimlm.models.adapters import (
     adapter_for,
     block_linears,
@@ -63,17 +69,8 @@ def collect_input_stats(
     `stop_when_seen`, the forward is cut short (`_StopForward`, caught by `_forward_until_stopped`) once every
     hooked linear has seen its input.
     """
-    leader_of = {}
-    for group in shared_inputs:
-        members = [name for name in linears if name.endswith(group)]
-        leader_of.update({name: members[0] for name in members})
-    stats: dict[str, InputStats] = {}
-    for name, module in linears.items():
-        leader = leader_of.get(name, name)
-        if leader not in stats:
-            stats[leader] = InputStats(linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device, name=leader)
-        stats[name] = stats[leader]
-    leaders = [name for name in linears if leader_of.get(name, name) == name]
+    stats = _shared_stats(linears, wanted, shared_inputs)
+    leaders = [name for name in linears if stats[name].name == name]
     seen: set[str] = set()
 
     def hook_for(name: str):
@@ -89,6 +86,21 @@ def collect_input_stats(
     handles = [linears[name].register_forward_hook(hook_for(name)) for name in leaders]
     with hooks_removed_after(handles):
         yield stats
+
+
+def _shared_stats(linears: dict[str, nn.Module], wanted: tuple[str, ...], shared_inputs: tuple[tuple[str, ...], ...]) -> dict[str, InputStats]:
+    """One InputStats per input tensor: linears of a `shared_inputs` group share their first member's (named after it)."""
+    leader_of = {}
+    for group in shared_inputs:
+        members = [name for name in linears if name.endswith(group)]
+        leader_of.update({name: members[0] for name in members})
+    stats: dict[str, InputStats] = {}
+    for name, module in linears.items():
+        leader = leader_of.get(name, name)
+        if leader not in stats:
+            stats[leader] = InputStats(linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device, name=leader)
+        stats[name] = stats[leader]
+    return stats
 
 
 def _move_(model: nn.Module, paths: list[str | None], device: torch.device) -> None:
@@ -170,6 +182,83 @@ def _forward_until_stopped(block: nn.Module, hidden: torch.Tensor, arguments: Bl
         pass
 
 
+class _CompressOnCall(nn.Module):
+    """Stands in for the first linear of an execution group during a one-pass block forward (see the module doc)."""
+
+    def __init__(self, on_call: Callable[[torch.Tensor], nn.Module]):
+        super().__init__()
+        self.on_call = on_call
+        self.called = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.called = True
+        return self.on_call(x)(x)
+
+
+def compress_in_one_pass(
+    model: nn.Module,
+    block: nn.Module,
+    batch: torch.Tensor,
+    arguments: BlockArguments,
+    groups: list[dict[str, nn.Module]],
+    statistics: tuple[str, ...],
+    compress_group: Callable[[dict[str, nn.Module], dict[str, InputStats]], None],
+) -> torch.Tensor:
+    """Compress `groups` (execution order, each reading one input) true-sequentially during one forward of `block`
+    on `batch` (all windows, (N, L, hidden)); returns the compressed block's output for the batch."""
+    stand_ins: dict[str, _CompressOnCall] = {}
+    originals: dict[str, nn.Module] = {}
+
+    def on_call_for(leader: str, group: dict[str, nn.Module]):
+        def on_call(x: torch.Tensor) -> nn.Module:
+            replace_module_(model, leader, originals[leader])
+            stats = InputStats(linear_weight(originals[leader]).shape[1], statistics, x.device, name=leader)
+            stats.update(x)
+            compress_group(group, dict.fromkeys(group, stats))
+            return model.get_submodule(leader)  # the method may have swapped in a quantized layer
+
+        return on_call
+
+    for group in groups:
+        leader = next(iter(group))
+        originals[leader] = group[leader]
+        stand_ins[leader] = _CompressOnCall(on_call_for(leader, group))
+        replace_module_(model, leader, stand_ins[leader])
+    try:
+        output = block_output(block, batch, arguments)
+    finally:
+        for leader, stand_in in stand_ins.items():
+            if not stand_in.called:
+                replace_module_(model, leader, originals[leader])
+    missed = [leader for leader, stand_in in stand_ins.items() if not stand_in.called]
+    if missed:
+        raise SlimlmError(f"calibration: {missed[0]} never ran in its block's forward, so it cannot be calibrated", "leave it out of the stage with 'targets'")
+    return output
+
+
+def one_pass_fits(model: nn.Module, windows: int, seqlen: int, device: torch.device) -> bool:
+    """Whether one block's forward over all windows as one batch fits in half the free memory of `device`.
+
+    Counted: the block's widest intermediate activations (about four of the MLP width and six of the hidden width
+    per token, float32) — attention is assumed not to materialise L×L scores (SDPA's fused kernels)."""
+    config = model.config
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    needed = 4 * windows * seqlen * (4 * intermediate + 6 * hidden)
+    return needed < free_memory(device) // 2
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: CUDA's own count, else the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def execution_groups(linears: dict[str, nn.Module], shared_inputs: tuple[tuple[str, ...], ...]) -> list[dict[str, nn.Module]]:
     """One block's linears (in execution order, as the adapter lists them) split into groups that read one input:
     consecutive members of a `shared_inputs` group together (q/k/v, gate/up), every other linear alone."""
@@ -204,16 +293,23 @@ def calibrate_sequentially(
     hidden_states, arguments = capture_block_inputs(model, calibration_ids, device)
     blocks = decoder_blocks(model)
     adapter = adapter_for(model)
+    one_pass = true_sequential and one_pass_fits(model, *calibration_ids.shape, device)
+    if one_pass:
+        hidden_states = [torch.cat(hidden_states)]  # all windows as one batch
     with progress_bar(description, total=len(blocks)) as advance:
         for index, block in enumerate(blocks):
             home = next(block.parameters()).device
             block.to(device)
             linears = {name: module for name, module in block_linears(model, index).items() if select(name)}
-            for group in execution_groups(linears, adapter.shared_inputs) if true_sequential else [linears]:
-                with collect_input_stats(group, statistics, adapter.shared_inputs, stop_when_seen=True) as stats:
-                    for hidden in hidden_states:
-                        _forward_until_stopped(block, hidden, arguments[index])
-                compress_block(index, group, stats)
-            hidden_states = [block_output(block, hidden, arguments[index]) for hidden in hidden_states]
+            groups = execution_groups(linears, adapter.shared_inputs) if true_sequential else [linears]
+            if one_pass:
+                hidden_states = [compress_in_one_pass(model, block, hidden_states[0], arguments[index], groups, statistics, partial(compress_block, index))]
+            else:
+                for group in groups:
+                    with collect_input_stats(group, statistics, adapter.shared_inputs, stop_when_seen=True) as stats:
+                        for hidden in hidden_states:
+                            _forward_until_stopped(block, hidden, arguments[index])
+                    compress_block(index, group, stats)
+                hidden_states = [block_output(block, hidden, arguments[index]) for hidden in hidden_states]
             block.to(home)
             advance()

@@ -33,7 +33,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimlm.calibration.hessian import dampened_inverse_cholesky, working_copies
+from slimlm.calibration.hessian import (
+    dampened_inverse_cholesky,
+    single_threaded,
+    stacked_by_input,
+    working_copies,
+)
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight, set_linear_weight_
@@ -48,6 +53,7 @@ class SparseGPTConfig(SparsityConfig):
     method: ClassVar[str] = "sparsegpt"
     block_size: int = 128  # columns per lazy-update block (speed only for n:m; also the mask-selection window for unstructured)
     dampening: float = 0.01  # share of mean(diag H) added to H's diagonal before inverting it
+    true_sequential: bool = True  # within a block, prune q/k/v, then o, then gate/up, then down, each on inputs from the already-pruned earlier ones
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,33 +85,36 @@ def sparsegpt_prune(
     W, H = working_copies(weight, hessian)  # float32 (out, in), (in, in); dead inputs zeroed
     U = dampened_inverse_cholesky(H, dampening, "sparsegpt")  # (in, in)
 
-    for start in range(0, in_features, block_size):
-        end = min(start + block_size, in_features)
-        W1 = W[:, start:end].clone()  # (out, B)
-        U1 = U[start:end, start:end]  # (B, B)
-        d = U1.diagonal()  # (B,)
-        err1 = torch.zeros_like(W1)  # (out, B): (w − q)/d of each column, for the lazy update
-        if n_m is None:
-            n_drop = round(end * sparsity) - round(start * sparsity)
-            keep = row_mask_count(W1.pow(2) / d.pow(2), n_drop)  # (out, B)
-        else:
-            keep = torch.ones_like(W1, dtype=torch.bool)  # (out, B), filled group by group below
-        for j in range(end - start):
-            if n_m is not None and j % n_m[1] == 0:
-                group = slice(j, j + n_m[1])
-                keep[:, group] = n_m_mask(W1[:, group].pow(2) / d[group].pow(2), *n_m)
-            w = W1[:, j]  # (out,)
-            q = w * keep[:, j]
-            err = (w - q) / d[j]
-            W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)  # (out, B − j)
-            W1[:, j] = q  # exactly q: pruned weights are exact zeros, not rounding residue
-            err1[:, j] = err
-        W[:, start:end] = W1
-        W[:, end:] -= err1 @ U[start:end, end:]  # lazy batch update of every later column
-    return W.to(weight.dtype)
+    # The loop works on Wᵀ (in, out), so that a column of W is one contiguous row (as in GPTQ).
+    Wt = W.t().contiguous()
+    with single_threaded():  # one column at a time: small ops
+        for start in range(0, in_features, block_size):
+            end = min(start + block_size, in_features)
+            W1 = Wt[start:end]  # (B, out), a view: updated in place
+            U1 = U[start:end, start:end]  # (B, B)
+            d = U1.diagonal().unsqueeze(1)  # (B, 1)
+            err1 = torch.zeros_like(W1)  # (B, out): (w − q)/d of each column, for the lazy update
+            if n_m is None:
+                n_drop = round(end * sparsity) - round(start * sparsity)
+                keep = row_mask_count((W1.pow(2) / d.pow(2)).t(), n_drop).t()  # (B, out)
+            else:
+                keep = torch.ones_like(W1, dtype=torch.bool)  # (B, out), filled group by group below
+            for j in range(end - start):
+                if n_m is not None and j % n_m[1] == 0:
+                    group = slice(j, j + n_m[1])
+                    keep[group] = n_m_mask((W1[group].pow(2) / d[group].pow(2)).t(), *n_m).t()
+                w = W1[j]  # (out,)
+                q = w * keep[j]
+                err = err1[j]
+                torch.sub(w, q, out=err).div_(d[j])
+                W1[j + 1 :].addr_(U1[j, j + 1 :], err, alpha=-1)  # (B − j − 1, out): the columns after j
+                W1[j] = q  # exactly q: pruned weights are exact zeros, not rounding residue
+            Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
+    return Wt.t().contiguous().to(weight.dtype)
 
 
 def prune_sparsegpt_(linears: dict[str, nn.Module], config: SparseGPTConfig, stats: dict[str, InputStats]) -> None:
-    for name, module in linears.items():
-        pruned = sparsegpt_prune(linear_weight(module), stats[name].hessian, config.target_sparsity, config.pattern, config.block_size, config.dampening)
-        set_linear_weight_(module, pruned)
+    for names, weight, hessian in stacked_by_input(linears, stats):  # q/k/v (gate/up) in one call: rows are independent
+        pruned = sparsegpt_prune(weight, hessian, config.target_sparsity, config.pattern, config.block_size, config.dampening)
+        for name, rows in zip(names, pruned.split([linear_weight(linears[name]).shape[0] for name in names])):
+            set_linear_weight_(linears[name], rows.contiguous())

@@ -22,6 +22,7 @@ class WandaConfig(SparsityConfig):
     """Prune by |weight| × input-activation norm, compared within each output row."""
 
     method: ClassVar[str] = "wanda"
+    true_sequential: bool = True  # within a block, prune q/k/v, then o, then gate/up, then down, each scored on inputs from the already-pruned earlier ones
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:

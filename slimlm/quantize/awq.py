@@ -7,7 +7,9 @@ the same scale, folded into whatever produces them (a norm, or a linear's rows: 
     y = x·Wᵀ = (x / s)·(W·diag(s))ᵀ ≈ (x / s)·Q(W·diag(s))ᵀ
 
 1. Scale search, per group of linears reading one tensor: s = mean|x|^α, normalised to s / sqrt(max(s)·min(s)),
-   for α = k/n, k = 0..n-1 (α = 0: s = 1, plain RTN, so by its loss the search never does worse than RTN).
+   for α = k/n, k = 0..n-1 (α = 0: s = 1, plain RTN, so by its loss the search never does worse than RTN);
+   with `duo_scaling` also AutoAWQ's s = mean|x|^α / mean|ŵ|^(1−α) (ŵ: each weight over its group's max |w|),
+   which also lowers the scale of channels whose weights are already large.
    The loss is the readers' output error, exact for a linear layer through its Hessian H = 2/N·XᵀX:
        ‖X·ΔWᵀ‖² = N/2 · tr(ΔW·H·ΔWᵀ),   ΔW = W − Q(W·diag(s))·diag(1/s)
    The reference code instead runs the enclosing module (attention, MLP) on the calibration tokens for every
@@ -71,6 +73,7 @@ class AWQConfig(StageConfig):
     alpha_grid: int = 20  # candidates α = k/alpha_grid, k = 0..alpha_grid-1, for s = mean|x|^α
     clip: bool = True  # search a clipping ratio per output row and group (only when quantizing)
     clip_grid: int = 20  # clipping ratios, evenly from 1.0 down to 0.5
+    duo_scaling: bool = True  # also search s = mean|x|^α / mean|ŵ|^(1-α) (AutoAWQ / llm-compressor's duo_scaling)
     quantize: bool = True  # false: only fold the scales, keep float weights for a later stage (AWQ + GPTQ)
 
     def __post_init__(self) -> None:
@@ -98,11 +101,22 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return (delta @ hessian).mul_(delta).sum()
 
 
-def awq_scale_candidates(mean_abs: torch.Tensor, alpha_grid: int) -> torch.Tensor:
-    """(alpha_grid, in): row k is s = mean|x|^(k/alpha_grid), floored at 1e-4, divided by sqrt(max(s)·min(s))."""
-    alphas = torch.arange(alpha_grid, device=mean_abs.device, dtype=torch.float32) / alpha_grid
-    scales = mean_abs.float().unsqueeze(0).pow(alphas.unsqueeze(1)).clamp(min=_MIN_SCALE)
+def awq_scale_candidates(mean_abs: torch.Tensor, alpha_grid: int, weight_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """(alpha_grid, in): row k is s = mean|x|^α, α = k/alpha_grid, or with `weight_mean` (in,) (duo scaling)
+    s = mean|x|^α / (weight_mean^(1−α) + 1e-4); floored at 1e-4, divided by sqrt(max(s)·min(s))."""
+    alphas = torch.arange(alpha_grid, device=mean_abs.device, dtype=torch.float32).unsqueeze(1) / alpha_grid
+    scales = mean_abs.float().unsqueeze(0).pow(alphas)
+    if weight_mean is not None:
+        scales = scales / (weight_mean.float().unsqueeze(0).pow(1 - alphas) + _MIN_SCALE)
+    scales = scales.clamp(min=_MIN_SCALE)
     return scales / (scales.amax(dim=1, keepdim=True) * scales.amin(dim=1, keepdim=True)).sqrt()
+
+
+def relative_weight_mean(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """(in,): mean over output rows of |w| / max|w| of its row's group, AutoAWQ's weight term of duo scaling."""
+    groups, _, _ = group_ranges(weight.float(), grid)  # (out, G, size)
+    magnitude = groups.abs()
+    return (magnitude / magnitude.amax(dim=-1, keepdim=True).clamp(min=1e-12)).reshape(weight.shape).mean(dim=0)
 
 
 def scaled_quantization_error(weights: Sequence[torch.Tensor], hessian: torch.Tensor, scales: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
@@ -117,10 +131,15 @@ def scaled_quantization_error(weights: Sequence[torch.Tensor], hessian: torch.Te
     return output_error(rounding_error, hessian.float() / torch.outer(scales, scales))
 
 
-def awq_search_scale(weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, grid: QuantGrid, alpha_grid: int) -> torch.Tensor:
-    """The candidate s (in,) with the smallest output error of all readers; ties go to the smaller α (RTN first)."""
-    candidates = awq_scale_candidates(mean_abs, alpha_grid)
+def awq_search_scale(
+    weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, grid: QuantGrid, alpha_grid: int, duo_scaling: bool = False
+) -> torch.Tensor:
+    """The candidate s (in,) with the smallest output error of all readers; ties go to the smaller α (RTN first),
+    and to activation-only scales over duo ones."""
     weight = torch.cat([w.float() for w in weights])  # (Σ out_i, in): rounding is per row, so readers stack
+    candidates = awq_scale_candidates(mean_abs, alpha_grid)
+    if duo_scaling:
+        candidates = torch.cat([candidates, awq_scale_candidates(mean_abs, alpha_grid, relative_weight_mean(weight, grid))])
     losses = torch.stack([scaled_quantization_error([weight], hessian, s, grid) for s in candidates])
     return candidates[int(torch.argmin(losses))]  # argmin returns the first of equal minima
 
@@ -209,7 +228,7 @@ def quantize_awq_(model: nn.Module, linears: dict[str, nn.Module], config: AWQCo
     for group in scale_groups(model, linears):
         first = stats[group.readers[0]]
         weights = [linear_weight(linears[name]) for name in group.readers]
-        scales = awq_search_scale(weights, first.hessian, first.mean_abs, config.grid, config.alpha_grid)
+        scales = awq_search_scale(weights, first.hessian, first.mean_abs, config.grid, config.alpha_grid, config.duo_scaling)
         group.fold_(linears, scales)
         input_scales.update(dict.fromkeys(group.readers, scales))
     if not config.quantize:

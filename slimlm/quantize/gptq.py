@@ -37,7 +37,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimlm.calibration.hessian import dampened_inverse_cholesky, working_copies
+from slimlm.calibration.hessian import (
+    dampened_inverse_cholesky,
+    single_threaded,
+    stacked_by_input,
+    working_copies,
+)
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
@@ -132,34 +137,35 @@ def gptq_quantize(
     Wt = W.t().contiguous()  # (in, out)
     float_scale = scale.t().float()  # (groups, out): refilled group by group unless static
     float_zero = zero_point.t().float() if zero_point is not None else torch.zeros_like(float_scale)
-    for start in range(0, in_features, block_size):
-        end = min(start + block_size, in_features)
-        W1 = Wt[start:end]  # (B, out), a view: updated in place
-        U1 = U[start:end, start:end]  # (B, B)
-        err1 = torch.zeros_like(W1)  # (B, out): (w − q)/U_jj of each column, for the lazy update
-        for j in range(end - start):
-            col = start + j
-            g = group_of[col]
-            if not static and col % group == 0:
-                # this group's columns as updated so far: in-block ones are current, later ones still owe this
-                # block's pending update (err1 is zero from row j on)
-                current = W1[j : j + group]
-                if col + group > end:
-                    rest = Wt[end : col + group] - U[start:end, end : col + group].t() @ err1
-                    current = torch.cat([current, rest])
-                s, z = choose_qparams(clip_by_error(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
-                scale[:, g] = s[:, 0]
-                float_scale[g] = s[:, 0].float()
-                if zero_point is not None:
-                    zero_point[:, g] = z[:, 0]
-                    float_zero[g] = z[:, 0].float()
-            w = W1[j]  # (out,)
-            # quantize_with's rounding, then dequantize, for one column
-            q = torch.round(w / float_scale[g]).add_(float_zero[g]).clamp_(grid.qmin, grid.qmax).sub_(float_zero[g]).mul_(float_scale[g])
-            err = err1[j]
-            torch.sub(w, q, out=err).div_(U1[j, j])
-            W1[j + 1 :].addr_(U1[j, j + 1 :], err, alpha=-1)  # (B − j − 1, out): the columns after j
-        Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
+    with single_threaded():  # one column at a time: small ops
+        for start in range(0, in_features, block_size):
+            end = min(start + block_size, in_features)
+            W1 = Wt[start:end]  # (B, out), a view: updated in place
+            U1 = U[start:end, start:end]  # (B, B)
+            err1 = torch.zeros_like(W1)  # (B, out): (w − q)/U_jj of each column, for the lazy update
+            for j in range(end - start):
+                col = start + j
+                g = group_of[col]
+                if not static and col % group == 0:
+                    # this group's columns as updated so far: in-block ones are current, later ones still owe this
+                    # block's pending update (err1 is zero from row j on)
+                    current = W1[j : j + group]
+                    if col + group > end:
+                        rest = Wt[end : col + group] - U[start:end, end : col + group].t() @ err1
+                        current = torch.cat([current, rest])
+                    s, z = choose_qparams(clip_by_error(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
+                    scale[:, g] = s[:, 0]
+                    float_scale[g] = s[:, 0].float()
+                    if zero_point is not None:
+                        zero_point[:, g] = z[:, 0]
+                        float_zero[g] = z[:, 0].float()
+                w = W1[j]  # (out,)
+                # quantize_with's rounding, then dequantize, for one column
+                q = torch.round(w / float_scale[g]).add_(float_zero[g]).clamp_(grid.qmin, grid.qmax).sub_(float_zero[g]).mul_(float_scale[g])
+                err = err1[j]
+                torch.sub(w, q, out=err).div_(U1[j, j])
+                W1[j + 1 :].addr_(U1[j, j + 1 :], err, alpha=-1)  # (B − j − 1, out): the columns after j
+            Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
 
     if act_order:
         Wt = Wt[torch.argsort(order)]
@@ -179,13 +185,9 @@ def gptq_by_input(
     the same input (q/k/v, gate/up share one statistics object) are stacked row-wise and quantized in one call:
     GPTQ treats rows independently given H, so this equals separate calls, with one factorization and one column
     loop. The tensors are clones: each layer owns its buffers (saving refuses tensors that share memory)."""
-    by_input: dict[int, list[str]] = {}
-    for name in linears:
-        by_input.setdefault(id(stats[name]), []).append(name)
-    for names in by_input.values():
-        weights = [linear_weight(linears[name]).detach() for name in names]
-        codes, scale, zero_point = gptq_quantize(torch.cat(weights), stats[names[0]].hessian, grid, block_size, dampening, act_order, clip_ratios)
-        rows = [w.shape[0] for w in weights]
+    for names, weight, hessian in stacked_by_input(linears, stats):
+        codes, scale, zero_point = gptq_quantize(weight, hessian, grid, block_size, dampening, act_order, clip_ratios)
+        rows = [linear_weight(linears[name]).shape[0] for name in names]
         zero_points = zero_point.split(rows) if zero_point is not None else [None] * len(names)
         for name, c, s, z in zip(names, codes.split(rows), scale.split(rows), zero_points):
             yield name, linears[name], c.clone(), s.clone(), None if z is None else z.clone()

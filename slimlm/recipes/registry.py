@@ -54,8 +54,9 @@ class Method:
     summary: str
     # Optional: one config per decoder block (e.g. OWL's layer-wise sparsity), computed before the stage runs.
     block_configs: Callable[[nn.Module, StageConfig, CalibrationSet | None, torch.device | None], list[StageConfig]] | None = None
-    # Whether the engine compresses each block's linears group by group in execution order, re-collecting the
-    # statistics of later groups after earlier ones are compressed (GPTQ's true sequential); partial extra block forwards.
+    # Whether the engine compresses each block's linears group by group in execution order, the statistics of
+    # later groups taken after earlier ones are compressed (GPTQ's true sequential); one block forward when the
+    # windows fit in memory at once (calibration/sequential.py), else partial extra forwards.
     true_sequential: Callable[[StageConfig], bool] = lambda config: False
 
     def quantizes_with(self, config: StageConfig) -> bool:
@@ -121,6 +122,7 @@ METHODS: dict[str, Method | ModelMethod | TrainMethod] = {
         _check_pattern,
         False,
         "prune the smallest |W|·‖X‖ per output row (Wanda), unstructured or n:m; needs calibration data",
+        true_sequential=lambda config: config.true_sequential,
     ),
     "sparsegpt": Method(
         SparseGPTConfig,
@@ -129,6 +131,7 @@ METHODS: dict[str, Method | ModelMethod | TrainMethod] = {
         _check_pattern,
         False,
         "prune by OBS saliency and update the kept weights to compensate (SparseGPT), unstructured or n:m; needs calibration data",
+        true_sequential=lambda config: config.true_sequential,
     ),
     "owl": Method(
         OWLConfig,
@@ -138,6 +141,7 @@ METHODS: dict[str, Method | ModelMethod | TrainMethod] = {
         False,
         "per-block sparsity from each block's share of outlier Wanda scores (OWL), then Wanda or magnitude; unstructured; needs calibration data",
         owl_block_configs,
+        true_sequential=lambda config: True,  # as the wanda method's default
     ),
     "rtn": Method(
         RTNConfig,
