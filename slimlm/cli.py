@@ -408,7 +408,6 @@ def main() -> None:
     from rich.markup import escape
 
     from slimlm.progress import console
-
     from slimlm.train.distributed import process_group
 
     try:
