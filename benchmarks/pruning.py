@@ -78,7 +78,7 @@ def main() -> None:
                        "--calib-data", wikitext, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
         else:
             command = [args.llmcompressor, str(Path(__file__).with_name("llmcompressor_side.py")), str(base_dir), str(calib_ids), method, str(model_dir)]
-        if model_dir.exists():  # compressed by an earlier, interrupted run: evaluate it
+        if model_dir.exists() and (out / f"{tool}-{method}.maxrss").exists():  # compressed by an earlier, interrupted run: evaluate it
             wall, peak_mib, status = None, int((out / f"{tool}-{method}.maxrss").read_text().split()[-1]) / 1024, 0
         else:
             wall, peak_mib, status = run_child(command, out / f"{tool}-{method}.log")
