@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model
 from slimlm.calibration.sequential import calibrate_sequentially, capture_block_inputs, collect_input_stats
 from slimlm.calibration.stats import InputStats, gram
+from slimlm.errors import SlimlmError
 from slimlm.models.adapters import block_linears, decoder_blocks
 
 
@@ -163,4 +164,14 @@ def test_one_pass_puts_every_layer_back_when_the_method_fails():
 
     with pytest.raises(RuntimeError, match="method failed"):
         calibrate_sequentially(model, torch.randint(0, 300, (2, 8)), ("hessian",), fail_on_o_proj, true_sequential=True)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_one_pass_names_a_linear_the_block_never_calls_and_puts_it_back():
+    model = tiny_model("llama")
+    mlp = decoder_blocks(model)[0].mlp
+    mlp.forward = lambda x: torch.zeros_like(x)  # a block whose MLP linears never run
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(SlimlmError, match=r"model\.layers\.0\.mlp\.gate_proj never ran.*'targets'"):
+        calibrate_sequentially(model, torch.randint(0, 300, (2, 8)), ("hessian",), lambda index, linears, stats: None, true_sequential=True)
     assert [type(m) for m in model.modules()] == before

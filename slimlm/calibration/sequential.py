@@ -242,8 +242,8 @@ def one_pass_fits(model: nn.Module, windows: int, seqlen: int, device: torch.dev
     Counted: the block's widest intermediate activations (about four of the MLP width and six of the hidden width
     per token, float32) — attention is assumed not to materialise L×L scores (SDPA's fused kernels)."""
     config = model.config
-    hidden = getattr(config, "hidden_size", None) or config.n_embd
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
+    hidden = config.hidden_size  # GPT-2's n_embd through the config's attribute map
+    intermediate = getattr(config, adapter_for(model).mlp_width, None) or 4 * hidden  # GPT-2's n_inner: None means 4 × hidden
     needed = 4 * windows * seqlen * (4 * intermediate + 6 * hidden)
     return needed < free_memory(device) // 2
 
