@@ -33,6 +33,17 @@ def test_input_stats_match_naive():
     assert stats.tokens == 17
 
 
+@pytest.mark.parametrize("statistic", ["hessian", "input_norm", "input_absmax"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_each_statistic_refuses_non_finite_activations_by_layer_name(statistic, bad):
+    stats = InputStats(4, (statistic,), torch.device("cpu"), name="model.layers.3.mlp.down_proj")
+    stats.update(torch.ones(2, 3, 4))
+    batch = torch.ones(2, 3, 4)
+    batch[1, 2, 1] = bad
+    with pytest.raises(SlimlmError, match="non-finite activations \\(NaN/Inf\\) reach model.layers.3.mlp.down_proj"):
+        stats.update(batch)
+
+
 @pytest.mark.parametrize("width", [1, 7, 10, 64])
 def test_gram_from_upper_blocks_equals_full_product(width):
     rows = torch.randn(33, width, dtype=torch.float64)

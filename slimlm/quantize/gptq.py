@@ -134,15 +134,24 @@ def gptq_quantize(
     # The loop works on Wᵀ (in, out) so that a column of W is one contiguous row. After the loop, row j holds
     # column j as it was when quantized (later updates only touch later columns); the codes are rounded from
     # those values by `quantize_with` at the end, the loop only needs their dequantized values for the error.
+    # Rounding to the grid and dequantizing is q = clamp(round(w / s), qmin − z, qmax − z) · s (z an integer):
+    # per group, the scale and the clamp bounds are rows of (groups, out) tables, refilled group by group unless
+    # static. Every per-column view is made up front (unbind): the loop is ~10 small ops per column, and creating
+    # views by indexing cost as much as the arithmetic.
     Wt = W.t().contiguous()  # (in, out)
-    float_scale = scale.t().float()  # (groups, out): refilled group by group unless static
-    float_zero = zero_point.t().float() if zero_point is not None else torch.zeros_like(float_scale)
+    float_scale = scale.t().float().contiguous()  # (groups, out)
+    zero = zero_point.t().float() if zero_point is not None else torch.zeros_like(float_scale)
+    lowest, highest = (grid.qmin - zero).contiguous(), (grid.qmax - zero).contiguous()  # (groups, out) clamp bounds of round(w / s)
+    scales, lows, highs = float_scale.unbind(0), lowest.unbind(0), highest.unbind(0)  # views: see refills
+    columns = Wt.unbind(0)
+    diagonal = U.diagonal().unbind(0)  # 0-dim tensors: dividing by one is cheaper than by a Python float
     with single_threaded():  # one column at a time: small ops
         for start in range(0, in_features, block_size):
             end = min(start + block_size, in_features)
             W1 = Wt[start:end]  # (B, out), a view: updated in place
             U1 = U[start:end, start:end]  # (B, B)
             err1 = torch.zeros_like(W1)  # (B, out): (w − q)/U_jj of each column, for the lazy update
+            errors, later_columns, later_u = err1.unbind(0), [W1[j + 1 :] for j in range(end - start)], [U1[j, j + 1 :] for j in range(end - start)]
             for j in range(end - start):
                 col = start + j
                 g = group_of[col]
@@ -158,13 +167,12 @@ def gptq_quantize(
                     float_scale[g] = s[:, 0].float()
                     if zero_point is not None:
                         zero_point[:, g] = z[:, 0]
-                        float_zero[g] = z[:, 0].float()
-                w = W1[j]  # (out,)
-                # quantize_with's rounding, then dequantize, for one column
-                q = torch.round(w / float_scale[g]).add_(float_zero[g]).clamp_(grid.qmin, grid.qmax).sub_(float_zero[g]).mul_(float_scale[g])
-                err = err1[j]
-                torch.sub(w, q, out=err).div_(U1[j, j])
-                W1[j + 1 :].addr_(U1[j, j + 1 :], err, alpha=-1)  # (B − j − 1, out): the columns after j
+                        lowest[g] = grid.qmin - z[:, 0].float()
+                        highest[g] = grid.qmax - z[:, 0].float()
+                w, err = columns[col], errors[j]  # (out,)
+                q = torch.div(w, scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g])  # quantize_with's codes, dequantized
+                torch.sub(w, q, out=err).div_(diagonal[col])
+                later_columns[j].addr_(later_u[j], err, alpha=-1)  # (B − j − 1, out): the columns after j
             Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
 
     if act_order:
