@@ -38,15 +38,16 @@ class InputStats:
         # Each statistic is a per-channel reduction that a NaN or Inf in its channel turns non-finite, so checking
         # the reductions finds bad activations without a pass over the rows (isfinite on a 32k × 1536 batch cost
         # as much as a quarter of its Hessian).
-        batch: dict[str, torch.Tensor] = {}
+        per_channel = []  # this batch's reductions, checked before any is added to the running statistics
         if self.hessian is not None:
-            batch["gram"] = gram(rows)
+            batch_gram = gram(rows)
+            per_channel.append(batch_gram.diagonal())  # Σ x_j²
         if self.sq_sum is not None:
-            batch["sq_sum"] = rows.pow(2).sum(dim=0)
-            batch["abs_sum"] = rows.abs().sum(dim=0)
+            batch_sq_sum, batch_abs_sum = rows.pow(2).sum(dim=0), rows.abs().sum(dim=0)
+            per_channel += [batch_sq_sum, batch_abs_sum]
         if self.input_absmax is not None:
-            batch["absmax"] = rows.abs().amax(dim=0)
-        per_channel = [value.diagonal() if key == "gram" else value for key, value in batch.items()]  # the gram's diagonal is Σ x_j²
+            batch_absmax = rows.abs().amax(dim=0)
+            per_channel.append(batch_absmax)
         if not all(torch.isfinite(value).all() for value in per_channel):
             raise SlimlmError(
                 f"non-finite activations (NaN/Inf) reach {self.name} during calibration",
@@ -54,12 +55,12 @@ class InputStats:
             )
         if self.hessian is not None:
             # running mean of 2·x xᵀ: rescale the old mean, add the new batch's share
-            self.hessian.mul_(self.tokens / total).add_(batch["gram"], alpha=2.0 / total)
+            self.hessian.mul_(self.tokens / total).add_(batch_gram, alpha=2.0 / total)
         if self.sq_sum is not None:
-            self.sq_sum.add_(batch["sq_sum"])
-            self.abs_sum.add_(batch["abs_sum"])
+            self.sq_sum.add_(batch_sq_sum)
+            self.abs_sum.add_(batch_abs_sum)
         if self.input_absmax is not None:
-            torch.maximum(self.input_absmax, batch["absmax"], out=self.input_absmax)
+            torch.maximum(self.input_absmax, batch_absmax, out=self.input_absmax)
         self.tokens = total
 
     @property
