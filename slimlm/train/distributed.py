@@ -10,6 +10,7 @@ gradient of the whole batch.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,7 +54,9 @@ def init_from_env() -> World:
 def process_group() -> Iterator[World]:
     """`init_from_env` for the duration of a command: other ranks than 0 stay quiet (no progress bars), and on the
     way out every rank waits for the others before the group is torn down, so no process exits while another still
-    talks to it (gloo aborts a worker whose peer vanished mid-teardown). A no-op outside `torchrun`."""
+    talks to it (gloo aborts a worker whose peer vanished mid-teardown). Sharded models live on in reference cycles
+    (FSDP's hooks) and hold the group through their device mesh: they are collected before the group is destroyed,
+    not during interpreter exit (a CI run had a worker abort there: "terminate called without an active exception"). A no-op outside `torchrun`."""
     place = init_from_env()
     if not place.is_main:
         os.environ["SLIMLM_QUIET"] = "1"
@@ -61,8 +64,12 @@ def process_group() -> Iterator[World]:
     try:
         yield place
         finished = True
+    except SystemExit as exit_:  # a command line (click) ends with sys.exit even when it succeeds
+        finished = exit_.code in (0, None)
+        raise
     finally:
         if dist.is_available() and dist.is_initialized():
+            gc.collect()
             if finished:
                 dist.barrier()
             dist.destroy_process_group()
