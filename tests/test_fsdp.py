@@ -153,15 +153,13 @@ def worker(checkpoint: str | None, stop: int) -> list[float]:
 if __name__ == "__main__":
     import gc
 
-    from torch.distributed.fsdp import FSDPModule
-
-    from slimlm.train.distributed import process_group
+    from slimlm.train.distributed import is_sharded, process_group
 
     with process_group() as place:
         losses = worker(sys.argv[2] if len(sys.argv) > 2 else None, int(sys.argv[3]) if len(sys.argv) > 3 else STEPS)
         if place.is_main:
             Path(sys.argv[1]).write_text(json.dumps(losses))
     # the sharded models (kept alive by reference cycles) went with the group, not at interpreter exit
-    alive = sum(isinstance(o, FSDPModule) for o in gc.get_objects())
+    alive = sum(is_sharded(o) for o in gc.get_objects())
     if alive:
         sys.exit(f"{alive} FSDP modules outlived the process group")

@@ -56,7 +56,8 @@ def process_group() -> Iterator[World]:
     way out every rank waits for the others before the group is torn down, so no process exits while another still
     talks to it (gloo aborts a worker whose peer vanished mid-teardown). Sharded models live on in reference cycles
     (FSDP's hooks) and hold the group through their device mesh: they are collected before the group is destroyed,
-    not during interpreter exit (a CI run had a worker abort there: "terminate called without an active exception"). A no-op outside `torchrun`."""
+    not during interpreter exit (a CI run had a worker abort there: "terminate called without an active
+    exception"). A no-op outside `torchrun`."""
     place = init_from_env()
     if not place.is_main:
         os.environ["SLIMLM_QUIET"] = "1"
