@@ -1,6 +1,6 @@
 """Quantization benchmark on SmolLM2-135M: slimlm's quantization recipes, and llm-compressor side by side.
 
-    python benchmarks/quantization.py --wikitext ../shared/data/wikitext-2-raw [--llmcompressor ../lc-venv/bin/python]
+    python benchmarks/quantization.py --wikitext ../shared/data/wikitext-2-raw [--llmcompressor ../lc-venv/bin/python] [--repeat 3]
 
 Calibration: the same token ids for every method, by default 64 windows of 512 tokens of WikiText-2 *valid*,
 seed 0 (llm-compressor's quoted GPTQ/AWQ settings; the hash is printed and checked against each manifest).
@@ -13,6 +13,11 @@ which dense weights cannot show, so that row's perplexity is measured in llm-com
 no KL. Results are cached per method in --out with the settings they were measured under (a row measured
 under other settings is recomputed; delete a file to re-run that method).
 
+With --repeat N, the compressions not cached run in N rounds (each round runs every one once, so slimlm's and
+llm-compressor's runs of a method alternate); a row's time is the median of its rounds (`compress_s_runs` keeps
+them all), and for each method both tools ran, slimlm's time over llm-compressor's is printed per round with
+its median (`time_ratios` in summary.json).
+
 Per row: the scheme (bits / group / symmetry), perplexity, its change against the base, KL and top-1 against
 the base, weight bytes on disk, quantized linears' bytes as a share of the same linears in fp16, compression
 wall time (the method only: `compress_seconds` / `oneshot` seconds) and the child process's peak RSS.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -87,6 +93,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=None, help="comma-separated slimlm recipes (default: RTN and GPTQ W4 g64, plus every shipped awq*/smoothquant*/rotate* recipe)")
     parser.add_argument("--llmcompressor", help="a Python with llmcompressor 0.14 installed (its own venv)")
     parser.add_argument("--llmcompressor-methods", default=",".join(LLMCOMPRESSOR_METHODS))
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of compressions to run (median time reported; slimlm and llm-compressor alternate)")
     parser.add_argument("--out", default="benchmarks/results/quantization")
     args = parser.parse_args()
 
@@ -119,45 +126,95 @@ def main() -> None:
     jobs = [("slimlm", r) for r in recipes if r]
     if args.llmcompressor:
         jobs += [("llm-compressor", m) for m in args.llmcompressor_methods.split(",") if m]
+    pending = []
     for tool, method in jobs:
         result_file = out / f"{tool}-{method}.json"
-        if result_file.exists():
-            cached = json.loads(result_file.read_text())
-            if cached.get("settings") == settings:
-                rows.append(cached)
-                continue
-        model_dir = out / "models" / f"{tool}-{method}"
-        if tool == "slimlm":
-            command = [sys.executable, "-m", "slimlm.cli", "compress", str(base_dir), "--recipe", method, "--out", str(model_dir), "--no-eval", "--overwrite",
-                       "--calib-data", wikitext, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--seed", str(args.seed)]
+        cached = json.loads(result_file.read_text()) if result_file.exists() else None
+        if cached and cached.get("settings") == settings:
+            rows.append(cached)
         else:
-            command = [args.llmcompressor, str(Path(__file__).with_name("llmcompressor_side.py")), str(base_dir), str(calib_ids), method, str(model_dir), str(eval_ids)]
-        wall, peak_mib, status = run_child(command, out / f"{tool}-{method}.log")
-        if status:
-            print(f"{tool} {method}: failed (exit {status}), see {out / f'{tool}-{method}.log'}", flush=True)
+            pending.append((tool, method))
+    # Rounds, not one method after another: each round runs every pending compression once, so slimlm's and
+    # llm-compressor's runs of a method alternate and a slow spell of the machine falls on both.
+    runs: dict[tuple[str, str], list[dict]] = {job: [] for job in pending}
+    for round_index in range(args.repeat):
+        for tool, method in pending:
+            if len(runs[tool, method]) < round_index:
+                continue  # failed in an earlier round
+            run = compress_once(tool, method, args, base_dir, calib_ids, eval_ids, wikitext, out)
+            if run is None:
+                continue
+            if tool == "slimlm":
+                manifest = json.loads((out / "models" / f"{tool}-{method}" / "slimlm.json").read_text())
+                assert manifest["calibration"] == "none: every stage of this recipe is data-free" or manifest["calibration"]["sha256"] == calibration.sha256
+            runs[tool, method].append(run)
+            print(f"round {round_index + 1}/{args.repeat}: {tool} {method} {run['compress_s']:.1f} s", flush=True)
+    for (tool, method), measured in runs.items():
+        if not measured:
             continue
-        row = {"method": method, "tool": tool, "settings": settings, "process_wall_s": wall, "peak_rss_mib": peak_mib}
+        model_dir = out / "models" / f"{tool}-{method}"
+        seconds = [run["compress_s"] for run in measured]
+        row = {"method": method, "tool": tool, "settings": settings, "compress_s": statistics.median(seconds), "compress_s_runs": seconds,
+               "process_wall_s": statistics.median(run["process_wall_s"] for run in measured), "peak_rss_mib": max(run["peak_rss_mib"] for run in measured)}
         if tool == "slimlm":
             manifest = json.loads((model_dir / "slimlm.json").read_text())
-            assert manifest["calibration"] == "none: every stage of this recipe is data-free" or manifest["calibration"]["sha256"] == calibration.sha256
-            row.update(scheme=scheme_of(manifest["recipe"]["stages"]), compress_s=manifest["compress_seconds"],
-                       weight_bytes=manifest["storage"]["weight_bytes"], quantized_share_of_fp16=manifest["storage"].get("quantized_share_of_fp16"))
+            row.update(scheme=scheme_of(manifest["recipe"]["stages"]), weight_bytes=manifest["storage"]["weight_bytes"],
+                       quantized_share_of_fp16=manifest["storage"].get("quantized_share_of_fp16"))
         else:
-            side = json.loads((out / f"{tool}-{method}.log").read_text().strip().splitlines()[-1])
-            row.update(scheme=LLMCOMPRESSOR_SCHEMES[method], compress_s=side["oneshot_seconds"], **packed_footprint(Path(f"{model_dir}-packed"), base.model))
+            row.update(scheme=LLMCOMPRESSOR_SCHEMES[method], **packed_footprint(Path(f"{model_dir}-packed"), base.model))
         if tool == "llm-compressor" and method in LLMCOMPRESSOR_ACTIVATIONS:
-            row.update(perplexity=side["perplexity_in_process"], kl=None, top1=None, note="perplexity measured in llm-compressor's process (activations quantized there)")
+            row.update(perplexity=measured[-1]["perplexity_in_process"], kl=None, top1=None, note="perplexity measured in llm-compressor's process (activations quantized there)")
         else:
             model = load_model(str(model_dir)).model
             quality, _ = evaluate_quality(model, windows, reference=reference, progress=False)
             row.update(perplexity=quality.perplexity, kl=quality.kl_divergence, top1=quality.top1_agreement)
             del model
-        result_file.write_text(json.dumps(row, indent=2))
+        (out / f"{tool}-{method}.json").write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    side_by_side = time_ratios(runs)
+    for method, ratios in side_by_side.items():
+        print(f"{method}: slimlm / llm-compressor compression time per round {', '.join(f'{r:.3f}' for r in ratios['per_round'])}; median {ratios['median']:.3f}")
     print(markdown_table(rows))
-    (out / "summary.json").write_text(json.dumps({"calibration": calibration.describe(), "evaluation": windows.protocol(), "rows": rows}, indent=2))
+    summary = {"calibration": calibration.describe(), "evaluation": windows.protocol(), "rows": rows, "time_ratios": side_by_side}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def compress_once(tool: str, method: str, args: argparse.Namespace, base_dir: Path, calib_ids: Path, eval_ids: Path, wikitext: str, out: Path) -> dict | None:
+    """Run one compression in its own process; its compression seconds, process wall seconds and peak RSS (plus, for
+    llm-compressor's activation-quantizing rows, the perplexity its process measured), or None if it failed."""
+    model_dir = out / "models" / f"{tool}-{method}"
+    log = out / f"{tool}-{method}.log"
+    if tool == "slimlm":
+        command = [sys.executable, "-m", "slimlm.cli", "compress", str(base_dir), "--recipe", method, "--out", str(model_dir), "--no-eval", "--overwrite",
+                   "--calib-data", wikitext, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--seed", str(args.seed)]
+    else:
+        command = [args.llmcompressor, str(Path(__file__).with_name("llmcompressor_side.py")), str(base_dir), str(calib_ids), method, str(model_dir), str(eval_ids)]
+    wall, peak_mib, status = run_child(command, log)
+    if status:
+        print(f"{tool} {method}: failed (exit {status}), see {log}", flush=True)
+        return None
+    run = {"process_wall_s": wall, "peak_rss_mib": peak_mib}
+    if tool == "slimlm":
+        run["compress_s"] = json.loads((model_dir / "slimlm.json").read_text())["compress_seconds"]
+    else:
+        side = json.loads(log.read_text().strip().splitlines()[-1])
+        run["compress_s"] = side["oneshot_seconds"]
+        if "perplexity_in_process" in side:
+            run["perplexity_in_process"] = side["perplexity_in_process"]
+    return run
+
+
+def time_ratios(runs: dict[tuple[str, str], list[dict]]) -> dict[str, dict]:
+    """slimlm's compression time over llm-compressor's, per round, for each method both ran in every round."""
+    ratios = {}
+    for (tool, method), measured in runs.items():
+        theirs = runs.get(("llm-compressor", method), [])
+        if tool == "slimlm" and measured and len(measured) == len(theirs):
+            per_round = [ours["compress_s"] / other["compress_s"] for ours, other in zip(measured, theirs)]
+            ratios[method] = {"per_round": per_round, "median": statistics.median(per_round)}
+    return ratios
 
 
 def markdown_table(rows: list[dict]) -> str:
