@@ -145,8 +145,8 @@ def main() -> None:
             if run is None:
                 continue
             if tool == "slimlm":
-                manifest = json.loads((out / "models" / f"{tool}-{method}" / "slimlm.json").read_text())
-                assert manifest["calibration"] == "none: every stage of this recipe is data-free" or manifest["calibration"]["sha256"] == calibration.sha256
+                calibrated = run["manifest"]["calibration"]
+                assert calibrated == "none: every stage of this recipe is data-free" or calibrated["sha256"] == calibration.sha256
             runs[tool, method].append(run)
             print(f"round {round_index + 1}/{args.repeat}: {tool} {method} {run['compress_s']:.1f} s", flush=True)
     for (tool, method), measured in runs.items():
@@ -157,7 +157,7 @@ def main() -> None:
         row = {"method": method, "tool": tool, "settings": settings, "compress_s": statistics.median(seconds), "compress_s_runs": seconds,
                "process_wall_s": statistics.median(run["process_wall_s"] for run in measured), "peak_rss_mib": max(run["peak_rss_mib"] for run in measured)}
         if tool == "slimlm":
-            manifest = json.loads((model_dir / "slimlm.json").read_text())
+            manifest = measured[-1]["manifest"]
             row.update(scheme=scheme_of(manifest["recipe"]["stages"]), weight_bytes=manifest["storage"]["weight_bytes"],
                        quantized_share_of_fp16=manifest["storage"].get("quantized_share_of_fp16"))
         else:
@@ -182,8 +182,9 @@ def main() -> None:
 
 
 def compress_once(tool: str, method: str, args: argparse.Namespace, base_dir: Path, calib_ids: Path, eval_ids: Path, wikitext: str, out: Path) -> dict | None:
-    """Run one compression in its own process; its compression seconds, process wall seconds and peak RSS (plus, for
-    llm-compressor's activation-quantizing rows, the perplexity its process measured), or None if it failed."""
+    """Run one compression in its own process; its compression seconds, process wall seconds and peak RSS (plus
+    slimlm's manifest, or for llm-compressor's activation-quantizing rows the perplexity its process measured), or
+    None if it failed."""
     model_dir = out / "models" / f"{tool}-{method}"
     log = out / f"{tool}-{method}.log"
     if tool == "slimlm":
@@ -197,7 +198,8 @@ def compress_once(tool: str, method: str, args: argparse.Namespace, base_dir: Pa
         return None
     run = {"process_wall_s": wall, "peak_rss_mib": peak_mib}
     if tool == "slimlm":
-        run["compress_s"] = json.loads((model_dir / "slimlm.json").read_text())["compress_seconds"]
+        manifest = json.loads((model_dir / "slimlm.json").read_text())
+        run.update(compress_s=manifest["compress_seconds"], manifest=manifest)
     else:
         side = json.loads(log.read_text().strip().splitlines()[-1])
         run["compress_s"] = side["oneshot_seconds"]
