@@ -182,9 +182,11 @@ class KIVILayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         keys, values = self.keys, self.values
         if self.quantized is not None:
+            # The new states carry the model's dtype; transformers' own layer attributes differ between releases.
+            dtype = key_states.dtype
             key_codes, key_scale, key_min, value_codes, value_scale, value_min = self.quantized
-            keys = torch.cat([dequantize_keys(key_codes, key_scale, key_min, self.dtype), keys], dim=-2)
-            values = torch.cat([dequantize_values(value_codes, value_scale, value_min, self.dtype), values], dim=-2)
+            keys = torch.cat([dequantize_keys(key_codes, key_scale, key_min, dtype), keys], dim=-2)
+            values = torch.cat([dequantize_values(value_codes, value_scale, value_min, dtype), values], dim=-2)
         self._flush()
         return keys, values
 
