@@ -45,7 +45,7 @@ def main() -> None:
     from slimlm.evaluate.speed import measure_speed
     from slimlm.models.load import load_model
     from slimlm.models.save import save_model
-    from slimlm.pipeline import linear_sparsity
+    from slimlm.evaluate.footprint import linear_sparsity
 
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)

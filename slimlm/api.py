@@ -16,58 +16,36 @@ from torch import nn
 
 from slimlm.data.calibration import CalibrationSet, sample_calibration
 from slimlm.data.text import load_text
-from slimlm.evaluate.footprint import parameter_count, peak_memory
+from slimlm.evaluate.footprint import linear_sparsity, parameter_count, peak_memory
 from slimlm.evaluate.perplexity import (
     EvalWindows,
     ReferenceLogits,
     evaluate_quality,
     make_windows,
 )
-from slimlm.evaluate.speed import SpeedSettings
 from slimlm.export import export_model
-from slimlm.models.load import DEFAULT_MODEL, LoadedModel, load_model
+from slimlm.models.load import LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
-from slimlm.pipeline import check_recipe, compress_, linear_sparsity, needs_calibration
+from slimlm.pipeline import check_recipe, compress_, recipe_needs
 from slimlm.quantize.kv_cache import (
     DEFAULT_CHUNK,
     KVCacheConfig,
     kv_cache_setting,
     kv_cache_summary,
 )
-from slimlm.quantize.sensitivity import SensitivityTable, layer_sensitivity
+from slimlm.sensitivity import SensitivityTable, layer_sensitivity
 from slimlm.recipes import Recipe, load_recipe, parse_stage
-from slimlm.recipes.registry import METHODS
+from slimlm.settings import (
+    COMPRESS_EVALUATION,
+    DEFAULT_MODEL,
+    DEFAULT_RUN_RECIPES,
+    DEFAULT_SENSITIVITY_STAGE,
+    SENSITIVITY_CALIBRATION,
+    SENSITIVITY_EVALUATION,
+    CalibrationSettings,
+    EvalSettings,
+)
 from slimlm.train.distributed import world
-
-DEFAULT_RUN_RECIPES = ("magnitude-50", "magnitude-2of4", "rtn-w8", "rtn-w4-g64")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What quality is measured on. Defaults: every 2048-token window of the offline default corpus."""
-
-    data: str = "default"  # "default", a .txt/.jsonl file, "wikitext2:DIR" or "hf:NAME[:CONFIG]"
-    split: str = "evaluation"
-    seqlen: int = 2048
-    max_windows: int | None = None  # None: every window of the text
-    kl_windows: int = 4  # base log-probs kept for KL/top-1 (~400 MB per 2048-token window of SmolLM2's vocab)
-    kv_cache: KVCacheConfig | None = None  # `evaluate` only: through this quantized KV cache instead of the model's own setting
-    chunk_size: int | None = None  # `evaluate` only: tokens per forward through a KV cache; None: one forward per window (128 with a KV cache)
-    perplexity: bool = True  # `evaluate` only: False skips perplexity (e.g. when only zero-shot tasks are wanted)
-    tasks: tuple[str, ...] = ()  # zero-shot tasks ("hellaswag", "piqa:PATH", ...; see slimlm.evaluate.tasks.TASKS)
-    task_limit: int | None = None  # examples per task, a seeded subset; None: all
-    task_seed: int = 0
-    task_data: str | None = None  # folder holding the tasks' files (default: $SLIMLM_DATA or a shared/data nearby)
-    speed: SpeedSettings | None = None  # latency / throughput / memory / energy; None: not measured
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    data: str = "default"
-    samples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-
 
 @dataclass
 class Variant:
@@ -107,17 +85,19 @@ def kv_cache_metrics(model: nn.Module, windows: EvalWindows, config: KVCacheConf
 
 def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) -> CalibrationSet | None:
     """Draw calibration samples only when some stage needs statistics."""
-    if not any(needs_calibration(METHODS[stage.method]) for stage in recipe.stages):
+    if "calibration" not in recipe_needs(recipe):
         return None
     text = load_text(settings.data, split="calibration")
     return sample_calibration(tokenizer, text, settings.samples, settings.seqlen, settings.seed)
 
 
 def _compress(model: nn.Module, tokenizer, recipe: Recipe, calibration_settings: CalibrationSettings, device: torch.device | None) -> tuple[nn.Module, dict]:
-    """Compress `model` in place (pass a copy to keep the original); returns it and what the run did."""
+    """Compress `model` in place (pass a copy to keep the original); returns it and what the run did. The caller
+    has run `check_recipe` on the model (before its slow base evaluation)."""
     calibration = calibration_for(recipe, tokenizer, calibration_settings)
     start = time.perf_counter()
-    logs = compress_(model, recipe, calibration, device, tokenizer=tokenizer)  # a distill stage reads its data with it
+    # a distill stage reads its data with the tokenizer
+    logs = compress_(model, recipe, calibration, device, tokenizer=tokenizer, checked=True)
     info = {
         "compress_seconds": time.perf_counter() - start,
         "stages": [asdict(log) for log in logs],
@@ -143,7 +123,7 @@ def compress(
     recipe: str = "magnitude-2of4",
     out: str | Path = "slimlm-out",
     calibration: CalibrationSettings = CalibrationSettings(),
-    evaluation: EvalSettings | None = EvalSettings(max_windows=8),
+    evaluation: EvalSettings | None = COMPRESS_EVALUATION,
     overwrite: bool = False,
     allow_pickle: bool = False,
     device: str | None = None,
@@ -241,15 +221,15 @@ def evaluate(
 def sensitivity(
     model: str = DEFAULT_MODEL,
     stage: dict | None = None,
-    evaluation: EvalSettings = EvalSettings(seqlen=512, max_windows=2),
-    calibration: CalibrationSettings = CalibrationSettings(samples=16, seqlen=512),
+    evaluation: EvalSettings = SENSITIVITY_EVALUATION,
+    calibration: CalibrationSettings = SENSITIVITY_CALIBRATION,
     allow_pickle: bool = False,
     device: str | None = None,
 ) -> SensitivityTable:
     """Rank the model's block linears by the KL divergence from the base when each alone is compressed with `stage`
     (a recipe stage as a dict; default int4 RTN, groups of 64). Returns a `SensitivityTable`, most sensitive first.
     Calibration data is drawn only for stages that need statistics (e.g. gptq)."""
-    config = parse_stage(stage or {"method": "rtn", "bits": 4, "group_size": 64}, "sensitivity stage")
+    config = parse_stage(stage or DEFAULT_SENSITIVITY_STAGE, "sensitivity stage")
     text = load_text(evaluation.data, evaluation.split)
     loaded = load_model(model, allow_pickle=allow_pickle, device=device)
     windows = make_windows(loaded.tokenizer, text, evaluation.seqlen, evaluation.max_windows)

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from slimlm.errors import SlimlmError
+from slimlm.settings import (
+    COMPRESS_EVALUATION,
+    DEFAULT_MODEL,
+    FAST_EVALUATION,
+    SENSITIVITY_CALIBRATION,
+    SENSITIVITY_EVALUATION,
+    CalibrationSettings,
+    EvalSettings,
+    SettingError,
+)
+
+# The defaults of every option below come from these settings instances (slimlm/settings.py), declared once.
+CALIBRATION = CalibrationSettings()
+EVALUATION = EvalSettings()
 
 app = typer.Typer(
     name="slimlm",
@@ -43,29 +59,47 @@ SpeedFlag = Annotated[bool, typer.Option("--speed", help="Also measure TTFT, TPO
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt pickle checkpoints (they can run code: trusted sources only).")]
 
 
-def _settings(eval_data: str, split: str, seqlen: int, windows: int | None, kl_windows: int):
-    from slimlm.api import EvalSettings
+EVAL_FLAGS = {"seqlen": "--seqlen", "max_windows": "--windows", "chunk_size": "--chunk-size", "task_limit": "--limit"}
+CALIBRATION_FLAGS = {"data": "--calib-data", "samples": "--calib-samples", "seqlen": "--calib-seqlen", "seed": "--seed"}
 
-    return EvalSettings(data=eval_data, split=split, seqlen=seqlen, max_windows=windows, kl_windows=kl_windows)
+
+def _build(settings_class: type, flags: dict[str, str], **values: object):
+    """`settings_class(**values)`; a bad value is refused naming the flag the user typed, not the field."""
+    try:
+        return settings_class(**values)
+    except SettingError as err:
+        if err.field in flags:
+            raise err.for_flag(flags[err.field]) from None
+        raise
+
+
+def _calibration(data: str, samples: int, seqlen: int, seed: int) -> CalibrationSettings:
+    return _build(CalibrationSettings, CALIBRATION_FLAGS, data=data, samples=samples, seqlen=seqlen, seed=seed)
+
+
+def _settings(eval_data: str, split: str, seqlen: int, windows: int | None, kl_windows: int, **more: object) -> EvalSettings:
+    flags = {**EVAL_FLAGS, "data": "--eval-data"}
+    values = dict(data=eval_data, split=split, seqlen=seqlen, max_windows=windows, kl_windows=kl_windows, **more)
+    return _build(EvalSettings, flags, **values)
 
 
 @app.command()
 def run(
-    model: Annotated[str, typer.Option("--model", help="Model to compress (alias, directory, .gguf or hub id).")] = "smollm2-135m",
+    model: Annotated[str, typer.Option("--model", help="Model to compress (alias, directory, .gguf or hub id).")] = DEFAULT_MODEL,
     recipes: Annotated[str | None, typer.Option("--recipes", help="Comma-separated recipe names or YAML paths.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report directory (default: slimlm-runs/<timestamp>).")] = None,
-    eval_data: EvalData = "default",
-    seqlen: Seqlen = 2048,
-    windows: Windows = None,
-    fast: Annotated[bool, typer.Option("--fast", help="Quick look: 4 windows of 512 tokens, KL on 2.")] = False,
+    eval_data: EvalData = EVALUATION.data,
+    seqlen: Seqlen = EVALUATION.seqlen,
+    windows: Windows = EVALUATION.max_windows,
+    fast: Annotated[bool, typer.Option("--fast", help=f"Quick look: {FAST_EVALUATION.max_windows} windows of {FAST_EVALUATION.seqlen} tokens, KL on {FAST_EVALUATION.kl_windows}.")] = False,
     tasks: Tasks = None,
     limit: TaskLimit = None,
     task_data: TaskData = None,
     speed: SpeedFlag = False,
-    calib_data: CalibData = "default",
-    calib_samples: CalibSamples = 128,
-    calib_seqlen: CalibSeqlen = 2048,
-    seed: Seed = 0,
+    calib_data: CalibData = CALIBRATION.data,
+    calib_samples: CalibSamples = CALIBRATION.samples,
+    calib_seqlen: CalibSeqlen = CALIBRATION.seqlen,
+    seed: Seed = CALIBRATION.seed,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
     device: Device = None,
@@ -80,15 +114,13 @@ def run(
       slimlm run --recipes magnitude-50,wanda-50 --calib-samples 32   # Wanda calibrates on 32 x 2048 tokens
       slimlm run --fast --tasks piqa,arc_easy --limit 200 --speed       # zero-shot and speed columns, two plots
     """
-    from dataclasses import replace
-
-    from slimlm.api import DEFAULT_RUN_RECIPES, CalibrationSettings
     from slimlm.api import run as run_job
+    from slimlm.settings import DEFAULT_RUN_RECIPES
 
     names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else DEFAULT_RUN_RECIPES
-    settings = _settings(eval_data, "evaluation", 512 if fast else seqlen, 4 if fast else windows, 2 if fast else 4)
-    settings = replace(settings, **_task_settings(tasks, limit, 0, task_data, speed))
-    calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)
+    shape = FAST_EVALUATION if fast else _settings(eval_data, EVALUATION.split, seqlen, windows, EVALUATION.kl_windows)
+    settings = _settings(eval_data, shape.split, shape.seqlen, shape.max_windows, shape.kl_windows, **_task_settings(tasks, limit, EVALUATION.task_seed, task_data, speed))
+    calibration = _calibration(calib_data, calib_samples, calib_seqlen, seed)
     run_job(model=model, recipes=names, evaluation=settings, calibration=calibration, out_dir=out, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
 
 
@@ -97,13 +129,13 @@ def compress(
     model: ModelArg,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Shipped recipe name (see 'slimlm recipes') or a YAML file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output model directory (written atomically).")],
-    calib_data: CalibData = "default",
-    calib_samples: CalibSamples = 128,
-    calib_seqlen: CalibSeqlen = 2048,
-    seed: Seed = 0,
-    eval_data: EvalData = "default",
-    seqlen: Seqlen = 2048,
-    windows: Annotated[int, typer.Option("--windows", help="Perplexity windows for the before/after check.")] = 8,
+    calib_data: CalibData = CALIBRATION.data,
+    calib_samples: CalibSamples = CALIBRATION.samples,
+    calib_seqlen: CalibSeqlen = CALIBRATION.seqlen,
+    seed: Seed = CALIBRATION.seed,
+    eval_data: EvalData = COMPRESS_EVALUATION.data,
+    seqlen: Seqlen = COMPRESS_EVALUATION.seqlen,
+    windows: Annotated[int, typer.Option("--windows", help="Perplexity windows for the before/after check.")] = COMPRESS_EVALUATION.max_windows,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -119,14 +151,13 @@ def compress(
       torchrun --nproc_per_node 8 -m slimlm.cli compress smollm2-135m --recipe minitron-25 --out smol-minitron
       (training stages run FSDP2-sharded over the processes; rank 0 evaluates and saves)
     """
-    from slimlm.api import CalibrationSettings
     from slimlm.api import compress as compress_job
     from slimlm.progress import console
     from slimlm.train.distributed import world
 
-    calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)
-    evaluation = None if no_eval else _settings(eval_data, "evaluation", seqlen, windows, 4)
-    manifest = compress_job(model, recipe, out, calibration, evaluation, overwrite, allow_pickle, device)
+    calibration = _calibration(calib_data, calib_samples, calib_seqlen, seed)
+    evaluation = None if no_eval else _settings(eval_data, COMPRESS_EVALUATION.split, seqlen, windows, COMPRESS_EVALUATION.kl_windows)
+    manifest = compress_job(model=model, recipe=recipe, out=out, calibration=calibration, evaluation=evaluation, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
     if not world().is_main:
         return  # under torchrun: rank 0 saved the model and reports
     metrics = manifest["metrics"]
@@ -146,10 +177,10 @@ def compress(
 @app.command(name="eval")
 def eval_(
     model: ModelArg,
-    data: Annotated[str, typer.Option("--data", help="'default', a .txt/.jsonl file, 'wikitext2:DIR' or 'hf:NAME[:CONFIG]'.")] = "default",
-    split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = "evaluation",
-    seqlen: Seqlen = 2048,
-    windows: Windows = None,
+    data: Annotated[str, typer.Option("--data", help="'default', a .txt/.jsonl file, 'wikitext2:DIR' or 'hf:NAME[:CONFIG]'.")] = EVALUATION.data,
+    split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = EVALUATION.split,
+    seqlen: Seqlen = EVALUATION.seqlen,
+    windows: Windows = EVALUATION.max_windows,
     base: Annotated[str | None, typer.Option("--base", help="Base model to measure KL divergence and top-1 agreement against.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
     kv_bits: Annotated[int | None, typer.Option("--kv-bits", help="Evaluate through a KIVI-quantized KV cache of 2, 4 or 8 bits (default: the model's own kv-cache setting, if any).")] = None,
@@ -158,7 +189,7 @@ def eval_(
     chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Feed each window this many tokens at a time through the KV cache (default 128 with a quantized cache; alone: a full-precision cache).")] = None,
     tasks: Tasks = None,
     limit: TaskLimit = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = EVALUATION.task_seed,
     task_data: TaskData = None,
     perplexity: Annotated[bool | None, typer.Option("--perplexity/--no-perplexity", help="Measure perplexity (default: yes, unless --tasks is given).")] = None,
     speed: SpeedFlag = False,
@@ -177,8 +208,6 @@ def eval_(
       slimlm eval smollm2-135m --tasks hellaswag,piqa,arc_easy,arc_challenge,lambada --limit 500
       slimlm eval smol-w4 --tasks piqa:../shared/data/piqa/valid.jsonl --speed
     """
-    from dataclasses import replace
-
     from slimlm.api import evaluate
     from slimlm.progress import console
     from slimlm.quantize.kv_cache import KVCacheConfig
@@ -189,14 +218,19 @@ def eval_(
         kv_cache = KVCacheConfig(bits=kv_bits, **{key: value for key, value in given.items() if value is not None})
     elif kv_group_size is not None or kv_residual is not None:
         raise SlimlmError("--kv-group-size and --kv-residual shape a quantized KV cache, but --kv-bits is not given", "add --kv-bits 2, 4 or 8")
-    settings = replace(
-        _settings(data, split, seqlen, windows, 4),
+    settings = _build(
+        EvalSettings,
+        {**EVAL_FLAGS, "data": "--data"},
+        data=data,
+        split=split,
+        seqlen=seqlen,
+        max_windows=windows,
         kv_cache=kv_cache,
         chunk_size=chunk_size,
         **_task_settings(tasks, limit, seed, task_data, speed),
         perplexity=perplexity if perplexity is not None else not tasks,
     )
-    result = evaluate(model, settings, base=base, allow_pickle=allow_pickle, device=device)
+    result = evaluate(model=model, evaluation=settings, base=base, allow_pickle=allow_pickle, device=device)
     if "quality" in result:
         quality = result["quality"]
         line = f"perplexity {quality['perplexity']:.3f}"
@@ -227,13 +261,13 @@ def sensitivity(
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="Symmetric grid, or an integer zero point per group (default: the method's).")] = None,
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="Sparsity (pruning methods; then --bits/--group-size are ignored).")] = None,
     targets: Annotated[str | None, typer.Option("--targets", help="Regex: measure only these linears.")] = None,
-    data: Annotated[str, typer.Option("--data", help="'default', a .txt/.jsonl file, 'wikitext2:DIR' or 'hf:NAME[:CONFIG]'.")] = "default",
-    split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = "evaluation",
-    seqlen: Seqlen = 512,
-    windows: Annotated[int, typer.Option("--windows", help="Windows the KL is measured on (one forward pass each, per layer).")] = 2,
-    calib_data: CalibData = "default",
-    calib_samples: CalibSamples = 16,
-    calib_seqlen: CalibSeqlen = 512,
+    data: Annotated[str, typer.Option("--data", help="'default', a .txt/.jsonl file, 'wikitext2:DIR' or 'hf:NAME[:CONFIG]'.")] = SENSITIVITY_EVALUATION.data,
+    split: Annotated[str, typer.Option("--split", help="Split of --data: evaluation/calibration (default corpus), test/valid (WikiText-2).")] = SENSITIVITY_EVALUATION.split,
+    seqlen: Seqlen = SENSITIVITY_EVALUATION.seqlen,
+    windows: Annotated[int, typer.Option("--windows", help="Windows the KL is measured on (one forward pass each, per layer).")] = SENSITIVITY_EVALUATION.max_windows,
+    calib_data: CalibData = SENSITIVITY_CALIBRATION.data,
+    calib_samples: CalibSamples = SENSITIVITY_CALIBRATION.samples,
+    calib_seqlen: CalibSeqlen = SENSITIVITY_CALIBRATION.seqlen,
     top: Annotated[int, typer.Option("--top", help="Rows to print (the JSON has all).")] = 20,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full table to this JSON file.")] = None,
     allow_pickle: AllowPickle = False,
@@ -251,7 +285,6 @@ def sensitivity(
     """
     from rich.table import Table
 
-    from slimlm.api import CalibrationSettings
     from slimlm.api import sensitivity as measure
     from slimlm.progress import console
 
@@ -264,7 +297,9 @@ def sensitivity(
         stage["symmetric"] = symmetric
     if targets is not None:
         stage["targets"] = targets
-    table = measure(model, stage, _settings(data, split, seqlen, windows, windows), CalibrationSettings(calib_data, calib_samples, calib_seqlen), allow_pickle, device)
+    evaluation = _build(EvalSettings, {**EVAL_FLAGS, "data": "--data"}, data=data, split=split, seqlen=seqlen, max_windows=windows, kl_windows=windows)
+    calibration = _calibration(calib_data, calib_samples, calib_seqlen, SENSITIVITY_CALIBRATION.seed)
+    table = measure(model=model, stage=stage, evaluation=evaluation, calibration=calibration, allow_pickle=allow_pickle, device=device)
     shown = Table(title=f"sensitivity: {', '.join(f'{k}={v}' for k, v in stage.items())} · base perplexity {table.base_perplexity:.3f}")
     for column in ("rank", "layer", "KL", "top-1", "perplexity"):
         shown.add_column(column, justify="left" if column == "layer" else "right")
@@ -300,7 +335,7 @@ def export(
     from slimlm.api import export as export_job
     from slimlm.progress import console
 
-    result = export_job(model, format, out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle)
+    result = export_job(model=model, format=format, out=out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle)
     size = f"{result['bytes'] / 1e6:.1f} MB"
     if format == "gguf":
         types = ", ".join(f"{kind} ×{count}" for kind, count in sorted(result["tensor_types"].items()))
@@ -368,50 +403,70 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A directory written by 
 
 
 @app.command()
-def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's stages.")] = None) -> None:
+def recipes(
+    name: Annotated[str | None, typer.Argument(help="Show this recipe's stages.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the recipes and methods (or the one recipe) as JSON on stdout.")] = False,
+) -> None:
     """List the shipped recipes and the methods their stages use, or show one recipe.
 
     [bold]Examples[/bold]
 
       slimlm recipes
       slimlm recipes magnitude-2of4
+      slimlm recipes --json
     """
-    from rich.table import Table
-
-    from slimlm.progress import console
-    from slimlm.recipes import load_recipe, shipped_recipes
+    from slimlm.recipes import load_recipe, recipe_outline, shipped_recipes
     from slimlm.recipes.registry import METHODS
 
     if name:
-        recipe = load_recipe(name)
+        recipe = load_recipe(name)  # builds (and so validates) every stage
+        if as_json:
+            print(json.dumps({"name": recipe.name, "description": recipe.description, "stages": recipe.to_list()}, indent=2))
+            return
+        from slimlm.progress import console
+
         console.print(f"[bold]{recipe.name}[/bold]: {recipe.description}")
         for index, stage in enumerate(recipe.to_list(), 1):
             console.print(f"  {index}. " + ", ".join(f"{k}={v}" for k, v in stage.items()))
         return
+    outlines = {recipe_name: recipe_outline(path) for recipe_name, path in shipped_recipes().items()}
+    methods = {method_name: METHODS.summary(method_name) for method_name in sorted(METHODS)}
+    if as_json:
+        shipped = [{"name": n, "stages": stages, "description": d} for n, (d, stages) in outlines.items()]
+        print(json.dumps({"recipes": shipped, "methods": methods}, indent=2))
+        return
+    from rich.table import Table
+
+    from slimlm.progress import console
+
     table = Table(title="shipped recipes")
     table.add_column("name")
     table.add_column("stages")
     table.add_column("description")
-    for recipe_name in shipped_recipes():
-        recipe = load_recipe(recipe_name)
-        table.add_row(recipe_name, " → ".join(stage.method for stage in recipe.stages), recipe.description)
+    for recipe_name, (description, stages) in outlines.items():
+        table.add_row(recipe_name, " → ".join(stages), description)
     console.print(table)
-    methods = Table(title="methods a recipe stage can use")
-    methods.add_column("method")
-    methods.add_column("what it does")
-    for method_name, method in sorted(METHODS.items()):
-        methods.add_row(method_name, method.summary)
-    console.print(methods)
+    shown = Table(title="methods a recipe stage can use")
+    shown.add_column("method")
+    shown.add_column("what it does")
+    for method_name, summary in methods.items():
+        shown.add_row(method_name, summary)
+    console.print(shown)
 
 
 def main() -> None:
     from rich.markup import escape
 
     from slimlm.progress import console
-    from slimlm.train.distributed import process_group
 
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun (`torchrun ... -m slimlm.cli compress`): join its processes
+        from slimlm.train.distributed import process_group
+
+        group = process_group()
+    else:  # a plain process: torch is imported only by the verb that needs it, so --help stays fast
+        group = nullcontext()
     try:
-        with process_group():  # joins torchrun's processes when launched by it (`torchrun ... -m slimlm.cli compress`)
+        with group:
             app()
     except SlimlmError as err:  # escaped: a path or value like "[red]x" in the message is text, not markup
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)

@@ -349,7 +349,8 @@ def test_distill_config_refuses_bad_values(raw, match):
 
 
 def test_recipe_prune_then_distill_learns_from_the_unpruned_model(tokenizer, text_file):
-    from slimlm.pipeline import compress_, linear_sparsity
+    from slimlm.evaluate.footprint import linear_sparsity
+    from slimlm.pipeline import compress_
     from slimlm.recipes import parse_recipe
 
     model = sharp(tiny_model("qwen2"))  # untied: the blocks, not the scaled embeddings, shape the outputs

@@ -8,7 +8,8 @@ from conftest import tiny_model, tiny_tokenizer
 
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
-from slimlm.pipeline import compress_, linear_sparsity
+from slimlm.evaluate.footprint import linear_sparsity
+from slimlm.pipeline import compress_
 from slimlm.recipes import load_recipe, parse_recipe, shipped_recipes
 from slimlm.recipes.registry import METHODS
 

@@ -41,19 +41,11 @@ from slimlm.models.adapters import (
     decoder_blocks,
     is_linear,
 )
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Base, Stage, StageConfig, check_range
 from slimlm.train.distributed import full_state, shard_, world
 from slimlm.train.trainer import OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult, train
 
 SAMPLES = ("corpus", "teacher", "student")
-
-
-@dataclass(frozen=True)
-class Base:
-    """The model as it was before the recipe ran, and its tokenizer: what distillation stages learn from."""
-
-    model: nn.Module
-    tokenizer: object
 
 
 @dataclass(frozen=True)
@@ -283,3 +275,6 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
         merge_lora(trained)
     model.eval()
     return result
+
+
+DISTILL = Stage(config=DistillConfig, apply=distill_, scope="model", needs=("base",), check=check_distill)

@@ -22,20 +22,39 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) + codes
 
 
+def _zero_share(weights: Iterable[torch.Tensor]) -> tuple[int, int]:
+    zeros = total = 0
+    for weight in weights:
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros, total
+
+
 def sparsity(model: nn.Module, linear_names: Iterable[str]) -> float:
     """Share of exact zeros in the `.weight` of the named modules (quantized codes are not counted: a zero code
     need not dequantize to zero)."""
     modules = dict(model.named_modules())
-    zeros = total = 0
     for name in linear_names:
         if name not in modules:
             raise SlimlmError(f"the model has no module '{name}'", "pass fully-qualified module names from model.named_modules()")
-        weight = getattr(modules[name], "weight", None)
-        if isinstance(weight, torch.Tensor):
-            zeros += (weight == 0).sum().item()
-            total += weight.numel()
+    weights = [getattr(modules[name], "weight", None) for name in linear_names]
+    zeros, total = _zero_share(weight for weight in weights if isinstance(weight, torch.Tensor))
     if total == 0:
         raise SlimlmError("none of the named modules has a .weight tensor to measure sparsity on", "measure sparsity before quantizing")
+    return zeros / total
+
+
+def linear_sparsity(model: nn.Module) -> float:
+    """Share of exactly-zero weights over all decoder-block linears (quantized ones after dequantization)."""
+    from slimlm.models.adapters import block_linears, decoder_blocks
+    from slimlm.quantize.linear import QuantizedLinear
+
+    def weights() -> Iterable[torch.Tensor]:
+        for index in range(len(decoder_blocks(model))):
+            for module in block_linears(model, index).values():
+                yield module.dequantized_weight() if isinstance(module, QuantizedLinear) else module.weight
+
+    zeros, total = _zero_share(weights())
     return zeros / total
 
 

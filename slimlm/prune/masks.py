@@ -11,9 +11,11 @@ import re
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.models.adapters import linear_weight
+from slimlm.stage import StageConfig, check_range
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -77,3 +79,15 @@ class SparsityConfig(StageConfig):
         if n_m:
             return 1 - n_m[0] / n_m[1]
         return 0.5 if self.sparsity is None else self.sparsity
+
+
+def check_pattern(linears: dict[str, nn.Module], config: SparsityConfig) -> None:
+    """Refuse an n:m pattern whose m does not divide a layer's input size, before anything is pruned."""
+    n_m = parse_pattern(config.pattern)
+    for name, module in linears.items():
+        in_features = linear_weight(module).shape[1]
+        if n_m and in_features % n_m[1]:
+            raise SlimlmError(
+                f"{config.method}: pattern {config.pattern} needs input sizes divisible by {n_m[1]}, but {name} has {in_features}",
+                "pick an n:m pattern whose m divides every layer's input size, or exclude the layer with 'targets'",
+            )

@@ -30,9 +30,9 @@ from slimlm.calibration.stats import InputStats
 from slimlm.data.calibration import CalibrationSet
 from slimlm.models.adapters import decoder_blocks, linear_weight
 from slimlm.prune.magnitude import MagnitudeConfig, prune_magnitude_
-from slimlm.prune.masks import SparsityConfig
+from slimlm.prune.masks import SparsityConfig, check_pattern
 from slimlm.prune.wanda import WandaConfig, prune_wanda_, wanda_scores
-from slimlm.recipes.config import check_range
+from slimlm.stage import Stage, check_range
 
 BASE_CONFIGS: dict[str, type[SparsityConfig]] = {"wanda": WandaConfig, "magnitude": MagnitudeConfig}
 
@@ -102,9 +102,19 @@ def owl_block_configs(model: nn.Module, config: OWLConfig, calibration: Calibrat
     return [base(targets=config.targets, sparsity=allocated.get(index, config.target_sparsity)) for index in range(len(decoder_blocks(model)))]
 
 
-def prune_owl_(linears: dict[str, nn.Module], block_config: SparsityConfig, stats: dict[str, InputStats]) -> None:
-    """Prune one block with the config `owl_block_configs` made for it (the base method at the block's sparsity)."""
-    if isinstance(block_config, WandaConfig):
-        prune_wanda_(linears, block_config, stats)
+def prune_owl_(linears: dict[str, nn.Module], config: SparsityConfig, stats: dict[str, InputStats]) -> None:
+    """Prune one block with the config `owl_configs` made for it (the base method at the block's sparsity)."""
+    if isinstance(config, WandaConfig):
+        prune_wanda_(linears, config, stats)
     else:
-        prune_magnitude_(linears, block_config)
+        prune_magnitude_(linears, config)
+
+
+OWL = Stage(
+    config=OWLConfig,
+    apply=prune_owl_,
+    needs=("input_norm",),
+    check=check_pattern,
+    block_configs=owl_block_configs,
+    true_sequential=True,  # as the wanda method's default
+)

@@ -42,8 +42,8 @@ from slimlm.calibration.hessian import (
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight, set_linear_weight_
-from slimlm.prune.masks import SparsityConfig, n_m_mask, parse_pattern, row_mask_count
-from slimlm.recipes.config import check_range
+from slimlm.prune.masks import SparsityConfig, check_pattern, n_m_mask, parse_pattern, row_mask_count
+from slimlm.stage import Stage, check_dampening, check_range
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,7 @@ class SparseGPTConfig(SparsityConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range(self, "block_size", self.block_size, 1, math.inf)
-        if not 0 < self.dampening <= 1:
-            self.fail("dampening", f"is {self.dampening}, outside (0, 1]", "set 'dampening' within (0, 1]; the paper uses 0.01")
+        check_dampening(self)
         n_m = parse_pattern(self.pattern)
         if n_m and self.block_size % n_m[1]:
             self.fail("block_size", f"{self.block_size} is not a multiple of m={n_m[1]} (pattern {self.pattern})", f"use a block_size divisible by {n_m[1]}, e.g. 128")
@@ -118,3 +117,6 @@ def prune_sparsegpt_(linears: dict[str, nn.Module], config: SparseGPTConfig, sta
         pruned = sparsegpt_prune(weight, hessian, config.target_sparsity, config.pattern, config.block_size, config.dampening)
         for name, rows in zip(names, pruned.split([linear_weight(linears[name]).shape[0] for name in names])):
             set_linear_weight_(linears[name], rows.contiguous())
+
+
+SPARSEGPT = Stage(config=SparseGPTConfig, apply=prune_sparsegpt_, needs=("hessian",), check=check_pattern)

@@ -14,7 +14,8 @@ from torch import nn
 
 from slimlm.calibration.stats import InputStats
 from slimlm.models.adapters import linear_weight, set_linear_weight_
-from slimlm.prune.masks import SparsityConfig, mask_from_scores
+from slimlm.prune.masks import SparsityConfig, check_pattern, mask_from_scores
+from slimlm.stage import Stage
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,6 @@ def prune_wanda_(linears: dict[str, nn.Module], config: WandaConfig, stats: dict
     for name, module in linears.items():
         pruned = wanda_prune(linear_weight(module), stats[name].input_norm, config.target_sparsity, config.pattern)
         set_linear_weight_(module, pruned)
+
+
+WANDA = Stage(config=WandaConfig, apply=prune_wanda_, needs=("input_norm",), check=check_pattern)

@@ -39,7 +39,7 @@ from slimlm.models.adapters import (
 )
 from slimlm.models.swap import replace_module_
 from slimlm.prune.depth import config_after, round_half_up
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,13 @@ class WidthPruned:
 
     mlp_kept: list[torch.Tensor] | None
     groups_kept: list[torch.Tensor] | None
+
+    def record(self) -> dict:
+        """What the manifest keeps: per block, the MLP channels and key/value head groups kept (None: all)."""
+        return {
+            "mlp_channels_kept": None if self.mlp_kept is None else [len(kept) for kept in self.mlp_kept],
+            "kv_groups_kept": None if self.groups_kept is None else [kept.tolist() for kept in self.groups_kept],
+        }
 
 
 # --- pure kernels -------------------------------------------------------------------------------------------
@@ -289,3 +296,8 @@ def prune_width_(model: nn.Module, config: WidthConfig, calibration_ids: torch.T
     for key, value in config_changes(model, plan).items():
         setattr(model.config, key, value)
     return WidthPruned(mlp_kept, groups_kept)
+
+
+WIDTH = Stage(
+    config=WidthConfig, apply=prune_width_, scope="model", needs=("calibration",), check=check_width, changes_architecture=True
+)

@@ -48,13 +48,13 @@ from slimlm.quantize.grid import (
     shrink_ratios,
 )
 from slimlm.quantize.linear import QuantizedLinear
-from slimlm.quantize.rtn import rtn_quantize
+from slimlm.quantize.rtn import check_group_size, rtn_quantize
 from slimlm.quantize.smoothing import (
     scale_linear_columns_,
     scale_linear_rows_,
     scale_norm_output_,
 )
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 
 MIN_CLIP_RATIO = 0.5  # the reference's max_shrink: a group's range is never cut below half
 _MIN_SCALE = 1e-4  # floor of mean|x|^α, as in the reference (channels that never fire)
@@ -242,3 +242,17 @@ def quantize_awq_(model: nn.Module, linears: dict[str, nn.Module], config: AWQCo
         codes, scale, zero_point = awq_clip_quantize(weight, hessian, config.grid, ratios)
         bias = module.bias.detach() if module.bias is not None else None
         replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, weight.dtype))
+
+
+def awq_quantizes(config: AWQConfig) -> bool:
+    """With `quantize: false` AWQ only folds its scales (for a GPTQ stage after it)."""
+    return config.quantize
+
+
+AWQ = Stage(
+    config=AWQConfig,
+    apply=quantize_awq_,
+    needs=("hessian", "input_norm"),
+    check=check_group_size,
+    quantizes=awq_quantizes,
+)

@@ -55,7 +55,8 @@ from slimlm.quantize.grid import (
     shrink_ratios,
 )
 from slimlm.quantize.linear import QuantizedLinear
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.quantize.rtn import check_group_size
+from slimlm.stage import Stage, StageConfig, check_dampening, check_range
 
 DAMPENING_RETRIES = 2  # δ, 10δ, 100δ: a Hessian that needs more is a symptom (too few tokens), not a rounding issue
 
@@ -81,8 +82,7 @@ class GPTQConfig(StageConfig):
         if self.group_size is not None:
             check_range(self, "group_size", self.group_size, 1, 2**20)
         check_range(self, "block_size", self.block_size, 1, math.inf)
-        if not 0 < self.dampening <= 1:
-            self.fail("dampening", f"is {self.dampening}, outside (0, 1]", "set 'dampening' within (0, 1]; the paper uses 0.01")
+        check_dampening(self)
 
     @property
     def grid(self) -> QuantGrid:
@@ -206,3 +206,6 @@ def quantize_gptq_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQ
     for name, linear, codes, scale, zero_point in gptq_by_input(linears, stats, config.grid, config.block_size, config.dampening, config.act_order, config.clip_ratios):
         bias = linear.bias.detach() if linear.bias is not None else None
         replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, linear.weight.dtype))
+
+
+GPTQ = Stage(config=GPTQConfig, apply=quantize_gptq_, needs=("hessian",), check=check_group_size, quantizes=True)

@@ -57,7 +57,7 @@ from transformers.cache_utils import (
 
 from slimlm.errors import SlimlmError
 from slimlm.quantize.grid import MIN_SCALE, SCALE_DTYPE
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 
 BITS = (2, 4, 8)  # codes pack whole into bytes
 CONFIG_KEY = "slimlm_kv_cache"  # attribute of model.config (and key of config.json) holding the setting
@@ -375,3 +375,6 @@ def kv_cache_manifest(model: nn.Module, context_len: int = 2048) -> dict:
             "used_by": f"slimlm evaluation (windows fed {DEFAULT_CHUNK} tokens at a time through the cache); generation via model.generate(..., past_key_values=slimlm.quantize.kv_cache.kv_cache_for(model))",
         }
     }
+
+
+KV_CACHE = Stage(config=KVCacheConfig, apply=set_kv_cache_, scope="model", check=check_kv_cache, edits_weights=False)

@@ -64,7 +64,7 @@ from slimlm.quantize.grid import (
 )
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.w8a8 import Int8Linear
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 from slimlm.train.distributed import world
 from slimlm.train.trainer import TrainResult, train
 
@@ -328,3 +328,6 @@ def qat_(model: nn.Module, base: Base, config: QATConfig, device: torch.device |
         for name in linears:
             replace_module_(model, name, model.get_submodule(name).to_quantized())
         model.eval()
+
+
+QAT = Stage(config=QATConfig, apply=qat_, scope="model", needs=("base",), check=check_qat, quantizes=True)

@@ -40,7 +40,7 @@ from slimlm.models.adapters import (
     set_linear_weight_,
 )
 from slimlm.quantize.smoothing import _is_one_plus_gain
-from slimlm.recipes.config import StageConfig
+from slimlm.stage import Stage, StageConfig
 
 MATRICES = ("hadamard", "orthogonal")
 SUPPORTED = "RMSNorm pre-norm models (llama, mistral, qwen2, qwen3, gemma, phi3)"
@@ -69,6 +69,10 @@ class RotationSummary:
     residual: str  # how Q (hidden × hidden) was built
     value_heads: str | None  # how the per-head matrix was built; None when value heads were not rotated
     untied_bytes: int  # bytes lm_head's own weight added (0 when the embeddings stay tied or were never tied)
+
+    def record(self) -> dict:
+        """What the manifest keeps: the matrices used and what untying lm_head cost."""
+        return {"residual": self.residual, "value_heads": self.value_heads, "untied_bytes": self.untied_bytes}
 
     def describe(self) -> str:
         parts = [f"residual: {self.residual}"]
@@ -324,11 +328,4 @@ def rotate_(model: nn.Module, config: RotateConfig) -> RotationSummary:
     return RotationSummary(residual, heads, untied_bytes)
 
 
-def apply_rotation_(model: nn.Module, config: RotateConfig) -> RotationSummary:
-    """`rotate_`, and one line on stderr saying which matrix was used and what untying cost."""
-    from slimlm.progress import console, quiet
-
-    summary = rotate_(model, config)
-    if not quiet():
-        console.print(f"[dim]{summary.describe()}[/dim]")
-    return summary
+ROTATE = Stage(config=RotateConfig, apply=rotate_, scope="model", check=check_rotate, changes_architecture=True)

@@ -11,11 +11,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
 from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import QuantGrid, choose_qparams, quantize_with
 from slimlm.quantize.linear import QuantizedLinear
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,18 @@ def quantize_rtn_(model: nn.Module, linears: dict[str, nn.Module], config: RTNCo
         codes, scale, zero_point = rtn_quantize(weight, config.grid)
         bias = module.bias.detach() if module.bias is not None else None
         replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, weight.dtype))
+
+
+def check_group_size(linears: dict[str, nn.Module], config: StageConfig) -> None:
+    """Refuse a group size that does not divide a layer's input size, before anything is quantized."""
+    for name, module in linears.items():
+        in_features = linear_weight(module).shape[1]
+        if config.group_size is not None and in_features % config.group_size:
+            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            raise SlimlmError(
+                f"{config.method}: group_size {config.group_size} does not divide the input size {in_features} of {name}",
+                f"use a group_size that divides it (e.g. {', '.join(map(str, divisors)) or 'null for per-channel'})",
+            )
+
+
+RTN = Stage(config=RTNConfig, apply=quantize_rtn_, check=check_group_size, quantizes=True)

@@ -27,7 +27,7 @@ from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 from slimlm.quantize.smoothing import scale_linear_columns_, scale_norm_output_
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_range
 
 MIN_RANGE = 1e-5  # the reference code's clamp: a dead channel must not give a zero or infinite scale
 
@@ -86,3 +86,6 @@ def smooth_quant_(model: nn.Module, linears: dict[str, nn.Module], config: Smoot
         scale_norm_output_(block.get_submodule(norm_path), scales)
         for name in names:
             scale_linear_columns_(linears[name], scales)
+
+
+SMOOTHQUANT = Stage(config=SmoothQuantConfig, apply=smooth_quant_, needs=("input_absmax",))

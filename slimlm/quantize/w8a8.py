@@ -39,7 +39,7 @@ from slimlm.quantize.gptq import GPTQConfig, gptq_by_input
 from slimlm.quantize.grid import QuantGrid, dequantize
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import rtn_quantize
-from slimlm.recipes.config import StageConfig, check_range
+from slimlm.stage import Stage, StageConfig, check_dampening, check_range
 
 INT8 = QuantGrid(bits=8, group_size=None, symmetric=True)  # weights: one scale per output row; inputs: per token row
 MIN_ACTIVATION_SCALE = torch.finfo(torch.float32).tiny  # an all-zero token must not divide by zero
@@ -68,8 +68,7 @@ class GPTQW8A8Config(W8A8Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range(self, "block_size", self.block_size, 1, math.inf)
-        if not 0 < self.dampening <= 1:
-            self.fail("dampening", f"is {self.dampening}, outside (0, 1]", "set 'dampening' within (0, 1]; the paper uses 0.01")
+        check_dampening(self)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,3 +134,7 @@ def quantize_gptq_w8a8_(model: nn.Module, linears: dict[str, nn.Module], config:
     for name, linear, codes, scale, _ in gptq_by_input(linears, stats, INT8, config.block_size, config.dampening, config.act_order):
         bias = linear.bias.detach() if linear.bias is not None else None
         replace_module_(model, name, Int8Linear(codes, scale, bias, linear.weight.dtype, config.int8_matmul))
+
+
+W8A8 = Stage(config=W8A8Config, apply=quantize_w8a8_, quantizes=True)
+GPTQ_W8A8 = Stage(config=GPTQW8A8Config, apply=quantize_gptq_w8a8_, needs=("hessian",), quantizes=True)

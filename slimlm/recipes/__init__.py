@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from slimlm.errors import SlimlmError
-from slimlm.recipes.config import StageConfig
+from slimlm.recipes.registry import METHODS
+from slimlm.stage import StageConfig
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,11 @@ def _field_types(config_class: type) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
 
 
+_NOT_ALLOWED = object()  # what `_coerce` answers for a value its annotation does not allow
+
+
 def _coerce(value: object, annotation: object) -> object:
-    """Check a YAML scalar against a field annotation (int, float, bool, str, or X | None)."""
+    """A YAML scalar as the field annotation's type (int, float, bool, str, or X | None); `_NOT_ALLOWED` if none fits."""
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
     if value is None and type(None) in options:
         return None
@@ -72,12 +76,15 @@ def _coerce(value: object, annotation: object) -> object:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-    raise TypeError(" or ".join("null" if o is type(None) else o.__name__ for o in options))
+    return _NOT_ALLOWED
+
+
+def _type_names(annotation: object) -> str:
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return " or ".join("null" if o is type(None) else o.__name__ for o in options)
 
 
 def parse_stage(raw: object, where: str) -> StageConfig:
-    from slimlm.recipes.registry import METHODS
-
     if not isinstance(raw, dict) or "method" not in raw:
         raise SlimlmError(f"{where}: a stage must be a mapping with a 'method' key", "write e.g. '- method: magnitude'")
     method = raw["method"]
@@ -91,11 +98,11 @@ def parse_stage(raw: object, where: str) -> StageConfig:
             continue
         if key not in fields:
             raise SlimlmError(f"{where} ({method}): unknown key '{key}'", f"allowed keys: {', '.join(fields)}")
-        try:
-            values[key] = _coerce(value, fields[key])
-        except TypeError as expected:
+        values[key] = _coerce(value, fields[key])
+        if values[key] is _NOT_ALLOWED:
             hint = " (YAML reads an unquoted 2:4 as a number: quote it, \"2:4\")" if key == "pattern" else ""
-            raise SlimlmError(f"{where} ({method}): '{key}' is {value!r}, expected {expected}{hint}", f"fix '{key}' in the recipe") from None
+            expected = _type_names(fields[key])
+            raise SlimlmError(f"{where} ({method}): '{key}' is {value!r}, expected {expected}{hint}", f"fix '{key}' in the recipe")
     try:
         return config_class(**values)
     except SlimlmError as err:
@@ -133,6 +140,15 @@ def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
         raise SlimlmError(f"recipe '{name}' has no stages", "write a YAML list of stages, e.g. '- method: magnitude'")
     stages = tuple(parse_stage(raw, f"recipe '{name}', stage {i + 1}") for i, raw in enumerate(data))
     return Recipe(name, description, stages, export)
+
+
+def recipe_outline(path: Path) -> tuple[str, list[str]]:
+    """A shipped recipe's description and its stages' method names, read without building the stages (listing
+    recipes needs no method module, hence no torch)."""
+    data = yaml.safe_load(path.read_text())
+    stages = data.get("stages", []) if isinstance(data, dict) else data
+    description = data.get("description", "") if isinstance(data, dict) else ""
+    return description, [str(stage.get("method")) for stage in stages or [] if isinstance(stage, dict)]
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -27,8 +27,8 @@ from slimlm.evaluate.perplexity import EvalWindows, evaluate_quality
 from slimlm.models.adapters import adapter_for, block_linears, decoder_blocks, is_linear
 from slimlm.models.swap import replace_module_
 from slimlm.progress import progress_bar
-from slimlm.recipes.config import StageConfig
-from slimlm.recipes.registry import METHODS, Method
+from slimlm.recipes.registry import METHODS
+from slimlm.stage import StageConfig, call
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def layer_sensitivity(
     those of the unmodified model, collected once from `calibration`. The model is left exactly as it was.
     """
     method = METHODS[stage.method]
-    if not isinstance(method, Method) or method.block_configs is not None:
+    if method.scope != "block" or method.block_configs is not None:
         raise SlimlmError(
             f"sensitivity: '{stage.method}' is not applied one linear at a time",
             "use a per-layer method, e.g. --method rtn (or magnitude, sparsegpt, ...)",
@@ -95,7 +95,7 @@ def layer_sensitivity(
             if stage.selects(name):
                 if not is_linear(module):
                     raise SlimlmError(f"sensitivity: {name} is a {type(module).__name__}, not a dense linear layer", "measure sensitivity on the uncompressed model")
-                method.check({name: module}, stage)
+                call(method.check, linears={name: module}, config=stage)
                 names[name] = (index, name.removeprefix(f"{blocks_path}.{index}."))
     if not names:
         raise SlimlmError(f"sensitivity: the stage matches no layer (targets={stage.targets!r}, exclude={stage.exclude!r})", "fix the regex; names look like 'model.layers.0.mlp.up_proj'")
@@ -109,7 +109,7 @@ def layer_sensitivity(
             original = model.get_submodule(name)
             saved = {key: value.clone() for key, value in original.state_dict().items()}
             try:
-                method.apply(model, {name: original}, stage, {name: stats[name]} if stats else {})
+                call(method.apply, model=model, linears={name: original}, config=stage, stats={name: stats[name]} if stats else {})
                 quality, _ = evaluate_quality(model, windows, reference=reference, progress=False)
             finally:  # quantizers swap the module, pruners edit it in place: undo both
                 replace_module_(model, name, original)

@@ -1,0 +1,92 @@
+"""The API's typed settings and their defaults, declared once: `slimlm.api` takes them, `slimlm.cli` derives its
+options' defaults from them. Torch-free, so the CLI can build its help without importing torch.
+
+Each settings class checks itself when built and refuses a bad value with a `SettingError` that names the field;
+the CLI names the flag the user typed instead (`SettingError.for_flag`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from slimlm.errors import SlimlmError
+
+if TYPE_CHECKING:
+    from slimlm.evaluate.speed import SpeedSettings
+    from slimlm.quantize.kv_cache import KVCacheConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_RUN_RECIPES = ("magnitude-50", "magnitude-2of4", "rtn-w8", "rtn-w4-g64")
+DEFAULT_SENSITIVITY_STAGE = {"method": "rtn", "bits": 4, "group_size": 64}
+
+
+class SettingError(SlimlmError):
+    """A setting outside what it allows; keeps which field of which settings class, so a caller can name it as the
+    user wrote it (a CLI flag)."""
+
+    def __init__(self, owner: str, field: str, value: object, requirement: str, example: str):
+        self.owner, self.field, self.value, self.requirement, self.example = owner, field, value, requirement, example
+        super().__init__(f"{owner}.{field} is {value!r}: {requirement}", f"pass {field}={example}")
+
+    def for_flag(self, flag: str) -> SlimlmError:
+        """The same error, naming the command-line flag that set the field."""
+        return SlimlmError(f"{flag} {self.value!r}: {self.requirement}", f"pass e.g. {flag} {self.example}")
+
+
+def _at_least(settings: object, name: str, low: int, example: str, optional: bool = False) -> None:
+    value = getattr(settings, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < low:
+        raise SettingError(type(settings).__name__, name, value, f"must be at least {low}", example)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What quality is measured on. Defaults: every 2048-token window of the offline default corpus."""
+
+    data: str = "default"  # "default", a .txt/.jsonl file, "wikitext2:DIR" or "hf:NAME[:CONFIG]"
+    split: str = "evaluation"
+    seqlen: int = 2048
+    max_windows: int | None = None  # None: every window of the text
+    kl_windows: int = 4  # base log-probs kept for KL/top-1 (~400 MB per 2048-token window of SmolLM2's vocab)
+    kv_cache: KVCacheConfig | None = None  # `evaluate` only: through this quantized KV cache, not the model's own
+    chunk_size: int | None = None  # `evaluate` only: tokens per forward through a KV cache; None: one forward per
+    # window (128 with a KV cache)
+    perplexity: bool = True  # `evaluate` only: False skips perplexity (e.g. when only zero-shot tasks are wanted)
+    tasks: tuple[str, ...] = ()  # zero-shot tasks ("hellaswag", "piqa:PATH", ...; see slimlm.evaluate.tasks.TASKS)
+    task_limit: int | None = None  # examples per task, a seeded subset; None: all
+    task_seed: int = 0
+    task_data: str | None = None  # folder holding the tasks' files (default: $SLIMLM_DATA or a shared/data nearby)
+    speed: SpeedSettings | None = None  # latency / throughput / memory / energy; None: not measured
+
+    def __post_init__(self) -> None:
+        _at_least(self, "seqlen", 2, "2048 (GPTQ's window)")
+        _at_least(self, "max_windows", 1, "8, or none for every window", optional=True)
+        _at_least(self, "kl_windows", 0, "4")
+        _at_least(self, "chunk_size", 1, "128", optional=True)
+        _at_least(self, "task_limit", 1, "500, or none for all", optional=True)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The calibration windows drawn for stages that need statistics (GPTQ's protocol: 128 × 2048 tokens)."""
+
+    data: str = "default"  # same forms as EvalSettings.data; read with the "calibration" split
+    samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, "samples", 1, "128 (GPTQ's count; fewer is faster on CPU)")
+        _at_least(self, "seqlen", 2, "2048 (GPTQ's window)")
+
+
+# The defaults each verb starts from (the CLI shows and uses the same ones).
+COMPRESS_EVALUATION = EvalSettings(max_windows=8)  # a quick before/after check
+FAST_EVALUATION = EvalSettings(seqlen=512, max_windows=4, kl_windows=2)  # `slimlm run --fast`
+SENSITIVITY_EVALUATION = EvalSettings(seqlen=512, max_windows=2)
+SENSITIVITY_CALIBRATION = CalibrationSettings(samples=16, seqlen=512)
+
