@@ -7,8 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-# The environment as the user started the benchmark, before importing slimlm sets its defaults (it turns on
-# PyTorch's huge-page allocator, THP_MEM_ALLOC_ENABLE): other tools' children run in this one, as shipped.
+# The environment as the user started the benchmark: slimlm's command line turns on PyTorch's huge-page allocator
+# (THP_MEM_ALLOC_ENABLE) in its own process; other tools' children run in this one, as shipped.
 USER_ENVIRONMENT = dict(os.environ)
 
 

@@ -454,11 +454,23 @@ def recipes(
     console.print(shown)
 
 
+def huge_pages_default() -> None:
+    """Turn on PyTorch's huge-page CPU allocator for this command's process, unless the user set it.
+
+    Without it every large activation is fresh memory that faults in 4 KB at a time on first touch: an RMSNorm over
+    64 × 512 × 576 floats took 120 ms, 40 ms with it (2-core CPU box). torch reads the variable once, at its first
+    allocation, so the command line sets it before any verb imports torch; importing slimlm as a library leaves the
+    host process's environment alone (set THP_MEM_ALLOC_ENABLE=1 yourself before importing torch to get the same);
+    THP_MEM_ALLOC_ENABLE=0 turns it off."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main() -> None:
     from rich.markup import escape
 
     from slimlm.progress import console
 
+    huge_pages_default()
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (`torchrun ... -m slimlm.cli compress`): join its processes
         from slimlm.train.distributed import process_group
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -365,3 +366,31 @@ def test_recipe_prune_then_distill_learns_from_the_unpruned_model(tokenizer, tex
     assert [log.method for log in logs] == ["magnitude", "distill"]
     assert linear_sparsity(model) == pytest.approx(0.5, abs=0.01)
     assert kl_to(original, model, ids) < 0.6 * kl_to(original, pruned, ids)  # the teacher was the unpruned model
+
+
+def test_cross_tokenizer_distillation_from_a_recipe_feeds_the_teacher_its_own_tokens(tokenizer, text_file, tmp_path):
+    """A recipe's distill stage with `teacher:` another model whose tokenizer differs: every batch reaches the
+    teacher re-encoded with its own tokenizer (Retokenized), the ULD loss trains, the loss curve reaches the log."""
+    from slimlm.distill.stage import distillation_source
+    from slimlm.pipeline import compress_
+    from slimlm.recipes import parse_recipe
+
+    teacher_tokenizer = tiny_tokenizer(vocab_size=300)
+    teacher = tiny_model("qwen2", seed=3)
+    teacher.save_pretrained(tmp_path / "teacher")
+    teacher_tokenizer.save_pretrained(tmp_path / "teacher")
+    stage = {"method": "distill", "loss": "uld", "teacher": str(tmp_path / "teacher"), "steps": 2, "batch_size": 2, "seqlen": 16, "warmup": 0, "data": text_file}
+    recipe = parse_recipe([stage], "cross-tokenizer")
+    source = distillation_source(recipe.stages[0], None, teacher, tokenizer, teacher_tokenizer)
+    batch = source.batch(range(2))
+    text = tokenizer.decode(batch["input_ids"][0])
+    expected = teacher_tokenizer(text, add_special_tokens=False)["input_ids"][:16]
+    assert batch["teacher_input_ids"][0, : len(expected)].tolist() == expected
+    assert not torch.equal(batch["teacher_input_ids"], batch["input_ids"])  # the student's ids would be wrong ones
+
+    student = tiny_model("llama")
+    before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    logs = compress_(student, recipe, tokenizer=tokenizer)
+    assert any(not torch.equal(before[name], tensor) for name, tensor in student.state_dict().items())
+    assert logs[0].details["steps"] == 2 and len(logs[0].details["losses"]) == 2
+    assert all(math.isfinite(loss) for loss in logs[0].details["losses"])

@@ -78,11 +78,12 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 @pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(), reason="huge pages only where asked for (madvise) show the setting")
 @pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
-def test_importing_slimlm_puts_large_tensors_on_huge_pages_unless_turned_off(setting, huge):
-    """slimlm turns on torch's huge-page allocator before torch loads (large activations otherwise fault in 4 KB pages)."""
+def test_the_command_line_puts_large_tensors_on_huge_pages_unless_turned_off(setting, huge):
+    """slimlm's CLI turns on torch's huge-page allocator before torch loads (large activations otherwise fault in 4 KB
+    pages); importing slimlm as a library does not touch the environment."""
     env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
     if setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = setting
-    probe = "import slimlm, torch; x = torch.ones(16 << 20); print([l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])"
+    probe = "from slimlm.cli import huge_pages_default; huge_pages_default(); import torch; x = torch.ones(16 << 20); print([l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])"
     huge_kb = int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout)
     assert (huge_kb > 0) == huge

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.data.text import load_text
-from slimlm.distill.data import GeneratedSamples, SamplingSettings, TokenWindows
+from slimlm.distill.data import GeneratedSamples, Retokenized, SamplingSettings, TokenWindows
 from slimlm.distill.lora import add_lora, lora_targets, merge_lora, require_peft
 from slimlm.distill.losses import (
     HIDDEN_LOSSES,
@@ -77,9 +77,13 @@ class DistillConfig(StageConfig):
     seed: int = 0
     checkpoint_dir: str | None = None  # resume from / checkpoint to this folder; null: no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end and on interruption only)
+    teacher: str | None = None  # another model to distil from (alias, directory, .gguf, hub id); null: the recipe's
+    # base. With another tokenizer (loss: uld), each batch is re-encoded with the teacher's tokenizer
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.teacher is not None and self.samples == "teacher":
+            self.fail("samples", "is 'teacher' with another teacher model", "use samples: corpus or student with 'teacher'")
         if self.loss not in (*LOGIT_LOSSES, "uld"):
             self.fail("loss", f"is '{self.loss}'", f"use one of {', '.join((*LOGIT_LOSSES, 'uld'))}")
         if self.hidden_loss not in HIDDEN_LOSSES:
@@ -184,15 +188,33 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def distillation_source(config: DistillConfig, student: nn.Module, teacher: nn.Module, tokenizer):
-    """The batches the stage trains on (see `slimlm.distill.data`)."""
+def distillation_source(config: DistillConfig, student: nn.Module, teacher: nn.Module, tokenizer, teacher_tokenizer=None):
+    """The batches the stage trains on (see `slimlm.distill.data`); each also in the teacher's tokens when
+    `teacher_tokenizer` is another tokenizer than the student's `tokenizer`."""
     sampling = SamplingSettings(temperature=config.sample_temperature)
     if config.samples == "teacher":
         return GeneratedSamples(teacher, config.seqlen, sampling, config.seed, "teacher")
-    windows = TokenWindows.from_text(tokenizer, load_text(config.data, split="calibration"), config.seqlen, config.seed)
+    source = TokenWindows.from_text(tokenizer, load_text(config.data, split="calibration"), config.seqlen, config.seed)
     if config.samples == "student":
-        return GeneratedSamples(student, config.seqlen, sampling, config.seed, "student", windows, config.prompt_tokens)
-    return windows
+        source = GeneratedSamples(student, config.seqlen, sampling, config.seed, "student", source, config.prompt_tokens)
+    if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
+        source = Retokenized(source, tokenizer, teacher_tokenizer)
+    return source
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (same vocabulary, token for token)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def load_teacher(config: DistillConfig, base: Base, device: torch.device) -> Base:
+    """The model to distil from: `config.teacher` when given (loaded here), else the recipe's base."""
+    if config.teacher is None:
+        return base
+    from slimlm.models.load import load_model
+
+    loaded = load_model(config.teacher, device=str(device))
+    return Base(loaded.model.eval().requires_grad_(False), loaded.tokenizer)
 
 
 def distillation_loss_fn(config: DistillConfig, teacher: nn.Module, projection: HiddenProjection | None, pairs: list[tuple[int, int]]):
@@ -235,7 +257,8 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
 
     Under `torchrun` the student is trained as an FSDP2-sharded copy whose gathered weights are loaded back."""
     device = device or next(model.parameters()).device
-    teacher = base.model.to(device).eval().requires_grad_(False)
+    teacher_base = load_teacher(config, base, device)
+    teacher = teacher_base.model.to(device).eval().requires_grad_(False)
     model.to(device)
     check_teacher(model, teacher, config)
     masks = sparse_masks(model)
@@ -261,7 +284,7 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
         shard_(student, list(decoder_blocks(student.model if config.lora is None else student.model.base_model.model)))
     hooks = keep_zeros(model, masks) if place.size == 1 else []
     try:
-        source = distillation_source(config, student.model, teacher, base.tokenizer)
+        source = distillation_source(config, student.model, teacher, base.tokenizer, teacher_base.tokenizer)
         stage = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every")}
         run = {"stage": stage, "teacher": teacher_fingerprint(teacher)}
         result = train(student, distillation_loss_fn(config, teacher, projection, pairs), source, config.train_config(), run=run, description="distill")

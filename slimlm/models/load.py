@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +120,28 @@ def load_model(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a decoder-only LM and its tokenizer from an alias, a directory, a .gguf file or a hub id."""
+    with quiet_transformers():
+        return _load_model(source, dtype, device, allow_pickle)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off while slimlm loads (it draws its own progress), and back to
+    what they were afterwards: the caller's logging is left as it found it."""
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # slimlm draws its own progress; GGUF dequantization keeps its bar
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(source: str, dtype: torch.dtype, device: str | None, allow_pickle: bool) -> LoadedModel:
     if source in ALIASES:
         kind, path = "alias-gguf", resolve_alias(source)
     else:
@@ -210,11 +230,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except (ValueError, OSError, KeyError) as err:
         raise SlimlmError(f"could not read GGUF file '{path}': {_first_line(err)}", "check that the file is a complete GGUF model of a supported architecture") from None
-    # The weights are now dense; forget that they came from a GGUF so saving writes a plain checkpoint.
+    # The weights are now dense; forget that they came from a GGUF so saving writes a plain checkpoint, through the
+    # quantizer's own method for it (what transformers' dequantize() calls) rather than by patching attributes.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
     return model, tokenizer
 
 
