@@ -137,7 +137,10 @@ def gguf_bytes(path: Path) -> tuple[int, dict]:
 
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
-    value = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
+
+    def value(key, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+
     heads = value(f"{arch}.attention.head_count")
     geometry = {
         "layers": value(f"{arch}.block_count"),

@@ -33,8 +33,8 @@ from slimlm.quantize.kv_cache import (
     kv_cache_setting,
     kv_cache_summary,
 )
-from slimlm.sensitivity import SensitivityTable, layer_sensitivity
 from slimlm.recipes import Recipe, load_recipe, parse_stage
+from slimlm.sensitivity import SensitivityTable, layer_sensitivity
 from slimlm.settings import (
     COMPRESS_EVALUATION,
     DEFAULT_MODEL,
@@ -46,6 +46,7 @@ from slimlm.settings import (
     EvalSettings,
 )
 from slimlm.train.distributed import world
+
 
 @dataclass
 class Variant:

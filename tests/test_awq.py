@@ -21,8 +21,8 @@ from slimlm.quantize.awq import (
     awq_clip_quantize,
     awq_scale_candidates,
     awq_search_scale,
-    relative_weight_mean,
     output_error,
+    relative_weight_mean,
     scale_groups,
     scaled_quantization_error,
 )

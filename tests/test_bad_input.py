@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
+
 from slimlm.api import EvalSettings, compress, evaluate
 from slimlm.data.text import load_text
 from slimlm.errors import SlimlmError
@@ -24,6 +24,7 @@ from slimlm.models.load import load_model
 from slimlm.models.save import save_model
 from slimlm.recipes import load_recipe
 from slimlm.recipes.registry import METHODS
+
 
 def assert_cli_error(result: subprocess.CompletedProcess, *words: str) -> None:
     out = result.stdout

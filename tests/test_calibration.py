@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from slimlm.calibration.sequential import calibrate_sequentially, capture_block_inputs, collect_input_stats
 from slimlm.calibration.stats import InputStats, gram
 from slimlm.errors import SlimlmError

@@ -9,10 +9,9 @@ import random
 from pathlib import Path
 
 import pytest
-
 import torch
-
 from conftest import tiny_tokenizer
+
 from slimlm.data.calibration import ids_sha256, sample_calibration, tokenize_text
 from slimlm.data.text import Text, default_corpus_boundary, load_text
 from slimlm.errors import SlimlmError

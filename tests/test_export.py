@@ -184,7 +184,10 @@ def test_metadata_describes_the_model(tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(model, tokenizer(), path, "f16")
     fields = gguf.GGUFReader(path).fields
-    value = lambda key: fields[key].contents()
+
+    def value(key):
+        return fields[key].contents()
+
     config = model.config
     assert value("general.architecture") == "llama"
     assert value("llama.block_count") == config.num_hidden_layers

@@ -282,7 +282,7 @@ def test_true_sequential_statistics_see_the_earlier_groups_compressed(arch):
     calibrate_sequentially(model, ids, ("hessian",), halve, true_sequential=True)
     groups_per_block = len(execution_groups(block_linears(reference, 0), adapter_for(reference).shared_inputs))
     assert len(observed) == groups_per_block * len(decoder_blocks(reference))
-    for index, names, hessians in observed:
+    for _index, names, hessians in observed:
         rows = []
         handle = reference.get_submodule(names[0]).register_forward_hook(lambda m, inp, out, rows=rows: rows.append(inp[0].reshape(-1, inp[0].shape[-1])))
         with torch.no_grad():

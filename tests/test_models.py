@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import ADAPTERS, adapter_for, block_linears, decoder_blocks, linear_weight
 from slimlm.models.load import load_model

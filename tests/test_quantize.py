@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from slimlm.errors import SlimlmError
 from slimlm.quantize.grid import QuantGrid, dequantize
 from slimlm.quantize.rtn import RTNConfig, rtn_quantize
-from slimlm.errors import SlimlmError
 
 
 def naive_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import TEXT, tiny_model, tiny_tokenizer
+
 from slimlm.api import EvalSettings, evaluate, run
 from slimlm.errors import SlimlmError
 from slimlm.models.save import save_model

@@ -13,8 +13,8 @@ from slimlm.models.adapters import block_linears
 from slimlm.pipeline import check_recipe, compress_
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import RTNConfig, quantize_rtn_
-from slimlm.sensitivity import layer_sensitivity
 from slimlm.recipes import parse_recipe, parse_stage
+from slimlm.sensitivity import layer_sensitivity
 from slimlm.stage import StageConfig
 
 W4 = RTNConfig(bits=4, group_size=32, symmetric=False)

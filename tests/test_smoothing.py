@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import TINY_CONFIGS, tiny_model
+
 from slimlm.models.adapters import adapter_for, decoder_blocks
 from slimlm.quantize.smoothing import scale_linear_columns_, scale_linear_rows_, scale_norm_output_
 

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from slimlm.calibration.stats import InputStats
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError

@@ -10,15 +10,23 @@ import functools
 import pytest
 import torch
 import transformers
+from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
-from slimlm.prune.depth import DepthConfig, block_influence, block_influences, blocks_to_remove, prune_depth_, remove_blocks_, skip_losses
+from slimlm.prune.depth import (
+    DepthConfig,
+    block_influence,
+    block_influences,
+    blocks_to_remove,
+    prune_depth_,
+    remove_blocks_,
+    skip_losses,
+)
 from slimlm.prune.width import WidthConfig, config_changes, group_importance, prune_width_, width_importance, width_plan
 from slimlm.recipes import load_recipe, parse_recipe
 
