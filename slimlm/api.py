@@ -23,7 +23,7 @@ from slimlm.evaluate.perplexity import (
     evaluate_quality,
     make_windows,
 )
-from slimlm.export import export_model
+from slimlm.export import export_loaded, export_model
 from slimlm.models.load import LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, recipe_needs
@@ -157,10 +157,11 @@ def compress(
     if not main_process:
         return manifest
     path = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
-    saved = read_manifest(path)
-    if parsed.export is not None:
+    saved = read_manifest(path)  # what save_model added: storage bytes, quantized linears, versions
+    if parsed.export is not None:  # from the model in memory, not read back from disk
         target = Path(f"{path}.gguf") if parsed.export.format == "gguf" else Path(f"{path}-{parsed.export.format}")
-        saved["export"] = export_model(str(path), parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite)
+        in_memory = LoadedModel(compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir")
+        saved["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite)
     return saved
 
 

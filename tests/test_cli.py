@@ -96,3 +96,20 @@ def test_recipe_export_key_writes_the_engine_file_beside_the_model(hf_dir, tmp_p
     assert (tmp_path / "smol.gguf").is_file() and f"exported (gguf): {out}.gguf" in printed.replace("\n", "")
     reader = __import__("gguf").GGUFReader(tmp_path / "smol.gguf")
     assert any(t.tensor_type.name == "Q4_1" for t in reader.tensors)  # the RTN codes, kept as Q4_1 blocks
+
+
+@pytest.mark.parametrize("target", ["gguf", "compressed-tensors"])
+def test_recipe_export_from_memory_equals_exporting_the_saved_model(hf_dir, tmp_path, target):
+    """compress hands the model it just saved to the exporter instead of reading it back: same bytes either way."""
+    from slimlm.api import compress, export
+
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text(f"stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\nexport: {target}\n")
+    manifest = compress(model=str(hf_dir), recipe=str(recipe), out=tmp_path / "smol", evaluation=None)
+    written = Path(manifest["export"]["path"])
+    again = tmp_path / ("again.gguf" if target == "gguf" else "again")
+    export(model=str(tmp_path / "smol"), format=target, out=again)
+    if target == "gguf":
+        assert written.read_bytes() == again.read_bytes()
+    else:
+        assert (written / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()

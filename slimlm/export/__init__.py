@@ -78,8 +78,16 @@ def export_model(
     else:
         check_output_dir(out, overwrite)
     loaded = load_model(model, allow_pickle=allow_pickle, device="cpu")
+    return export_loaded(loaded, format, out, gguf_type=gguf_type, overwrite=overwrite)
+
+
+def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overwrite: bool = False) -> dict:
+    """`export_model` for a model already in memory (a `LoadedModel` on the CPU; `compress` hands over the model it
+    just saved instead of reading it back). Quantized linears may be dequantized in place (hf)."""
+    from slimlm.models.save import read_manifest
+
     source_manifest = read_manifest(loaded.resolved) if loaded.kind == "slimlm-dir" else {}
-    result: dict = {"model": model, "format": format, "path": str(out)}
+    result: dict = {"model": loaded.source, "format": format, "path": str(out)}
     if format == "gguf":
         from slimlm.export.gguf import write_gguf
 
