@@ -61,7 +61,7 @@ def export_model(
     f16, bf16, q8_0, q4_0, q4_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
     """
     from slimlm.models.load import load_model
-    from slimlm.models.save import check_output_dir, read_manifest
+    from slimlm.models.save import check_output_dir
 
     if format not in FORMATS:
         raise SlimlmError(f"unknown export format '{format}'", f"use one of: {', '.join(FORMATS)}")

@@ -48,13 +48,13 @@ from slimlm.quantize.grid import (
     shrink_ratios,
 )
 from slimlm.quantize.linear import QuantizedLinear
-from slimlm.quantize.rtn import check_group_size, rtn_quantize
+from slimlm.quantize.rtn import GridConfig, check_group_size, rtn_quantize
 from slimlm.quantize.smoothing import (
     scale_linear_columns_,
     scale_linear_rows_,
     scale_norm_output_,
 )
-from slimlm.stage import Stage, StageConfig, check_range
+from slimlm.stage import Stage, check_range
 
 MIN_CLIP_RATIO = 0.5  # the reference's max_shrink: a group's range is never cut below half
 _MIN_SCALE = 1e-4  # floor of mean|x|^α, as in the reference (channels that never fire)
@@ -62,13 +62,11 @@ _NOT_CLIPPED = ("q_proj", "k_proj", "qkv_proj", "c_attn")  # produce queries/key
 
 
 @dataclass(frozen=True)
-class AWQConfig(StageConfig):
+class AWQConfig(GridConfig):
     """Activation-aware per-channel scaling, then clipped integer weights (AWQ); needs calibration data."""
 
     method: ClassVar[str] = "awq"
 
-    bits: int = 4  # 2..8
-    group_size: int | None = 128  # input channels per scale; null for one scale per output channel
     symmetric: bool = False  # true: no zero point (AWQ is usually asymmetric)
     alpha_grid: int = 20  # candidates α = k/alpha_grid, k = 0..alpha_grid-1, for s = mean|x|^α
     clip: bool = True  # search a clipping ratio per output row and group (only when quantizing)
@@ -78,15 +76,8 @@ class AWQConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "bits", self.bits, 2, 8)
-        if self.group_size is not None:
-            check_range(self, "group_size", self.group_size, 1, 2**20)
         check_range(self, "alpha_grid", self.alpha_grid, 1, 1000)
         check_range(self, "clip_grid", self.clip_grid, 1, 1000)
-
-    @property
-    def grid(self) -> QuantGrid:
-        return QuantGrid(self.bits, self.group_size, self.symmetric)
 
     @property
     def clip_ratios(self) -> tuple[float, ...]:

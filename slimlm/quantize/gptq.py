@@ -55,21 +55,18 @@ from slimlm.quantize.grid import (
     shrink_ratios,
 )
 from slimlm.quantize.linear import QuantizedLinear
-from slimlm.quantize.rtn import check_group_size
-from slimlm.stage import Stage, StageConfig, check_dampening, check_range
+from slimlm.quantize.rtn import GridConfig, check_group_size
+from slimlm.stage import Stage, check_dampening, check_range
 
 DAMPENING_RETRIES = 2  # δ, 10δ, 100δ: a Hessian that needs more is a symptom (too few tokens), not a rounding issue
 
 
 @dataclass(frozen=True)
-class GPTQConfig(StageConfig):
+class GPTQConfig(GridConfig):
     """Integer weights chosen column by column with second-order error compensation (GPTQ)."""
 
     method: ClassVar[str] = "gptq"
 
-    bits: int = 4  # 2..8
-    group_size: int | None = 128  # input channels per scale; null for one scale per output channel
-    symmetric: bool = True  # false: an integer zero point per group as well
     act_order: bool = True  # visit columns by descending Hessian diagonal (static groups, standard layout); false: in order, groups chosen on the updated weights
     block_size: int = 128  # columns per lazy-update block (speed only)
     dampening: float = 0.01  # share of mean(diag H) added to H's diagonal before inverting it
@@ -78,15 +75,8 @@ class GPTQConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "bits", self.bits, 2, 8)
-        if self.group_size is not None:
-            check_range(self, "group_size", self.group_size, 1, 2**20)
         check_range(self, "block_size", self.block_size, 1, math.inf)
         check_dampening(self)
-
-    @property
-    def grid(self) -> QuantGrid:
-        return QuantGrid(self.bits, self.group_size, self.symmetric)
 
     @property
     def clip_ratios(self) -> tuple[float, ...]:

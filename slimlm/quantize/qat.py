@@ -63,18 +63,18 @@ from slimlm.quantize.grid import (
     quantize_with,
 )
 from slimlm.quantize.linear import QuantizedLinear
+from slimlm.quantize.rtn import GridConfig
 from slimlm.quantize.w8a8 import Int8Linear
-from slimlm.stage import Stage, StageConfig, check_range
+from slimlm.stage import Stage
 from slimlm.train.distributed import world
 from slimlm.train.trainer import TrainResult, train
 
 
 @dataclass(frozen=True)
-class QATConfig(StageConfig):
+class QATConfig(GridConfig):
     """Quantization-aware training: fake-quantized weights (STE) with learned step sizes, distilled from the base."""
 
     method: ClassVar[str] = "qat"
-    bits: int = 4  # 2..8
     group_size: int | None = 64  # input channels per scale; null for one scale per output channel
     symmetric: bool = False  # false: an integer zero point per group as well (fixed during training)
     learn_weights: bool = True  # train the float weights behind the codes (LLM-QAT)
@@ -97,9 +97,6 @@ class QATConfig(StageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, "bits", self.bits, 2, 8)
-        if self.group_size is not None:
-            check_range(self, "group_size", self.group_size, 1, 2**20)
         if not (self.learn_weights or self.learn_scales):
             self.fail("learn_weights", "and 'learn_scales' are both false, so nothing would train", "set either (or both) to true")
         if self.loss not in LOGIT_LOSSES:
@@ -107,10 +104,6 @@ class QATConfig(StageConfig):
         if self.samples not in ("corpus", "teacher"):
             self.fail("samples", f"is '{self.samples}'", "use corpus (windows of 'data') or teacher (text the base model generates)")
         self.distillation()  # the training settings are validated where the distill stage validates them
-
-    @property
-    def grid(self) -> QuantGrid:
-        return QuantGrid(self.bits, self.group_size, self.symmetric)
 
     def distillation(self) -> DistillConfig:
         """The training half of this stage as the distill stage's config (its data, loss and trainer settings)."""

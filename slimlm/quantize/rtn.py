@@ -20,10 +20,8 @@ from slimlm.stage import Stage, StageConfig, check_range
 
 
 @dataclass(frozen=True)
-class RTNConfig(StageConfig):
-    """Round-to-nearest integer weights with min/max scales."""
-
-    method: ClassVar[str] = "rtn"
+class GridConfig(StageConfig):
+    """The integer weight grid every weight quantizer shares (rtn, gptq, awq, qat): its fields and their checks."""
 
     bits: int = 4  # 2..8
     group_size: int | None = 128  # input channels per scale; null for one scale per output channel
@@ -38,6 +36,13 @@ class RTNConfig(StageConfig):
     @property
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.group_size, self.symmetric)
+
+
+@dataclass(frozen=True)
+class RTNConfig(GridConfig):
+    """Round-to-nearest integer weights with min/max scales."""
+
+    method: ClassVar[str] = "rtn"
 
 
 def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
