@@ -39,7 +39,6 @@ from torch import nn
 
 from slimlm.calibration.stats import InputStats
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
-from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import (
     QuantGrid,
     clip_by_error,
@@ -47,7 +46,7 @@ from slimlm.quantize.grid import (
     group_ranges,
     shrink_ratios,
 )
-from slimlm.quantize.linear import QuantizedLinear
+from slimlm.quantize.linear import replace_with_codes_
 from slimlm.quantize.rtn import GridConfig, check_group_size, rtn_quantize
 from slimlm.quantize.smoothing import (
     scale_linear_columns_,
@@ -231,8 +230,7 @@ def quantize_awq_(model: nn.Module, linears: dict[str, nn.Module], config: AWQCo
         weight = linear_weight(module).detach()
         ratios = (1.0,) if name.rpartition(".")[2] in _NOT_CLIPPED else config.clip_ratios
         codes, scale, zero_point = awq_clip_quantize(weight, hessian, config.grid, ratios)
-        bias = module.bias.detach() if module.bias is not None else None
-        replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, weight.dtype))
+        replace_with_codes_(model, name, module, codes, scale, zero_point, config.grid)
 
 
 def awq_quantizes(config: AWQConfig) -> bool:

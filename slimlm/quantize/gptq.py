@@ -46,7 +46,6 @@ from slimlm.calibration.hessian import (
 from slimlm.calibration.stats import InputStats
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
-from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import (
     QuantGrid,
     choose_qparams,
@@ -54,7 +53,7 @@ from slimlm.quantize.grid import (
     quantize_with,
     shrink_ratios,
 )
-from slimlm.quantize.linear import QuantizedLinear
+from slimlm.quantize.linear import replace_with_codes_
 from slimlm.quantize.rtn import GridConfig, check_group_size
 from slimlm.stage import Stage, check_dampening, check_range
 
@@ -194,8 +193,7 @@ def gptq_by_input(
 def quantize_gptq_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQConfig, stats: dict[str, InputStats]) -> None:
     """Replace each linear by a QuantizedLinear whose codes GPTQ chose (`gptq_by_input`)."""
     for name, linear, codes, scale, zero_point in gptq_by_input(linears, stats, config.grid, config.block_size, config.dampening, config.act_order, config.clip_ratios):
-        bias = linear.bias.detach() if linear.bias is not None else None
-        replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, linear.weight.dtype))
+        replace_with_codes_(model, name, linear, codes, scale, zero_point, config.grid)
 
 
 GPTQ = Stage(config=GPTQConfig, apply=quantize_gptq_, needs=("hessian",), check=check_group_size, quantizes=True)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slimlm.models.adapters import linear_weight
+from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import QuantGrid, dequantize
 
 
@@ -45,3 +47,17 @@ class QuantizedLinear(nn.Module):
         kind = "sym" if self.grid.symmetric else "asym"
         return f"in={self.in_features}, out={self.out_features}, int{self.grid.bits} {kind} {group}"
 
+
+def replace_with_codes_(
+    model: nn.Module,
+    name: str,
+    original: nn.Module,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    grid: QuantGrid,
+) -> None:
+    """The tail of every weight quantizer: swap the float linear `name` for a QuantizedLinear holding these codes,
+    keeping its bias and its dtype."""
+    bias = original.bias.detach() if original.bias is not None else None
+    replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, grid, bias, linear_weight(original).dtype))

@@ -13,9 +13,8 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import linear_weight
-from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import QuantGrid, choose_qparams, quantize_with
-from slimlm.quantize.linear import QuantizedLinear
+from slimlm.quantize.linear import replace_with_codes_
 from slimlm.stage import Stage, StageConfig, check_range
 
 
@@ -53,10 +52,8 @@ def rtn_quantize(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, t
 
 def quantize_rtn_(model: nn.Module, linears: dict[str, nn.Module], config: RTNConfig) -> None:
     for name, module in linears.items():
-        weight = linear_weight(module).detach()
-        codes, scale, zero_point = rtn_quantize(weight, config.grid)
-        bias = module.bias.detach() if module.bias is not None else None
-        replace_module_(model, name, QuantizedLinear(codes, scale, zero_point, config.grid, bias, weight.dtype))
+        codes, scale, zero_point = rtn_quantize(linear_weight(module).detach(), config.grid)
+        replace_with_codes_(model, name, module, codes, scale, zero_point, config.grid)
 
 
 def check_group_size(linears: dict[str, nn.Module], config: StageConfig) -> None:
