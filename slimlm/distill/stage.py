@@ -49,17 +49,11 @@ SAMPLES = ("corpus", "teacher", "student")
 
 
 @dataclass(frozen=True)
-class DistillConfig(StageConfig):
-    """Distil the current model from the recipe's base model (knowledge distillation / recovery training)."""
+class TrainingStageConfig(StageConfig):
+    """The training fields every stage that trains against a teacher shares (distill, qat), declared and checked
+    once; `train_config()` hands them to the trainer."""
 
-    method: ClassVar[str] = "distill"
-    loss: str = "forward_kl"  # forward_kl, reverse_kl (MiniLLM), jsd (GKD, with beta), tv, or uld (sorted probabilities)
     temperature: float = 1.0  # softmax(logits / T) for both models; the loss is scaled by T²
-    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
-    ce: float = 0.0  # weight of the next-token cross-entropy on the data, added to the distillation loss
-    hidden: float = 0.0  # weight of a hidden-state loss between mapped blocks (0: logits only)
-    hidden_loss: str = "mse"  # mse or cosine
-    layers: str = "uniform"  # block mapping for the hidden loss: uniform, last, or pairs "student:teacher,…"
     steps: int = 100  # optimizer steps
     batch_size: int = 8  # sequences per micro-step (over all processes)
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -68,50 +62,23 @@ class DistillConfig(StageConfig):
     warmup: int = 10  # warm-up steps
     schedule: str = "cosine"  # cosine, linear or constant
     optimizer: str = "adamw"  # adamw or adafactor
-    lora: int | None = None  # LoRA rank (peft), merged at the end; null: full fine-tuning
-    lora_alpha: float | None = None  # LoRA scale numerator (default 2 × rank)
     data: str = "default"  # text source (training split): default, a .txt/.jsonl file, wikitext2:DIR, hf:NAME
-    samples: str = "corpus"  # corpus windows, teacher-generated (data-free, LLM-QAT) or student (on-policy, GKD)
-    prompt_tokens: int = 16  # samples=student: corpus tokens the student continues
-    sample_temperature: float = 1.0  # generated samples: sampling temperature
     seed: int = 0
     checkpoint_dir: str | None = None  # resume from / checkpoint to this folder; null: no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints (0: at the end and on interruption only)
-    teacher: str | None = None  # another model to distil from (alias, directory, .gguf, hub id); null: the recipe's
-    # base. With another tokenizer (loss: uld), each batch is re-encoded with the teacher's tokenizer
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.teacher is not None and self.samples == "teacher":
-            self.fail("samples", "is 'teacher' with another teacher model", "use samples: corpus or student with 'teacher'")
-        if self.loss not in (*LOGIT_LOSSES, "uld"):
-            self.fail("loss", f"is '{self.loss}'", f"use one of {', '.join((*LOGIT_LOSSES, 'uld'))}")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            self.fail("hidden_loss", f"is '{self.hidden_loss}'", f"use one of {', '.join(HIDDEN_LOSSES)}")
-        if self.samples not in SAMPLES:
-            self.fail("samples", f"is '{self.samples}'", f"use one of {', '.join(SAMPLES)}")
         if self.schedule not in SCHEDULES:
             self.fail("schedule", f"is '{self.schedule}'", f"use one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             self.fail("optimizer", f"is '{self.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
         check_range(self, "temperature", self.temperature, 1e-3, 100.0)
-        check_range(self, "beta", self.beta, 0.0, 1.0)
-        check_range(self, "ce", self.ce, 0.0, 1e6)
-        check_range(self, "hidden", self.hidden, 0.0, 1e6)
-        check_range(self, "sample_temperature", self.sample_temperature, 1e-3, 100.0)
-        for key in ("steps", "batch_size", "grad_accum", "prompt_tokens"):
+        for key in ("steps", "batch_size", "grad_accum"):
             check_range(self, key, getattr(self, key), 1, 2**31)
         check_range(self, "seqlen", self.seqlen, 2, 2**20)
         check_range(self, "lr", self.lr, 1e-12, 1.0)
         check_range(self, "warmup", self.warmup, 0, 2**31)
-        if self.lora is not None:
-            check_range(self, "lora", self.lora, 1, 4096)
-        elif self.targets is not None:
-            self.fail("targets", "selects LoRA-adapted layers, but 'lora' is null (full fine-tuning trains everything)", "set a LoRA rank, or remove 'targets'")
-        if self.lora_alpha is not None and self.lora is None:
-            self.fail("lora_alpha", "is set but 'lora' is null", "set a LoRA rank, or remove 'lora_alpha'")
-        if self.samples == "student" and self.prompt_tokens >= self.seqlen:
-            self.fail("prompt_tokens", f"({self.prompt_tokens}) leaves nothing to generate in seqlen {self.seqlen}", "use fewer prompt tokens or a longer seqlen")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -127,6 +94,49 @@ class DistillConfig(StageConfig):
             checkpoint_every=self.checkpoint_every,
         )
 
+
+@dataclass(frozen=True)
+class DistillConfig(TrainingStageConfig):
+    """Distil the current model from the recipe's base model (knowledge distillation / recovery training)."""
+
+    method: ClassVar[str] = "distill"
+    loss: str = "forward_kl"  # forward_kl, reverse_kl (MiniLLM), jsd (GKD, with beta), tv, or uld (sorted probabilities)
+    beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
+    ce: float = 0.0  # weight of the next-token cross-entropy on the data, added to the distillation loss
+    hidden: float = 0.0  # weight of a hidden-state loss between mapped blocks (0: logits only)
+    hidden_loss: str = "mse"  # mse or cosine
+    layers: str = "uniform"  # block mapping for the hidden loss: uniform, last, or pairs "student:teacher,…"
+    lora: int | None = None  # LoRA rank (peft), merged at the end; null: full fine-tuning
+    lora_alpha: float | None = None  # LoRA scale numerator (default 2 × rank)
+    samples: str = "corpus"  # corpus windows, teacher-generated (data-free, LLM-QAT) or student (on-policy, GKD)
+    prompt_tokens: int = 16  # samples=student: corpus tokens the student continues
+    sample_temperature: float = 1.0  # generated samples: sampling temperature
+    teacher: str | None = None  # another model to distil from (alias, directory, .gguf, hub id); null: the recipe's
+    # base. With another tokenizer (loss: uld), each batch is re-encoded with the teacher's tokenizer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.teacher is not None and self.samples == "teacher":
+            self.fail("samples", "is 'teacher' with another teacher model", "use samples: corpus or student with 'teacher'")
+        if self.loss not in (*LOGIT_LOSSES, "uld"):
+            self.fail("loss", f"is '{self.loss}'", f"use one of {', '.join((*LOGIT_LOSSES, 'uld'))}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            self.fail("hidden_loss", f"is '{self.hidden_loss}'", f"use one of {', '.join(HIDDEN_LOSSES)}")
+        if self.samples not in SAMPLES:
+            self.fail("samples", f"is '{self.samples}'", f"use one of {', '.join(SAMPLES)}")
+        check_range(self, "beta", self.beta, 0.0, 1.0)
+        check_range(self, "ce", self.ce, 0.0, 1e6)
+        check_range(self, "hidden", self.hidden, 0.0, 1e6)
+        check_range(self, "sample_temperature", self.sample_temperature, 1e-3, 100.0)
+        check_range(self, "prompt_tokens", self.prompt_tokens, 1, 2**31)
+        if self.lora is not None:
+            check_range(self, "lora", self.lora, 1, 4096)
+        elif self.targets is not None:
+            self.fail("targets", "selects LoRA-adapted layers, but 'lora' is null (full fine-tuning trains everything)", "set a LoRA rank, or remove 'targets'")
+        if self.lora_alpha is not None and self.lora is None:
+            self.fail("lora_alpha", "is set but 'lora' is null", "set a LoRA rank, or remove 'lora_alpha'")
+        if self.samples == "student" and self.prompt_tokens >= self.seqlen:
+            self.fail("prompt_tokens", f"({self.prompt_tokens}) leaves nothing to generate in seqlen {self.seqlen}", "use fewer prompt tokens or a longer seqlen")
 
 # --- checks ----------------------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ export and evaluation are those of any quantized model. Embeddings, norms and th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -42,6 +42,7 @@ from slimlm.distill.losses import LOGIT_LOSSES
 from slimlm.distill.stage import (
     Base,
     DistillConfig,
+    TrainingStageConfig,
     check_teacher,
     distillation_loss_fn,
     distillation_source,
@@ -71,29 +72,19 @@ from slimlm.train.trainer import TrainResult, train
 
 
 @dataclass(frozen=True)
-class QATConfig(GridConfig):
-    """Quantization-aware training: fake-quantized weights (STE) with learned step sizes, distilled from the base."""
+class QATConfig(GridConfig, TrainingStageConfig):
+    """Quantization-aware training: fake-quantized weights (STE) with learned step sizes, distilled from the base.
+    The grid fields come from GridConfig, the training fields from TrainingStageConfig (shared with distill)."""
 
     method: ClassVar[str] = "qat"
     group_size: int | None = 64  # input channels per scale; null for one scale per output channel
     symmetric: bool = False  # false: an integer zero point per group as well (fixed during training)
+    batch_size: int = 4  # sequences per micro-step
+    lr: float = 5e-3  # peak learning rate, in units of each group's initial step (see the module docstring)
     learn_weights: bool = True  # train the float weights behind the codes (LLM-QAT)
     learn_scales: bool = True  # train the per-group step sizes (LSQ / EfficientQAT); both false is refused
     loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd (β = 0.5) or tv, between base and quantized model
-    temperature: float = 1.0  # softmax(logits / T) for both models; the loss is scaled by T²
-    steps: int = 100  # optimizer steps
-    batch_size: int = 4  # sequences per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    seqlen: int = 512  # tokens per sequence
-    lr: float = 5e-3  # peak learning rate, in units of each group's initial step (see the module docstring)
-    warmup: int = 10  # warm-up steps
-    schedule: str = "cosine"  # cosine, linear or constant
-    optimizer: str = "adamw"  # adamw or adafactor
-    data: str = "default"  # text source (training split): default, a .txt/.jsonl file, wikitext2:DIR, hf:NAME
     samples: str = "corpus"  # corpus windows, or teacher: text the base model generates (data-free, LLM-QAT)
-    seed: int = 0
-    checkpoint_dir: str | None = None  # resume from / checkpoint to this folder; null: no checkpoints
-    checkpoint_every: int = 0  # steps between checkpoints (0: at the end and on interruption only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,15 +94,12 @@ class QATConfig(GridConfig):
             self.fail("loss", f"is '{self.loss}'", f"use one of {', '.join(LOGIT_LOSSES)} (the base and the quantized model share a vocabulary)")
         if self.samples not in ("corpus", "teacher"):
             self.fail("samples", f"is '{self.samples}'", "use corpus (windows of 'data') or teacher (text the base model generates)")
-        self.distillation()  # the training settings are validated where the distill stage validates them
 
     def distillation(self) -> DistillConfig:
-        """The training half of this stage as the distill stage's config (its data, loss and trainer settings)."""
-        training = {k: v for k, v in asdict(self).items() if k in DistillConfig.__dataclass_fields__ and k not in ("targets", "exclude")}
-        try:
-            return DistillConfig(**training)
-        except SlimlmError as err:  # name this stage in the message, not the distill stage doing the checking
-            raise SlimlmError(err.problem.replace("distill:", "qat:", 1), err.fix) from None
+        """The training half of this stage as the distill stage's config (its data, loss and trainer settings),
+        for the distillation machinery it reuses; every field was checked when this config was built."""
+        shared = {f.name for f in fields(TrainingStageConfig)} - {"targets", "exclude"}
+        return DistillConfig(loss=self.loss, samples=self.samples, **{name: getattr(self, name) for name in shared})
 
 
 # --- the kernel ----------------------------------------------------------------------------------------------------
