@@ -182,7 +182,7 @@ def eval_(
     seqlen: Seqlen = EVALUATION.seqlen,
     windows: Windows = EVALUATION.max_windows,
     base: Annotated[str | None, typer.Option("--base", help="Base model to measure KL divergence and top-1 agreement against.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file ('-': print them on stdout).")] = None,
     kv_bits: Annotated[int | None, typer.Option("--kv-bits", help="Evaluate through a KIVI-quantized KV cache of 2, 4 or 8 bits (default: the model's own kv-cache setting, if any).")] = None,
     kv_group_size: Annotated[int | None, typer.Option("--kv-group-size", help="With --kv-bits: tokens per key group / channels per value group (default 32).")] = None,
     kv_residual: Annotated[int | None, typer.Option("--kv-residual", help="With --kv-bits: newest tokens kept in full precision, a multiple of the group (default 128).")] = None,
@@ -249,7 +249,7 @@ def eval_(
     if "storage" in result:
         console.print(f"weights on disk {result['storage']['weight_bytes'] / 1e6:.1f} MB")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(json_out, result)
 
 
 @app.command()
@@ -269,7 +269,7 @@ def sensitivity(
     calib_samples: CalibSamples = SENSITIVITY_CALIBRATION.samples,
     calib_seqlen: CalibSeqlen = SENSITIVITY_CALIBRATION.seqlen,
     top: Annotated[int, typer.Option("--top", help="Rows to print (the JSON has all).")] = 20,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full table to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the full table to this JSON file ('-': print it on stdout).")] = None,
     allow_pickle: AllowPickle = False,
     device: Device = None,
 ) -> None:
@@ -309,7 +309,7 @@ def sensitivity(
     console.print("mean KL by projection: " + " · ".join(f"{name} {kl:.5f}" for name, kl in table.by_projection().items()))
     console.print(f"[dim]{table.protocol}[/dim]")
     if json_out:
-        json_out.write_text(json.dumps(table.to_dict(), indent=2) + "\n")
+        _write_json(json_out, table.to_dict())
 
 
 @app.command()
@@ -346,6 +346,15 @@ def export(
     else:
         console.print(f"{format} · weights {size} · quantized linears {result['quantized_linears']}")
     console.print(f"saved: {out}")
+
+
+def _write_json(path: Path, data: object) -> None:
+    """The machine-readable output of a verb: to the file `path`, or to stdout for '-' (the table went to stderr)."""
+    text = json.dumps(data, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.write_text(text)
 
 
 def _task_settings(tasks: str | None, limit: int | None, seed: int, task_data: Path | None, speed: bool) -> dict:

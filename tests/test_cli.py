@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,11 @@ def test_recipe_export_from_memory_equals_exporting_the_saved_model(hf_dir, tmp_
         assert written.read_bytes() == again.read_bytes()
     else:
         assert (written / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
+def test_eval_json_dash_prints_the_results_on_stdout(hf_dir, text_file):
+    env = {**os.environ, "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "slimlm.cli", "eval", str(hf_dir), "--data", text_file, "--seqlen", "32", "--windows", "1", "--json", "-"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["quality"]["windows"] == 1  # stdout is the JSON alone; the table went to stderr
