@@ -169,6 +169,9 @@ def compress(
     console.print(f"sparsity {metrics['sparsity']:.1%} · weights {storage['weight_bytes'] / 1e6:.1f} MB (base {metrics['base_dense_bytes'] / 1e6:.1f} MB)")
     if "quantized_share_of_fp16" in storage:
         console.print(f"quantized linears take {storage['quantized_share_of_fp16']:.1%} of their fp16 bytes")
+    for stage in manifest["stages"]:  # what each stage did (also in slimlm.json)
+        if stage.get("details"):
+            console.print(f"[dim]{stage['method']}: {_brief(stage['details'])}[/dim]", highlight=False)
     console.print(f"saved: {out}")
     if "export" in manifest:  # the recipe's export: key
         console.print(f"exported ({manifest['export']['format']}): {manifest['export']['path']}")
@@ -346,6 +349,21 @@ def export(
     else:
         console.print(f"{format} · weights {size} · quantized linears {result['quantized_linears']}")
     console.print(f"saved: {out}")
+
+
+def _brief(details: dict) -> str:
+    """A stage's record on one line: a loss curve as first → last, long lists cut."""
+    parts = []
+    for key, value in details.items():
+        if key == "losses" and value:
+            parts.append(f"loss {value[0]:.4f} → {value[-1]:.4f} over {len(value)} steps")
+        elif key in ("evaluations",) or value in (None, [], 0):
+            continue
+        elif isinstance(value, list) and len(value) > 8:
+            parts.append(f"{key} [{', '.join(map(str, value[:8]))}, … ({len(value)})]")
+        else:
+            parts.append(f"{key} {value}")
+    return " · ".join(parts)
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -123,3 +123,10 @@ def test_eval_json_dash_prints_the_results_on_stdout(hf_dir, text_file):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["quality"]["windows"] == 1  # stdout is the JSON alone; the table went to stderr
+
+
+def test_compress_prints_and_saves_what_the_depth_stage_did(hf_dir, tmp_path):
+    out = tmp_path / "shallow"
+    printed = ok(run_cli("compress", hf_dir, "--recipe", "depth-33pct", "--out", out, "--no-eval", "--calib-samples", "2", "--calib-seqlen", "16"))
+    removed = json.loads((out / "slimlm.json").read_text())["stages"][0]["details"]["removed_blocks"]
+    assert len(removed) == 1 and f"depth: removed_blocks {removed}" in printed
