@@ -498,6 +498,10 @@ def main() -> None:
     from slimlm.progress import console
 
     huge_pages_default()
+    # The command line's own process: transformers' info/warning logs would interleave with slimlm's progress (read
+    # by transformers when it is imported; a user's TRANSFORMERS_VERBOSITY wins). A library caller's logging is
+    # left alone (models/load.py quiets it only while loading, then restores it).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun (`torchrun ... -m slimlm.cli compress`): join its processes
         from slimlm.train.distributed import process_group
 
