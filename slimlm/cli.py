@@ -189,7 +189,7 @@ def eval_(
     kv_bits: Annotated[int | None, typer.Option("--kv-bits", help="Evaluate through a KIVI-quantized KV cache of 2, 4 or 8 bits (default: the model's own kv-cache setting, if any).")] = None,
     kv_group_size: Annotated[int | None, typer.Option("--kv-group-size", help="With --kv-bits: tokens per key group / channels per value group (default: the kv-cache stage's, see 'slimlm recipes kv4').")] = None,
     kv_residual: Annotated[int | None, typer.Option("--kv-residual", help="With --kv-bits: newest tokens kept in full precision, a multiple of the group (default: the kv-cache stage's).")] = None,
-    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Feed each window this many tokens at a time through the KV cache (default with a quantized cache: kv_cache.DEFAULT_CHUNK; alone: a full-precision cache).")] = None,
+    chunk_size: Annotated[int | None, typer.Option("--chunk-size", help="Feed each window this many tokens at a time through the KV cache (with a quantized cache the default is 128 tokens; alone: a full-precision cache).")] = None,
     tasks: Tasks = None,
     limit: TaskLimit = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit subset.")] = EVALUATION.task_seed,
