@@ -28,6 +28,7 @@ from slimlm.export import export_model
 from slimlm.models.load import DEFAULT_MODEL, LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, linear_sparsity, needs_calibration
+from slimlm.progress import stage
 from slimlm.quantize.kv_cache import (
     DEFAULT_CHUNK,
     KVCacheConfig,
@@ -163,12 +164,15 @@ def compress(
     reference = windows = None
     if evaluation is not None:
         windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-        metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+        with stage("evaluating the base model"):
+            metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
     metrics["base_dense_bytes"] = dense_bytes(base.model)
     metrics["base_parameters"] = parameter_count(base.model)
-    compressed, info = _compress(base.model, base.tokenizer, parsed, calibration, base.model.device)  # in place: the base is not needed again
+    with stage(f"compressing with {parsed.name}"):
+        compressed, info = _compress(base.model, base.tokenizer, parsed, calibration, base.model.device)  # in place: the base is not needed again
     if windows is not None:
-        metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
+        with stage(f"evaluating {parsed.name}"):
+            metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
     metrics["sparsity"] = linear_sparsity(compressed)
     metrics["parameters"] = parameter_count(compressed)
     metrics["peak_memory"] = peak_memory()
@@ -223,10 +227,12 @@ def evaluate(
         reference = None
         if base is not None:
             base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
-            result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+            with stage(f"evaluating the base {base}"):
+                result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
             result["base_dense_bytes"] = dense_bytes(base_loaded.model)
             del base_loaded
-        result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
+        with stage(f"evaluating {model}"):
+            result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
         kv_cache = evaluation.kv_cache or kv_cache_setting(loaded.model)
         if kv_cache is not None:
             result["kv_cache"] = kv_cache_metrics(loaded.model, windows, kv_cache, evaluation.chunk_size)
@@ -283,7 +289,8 @@ def run(
     for recipe in parsed:
         check_recipe(base.model, recipe, has_calibration=True)
     windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-    base_quality, reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+    with stage("evaluating the base model"):
+        base_quality, reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
     base_bytes = dense_bytes(base.model)
     variants = [
         Variant(
@@ -300,9 +307,11 @@ def run(
         )
     ]
     models_dir = out / "models"
-    for recipe in parsed:
-        compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
-        quality, _ = quality_metrics(compressed, windows, reference)
+    for number, recipe in enumerate(parsed, 1):
+        with stage(f"compressing with {recipe.name} ({number}/{len(parsed)})"):
+            compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
+        with stage(f"evaluating {recipe.name} ({number}/{len(parsed)})"):
+            quality, _ = quality_metrics(compressed, windows, reference)
         metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
         metrics.update(task_and_speed_metrics(compressed, base.tokenizer, tasks, evaluation))
         path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)

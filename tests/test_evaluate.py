@@ -6,11 +6,10 @@ import copy
 import math
 
 import pytest
-
 import torch
+from conftest import tiny_tokenizer
 from torch import nn
 
-from conftest import tiny_tokenizer
 from slimlm.data.text import Text, load_text
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import (

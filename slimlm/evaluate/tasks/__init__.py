@@ -150,7 +150,7 @@ def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, s
     device = next(model.parameters()).device
     start = time.perf_counter()
     try:
-        with progress_bar(task.name, len(flat)) as advance:
+        with progress_bar(task.name, len(flat), unit="requests") as advance:
             show = progress and not quiet()
             results = score_requests(model, tokenizer, flat, token_budget, advance=(lambda n: [advance() for _ in range(n)]) if show else None)
         if device.type == "cuda":
