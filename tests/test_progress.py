@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
+
 from slimlm import progress
 from slimlm.models.save import save_model
 
