@@ -195,15 +195,16 @@ def load_tasks(evaluation: EvalSettings) -> list:
     return [load_task_data(spec, evaluation.task_data) for spec in evaluation.tasks]
 
 
-def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings) -> dict:
-    """{"tasks": {name: result}, "speed": {...}} for what `evaluation` asks (nothing when it asks for neither)."""
+def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings, per_example: bool = False) -> dict:
+    """{"tasks": {name: result}, "speed": {...}} for what `evaluation` asks (nothing when it asks for neither);
+    `per_example` keeps each task's per-example scores (data-set index, row, metrics) to compare models on."""
     from slimlm.evaluate.speed import measure_speed
     from slimlm.evaluate.tasks import score_task
 
     metrics: dict = {}
     if tasks:
         results = [score_task(model, tokenizer, data, evaluation.task_limit, evaluation.task_seed) for data in tasks]
-        metrics["tasks"] = {r.task: {k: v for k, v in asdict(r).items() if k != "per_example"} for r in results}
+        metrics["tasks"] = {r.task: {k: v for k, v in asdict(r).items() if per_example or k != "per_example"} for r in results}
     if evaluation.speed is not None:
         metrics["speed"] = asdict(measure_speed(model, evaluation.speed))
     return metrics
@@ -217,7 +218,7 @@ def evaluate(
     device: str | None = None,
 ) -> dict:
     """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk; zero-shot
-    task scores and speed when `evaluation` asks for them."""
+    task scores (with each example's, under "per_example") and speed when `evaluation` asks for them."""
     tasks = load_tasks(evaluation)
     text = load_text(evaluation.data, evaluation.split) if evaluation.perplexity else None
     loaded = load_model(model, allow_pickle=allow_pickle, device=device)
@@ -236,7 +237,7 @@ def evaluate(
         kv_cache = evaluation.kv_cache or kv_cache_setting(loaded.model)
         if kv_cache is not None:
             result["kv_cache"] = kv_cache_metrics(loaded.model, windows, kv_cache, evaluation.chunk_size)
-    result.update(task_and_speed_metrics(loaded.model, loaded.tokenizer, tasks, evaluation))
+    result.update(task_and_speed_metrics(loaded.model, loaded.tokenizer, tasks, evaluation, per_example=True))
     result["parameters"] = parameter_count(loaded.model)
     result["sparsity"] = linear_sparsity(loaded.model)
     if loaded.kind == "slimlm-dir":
