@@ -63,8 +63,8 @@ def run(
     task_data: TaskData = None,
     speed: SpeedFlag = False,
     calib_data: CalibData = "default",
-    calib_samples: CalibSamples = 128,
-    calib_seqlen: CalibSeqlen = 2048,
+    calib_samples: CalibSamples = 32,  # api.RUN_CALIBRATION: the default rows fit ~10 minutes
+    calib_seqlen: CalibSeqlen = 512,
     seed: Seed = 0,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
@@ -85,7 +85,7 @@ def run(
     from slimlm.api import DEFAULT_RUN_RECIPES, CalibrationSettings
     from slimlm.api import run as run_job
 
-    names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else DEFAULT_RUN_RECIPES
+    names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else tuple(DEFAULT_RUN_RECIPES)
     settings = _settings(eval_data, "evaluation", 512 if fast else seqlen, 4 if fast else windows, 2 if fast else 4)
     settings = replace(settings, **_task_settings(tasks, limit, 0, task_data, speed))
     calibration = CalibrationSettings(calib_data, calib_samples, calib_seqlen, seed)

@@ -30,7 +30,14 @@ from slimlm.evaluate.tasks import (
     truthfulqa,
     winogrande,
 )
-from slimlm.evaluate.tasks.common import Task, aggregate, check_revision, default_data_root, hub_rows, released_file
+from slimlm.evaluate.tasks.common import (
+    Task,
+    aggregate,
+    check_revision,
+    default_data_root,
+    hub_rows,
+    released_file,
+)
 from slimlm.evaluate.tasks.scoring import score_requests
 
 TASKS: dict[str, Task] = {
