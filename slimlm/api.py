@@ -58,7 +58,7 @@ class EvalSettings:
     split: str = "evaluation"
     seqlen: int = 2048
     max_windows: int | None = None  # None: every window of the text
-    kl_windows: int = 4  # base log-probs kept for KL/top-1 (~400 MB per 2048-token window of SmolLM2's vocab)
+    kl_windows: int = 4  # windows of base log-probs kept for KL/top-1 (top-4096 per position: 64 MB per 2048-token window)
     kv_cache: KVCacheConfig | None = None  # `evaluate` only: through this quantized KV cache instead of the model's own setting
     chunk_size: int | None = None  # `evaluate` only: tokens per forward through a KV cache; None: one forward per window (128 with a KV cache)
     perplexity: bool = True  # `evaluate` only: False skips perplexity (e.g. when only zero-shot tasks are wanted)
