@@ -75,9 +75,9 @@ def run(
     [bold]Examples[/bold]
 
       slimlm run                                   # SmolLM2-135M, default recipes, offline corpus
-      slimlm run --fast                            # a quick look in a couple of minutes
+      slimlm run --fast                            # shorter evaluation: 4 windows of 512 tokens
       slimlm run --recipes magnitude-50,rtn-w4-g64 --eval-data wikitext2:../shared/data/wikitext-2-raw
-      slimlm run --recipes magnitude-50,wanda-50 --calib-samples 32   # Wanda calibrates on 32 x 2048 tokens
+      slimlm run --recipes gptq-w4-g64,wanda-50 --calib-samples 128 --calib-seqlen 2048   # the papers' calibration (slower)
       slimlm run --fast --tasks piqa,arc_easy --limit 200 --speed       # zero-shot and speed columns, two plots
     """
     from dataclasses import replace
