@@ -14,10 +14,9 @@ def test_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):
     monkeypatch.delenv("SLIMLM_QUIET", raising=False)
     monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # every step gets its line
     assert not progress.console.is_terminal  # pytest captures stderr
-    with progress.stage("compressing with rtn-w4"):
-        with progress.progress_bar("gptq", 3, unit="blocks") as advance:
-            for _ in range(3):
-                advance()
+    with progress.stage("compressing with rtn-w4"), progress.progress_bar("gptq", 3, unit="blocks") as advance:
+        for _ in range(3):
+            advance()
     lines = capsys.readouterr().err.splitlines()
     assert [re.sub(r"^\[slimlm \d\d:\d\d:\d\d\] ", "", line) for line in lines[:4]] == [
         "compressing with rtn-w4 …", "gptq: 0/3 blocks", "gptq: 1/3 blocks, 0s elapsed", "gptq: 2/3 blocks, 0s elapsed"
