@@ -51,10 +51,14 @@ class EvalWindows:
         if n < self.total_windows:
             count = f"the first {n} of {self.total_windows} non-overlapping windows"
         if self.bos_token_id is None:
-            return f"GPTQ protocol: {count} x {self.seqlen} tokens of {self.source}; no BOS (the tokenizer adds none); loss on tokens 2..L of each window"
+            return (
+                f"GPTQ protocol: {count} x {self.seqlen} tokens of {self.source}; no BOS (the tokenizer adds none); "
+                "loss on tokens 2..L of each window"
+            )
         return (
             f"GPTQ protocol: {count} x {self.seqlen} tokens of {self.source}; each window is the tokenizer's BOS "
-            f"(id {self.bos_token_id}, as the tokenizer adds it) then {self.seqlen - 1} text tokens; loss on tokens 2..L of each window"
+            f"(id {self.bos_token_id}, as the tokenizer adds it) then {self.seqlen - 1} text tokens; "
+            "loss on tokens 2..L of each window"
         )
 
 
