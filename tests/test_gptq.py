@@ -140,7 +140,9 @@ def test_matches_naive_obq_loop(grid, block_size, act_order):
     assert codes.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (10, grid.group_count(48))
     assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
     assert torch.equal(codes, ref_codes)
-    assert torch.equal(scale, ref_scale)
+    # Scales of later groups come from error-updated fp32 weights; the reordered sums can put one on the other side
+    # of an fp16 rounding boundary (seen on one CPU's MKL kernels): at most one fp16 step apart, never more.
+    assert torch.allclose(scale.float(), ref_scale.float(), rtol=2**-10, atol=0)
     assert (zero_point is None) == grid.symmetric and (zero_point is None or torch.equal(zero_point, ref_zero_point))
 
 
