@@ -16,7 +16,7 @@ from torch import nn
 
 from slimlm.data.calibration import CalibrationSet, sample_calibration
 from slimlm.data.text import load_text
-from slimlm.evaluate.footprint import linear_sparsity, parameter_count, peak_memory
+from slimlm.evaluate.footprint import linear_sparsity, parameter_count, peak_memory, shipped_bytes
 from slimlm.evaluate.perplexity import (
     EvalWindows,
     ReferenceLogits,
@@ -27,6 +27,7 @@ from slimlm.export import export_loaded, export_model
 from slimlm.models.load import LoadedModel, load_model
 from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, recipe_needs
+from slimlm.progress import stage
 from slimlm.quantize.kv_cache import (
     DEFAULT_CHUNK,
     KVCacheConfig,
@@ -40,6 +41,7 @@ from slimlm.settings import (
     DEFAULT_MODEL,
     DEFAULT_RUN_RECIPES,
     DEFAULT_SENSITIVITY_STAGE,
+    RUN_CALIBRATION,
     SENSITIVITY_CALIBRATION,
     SENSITIVITY_EVALUATION,
     CalibrationSettings,
@@ -56,6 +58,7 @@ class Variant:
     recipe: list[dict] | None
     metrics: dict = field(default_factory=dict)
     path: str | None = None
+    purpose: str | None = None  # what the row is for (the main job's default rows say it)
 
 
 def dense_bytes(model: nn.Module) -> int:
@@ -144,12 +147,15 @@ def compress(
     reference = windows = None
     if evaluation is not None:
         windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-        metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+        with stage("evaluating the base model"):
+            metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
     metrics["base_dense_bytes"] = dense_bytes(base.model)
     metrics["base_parameters"] = parameter_count(base.model)
-    compressed, info = _compress(base.model, base.tokenizer, parsed, calibration, base.model.device)  # in place: the base is not needed again
+    with stage(f"compressing with {parsed.name}"):
+        compressed, info = _compress(base.model, base.tokenizer, parsed, calibration, base.model.device)  # in place: the base is not needed again
     if windows is not None:
-        metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
+        with stage(f"evaluating {parsed.name}"):
+            metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
     metrics["sparsity"] = linear_sparsity(compressed)
     metrics["parameters"] = parameter_count(compressed)
     metrics["peak_memory"] = peak_memory()
@@ -173,15 +179,16 @@ def load_tasks(evaluation: EvalSettings) -> list:
     return [load_task_data(spec, evaluation.task_data) for spec in evaluation.tasks]
 
 
-def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings) -> dict:
-    """{"tasks": {name: result}, "speed": {...}} for what `evaluation` asks (nothing when it asks for neither)."""
+def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings, per_example: bool = False) -> dict:
+    """{"tasks": {name: result}, "speed": {...}} for what `evaluation` asks (nothing when it asks for neither);
+    `per_example` keeps each task's per-example scores (data-set index, row, metrics) to compare models on."""
     from slimlm.evaluate.speed import measure_speed
     from slimlm.evaluate.tasks import score_task
 
     metrics: dict = {}
     if tasks:
         results = [score_task(model, tokenizer, data, evaluation.task_limit, evaluation.task_seed) for data in tasks]
-        metrics["tasks"] = {r.task: {k: v for k, v in asdict(r).items() if k != "per_example"} for r in results}
+        metrics["tasks"] = {r.task: {k: v for k, v in asdict(r).items() if per_example or k != "per_example"} for r in results}
     if evaluation.speed is not None:
         metrics["speed"] = asdict(measure_speed(model, evaluation.speed))
     return metrics
@@ -195,7 +202,7 @@ def evaluate(
     device: str | None = None,
 ) -> dict:
     """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk; zero-shot
-    task scores and speed when `evaluation` asks for them."""
+    task scores (with each example's, under "per_example") and speed when `evaluation` asks for them."""
     tasks = load_tasks(evaluation)
     text = load_text(evaluation.data, evaluation.split) if evaluation.perplexity else None
     loaded = load_model(model, allow_pickle=allow_pickle, device=device)
@@ -205,14 +212,16 @@ def evaluate(
         reference = None
         if base is not None:
             base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
-            result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+            with stage(f"evaluating the base {base}"):
+                result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
             result["base_dense_bytes"] = dense_bytes(base_loaded.model)
             del base_loaded
-        result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
+        with stage(f"evaluating {model}"):
+            result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
         kv_cache = evaluation.kv_cache or kv_cache_setting(loaded.model)
         if kv_cache is not None:
             result["kv_cache"] = kv_cache_metrics(loaded.model, windows, kv_cache, evaluation.chunk_size)
-    result.update(task_and_speed_metrics(loaded.model, loaded.tokenizer, tasks, evaluation))
+    result.update(task_and_speed_metrics(loaded.model, loaded.tokenizer, tasks, evaluation, per_example=True))
     result["parameters"] = parameter_count(loaded.model)
     result["sparsity"] = linear_sparsity(loaded.model)
     if loaded.kind == "slimlm-dir":
@@ -241,9 +250,9 @@ def sensitivity(
 
 def run(
     model: str = DEFAULT_MODEL,
-    recipes: tuple[str, ...] = DEFAULT_RUN_RECIPES,
+    recipes: tuple[str, ...] = tuple(DEFAULT_RUN_RECIPES),
     evaluation: EvalSettings = EvalSettings(),
-    calibration: CalibrationSettings = CalibrationSettings(),
+    calibration: CalibrationSettings = RUN_CALIBRATION,
     out_dir: str | Path | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -265,8 +274,9 @@ def run(
     for recipe in parsed:
         check_recipe(base.model, recipe, has_calibration=True)
     windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-    base_quality, reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
-    base_bytes = dense_bytes(base.model)
+    with stage("evaluating the base model"):
+        base_quality, reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+    base_bytes = shipped_bytes(base.model)  # as a user would ship it (16-bit), not as loaded (fp32)
     variants = [
         Variant(
             "base",
@@ -279,22 +289,25 @@ def run(
                 "compression_ratio": 1.0,
                 **task_and_speed_metrics(base.model, base.tokenizer, tasks, evaluation),
             },
+            purpose="the model as shipped, counted at 16-bit weights",
         )
     ]
     models_dir = out / "models"
-    for recipe in parsed:
-        compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
-        quality, _ = quality_metrics(compressed, windows, reference)
+    for number, recipe in enumerate(parsed, 1):
+        with stage(f"compressing with {recipe.name} ({number}/{len(parsed)})"):
+            compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
+        with stage(f"evaluating {recipe.name} ({number}/{len(parsed)})"):
+            quality, _ = quality_metrics(compressed, windows, reference)
         metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
         metrics.update(task_and_speed_metrics(compressed, base.tokenizer, tasks, evaluation))
         path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
         storage = read_manifest(path)["storage"]
         metrics.update(storage, compression_ratio=base_bytes / storage["weight_bytes"], compress_seconds=info["compress_seconds"], peak_memory=peak_memory())
-        variants.append(Variant(recipe.name, recipe.to_list(), metrics, str(path)))
+        variants.append(Variant(recipe.name, recipe.to_list(), metrics, str(path), DEFAULT_RUN_RECIPES.get(recipe.name, recipe.description)))
         del compressed
     context = {
         "model": {"source": base.source, "resolved": base.resolved, "dtype": str(next(base.model.parameters()).dtype)},
-        "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0])},
+        "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0]), "kl": reference.describe() if reference else None},
         "device": str(base.model.device),
         "peak_memory": peak_memory(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -16,6 +16,7 @@ from slimlm.settings import (
     COMPRESS_EVALUATION,
     DEFAULT_MODEL,
     FAST_EVALUATION,
+    RUN_CALIBRATION,
     SENSITIVITY_CALIBRATION,
     SENSITIVITY_EVALUATION,
     CalibrationSettings,
@@ -96,10 +97,10 @@ def run(
     limit: TaskLimit = None,
     task_data: TaskData = None,
     speed: SpeedFlag = False,
-    calib_data: CalibData = CALIBRATION.data,
-    calib_samples: CalibSamples = CALIBRATION.samples,
-    calib_seqlen: CalibSeqlen = CALIBRATION.seqlen,
-    seed: Seed = CALIBRATION.seed,
+    calib_data: CalibData = RUN_CALIBRATION.data,
+    calib_samples: CalibSamples = RUN_CALIBRATION.samples,
+    calib_seqlen: CalibSeqlen = RUN_CALIBRATION.seqlen,
+    seed: Seed = RUN_CALIBRATION.seed,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
     device: Device = None,
@@ -109,15 +110,15 @@ def run(
     [bold]Examples[/bold]
 
       slimlm run                                   # SmolLM2-135M, default recipes, offline corpus
-      slimlm run --fast                            # a quick look in a couple of minutes
+      slimlm run --fast                            # shorter evaluation: 4 windows of 512 tokens
       slimlm run --recipes magnitude-50,rtn-w4-g64 --eval-data wikitext2:../shared/data/wikitext-2-raw
-      slimlm run --recipes magnitude-50,wanda-50 --calib-samples 32   # Wanda calibrates on 32 x 2048 tokens
+      slimlm run --recipes gptq-w4-g64,wanda-50 --calib-samples 128 --calib-seqlen 2048   # the papers' calibration (slower)
       slimlm run --fast --tasks piqa,arc_easy --limit 200 --speed       # zero-shot and speed columns, two plots
     """
     from slimlm.api import run as run_job
     from slimlm.settings import DEFAULT_RUN_RECIPES
 
-    names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else DEFAULT_RUN_RECIPES
+    names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else tuple(DEFAULT_RUN_RECIPES)
     shape = FAST_EVALUATION if fast else _settings(eval_data, EVALUATION.split, seqlen, windows, EVALUATION.kl_windows)
     settings = _settings(eval_data, shape.split, shape.seqlen, shape.max_windows, shape.kl_windows, **_task_settings(tasks, limit, EVALUATION.task_seed, task_data, speed))
     calibration = _calibration(calib_data, calib_samples, calib_seqlen, seed)

@@ -63,7 +63,8 @@ def test_windows_follow_gptq_protocol(tokenizer):
     assert everything.input_ids.shape == (total, SEQLEN)
     assert torch.equal(everything.input_ids.flatten(), ids[: total * SEQLEN])  # trailing tokens dropped
     assert everything.protocol() == (
-        f"GPTQ protocol: {total} non-overlapping windows x {SEQLEN} tokens of {text.label}; loss on tokens 2..L of each window"
+        f"GPTQ protocol: {total} non-overlapping windows x {SEQLEN} tokens of {text.label}; no BOS (the tokenizer adds none); "
+        "loss on tokens 2..L of each window"
     )
     first = make_windows(tokenizer, text, seqlen=SEQLEN, max_windows=3)
     assert torch.equal(first.input_ids, everything.input_ids[:3])
@@ -92,8 +93,8 @@ def test_kl_is_zero_against_itself_and_positive_when_perturbed(windows):
     model.train()  # evaluate_quality must evaluate in eval mode and give the mode back
     base, reference = evaluate_quality(model, windows, keep_reference=2, progress=False)
     assert model.training
-    assert len(reference.log_probs) == 2 and reference.log_probs[0].shape == (SEQLEN, 128)
-    assert reference.log_probs[0].dtype == torch.float32 and reference.log_probs[0].device.type == "cpu"
+    assert len(reference.top_ids) == 2 and reference.top_ids[0].shape == (SEQLEN, 128)  # top-256 of 128: everything
+    assert reference.top_log_probs[0].dtype == torch.float32 and reference.top_log_probs[0].device.type == "cpu"
 
     same, none_kept = evaluate_quality(model, windows, reference=reference, progress=False)
     assert same.kl_divergence == pytest.approx(0.0, abs=1e-7)
@@ -106,17 +107,89 @@ def test_kl_is_zero_against_itself_and_positive_when_perturbed(windows):
     moved, _ = evaluate_quality(perturbed, windows, reference=reference, progress=False)
     with torch.no_grad():  # naive KL(p || q) over the 2 reference windows
         q = torch.log_softmax(perturbed(windows.input_ids[:2]).logits.float(), dim=-1)  # (2, L, V)
-    p = torch.stack(reference.log_probs)  # (2, L, V)
+        p = torch.log_softmax(model(windows.input_ids[:2]).logits.float(), dim=-1)  # (2, L, V)
     naive_kl = (p.exp() * (p - q)).sum(-1).mean().item()
     naive_top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     assert moved.kl_divergence == pytest.approx(naive_kl, rel=1e-4) and moved.kl_divergence > 1e-3
     assert moved.top1_agreement == pytest.approx(naive_top1) and moved.top1_agreement < 1.0
 
 
+def test_sparse_kl_is_the_kl_over_top_k_and_one_rest_bucket(windows):
+    """With k < vocab the KL is taken over the partition {base's top-k tokens, the rest}: a hand computation of
+    that coarse KL must match, and it can only be below the full KL (a coarser partition never raises it)."""
+    model, perturbed = tiny_llama(0), tiny_llama(1)
+    _, reference = evaluate_quality(model, windows, keep_reference=2, progress=False, top_k=8)
+    assert reference.top_ids[0].shape == (SEQLEN, 8) and reference.rest_log_mass[0].shape == (SEQLEN,)
+    sparse, _ = evaluate_quality(perturbed, windows, reference=reference, progress=False)
+    with torch.no_grad():
+        p = torch.log_softmax(model(windows.input_ids[:2]).logits.float(), dim=-1)  # (2, L, V)
+        q = torch.log_softmax(perturbed(windows.input_ids[:2]).logits.float(), dim=-1)
+    top = p.topk(8, dim=-1).indices  # (2, L, 8)
+    p_top, q_top = p.exp().gather(-1, top), q.exp().gather(-1, top)
+    p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    coarse = (p_top * (p_top / q_top).log()).sum(-1) + p_rest * (p_rest / q_rest).log()
+    full = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert sparse.kl_divergence == pytest.approx(coarse.mean().item(), rel=1e-4)
+    assert 0 < sparse.kl_divergence < full
+    assert "top-8 tokens per position plus the rest's mass" in sparse.protocol and "vocabulary 128" in sparse.protocol
+
+
+@pytest.mark.parametrize("vocab", [512, 32768])
+def test_reference_memory_does_not_grow_with_the_vocabulary(tokenizer, vocab):
+    """What is kept per window is O(tokens * k): the same bytes at a 512 and a 32k vocabulary (full float32
+    log-probs would be 64x more at 32k)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    windows = make_windows(tokenizer, load_text("default"), seqlen=SEQLEN, max_windows=3)
+    _, reference = evaluate_quality(model, windows, keep_reference=3, progress=False, top_k=16)
+    assert reference.nbytes() == 3 * SEQLEN * (16 * (4 + 4) + 4)
+    assert reference.nbytes() < 3 * SEQLEN * vocab * 4 / 4  # far below the full log-probs even at the small vocab
+    same, _ = evaluate_quality(model, windows, reference=reference, progress=False)
+    assert same.kl_divergence == pytest.approx(0.0, abs=1e-6) and same.top1_agreement == 1.0
+
+
+def bos_tokenizer():
+    """The tiny BPE with a post-processor that puts <bos> first, as Llama/Gemma tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    plain = tiny_tokenizer(vocab_size=127)  # <bos> becomes id 127, inside the tiny model's 128
+    backend = plain.backend_tokenizer
+    backend.add_special_tokens(["<bos>"])
+    bos = backend.token_to_id("<bos>")
+    backend.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(tokenizer):
+    from slimlm.data.calibration import tokenize_text
+    from slimlm.evaluate.perplexity import bos_token_id
+
+    text = load_text("default")
+    with_bos = bos_tokenizer()
+    bos = with_bos.bos_token_id
+    assert bos_token_id(with_bos) == bos and bos_token_id(tokenizer) is None  # the plain tiny BPE adds none
+    windows = make_windows(with_bos, text, seqlen=SEQLEN, max_windows=3)
+    ids = tokenize_text(with_bos, text.text)
+    assert windows.input_ids.shape == (3, SEQLEN) and (windows.input_ids[:, 0] == bos).all()
+    assert torch.equal(windows.input_ids[:, 1:].flatten(), ids[: 3 * (SEQLEN - 1)])  # every text token scored once
+    assert windows.total_windows == ids.numel() // (SEQLEN - 1)
+    assert f"each window is the tokenizer's BOS (id {bos}" in windows.protocol()
+    plain = make_windows(tokenizer, text, seqlen=SEQLEN, max_windows=3)
+    assert plain.bos_token_id is None and "no BOS (the tokenizer adds none)" in plain.protocol()
+    assert (plain.input_ids[:, 0] != plain.input_ids[0, 0]).any()  # text tokens, not a constant first token
+    model = tiny_llama()
+    result, _ = evaluate_quality(model, windows, progress=False)
+    assert result.perplexity == pytest.approx(naive_perplexity(model, windows.input_ids), rel=1e-4)
+
+
 def test_reference_from_other_windows_is_refused(tokenizer, windows):
     model = tiny_llama()
     _, reference = evaluate_quality(model, windows, keep_reference=10, progress=False)
-    assert len(reference.log_probs) == 3  # clamped to the windows there are
+    assert len(reference.top_ids) == 3  # clamped to the windows there are
     other = make_windows(tokenizer, load_text("default", "calibration"), seqlen=SEQLEN, max_windows=3)
     with pytest.raises(SlimlmError, match="other windows"):
         evaluate_quality(model, other, reference=reference, progress=False)

@@ -133,3 +133,60 @@ def test_run_puts_tasks_and_speed_into_the_report(tmp_path):
         assert row["metrics"]["tasks"]["piqa"]["examples"] == 3 and row["metrics"]["speed"]["tpot_ms"] > 0
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "piqa acc_norm" in page
+
+
+def test_perplexity_plot_is_log_scaled_and_no_two_labels_overlap():
+    """Perplexities over three orders of magnitude and points almost on top of each other (the issue's plot)."""
+    from slimlm.report.plots import figure
+
+    close = [
+        variant("base", 269.0, 8.66, None, None),
+        variant("rtn-w8", 219.9, 8.68, None, None),
+        variant("smoothquant-w8a8", 219.0, 8.70, None, None),
+        variant("awq-gptq-w4-g64", 170.6, 9.4, None, None),
+        variant("rtn-w4-g64", 170.6, 11.3, None, None),
+        variant("magnitude-50", 538.1, 240.8, None, None),
+        variant("magnitude-2of4", 538.1, 2264.6, None, None),
+    ]
+    fig = figure(close, "size")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    boxes = [(text.get_text(), Text.get_window_extent(text, renderer)) for text in ax.texts if text.get_text() in {v["name"] for v in close}]
+    assert len(boxes) == len(close)
+    for i, (name, box) in enumerate(boxes):
+        for other, box2 in boxes[i + 1 :]:
+            assert not box.overlaps(box2), f"labels {name} and {other} overlap"
+    accuracy = figure(VARIANTS, "size")  # a zero-shot average stays on a linear percent axis
+    assert accuracy.axes[0].get_yscale() == "linear"
+
+
+def test_base_is_counted_at_the_bytes_a_user_ships():
+    import torch
+
+    from slimlm.evaluate.footprint import shipped_bytes
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))  # fp32 as loaded
+    assert shipped_bytes(model) == (40 + 12 + 3) * 2  # 16-bit weights, not 4 bytes each
+    assert shipped_bytes(model.to(torch.bfloat16)) == (40 + 12 + 3) * 2
+
+
+def test_main_job_defaults_are_calibrated_recipes_each_with_its_purpose():
+    import inspect
+
+    from slimlm.api import DEFAULT_RUN_RECIPES, RUN_CALIBRATION, run
+    from slimlm.pipeline import recipe_needs
+    from slimlm.recipes import load_recipe
+
+    assert inspect.signature(run).parameters["recipes"].default == tuple(DEFAULT_RUN_RECIPES)
+    assert inspect.signature(run).parameters["calibration"].default is RUN_CALIBRATION
+    calibrated = [name for name in DEFAULT_RUN_RECIPES if "calibration" in recipe_needs(load_recipe(name))]
+    assert len(calibrated) >= 3 and not any(name.startswith("magnitude") for name in DEFAULT_RUN_RECIPES)
+    assert all(len(purpose) > 20 for purpose in DEFAULT_RUN_RECIPES.values())
+    rows = [{**variant(name, 100.0, 10.0, None, None), "purpose": purpose} for name, purpose in DEFAULT_RUN_RECIPES.items()]
+    from slimlm.report import notes
+
+    lines = notes(rows, CONTEXT)
+    assert all(f"row {name}: {purpose}" in lines for name, purpose in DEFAULT_RUN_RECIPES.items())

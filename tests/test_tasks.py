@@ -229,6 +229,52 @@ def test_generic_formats(tmp_path):
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 
+def _truthful_rows(n: int) -> str:
+    return json.dumps([{"question": f"Q{i}?", "mc1_targets": {"Yes.": 1, "No.": 0}, "mc2_targets": {"Yes.": 1, "No.": 0}} for i in range(n)])
+
+
+def test_truthfulqa_folder_reads_the_2021_release_and_refuses_the_2025_revision(tmp_path, capsys, monkeypatch):
+    """A clone of sylinrl/TruthfulQA: data/v1/mc_task.json (2021, 817, what lm-eval scores) and data/mc_task.json
+    (2025, 790). The folder gives the 817; the 790 alone is refused, whether found by folder or named."""
+    monkeypatch.delenv("SLIMLM_QUIET", raising=False)
+    clone = tmp_path / "TruthfulQA"
+    (clone / "data" / "v1").mkdir(parents=True)
+    (clone / "data" / "mc_task.json").write_text(_truthful_rows(790))
+    (clone / "data" / "v1" / "mc_task.json").write_text(_truthful_rows(817))
+    for spec in (f"truthfulqa_mc1:{clone}", f"truthfulqa_mc2:{clone / 'data'}"):
+        data = load_task_data(spec)
+        assert data.source == str(clone / "data" / "v1" / "mc_task.json") and len(data.examples) == 817 and data.warning is None
+    assert f"truthfulqa_mc2: read {clone / 'data' / 'v1' / 'mc_task.json'} (817 examples)" in capsys.readouterr().err
+    with pytest.raises(SlimlmError, match="790 examples: the 2025 revision of TruthfulQA.*not the 817"):
+        load_task_data(f"truthfulqa_mc1:{clone / 'data' / 'mc_task.json'}")
+    (clone / "data" / "v1" / "mc_task.json").unlink()
+    with pytest.raises(SlimlmError, match="2025 revision"):
+        load_task_data(f"truthfulqa_mc1:{clone}")
+    root = tmp_path / "root" / "truthfulqa"  # the data root's own folder, laid out as released
+    (root / "v1").mkdir(parents=True)
+    (root / "v1" / "mc_task.json").write_text(_truthful_rows(817))
+    assert load_task_data("truthfulqa_mc1", data_root=tmp_path / "root").source == str(root / "v1" / "mc_task.json")
+
+
+def test_openbookqa_folder_reads_ai2_main_test_and_warns_on_another_count(tmp_path, capsys, monkeypatch):
+    row = {"id": "1", "question": {"stem": "Sun is", "choices": [{"text": "hot", "label": "A"}, {"text": "cold", "label": "B"}]}, "answerKey": "A"}
+    main = tmp_path / "openbookqa" / "Data" / "Main"
+    main.mkdir(parents=True)
+    (main / "test.jsonl").write_text((json.dumps(row) + "\n") * 500)
+    (main / "train.jsonl").write_text(json.dumps(row) + "\n")
+    data = load_task_data("openbookqa", data_root=tmp_path)
+    assert data.source == str(main / "test.jsonl") and len(data.examples) == 500 and data.warning is None
+    (main / "test.jsonl").write_text((json.dumps(row) + "\n") * 3)  # not the released 500: read, with a warning
+    monkeypatch.setenv("SLIMLM_QUIET", "1")
+    capsys.readouterr()
+    data = load_task_data(f"openbookqa:{main.parent}")
+    assert data.warning == "3 examples where the released split has 500: scores are not comparable with published ones"
+    assert "warning: 3 examples where the released split has 500" in capsys.readouterr().err  # shown even when quiet
+    (main / "test.jsonl").unlink()
+    with pytest.raises(SlimlmError, match="holds none of the files task 'openbookqa' is released as .Main/test.jsonl"):
+        load_task_data("openbookqa", data_root=tmp_path)
+
+
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(SlimlmError, match="unknown task 'hellaswg'.*hellaswag, piqa"):
         parse_task_spec("hellaswg")
@@ -358,6 +404,11 @@ def test_cli_eval_tasks_and_speed(tiny_dir):
     payload = json.loads(out.read_text())
     assert "quality" not in payload  # --tasks alone skips perplexity
     assert payload["tasks"]["piqa"]["examples"] == 3 and payload["tasks"]["piqa"]["total"] == 5
+    # per example: which one of the data set (the seeded subset), its row, its scores; they make up the mean
+    per_example = payload["tasks"]["piqa"]["per_example"]
+    assert [row["index"] for row in per_example] == select(5, 3, 1)
+    assert per_example[0]["where"] == f"{tiny_dir / 'piqa.jsonl'} line {per_example[0]['index'] + 1}"
+    assert sum(row["acc"] for row in per_example) / 3 == pytest.approx(payload["tasks"]["piqa"]["metrics"]["acc"])
     speed = payload["speed"]
     assert set(speed["throughput_tokens_per_s"]) == {"1", "8", "32"} and speed["tpot_ms"] > 0
     # no meter here is reported as unavailable, never estimated; with a readable meter there is a number

@@ -30,6 +30,13 @@ def _zero_share(weights: Iterable[torch.Tensor]) -> tuple[int, int]:
     return zeros, total
 
 
+def shipped_bytes(model: nn.Module) -> int:
+    """Bytes of the model as a user ships a dense checkpoint: floating-point weights at 16 bits (fp16/bf16, as
+    models are released) even when loaded in fp32, integers as they are; tied weights once. The base row of a
+    report is counted this way, so a compression ratio is against what one would otherwise download."""
+    return sum(p.numel() * (min(p.element_size(), 2) if p.is_floating_point() else p.element_size()) for p in model.parameters())
+
+
 def sparsity(model: nn.Module, linear_names: Iterable[str]) -> float:
     """Share of exact zeros in the `.weight` of the named modules (quantized codes are not counted: a zero code
     need not dequantize to zero)."""

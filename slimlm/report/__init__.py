@@ -33,11 +33,12 @@ def notes(variants: list[dict], context: dict) -> list[str]:
     evaluation = context.get("evaluation") or {}
     if evaluation.get("protocol"):
         lines.append(f"perplexity: {evaluation['protocol']}")
-        lines.append(f"KL(base‖variant) in nats/token and top-1 agreement with the base over the first {evaluation.get('kl_windows')} windows")
+        lines.append(evaluation.get("kl") or f"KL(base‖variant) in nats/token and top-1 agreement with the base over the first {evaluation.get('kl_windows')} windows")
     for task in task_names(variants):
         protocol = next((get(v["metrics"], "tasks", task, "protocol") for v in variants if get(v["metrics"], "tasks", task, "protocol")), None)
         if protocol:
             lines.append(f"{task}: {protocol}")
+    lines += [f"row {v['name']}: {v['purpose']}" for v in variants if v.get("purpose")]
     if task_names(variants):
         lines.append("zero-shot scores: acc_norm for HellaSwag, PIQA, ARC, OpenBookQA, acc otherwise; 0-shot avg = their mean (CrowS-Pairs excluded: a bias share, lower is better); standard errors in report.json")
     speed = next((v["metrics"]["speed"] for v in variants if v["metrics"].get("speed")), None)
@@ -48,7 +49,7 @@ def notes(variants: list[dict], context: dict) -> list[str]:
         )
         lines.append(f"energy: {speed['energy_meter']}" + ("" if speed.get("energy_joules_per_token") is not None else " — J/token not reported"))
     lines += [
-        "MB: tensor bytes of the saved safetensors (base: dense, in its dtype); ratio = base bytes / variant bytes",
+        "MB: tensor bytes of the saved safetensors (base: dense at 16-bit weights, as it would be shipped); ratio = base bytes / variant bytes",
         "q/fp16: bytes on disk of the quantized linear layers / their fp16 bytes",
         f"peak memory of the run: {_peak(context)}",
         f"created: {context.get('created')}",

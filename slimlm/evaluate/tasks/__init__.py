@@ -30,7 +30,14 @@ from slimlm.evaluate.tasks import (
     truthfulqa,
     winogrande,
 )
-from slimlm.evaluate.tasks.common import Task, aggregate, default_data_root, hub_rows
+from slimlm.evaluate.tasks.common import (
+    Task,
+    aggregate,
+    check_revision,
+    default_data_root,
+    hub_rows,
+    released_file,
+)
 from slimlm.evaluate.tasks.scoring import score_requests
 
 TASKS: dict[str, Task] = {
@@ -59,6 +66,7 @@ class TaskData:
     rows: list[tuple[str, dict]]  # (where, row) in the hub's layout: what lm-eval would read
     examples: list  # parsed from rows, one per row
     source: str  # the file, folder or hub data set read
+    warning: str | None = None  # e.g. not the released split's example count
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class TaskResult:
     source: str
     protocol: str  # one line: what exactly was scored
     device: str
-    per_example: list[dict[str, float]] = field(default_factory=list, repr=False)
+    per_example: list[dict] = field(default_factory=list, repr=False)  # {"index", "where", metric: value} per example
 
 
 def parse_task_spec(spec: str) -> tuple[Task, Path | None]:
@@ -98,12 +106,22 @@ def load_task_data(spec: str, data_root: str | Path | None = None) -> TaskData:
     if path is not None:
         if not path.exists():
             raise SlimlmError(f"data for task '{task.name}' not found: '{path}'", "check the path after the task name")
+        path = released_file(task, path)
         rows, source = list(task.rows(path)), str(path)
     else:
         rows, source = list(hub_rows(task)), f"hub:{task.hub[0]}"  # hub_rows raises without a hub
     if not rows:
         raise SlimlmError(f"the data for task '{task.name}' ({source}) holds no examples", "pass a file with at least one example")
-    return TaskData(task, rows, task.parse(rows), source)
+    warning = check_revision(task, len(rows), source)
+    _say_read(task.name, source, len(rows), warning)
+    return TaskData(task, rows, task.parse(rows), source, warning)
+
+
+def _say_read(name: str, source: str, count: int, warning: str | None) -> None:
+    from slimlm.progress import console, quiet
+
+    if warning or not quiet():  # a warning is shown even when quiet
+        console.print(f"{name}: read {source} ({count} examples)" + (f" [yellow]warning: {warning}[/yellow]" if warning else ""), highlight=False, soft_wrap=True)
 
 
 def check_limit(limit: int | None) -> None:
@@ -142,7 +160,8 @@ def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, s
     from slimlm.progress import progress_bar, quiet
 
     task = data.task
-    chosen = [data.examples[i] for i in select(len(data.examples), limit, seed)]
+    indices = select(len(data.examples), limit, seed)
+    chosen = [data.examples[i] for i in indices]
     per_example_requests = [task.requests(example) for example in chosen]
     flat = [request for requests in per_example_requests for request in requests]
     was_training = model.training
@@ -150,7 +169,7 @@ def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, s
     device = next(model.parameters()).device
     start = time.perf_counter()
     try:
-        with progress_bar(task.name, len(flat)) as advance:
+        with progress_bar(task.name, len(flat), unit="requests") as advance:
             show = progress and not quiet()
             results = score_requests(model, tokenizer, flat, token_budget, advance=(lambda n: [advance() for _ in range(n)]) if show else None)
         if device.type == "cuda":
@@ -167,6 +186,8 @@ def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, s
         metrics[name], stderr[name] = aggregate(name, how, [s[name] for s in scores])
     subset = f"a seeded subset (seed {seed}) of {len(chosen)}" if len(chosen) < len(data.examples) else "all"
     protocol = f"{task.summary}; {subset} of {len(data.examples)} examples from {data.source}; zero-shot, lm-eval 0.4 prompts and scoring"
+    if data.warning:
+        protocol += f"; warning: {data.warning}"
     return TaskResult(
         task=task.name,
         metrics=metrics,
@@ -179,5 +200,5 @@ def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, s
         source=data.source,
         protocol=protocol,
         device=str(device),
-        per_example=scores,
+        per_example=[{"index": i, "where": data.rows[i][0], **score} for i, score in zip(indices, scores)],
     )

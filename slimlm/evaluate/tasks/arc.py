@@ -82,11 +82,12 @@ def rows(path: Path) -> Rows:
     return ((where, ai2_to_hub(row, where)) for where, row in rows_file(path))
 
 
-def _task(name: str, subset: str, count: str) -> Task:
+def _task(name: str, subset: str, count: int) -> Task:
     return Task(
         name=name,
-        summary=f"{subset} test ({count}): science questions, 3-5 choices; acc, acc_norm",
+        summary=f"{subset} test ({count:,}): science questions, 3-5 choices; acc, acc_norm",
         local=f"arc/{subset}",
+        size=count,
         hub=("allenai/ai2_arc", subset, "test"),
         rows=rows,
         parse=parse,
@@ -95,5 +96,5 @@ def _task(name: str, subset: str, count: str) -> Task:
     )
 
 
-EASY = _task("arc_easy", "ARC-Easy", "2,376")
-CHALLENGE = _task("arc_challenge", "ARC-Challenge", "1,172")
+EASY = _task("arc_easy", "ARC-Easy", 2376)
+CHALLENGE = _task("arc_challenge", "ARC-Challenge", 1172)

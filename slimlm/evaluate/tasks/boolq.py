@@ -49,6 +49,7 @@ TASK = Task(
     name="boolq",
     summary="BoolQ validation (3,270): yes/no reading comprehension; acc",
     local="boolq/dev.jsonl",
+    size=3270,
     hub=("aps/super_glue", "boolq", "validation"),
     rows=rows,
     parse=parse,

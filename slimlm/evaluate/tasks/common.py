@@ -37,6 +37,36 @@ class Task:
     requests: Callable[[Any], list[tuple[str, str]]]  # example -> (context, continuation) pairs
     score: Callable[[Any, list[LogLikelihood]], dict[str, float]]  # example, its requests' results -> metrics
     aggregation: tuple[tuple[str, str], ...] = (("acc", "mean"), ("acc_norm", "mean"))  # metric, "mean" | "perplexity"
+    layouts: tuple[str, ...] = ()  # given a folder: the released file inside it, tried in this order
+    size: int | None = None  # examples in the released split lm-eval scores; another count is warned about
+    revisions: tuple[tuple[int, str], ...] = ()  # (count, what it is) of known other revisions: refused
+
+
+def released_file(task: Task, path: Path) -> Path:
+    """The file to read for `path`: itself, or for a folder the first of the task's released layouts inside it
+    (a folder without one is read as a folder, for tasks that read folders)."""
+    if not path.is_dir() or not task.layouts:
+        return path
+    for layout in task.layouts:
+        if (path / layout).is_file():
+            return path / layout
+    raise SlimlmError(
+        f"folder '{path}' holds none of the files task '{task.name}' is released as ({', '.join(task.layouts)})",
+        f"pass the file itself: --tasks {task.name}:FILE",
+    )
+
+
+def check_revision(task: Task, count: int, source: str) -> str | None:
+    """Refuse a known other revision of the data set; return a warning when the count is not the released one."""
+    for size, what in task.revisions:
+        if count == size:
+            raise SlimlmError(
+                f"{source} holds {count} examples: {what}, not the {task.size} lm-eval scores for '{task.name}'",
+                f"pass the released file ({' or '.join(task.layouts) or task.local}): --tasks {task.name}:FILE",
+            )
+    if task.size is not None and count != task.size:
+        return f"{count} examples where the released split has {task.size}: scores are not comparable with published ones"
+    return None
 
 
 # ---- examples and their lm-eval scoring rules -------------------------------------------------------------------

@@ -61,6 +61,7 @@ TASK = Task(
     name="crows_pairs",
     summary="CrowS-Pairs English (1,508): share of pairs where the stereotypical sentence is preferred (lower is better)",
     local="crows_pairs/crows_pairs_anonymized.csv",
+    size=1508,
     hub=("jannalu/crows_pairs_multilingual", "english", "test"),
     rows=rows,
     parse=parse,

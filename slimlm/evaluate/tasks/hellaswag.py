@@ -81,6 +81,7 @@ TASK = Task(
     name="hellaswag",
     summary="HellaSwag validation (10,042): sentence completion; acc, acc_norm",
     local="hellaswag/hellaswag_val_full.txt.bz2",
+    size=10042,
     hub=("Rowan/hellaswag", None, "validation"),
     rows=rows,
     parse=parse,

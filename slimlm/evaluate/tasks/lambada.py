@@ -43,6 +43,7 @@ TASK = Task(
     name="lambada",
     summary="LAMBADA OpenAI test (5,153): last word; acc (greedy), perplexity of the last word",
     local="lambada_openai/lambada_test.jsonl",
+    size=5153,
     hub=("EleutherAI/lambada_openai", "default", "test"),
     rows=rows_file,
     parse=parse,

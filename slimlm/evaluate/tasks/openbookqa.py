@@ -2,7 +2,8 @@
 
 Prompt (lm-eval `openbookqa`): context = the question stem alone, choices " {text}"; acc and acc_norm.
 Layouts: AI2's jsonl (`question: {stem, choices: [{text, label}]}`, `answerKey`) or the hub's rows
-(`question_stem`, `choices: {text, label}`, `answerKey`).
+(`question_stem`, `choices: {text, label}`, `answerKey`). A folder is read as AI2 releases it:
+`Main/test.jsonl` (also under `Data/` or `OpenBookQA-V1-Sep2018/Data/`), else a `test.jsonl` in it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def rows(path: Path) -> Rows:
 TASK = Task(
     name="openbookqa",
     summary="OpenBookQA test (500): science questions, 4 choices, no prompt prefix; acc, acc_norm",
-    local="openbookqa/test.jsonl",
+    local="openbookqa",
+    layouts=("Main/test.jsonl", "Data/Main/test.jsonl", "OpenBookQA-V1-Sep2018/Data/Main/test.jsonl", "test.jsonl"),
+    size=500,
     hub=("allenai/openbookqa", "main", "test"),
     rows=rows,
     parse=parse,

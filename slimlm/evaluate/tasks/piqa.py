@@ -52,6 +52,7 @@ TASK = Task(
     name="piqa",
     summary="PIQA validation (1,838): physical commonsense, 2 choices; acc, acc_norm",
     local="piqa/valid.jsonl",
+    size=1838,
     hub=("baber/piqa", None, "validation"),
     rows=rows,
     parse=parse,

@@ -5,6 +5,8 @@ Prompt (lm-eval `truthfulqa_mc1` / `_mc2`): six fixed Q/A pairs, then "\\n\\nQ: 
 - MC2: the probability mass of the true answers, exp(ll) normalised over all answers, averaged over questions.
 Layouts: the hub's rows / jsonl (`question`, `mc1_targets` and `mc2_targets` = `{choices: [...], labels: [0/1]}`),
 or the original repository's `mc_task.json` (a list with `mc1_targets` / `mc2_targets` = `{answer: 0/1}`).
+A folder is read as released: the 2021 `v1/mc_task.json` (or `data/v1/...`, in a clone) first; the 2025 revision
+(790 questions, the clone's `data/mc_task.json`) is refused, since lm-eval and published scores use the 817.
 """
 
 from __future__ import annotations
@@ -94,11 +96,18 @@ def mc2_score(example: TrueSet, results: list[LogLikelihood]) -> dict[str, float
     return {"acc": sum(p for p, label in zip(probs, example.labels) if label) / sum(probs)}
 
 
+# sylinrl/TruthfulQA keeps the 2021 questions lm-eval scores in data/v1/ and the 2025 revision (790) in data/.
+LAYOUTS = ("v1/mc_task.json", "data/v1/mc_task.json", "mc_task.json", "data/mc_task.json")
+
+
 def _task(name: str, targets: str, summary: str, score) -> Task:
     return Task(
         name=name,
         summary=summary,
-        local="truthfulqa/mc_task.json",
+        local="truthfulqa",
+        layouts=LAYOUTS,
+        size=817,
+        revisions=((790, "the 2025 revision of TruthfulQA (the repository's data/mc_task.json)"),),
         hub=("truthfulqa/truthful_qa", "multiple_choice", "validation"),
         rows=rows,
         parse=_parser(targets),

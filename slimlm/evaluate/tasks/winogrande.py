@@ -59,6 +59,7 @@ TASK = Task(
     name="winogrande",
     summary="WinoGrande dev (1,267): pronoun resolution, partial scoring; acc",
     local="winogrande/dev.jsonl",
+    size=1267,
     hub=("allenai/winogrande", "winogrande_xl", "validation"),
     rows=rows_file,
     parse=parse,
