@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.export.gguf_types import WRITABLE, dequantize_tensor, quantize_tensor, tensor_bytes, types_for_shape
+from slimlm.export.gguf_types import (
+    WRITABLE,
+    dequantize_tensor,
+    quantize_tensor,
+    tensor_bytes,
+    types_for_shape,
+)
 
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}
@@ -66,7 +72,7 @@ def test_importance_lowers_the_weighted_error(name):
     importance = torch.rand(64) ** 4 * 100
     plain = dequantize_tensor(quantize_tensor(weight, name), name, weight.shape)
     weighted = dequantize_tensor(quantize_tensor(weight, name, importance), name, weight.shape)
-    err = lambda approx: (((approx - weight) ** 2) * importance).sum()  # noqa: E731
+    err = lambda approx: (((approx - weight) ** 2) * importance).sum()
     assert err(weighted) < err(plain)
 
 

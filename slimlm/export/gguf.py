@@ -40,7 +40,13 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.export.gguf_types import ggml_type, pack_blocks, quantize_tensor, tensor_bytes, types_for_shape
+from slimlm.export.gguf_types import (
+    ggml_type,
+    pack_blocks,
+    quantize_tensor,
+    tensor_bytes,
+    types_for_shape,
+)
 from slimlm.models.adapters import adapter_for, decoder_blocks
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
@@ -215,7 +221,7 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     # 4-bit files keep the (tied) embedding / output projection at 8 bits, as llama-quantize does.
-    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1") else gguf_type
+    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
 
     embed = model.get_submodule(adapter.embed).weight
     yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
