@@ -164,18 +164,9 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
     """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k)."""
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"unknown GGUF type '{gguf_type}'", f"use one of: {', '.join(GGUF_TYPES)}")
-    config = model.config
-    if config.model_type not in ARCHITECTURES:
-        raise SlimlmError(
-            f"GGUF export does not support the architecture '{config.model_type}'",
-            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; export this model with --format compressed-tensors or hf",
-        )
-    if config.model_type == "mistral" and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings:
-        raise SlimlmError("this Mistral model uses sliding-window attention, which llama.cpp's llama architecture does not", "export it with --format compressed-tensors or hf")
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise SlimlmError(f"RoPE scaling '{rope['rope_type']}' is not written by slimlm's GGUF exporter", "export with --format compressed-tensors or hf")
+    check_gguf_config(model.config)
     adapter = adapter_for(model)
+    config = model.config
     for index, block in enumerate(decoder_blocks(model)):
         for name, _ in block.named_parameters():
             if name.rpartition(".")[0] not in BLOCK_TENSORS:
@@ -199,6 +190,20 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
             "--gguf-type f16/bf16 (dequantized), --format compressed-tensors (codes kept) or --format hf (dequantized)",
         )
     return ARCHITECTURES[config.model_type]
+
+
+def check_gguf_config(config) -> None:
+    """Refuse, from the config alone (before any weight loads), an architecture slimlm's GGUF writer cannot hold."""
+    if config.model_type not in ARCHITECTURES:
+        raise SlimlmError(
+            f"GGUF export does not support the architecture '{config.model_type}'",
+            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; export this model with --format compressed-tensors or hf",
+        )
+    if config.model_type == "mistral" and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings:
+        raise SlimlmError("this Mistral model uses sliding-window attention, which llama.cpp's llama architecture does not", "export it with --format compressed-tensors or hf")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise SlimlmError(f"RoPE scaling '{rope['rope_type']}' is not written by slimlm's GGUF exporter", "export with --format compressed-tensors or hf")
 
 
 def _rope(config) -> dict:
