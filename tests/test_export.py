@@ -161,7 +161,7 @@ def test_requantized_gguf_is_llama_cpp_reference_quantization(gguf_type, tmp_pat
 
 @pytest.mark.parametrize("arch", GGUF_ARCHS)
 @pytest.mark.parametrize(
-    ("bits", "group", "symmetric", "gguf_type"), [(4, 32, True, "q4_0"), (4, 64, False, "q4_1"), (8, None, True, "q8_0")]
+    ("bits", "group", "symmetric", "gguf_type"), [(4, 32, True, "q4_0"), (4, 64, False, "q4_1"), (8, None, True, "q8_0"), (5, 32, True, "q5_0"), (5, 64, False, "q5_1")],
 )
 def test_quantized_codes_are_kept_and_load_in_transformers(arch, bits, group, symmetric, gguf_type, tmp_path):
     model = compressed(arch, {"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric})
@@ -170,13 +170,36 @@ def test_quantized_codes_are_kept_and_load_in_transformers(arch, bits, group, sy
     summary = write_gguf(model, tokenizer(), path, gguf_type)
     assert summary.codes_kept == 14 and summary.requantized == (1 if model.config.tie_word_embeddings else 2)  # embedding (+ output)
     expected = logits(with_q8_0_embedding(model))
-    tolerance = 1e-3 if gguf_type == "q4_1" else 1e-4  # Q4_1's fp16 block minimum
+    tolerance = 1e-3 if gguf_type in ("q4_1", "q5_1") else 1e-4  # Q4_1/Q5_1's fp16 block minimum
     assert (logits(load_gguf_in_transformers(path)) - expected).abs().max() < tolerance * expected.abs().max()
     # the codes themselves, not a re-quantization: bytes equal packing slimlm's codes (q/k rows permuted for llama)
     reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
     down = decoder_blocks(model)[0].mlp.down_proj
     zero = getattr(down, "weight_zero_point", None)
     assert np.array_equal(np.asarray(reader["blk.0.ffn_down.weight"].data), pack_codes(down.weight_q, down.weight_scale, zero, gguf_type))
+
+
+def test_per_tensor_types_and_importance_are_written_and_listed(tmp_path):
+    from slimlm.export.gguf_types import dequantize_tensor, quantize_tensor
+
+    model = tiny_model("llama")
+    path = tmp_path / "m.gguf"
+    importance = torch.rand(model.config.intermediate_size) * 10
+    types = {"blk.0.ffn_down.weight": "q5_1", "token_embd.weight": "q5_0", "blk.1.attn_q.weight": "f16"}
+    summary = write_gguf(model, tokenizer(), path, "q4_0", tensor_types=types, importance={"blk.0.ffn_down.weight": importance})
+    table = {row["name"]: row for row in summary.tensors}
+    assert {name: table[name]["type"] for name in types} == types
+    assert table["blk.0.ffn_up.weight"]["type"] == "q4_0"
+    header = path.stat().st_size - sum(row["bytes"] for row in summary.tensors)
+    assert 0 < header < 64 * 1024  # the table's bytes are the file's tensor bytes
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    down = decoder_blocks(model)[0].mlp.down_proj.weight
+    assert np.array_equal(np.asarray(reader["blk.0.ffn_down.weight"].data), quantize_tensor(down, "q5_1", importance))
+    back = dequantize_tensor(np.asarray(reader["blk.0.ffn_down.weight"].data), "q5_1", down.shape)
+    assert (back - down).abs().max() < down.abs().max() / 16
+    with pytest.raises(SlimlmError, match="'blk.99.ffn_down.weight' does not exist"):
+        write_gguf(model, tokenizer(), tmp_path / "x.gguf", "q4_0", tensor_types={"blk.99.ffn_down.weight": "q8_0"})
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_metadata_describes_the_model(tmp_path):
@@ -265,8 +288,10 @@ def test_interrupted_gguf_write_leaves_nothing(tmp_path, monkeypatch):
         ("llama", [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}], "q4_0", 1e-2),
         ("qwen2", [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}], "q4_1", 1e-2),
         ("llama", [{"method": "width", "mlp": 0.25, "heads": 0.5}], "f16", 2e-3),
+        ("llama", [{"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True}], "q5_0", 1e-2),
+        ("qwen2", [{"method": "rtn", "bits": 5, "group_size": 64, "symmetric": False}], "q5_1", 1e-2),
     ],
-    ids=["llama-f16", "qwen2-f16", "llama-q4_0-codes", "qwen2-q4_1-codes", "llama-width-pruned"],
+    ids=["llama-f16", "qwen2-f16", "llama-q4_0-codes", "qwen2-q4_1-codes", "llama-width-pruned", "llama-q5_0-codes", "qwen2-q5_1-codes"],
 )
 def test_llama_cpp_computes_slimlm_logits(arch, stages, gguf_type, tolerance, tmp_path):
     """llama.cpp itself reads the file: same logits (4-bit: llama.cpp rounds activations to 8-bit blocks too)."""

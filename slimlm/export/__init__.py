@@ -2,7 +2,7 @@
 
     hf                  dense Hugging Face checkpoint (quantized linears dequantized)        export/hf.py
     compressed-tensors  transformers + compressed-tensors, vLLM: packed int codes, sparsity   export/compressed_tensors.py
-    gguf                llama.cpp: F16/BF16/Q8_0/Q4_0/Q4_1, existing 4/8-bit codes kept       export/gguf.py
+    gguf                llama.cpp: F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, 4/5/8-bit codes kept    export/gguf.py, gguf_types.py
 
 `export_model` loads any model slimlm loads (alias, directory, .gguf, hub id) and writes it atomically.
 """
@@ -33,6 +33,22 @@ def auto_gguf_type(model: nn.Module) -> str:
     return "f16"
 
 
+def _check_gguf_source_config(model: str) -> None:
+    """A model directory's architecture is refused from its config.json, before minutes of loading weights."""
+    config_path = Path(model).expanduser() / "config.json"
+    if not config_path.is_file():
+        return  # an alias, a .gguf file (llama.cpp's own architectures) or a hub id: checked once loaded
+    from transformers import AutoConfig
+
+    from slimlm.export.gguf import check_gguf_config
+
+    try:
+        config = AutoConfig.from_pretrained(config_path.parent, trust_remote_code=False)
+    except (ValueError, OSError, KeyError):
+        return  # load_model says what is wrong with the directory
+    check_gguf_config(config)
+
+
 def _source_gguf(loaded) -> Path | None:
     """The GGUF file the model came from (directly, or as the base of a slimlm directory), if it still exists."""
     from slimlm.models.save import read_manifest
@@ -58,7 +74,7 @@ def export_model(
     atomically. This is the API's `export` verb (`slimlm.api.export`).
 
     `gguf_type`: "auto" keeps the model's quantized codes when a GGUF block format holds them (else f16), or one of
-    f16, bf16, q8_0, q4_0, q4_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
+    f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
     """
     from slimlm.models.load import load_model
     from slimlm.models.save import check_output_dir
@@ -75,6 +91,7 @@ def export_model(
             raise SlimlmError(f"GGUF output '{out}' does not end in .gguf", "name the output file, e.g. --out model-q4_0.gguf")
         if out.exists() and (not overwrite or out.is_dir()):
             raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
+        _check_gguf_source_config(model)
     else:
         check_output_dir(out, overwrite)
     loaded = load_model(model, allow_pickle=allow_pickle, device="cpu")

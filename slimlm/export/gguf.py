@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +40,20 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf_types import (
+    ggml_type,
+    pack_blocks,
+    quantize_tensor,
+    tensor_bytes,
+    types_for_shape,
+)
 from slimlm.models.adapters import adapter_for, decoder_blocks
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
-CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4}  # the code width each block format stores
+CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # the code width each block format stores
 
 # HF model_type -> (llama.cpp architecture, permute q/k rows for llama.cpp's RoPE)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -65,17 +73,15 @@ BLOCK_TENSORS = {
 
 
 def _ggml(name: str):
-    from gguf import GGMLQuantizationType
-
-    return {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0,
-            "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1, "f32": GGMLQuantizationType.F32}[name]
+    return ggml_type(name)
 
 
 def _file_type(gguf_type: str) -> int:
     from gguf import LlamaFileType
 
     return {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-            "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}[gguf_type]
+            "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
+            "q5_1": LlamaFileType.MOSTLY_Q5_1}[gguf_type]
 
 
 # --- pure kernels -------------------------------------------------------------------------------------------
@@ -94,7 +100,7 @@ def code_layout_problem(grid: QuantGrid, in_features: int, gguf_type: str) -> st
         return None  # f16/bf16 hold the dequantized weights
     if grid.bits != CODE_BITS[gguf_type]:
         return f"{gguf_type.upper()} stores {CODE_BITS[gguf_type]}-bit codes, these are {grid.bits}-bit"
-    if gguf_type in ("q4_0", "q8_0") and not grid.symmetric:
+    if gguf_type in ("q4_0", "q5_0", "q8_0") and not grid.symmetric:
         return f"{gguf_type.upper()} has no zero point (symmetric blocks only)"
     span = in_features if grid.group_size is None else grid.group_size
     if span % BLOCK or in_features % BLOCK:
@@ -112,29 +118,26 @@ def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     out_features, in_features = codes.shape
     n_blocks = in_features // BLOCK
     repeat = n_blocks // scale.shape[1]
-    d = scale.float().repeat_interleave(repeat, dim=1)  # (out, n_blocks)
-    q = codes.reshape(out_features, n_blocks, BLOCK)
-    parts = [_fp16_bytes(d)]
+    d = scale.float().repeat_interleave(repeat, dim=1).reshape(-1)  # (out·n_blocks,)
+    q = codes.reshape(-1, BLOCK).to(torch.int16)
     if gguf_type == "q8_0":
-        parts.append(q.to(torch.int8).view(torch.uint8))
-    else:
-        u = (q.to(torch.int16) + 8).to(torch.uint8)  # signed grid −8..7 -> unsigned 0..15
-        if gguf_type == "q4_1":
-            z = torch.zeros_like(d) if zero_point is None else zero_point.float().repeat_interleave(repeat, dim=1)
-            parts.append(_fp16_bytes(-(z + 8) * d))  # w = s·(q − z) = s·u − s·(z + 8)
-        parts.append(u[..., : BLOCK // 2] | (u[..., BLOCK // 2 :] << 4))
-    return torch.cat(parts, dim=2).reshape(out_features, -1).numpy()
+        return pack_blocks(gguf_type, q, d).reshape(out_features, -1).numpy()
+    centre = 2 ** (CODE_BITS[gguf_type] - 1)  # signed grid −c..c−1 -> unsigned 0..2c−1
+    m = None
+    if gguf_type in ("q4_1", "q5_1"):
+        z = torch.zeros_like(d) if zero_point is None else zero_point.float().repeat_interleave(repeat, dim=1).reshape(-1)
+        m = -(z + centre) * d  # w = s·(q − z) = s·u − s·(z + c)
+    return pack_blocks(gguf_type, q + centre, d, m).reshape(out_features, -1).numpy()
 
 
-def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """(out, n_blocks) floats -> (out, n_blocks, 2) the little-endian bytes of their fp16 values."""
-    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(*values.shape, 2)
-
-
-def requantize(weight: torch.Tensor, gguf_type: str) -> np.ndarray:
-    """Dense weight (out, in) -> GGUF data with llama.cpp's reference quantizer (F16 as float16, BF16 as bytes)."""
+def requantize(weight: torch.Tensor, gguf_type: str, importance: torch.Tensor | None = None) -> np.ndarray:
+    """Dense weight (out, in) -> GGUF data. Without `importance`: llama.cpp's reference quantizer (what
+    llama-quantize does without an imatrix; F16 as float16). With it: slimlm's importance-weighted block search
+    (`gguf_types.quantize_tensor`)."""
     from gguf import quants
 
+    if importance is not None and gguf_type not in ("f16", "bf16"):
+        return quantize_tensor(weight, gguf_type, importance)
     data = weight.detach().float().cpu().numpy()
     if gguf_type == "f16":
         return data.astype(np.float16)
@@ -154,24 +157,16 @@ class GGUFSummary:
     requantized: int = 0  # dense 2-D weights quantized by the reference algorithm
     dequantized: int = 0  # quantized linears written as F16/BF16
     fallbacks: list[str] = field(default_factory=list)  # tensors written as F16 because rows do not fit blocks
+    tensors: list[dict] = field(default_factory=list)  # per tensor: name, shape (GGUF order: rows last), type, bytes
 
 
 def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
     """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k)."""
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"unknown GGUF type '{gguf_type}'", f"use one of: {', '.join(GGUF_TYPES)}")
-    config = model.config
-    if config.model_type not in ARCHITECTURES:
-        raise SlimlmError(
-            f"GGUF export does not support the architecture '{config.model_type}'",
-            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; export this model with --format compressed-tensors or hf",
-        )
-    if config.model_type == "mistral" and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings:
-        raise SlimlmError("this Mistral model uses sliding-window attention, which llama.cpp's llama architecture does not", "export it with --format compressed-tensors or hf")
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise SlimlmError(f"RoPE scaling '{rope['rope_type']}' is not written by slimlm's GGUF exporter", "export with --format compressed-tensors or hf")
+    check_gguf_config(model.config)
     adapter = adapter_for(model)
+    config = model.config
     for index, block in enumerate(decoder_blocks(model)):
         for name, _ in block.named_parameters():
             if name.rpartition(".")[0] not in BLOCK_TENSORS:
@@ -197,6 +192,20 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
     return ARCHITECTURES[config.model_type]
 
 
+def check_gguf_config(config) -> None:
+    """Refuse, from the config alone (before any weight loads), an architecture slimlm's GGUF writer cannot hold."""
+    if config.model_type not in ARCHITECTURES:
+        raise SlimlmError(
+            f"GGUF export does not support the architecture '{config.model_type}'",
+            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; export this model with --format compressed-tensors or hf",
+        )
+    if config.model_type == "mistral" and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings:
+        raise SlimlmError("this Mistral model uses sliding-window attention, which llama.cpp's llama architecture does not", "export it with --format compressed-tensors or hf")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise SlimlmError(f"RoPE scaling '{rope['rope_type']}' is not written by slimlm's GGUF exporter", "export with --format compressed-tensors or hf")
+
+
 def _rope(config) -> dict:
     """transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta / rope_scaling."""
     params = getattr(config, "rope_parameters", None)
@@ -206,48 +215,67 @@ def _rope(config) -> dict:
     return {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling}
 
 
-def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary):
-    """Yield (gguf name, data, raw GGML type or None) for every tensor, in llama.cpp's order."""
+def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary, overrides=None, importance=None):
+    """Yield (gguf name, data, raw GGML type or None) for every tensor, in llama.cpp's order.
+
+    `overrides` maps GGUF tensor names to types (beating `gguf_type`); `importance` maps them to per-input-column
+    importance for the dense tensors re-quantized."""
+    overrides, importance = overrides or {}, importance or {}
     config = model.config
     adapter = adapter_for(model)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     # 4-bit files keep the (tied) embedding / output projection at 8 bits, as llama-quantize does.
-    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1") else gguf_type
+    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
 
     embed = model.get_submodule(adapter.embed).weight
-    yield from _dense_2d("token_embd.weight", embed, io_type, summary)
+    yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
     for index, block in enumerate(decoder_blocks(model)):
         for rel, base in BLOCK_TENSORS.items():
             module = block.get_submodule(rel)
             rows = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(rel) if permute else None
             order = (lambda t, n=rows: permute_rope_rows(t, n)) if rows else (lambda t: t)
+            name = f"blk.{index}.{base}.weight"
             if isinstance(module, QuantizedLinear):
-                yield from _quantized(f"blk.{index}.{base}.weight", module, gguf_type, order, summary)
+                yield from _quantized(name, module, overrides.get(name, gguf_type), order, summary)
             elif module.weight.dim() == 1:
                 yield f"blk.{index}.{base}.weight", module.weight.detach().float().cpu().numpy(), None
             else:
-                yield from _dense_2d(f"blk.{index}.{base}.weight", order(module.weight.detach()), gguf_type, summary)
+                yield from _dense_2d(name, order(module.weight.detach()), overrides.get(name, gguf_type), summary, importance.get(name))
             bias = getattr(module, "bias", None)
             if bias is not None:
                 yield f"blk.{index}.{base}.bias", order(bias.detach()).float().cpu().numpy(), None
     yield "output_norm.weight", model.get_submodule(adapter.final_norm).weight.detach().float().cpu().numpy(), None
     head = model.get_submodule(adapter.lm_head).weight
     if head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
-        yield from _dense_2d("output.weight", head, io_type, summary)
+        yield from _dense_2d("output.weight", head, overrides.get("output.weight", io_type), summary, importance.get("output.weight"))
 
 
-def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary):
+def _check_overrides(plan, tensor_types: Mapping[str, str], importance: Mapping[str, torch.Tensor]) -> None:
+    """Every override names a tensor the file has."""
+    names = {tensor_name for tensor_name, _, _ in plan}
+    for key in (*tensor_types, *importance):
+        if key not in names:
+            raise SlimlmError(f"GGUF tensor '{key}' does not exist in this model", "name tensors as llama.cpp does, e.g. blk.0.ffn_down.weight, token_embd.weight")
+
+
+def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary, importance=None):
+    if gguf_type not in GGUF_TYPES:
+        raise SlimlmError(f"GGUF type '{gguf_type}' for {name} is not one slimlm writes", f"use one of: {', '.join(GGUF_TYPES)}")
     if gguf_type in CODE_BITS and weight.shape[1] % BLOCK:
         summary.fallbacks.append(name)
         gguf_type = "f16"
     elif gguf_type in CODE_BITS:
         summary.requantized += 1
     raw = None if gguf_type == "f16" else _ggml(gguf_type)
-    yield name, requantize(weight, gguf_type), raw
+    yield name, requantize(weight, gguf_type, importance), raw
 
 
 def _quantized(name: str, module: QuantizedLinear, gguf_type: str, order, summary: GGUFSummary):
+    problem = code_layout_problem(module.grid, module.in_features, gguf_type) if gguf_type in GGUF_TYPES else "unknown type"
+    if problem:
+        raise SlimlmError(f"{name} ({tuple(module.weight_q.shape)}) cannot be GGUF {gguf_type}: {problem}",
+                          f"types its codes or shape allow: {', '.join(t for t in types_for_shape(module.weight_q.shape) if t in GGUF_TYPES and code_layout_problem(module.grid, module.in_features, t) is None)}")
     if gguf_type not in CODE_BITS:
         summary.dequantized += 1
         yield name, requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(gguf_type)
@@ -381,11 +409,15 @@ def write_gguf(
     source_gguf: Path | None = None,
     name: str = "slimlm model",
     overwrite: bool = False,
+    tensor_types: Mapping[str, str] | None = None,
+    importance: Mapping[str, torch.Tensor] | None = None,
 ) -> GGUFSummary:
     """Write `model` as one GGUF file at `out`, atomically (a hidden partial file renamed into place at the end).
 
     The tokenizer metadata is copied from `source_gguf` (the file the model was loaded from) when its vocabulary
-    has the model's size, else built from the HF `tokenizer`.
+    has the model's size, else built from the HF `tokenizer`. `tensor_types` overrides the type per GGUF tensor
+    name ("blk.3.ffn_down.weight", "token_embd.weight", "output.weight"); `importance` gives per-input-column
+    importance (in,) for dense tensors re-quantized, by the same names. `summary.tensors` lists every tensor.
     """
     import gguf
 
@@ -399,10 +431,14 @@ def write_gguf(
     if source_gguf is None or not copy_tokenizer_metadata(writer, source_gguf, model.config.vocab_size):
         hf_tokenizer_metadata(writer, tokenizer, model.config)
     with torch.no_grad():
-        for tensor_name, data, raw in _tensor_plan(model, gguf_type, permute, summary):
+        plan = list(_tensor_plan(model, gguf_type, permute, summary, tensor_types, importance))
+        _check_overrides(plan, tensor_types or {}, importance or {})
+        for tensor_name, data, raw in plan:
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
             kind = raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")
             summary.tensor_types[kind] = summary.tensor_types.get(kind, 0) + 1
+            shape = list(writer.tensors[-1][tensor_name].shape)
+            summary.tensors.append({"name": tensor_name, "shape": shape, "type": kind.lower(), "bytes": tensor_bytes(kind.lower(), shape)})
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
