@@ -72,7 +72,8 @@ def test_importance_lowers_the_weighted_error(name):
     importance = torch.rand(64) ** 4 * 100
     plain = dequantize_tensor(quantize_tensor(weight, name), name, weight.shape)
     weighted = dequantize_tensor(quantize_tensor(weight, name, importance), name, weight.shape)
-    err = lambda approx: (((approx - weight) ** 2) * importance).sum()
+    def err(approx):
+        return (((approx - weight) ** 2) * importance).sum()
     assert err(weighted) < err(plain)
 
 
