@@ -453,3 +453,69 @@ def test_interrupted_compress_keeps_the_old_output(hf_dir, tmp_path, monkeypatch
 def test_unusable_device(hf_dir, device):
     with pytest.raises(SlimlmError, match=rf"device '{device}' is not usable here .* pass --device cpu"):
         load_model(str(hf_dir), device=device)
+
+
+# unknown keys at every level, with the closest valid key; YAML aliases refused; values in errors bounded
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: description, stages, export \(closest: 'stages'\)"),
+        ("- method: rtn\n  bitz: 4\n", r"\(rtn\): unknown key 'bitz' — allowed keys: .* \(closest: 'bits'\)"),
+        ("- method: wandaa\n", r"unknown method 'wandaa' — known methods: .* \(closest: 'wanda'\)"),
+        ("stages:\n  - method: rtn\nexport: {format: gguf, gguf_typ: q4_0}\n", r"export: unknown key 'gguf_typ' — .*\(closest: 'gguf_type'\)"),
+    ],
+)
+def test_unknown_keys_at_every_level_suggest_the_closest(tmp_path, body, message):
+    with pytest.raises(SlimlmError, match=message):
+        load_recipe(str(write_recipe(tmp_path, body)))
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """Nested anchors ("billion laughs") would expand to 10^9 items; the loader refuses the first alias."""
+    lines = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    body = "\n".join(lines) + "\nstages:\n  - method: rtn\n    targets: *a9\n"
+    with pytest.raises(SlimlmError, match=r"uses a YAML alias at line 2, column \d+ — write the value out in full"):
+        load_recipe(str(write_recipe(tmp_path, body)))
+
+
+def test_error_messages_print_bounded_values(tmp_path):
+    path = write_recipe(tmp_path, f"- method: rtn\n  bits: '{'x' * 100_000}'\n")
+    with pytest.raises(SlimlmError) as caught:
+        load_recipe(str(path))
+    assert "'bits' is" in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_oversized_recipe_file_is_refused(tmp_path):
+    path = write_recipe(tmp_path, "- method: rtn\n" + "# padding\n" * 200_000)
+    with pytest.raises(SlimlmError, match=r"is \d+ bytes — a recipe is a short YAML list"):
+        load_recipe(str(path))
+
+
+def test_cli_output_path_that_is_a_file_says_so_without_overwrite(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    result = run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--no-eval")
+    assert_cli_error(result, "exists and is a file, not a directory", "choose a new directory path for --out")
+    assert "--overwrite" not in result.stdout
+    assert out.read_text() == "a file"
+
+
+def test_saved_directory_follows_the_umask_and_names_its_architecture(hf_dir, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "saved"
+        compress(str(hf_dir), "magnitude-2of4", out, evaluation=None)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    # how vLLM resolves a checkpoint: config.architectures[0] names a transformers class
+    import transformers
+
+    assert getattr(transformers, config["architectures"][0]).__name__ == "LlamaForCausalLM"

@@ -28,11 +28,20 @@ WEIGHTS = "model.safetensors"
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output directory up front, before any expensive work."""
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(
+            f"output path '{out}' exists and is a file, not a directory",
+            "choose a new directory path for --out (slimlm saves a model as a directory and never replaces a file with one)",
+        )
     if out.exists() and not overwrite:
         raise SlimlmError(f"output directory '{out}' already exists", "choose another --out, or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise SlimlmError(f"output path '{out}' exists and is a file", "choose a directory path for --out")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -111,7 +120,10 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
 
     with atomic_directory(out_dir, overwrite) as staging:
         save_file(_weight_tensors(model), str(staging / WEIGHTS), metadata={"format": "pt"})
+        os.chmod(staging / WEIGHTS, 0o666 & ~_umask())  # safetensors creates it 0600; the other files follow the umask
         config = model.config.to_dict()
+        # Engines that dispatch on the class name (vLLM) need it; a model built from a config or a GGUF has none.
+        config["architectures"] = config.get("architectures") or [type(model).__name__]
         config.pop("quantization_config", None)
         quant = quantization_config(model)
         if sparsity:
