@@ -8,6 +8,7 @@ raises the same `SlimlmError` the CLI prints (each subprocess costs seconds of i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -503,8 +504,6 @@ def test_cli_output_path_that_is_a_file_says_so_without_overwrite(hf_dir, tmp_pa
 
 
 def test_saved_directory_follows_the_umask_and_names_its_architecture(hf_dir, tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         out = tmp_path / "saved"
@@ -519,3 +518,17 @@ def test_saved_directory_follows_the_umask_and_names_its_architecture(hf_dir, tm
     import transformers
 
     assert getattr(transformers, config["architectures"][0]).__name__ == "LlamaForCausalLM"
+
+
+def test_stale_partials_of_dead_runs_are_removed_by_the_next_run(hf_dir, tmp_path, capsys):
+    """A SIGKILL during save leaves `.OUT.partial-PID`; the next run to OUT removes it (its pid is dead), not a live one."""
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    stale = tmp_path / f".saved.partial-{probe.pid}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".saved.partial-{os.getppid()}"
+    live.mkdir()
+    compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
+    assert not stale.exists() and live.exists()
+    assert f"removed 1 partial output(s) left by an interrupted run: {stale.name}" in capsys.readouterr().out

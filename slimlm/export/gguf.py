@@ -48,6 +48,7 @@ from slimlm.export.gguf_types import (
     types_for_shape,
 )
 from slimlm.models.adapters import adapter_for, decoder_blocks
+from slimlm.models.save import remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
@@ -440,6 +441,7 @@ def write_gguf(
             shape = list(writer.tensors[-1][tensor_name].shape)
             summary.tensors.append({"name": tensor_name, "shape": shape, "type": kind.lower(), "bytes": tensor_bytes(kind.lower(), shape)})
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         writer.write_header_to_file(path=partial)
