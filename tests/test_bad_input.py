@@ -532,3 +532,34 @@ def test_stale_partials_of_dead_runs_are_removed_by_the_next_run(hf_dir, tmp_pat
     compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
     assert not stale.exists() and live.exists()
     assert f"removed 1 partial output(s) left by an interrupted run: {stale.name}" in capsys.readouterr().out
+
+
+# destinations: read-only refused before any work; a full disk is one line naming path and bytes
+
+
+@pytest.mark.parametrize("out", ["/proc/slimlm-out", "/proc/sys/slimlm/out"])
+def test_cli_unwritable_destination_refused_before_any_work(hf_dir, out):
+    started = time.monotonic()
+    result = run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--no-eval")
+    assert_cli_error(result, "cannot write", "choose another --out")
+    assert "compressing" not in result.stdout and time.monotonic() - started < 60
+
+
+def test_cli_unwritable_gguf_destination_refused(hf_dir):
+    result = run_cli("export", hf_dir, "--format", "gguf", "--out", "/proc/m.gguf")
+    assert_cli_error(result, "cannot write", "choose another --out")
+
+
+def test_full_disk_is_one_line_naming_path_and_bytes(hf_dir, tmp_path, monkeypatch):
+    """ENOSPC from the writer (simulated at safetensors' write): one line, path and size, no partial left."""
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(SlimlmError, match=r"cannot write '.*saved': the disk is full \(this output needs about \d+ MiB\) — free space"):
+        compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
+    assert leftovers(tmp_path / "saved") == []

@@ -7,10 +7,12 @@ interrupted or failed run never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,28 @@ MANIFEST = "slimlm.json"
 WEIGHTS = "model.safetensors"
 
 
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def disk_error(err: OSError, path: Path, needed: int | None = None) -> SlimlmError | None:
+    """One line for a write that the destination refused (full, read-only, not permitted); None for other errors."""
+    if err.errno not in DISK_ERRORS:
+        return None
+    amount = f" (this output needs about {needed / 2**20:.0f} MiB)" if needed else ""
+    return SlimlmError(f"cannot write '{path}': {DISK_ERRORS[err.errno]}{amount}", "free space there, or choose another --out on a writable disk")
+
+
+def check_writable(out: Path) -> None:
+    """Before any work: the destination's folder exists or can be made, and a file can be created in it."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise disk_error(err, parent) or SlimlmError(f"cannot write into '{parent}': {err.strerror}", "choose another --out on a writable disk") from None
+
+
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output directory up front, before any expensive work."""
     out = Path(out_dir).expanduser()
@@ -35,6 +59,7 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
         )
     if out.exists() and not overwrite:
         raise SlimlmError(f"output directory '{out}' already exists", "choose another --out, or pass --overwrite to replace it")
+    check_writable(out)
     return out
 
 
@@ -138,35 +163,47 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
     """Write safetensors + config + generation config + tokenizer + slimlm.json; return the final path.
 
     `sparsity`: a compressed-tensors `sparsity_config` recorded in config.json's quantization_config (export)."""
+    tensors = _weight_tensors(model)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        with atomic_directory(out_dir, overwrite) as staging:
+            _write_directory(model, tokenizer, staging, tensors, manifest, sparsity)
+    except OSError as err:
+        refused = disk_error(err, Path(out_dir), needed)
+        if refused is None:
+            raise
+        raise refused from None
+    return Path(out_dir)
+
+
+def _write_directory(model: nn.Module, tokenizer, staging: Path, tensors: dict, manifest: dict, sparsity: dict | None) -> None:
     from safetensors.torch import save_file
 
     from slimlm.quantize.kv_cache import kv_cache_manifest
     from slimlm.quantize.storage import quantization_config
 
-    with atomic_directory(out_dir, overwrite) as staging:
-        save_file(_weight_tensors(model), str(staging / WEIGHTS), metadata={"format": "pt"})
-        os.chmod(staging / WEIGHTS, 0o666 & ~_umask())  # safetensors creates it 0600; the other files follow the umask
-        config = model.config.to_dict()
-        # Engines that dispatch on the class name (vLLM) need it; a model built from a config or a GGUF has none.
-        config["architectures"] = config.get("architectures") or [type(model).__name__]
-        config.pop("quantization_config", None)
-        quant = quantization_config(model)
-        if sparsity:
-            quant = {**(quant or {"quant_method": "compressed-tensors", "format": "dense"}), "sparsity_config": sparsity}
-        if quant:
-            config["quantization_config"] = quant
-        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-        storage = storage_summary(staging, quantized)
-        full_manifest = {"slimlm_manifest_version": 1, **manifest, "quantized_linears": quantized, "storage": storage, "versions": library_versions()}
-        full_manifest.update(activation_quantization(model))
-        full_manifest.update(kv_cache_manifest(model))
-        (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
-    return Path(out_dir)
+    save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+    os.chmod(staging / WEIGHTS, 0o666 & ~_umask())  # safetensors creates it 0600; the other files follow the umask
+    config = model.config.to_dict()
+    # Engines that dispatch on the class name (vLLM) need it; a model built from a config or a GGUF has none.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    config.pop("quantization_config", None)
+    quant = quantization_config(model)
+    if sparsity:
+        quant = {**(quant or {"quant_method": "compressed-tensors", "format": "dense"}), "sparsity_config": sparsity}
+    if quant:
+        config["quantization_config"] = quant
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    storage = storage_summary(staging, quantized)
+    full_manifest = {"slimlm_manifest_version": 1, **manifest, "quantized_linears": quantized, "storage": storage, "versions": library_versions()}
+    full_manifest.update(activation_quantization(model))
+    full_manifest.update(kv_cache_manifest(model))
+    (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
 
 
 def activation_quantization(model: nn.Module) -> dict:
