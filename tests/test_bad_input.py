@@ -8,6 +8,7 @@ raises the same `SlimlmError` the CLI prints (each subprocess costs seconds of i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -453,3 +454,112 @@ def test_interrupted_compress_keeps_the_old_output(hf_dir, tmp_path, monkeypatch
 def test_unusable_device(hf_dir, device):
     with pytest.raises(SlimlmError, match=rf"device '{device}' is not usable here .* pass --device cpu"):
         load_model(str(hf_dir), device=device)
+
+
+# unknown keys at every level, with the closest valid key; YAML aliases refused; values in errors bounded
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: description, stages, export \(closest: 'stages'\)"),
+        ("- method: rtn\n  bitz: 4\n", r"\(rtn\): unknown key 'bitz' — allowed keys: .* \(closest: 'bits'\)"),
+        ("- method: wandaa\n", r"unknown method 'wandaa' — known methods: .* \(closest: 'wanda'\)"),
+        ("stages:\n  - method: rtn\nexport: {format: gguf, gguf_typ: q4_0}\n", r"export: unknown key 'gguf_typ' — .*\(closest: 'gguf_type'\)"),
+    ],
+)
+def test_unknown_keys_at_every_level_suggest_the_closest(tmp_path, body, message):
+    with pytest.raises(SlimlmError, match=message):
+        load_recipe(str(write_recipe(tmp_path, body)))
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    """Nested anchors ("billion laughs") would expand to 10^9 items; the loader refuses the first alias."""
+    lines = ['a0: &a0 "lol"'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    body = "\n".join(lines) + "\nstages:\n  - method: rtn\n    targets: *a9\n"
+    with pytest.raises(SlimlmError, match=r"uses a YAML alias at line 2, column \d+ — write the value out in full"):
+        load_recipe(str(write_recipe(tmp_path, body)))
+
+
+def test_error_messages_print_bounded_values(tmp_path):
+    path = write_recipe(tmp_path, f"- method: rtn\n  bits: '{'x' * 100_000}'\n")
+    with pytest.raises(SlimlmError) as caught:
+        load_recipe(str(path))
+    assert "'bits' is" in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_oversized_recipe_file_is_refused(tmp_path):
+    path = write_recipe(tmp_path, "- method: rtn\n" + "# padding\n" * 200_000)
+    with pytest.raises(SlimlmError, match=r"is \d+ bytes — a recipe is a short YAML list"):
+        load_recipe(str(path))
+
+
+def test_cli_output_path_that_is_a_file_says_so_without_overwrite(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    result = run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--no-eval")
+    assert_cli_error(result, "exists and is a file, not a directory", "choose a new directory path for --out")
+    assert "--overwrite" not in result.stdout
+    assert out.read_text() == "a file"
+
+
+def test_saved_directory_follows_the_umask_and_names_its_architecture(hf_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "saved"
+        compress(str(hf_dir), "magnitude-2of4", out, evaluation=None)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    # how vLLM resolves a checkpoint: config.architectures[0] names a transformers class
+    import transformers
+
+    assert getattr(transformers, config["architectures"][0]).__name__ == "LlamaForCausalLM"
+
+
+def test_stale_partials_of_dead_runs_are_removed_by_the_next_run(hf_dir, tmp_path, capsys):
+    """A SIGKILL during save leaves `.OUT.partial-PID`; the next run to OUT removes it (its pid is dead), not a live one."""
+    probe = subprocess.Popen(["true"])
+    probe.wait()
+    stale = tmp_path / f".saved.partial-{probe.pid}"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".saved.partial-{os.getppid()}"
+    live.mkdir()
+    compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
+    assert not stale.exists() and live.exists()
+    assert f"removed 1 partial output(s) left by an interrupted run: {stale.name}" in capsys.readouterr().out
+
+
+# destinations: read-only refused before any work; a full disk is one line naming path and bytes
+
+
+@pytest.mark.parametrize("out", ["/proc/slimlm-out", "/proc/sys/slimlm/out"])
+def test_cli_unwritable_destination_refused_before_any_work(hf_dir, out):
+    started = time.monotonic()
+    result = run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--no-eval")
+    assert_cli_error(result, "cannot write", "choose another --out")
+    assert "compressing" not in result.stdout and time.monotonic() - started < 60
+
+
+def test_cli_unwritable_gguf_destination_refused(hf_dir):
+    result = run_cli("export", hf_dir, "--format", "gguf", "--out", "/proc/m.gguf")
+    assert_cli_error(result, "cannot write", "choose another --out")
+
+
+def test_full_disk_is_one_line_naming_path_and_bytes(hf_dir, tmp_path, monkeypatch):
+    """ENOSPC from the writer (simulated at safetensors' write): one line, path and size, no partial left."""
+    import errno
+
+    import safetensors.torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(SlimlmError, match=r"cannot write '.*saved': the disk is full \(this output needs about \d+ MiB\) — free space"):
+        compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
+    assert leftovers(tmp_path / "saved") == []

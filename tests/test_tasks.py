@@ -420,7 +420,7 @@ def test_cli_eval_tasks_and_speed(tiny_dir):
     ("args", "message"),
     [
         (["--tasks", "hellaswg"], "unknown task 'hellaswg'.*known tasks: hellaswag, piqa"),
-        (["--tasks", "piqa", "--limit", "0"], "--limit must be at least 1"),
+        (["--tasks", "piqa", "--limit", "0"], "--limit 0: must be at least 1"),
         (["--tasks", ","], "--tasks names no task"),
     ],
 )

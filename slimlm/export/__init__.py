@@ -77,7 +77,7 @@ def export_model(
     f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1. Returns what was written (path, bytes, tensor types, codes kept / re-quantized).
     """
     from slimlm.models.load import load_model
-    from slimlm.models.save import check_output_dir
+    from slimlm.models.save import check_output_dir, check_writable
 
     if format not in FORMATS:
         raise SlimlmError(f"unknown export format '{format}'", f"use one of: {', '.join(FORMATS)}")
@@ -91,6 +91,7 @@ def export_model(
             raise SlimlmError(f"GGUF output '{out}' does not end in .gguf", "name the output file, e.g. --out model-q4_0.gguf")
         if out.exists() and (not overwrite or out.is_dir()):
             raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
+        check_writable(out)
         _check_gguf_source_config(model)
     else:
         check_output_dir(out, overwrite)

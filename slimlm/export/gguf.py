@@ -48,6 +48,7 @@ from slimlm.export.gguf_types import (
     types_for_shape,
 )
 from slimlm.models.adapters import adapter_for, decoder_blocks
+from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
@@ -424,6 +425,7 @@ def write_gguf(
     out = Path(out).expanduser()
     if out.exists() and (not overwrite or out.is_dir()):
         raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
+    check_writable(out)
     arch, permute = check_gguf_model(model, gguf_type)
     summary = GGUFSummary(out, gguf_type, 0)
     writer = gguf.GGUFWriter(path=None, arch=arch)
@@ -440,6 +442,7 @@ def write_gguf(
             shape = list(writer.tensors[-1][tensor_name].shape)
             summary.tensors.append({"name": tensor_name, "shape": shape, "type": kind.lower(), "bytes": tensor_bytes(kind.lower(), shape)})
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         writer.write_header_to_file(path=partial)
@@ -447,9 +450,12 @@ def write_gguf(
         writer.write_tensors_to_file()
         writer.close()
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as err:
         writer.close()
         partial.unlink(missing_ok=True)
-        raise
+        refused = disk_error(err, out, sum(t["bytes"] for t in summary.tensors)) if isinstance(err, OSError) else None
+        if refused is None:
+            raise
+        raise refused from None
     summary.bytes = out.stat().st_size
     return summary

@@ -7,10 +7,12 @@ interrupted or failed run never leaves a directory that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,14 +27,70 @@ MANIFEST = "slimlm.json"
 WEIGHTS = "model.safetensors"
 
 
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def disk_error(err: OSError, path: Path, needed: int | None = None) -> SlimlmError | None:
+    """One line for a write that the destination refused (full, read-only, not permitted); None for other errors."""
+    if err.errno not in DISK_ERRORS:
+        return None
+    amount = f" (this output needs about {needed / 2**20:.0f} MiB)" if needed else ""
+    return SlimlmError(f"cannot write '{path}': {DISK_ERRORS[err.errno]}{amount}", "free space there, or choose another --out on a writable disk")
+
+
+def check_writable(out: Path) -> None:
+    """Before any work: the destination's folder exists or can be made, and a file can be created in it."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise disk_error(err, parent) or SlimlmError(f"cannot write into '{parent}': {err.strerror}", "choose another --out on a writable disk") from None
+
+
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output directory up front, before any expensive work."""
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(
+            f"output path '{out}' exists and is a file, not a directory",
+            "choose a new directory path for --out (slimlm saves a model as a directory and never replaces a file with one)",
+        )
     if out.exists() and not overwrite:
         raise SlimlmError(f"output directory '{out}' already exists", "choose another --out, or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise SlimlmError(f"output path '{out}' exists and is a file", "choose a directory path for --out")
+    check_writable(out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the hidden partial outputs (`.NAME.partial-PID`) that a killed run left beside `out`, where PID is
+    no longer alive; say so in one line. A live run's partial is left alone."""
+    removed = []
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+            removed.append(partial)
+    if removed:
+        print(f"removed {len(removed)} partial output(s) left by an interrupted run: {', '.join(p.name for p in removed)}")
+    return removed
 
 
 @contextmanager
@@ -40,6 +98,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     """Yield a temporary directory that becomes `out_dir` only if the body finishes."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
@@ -104,32 +163,47 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
     """Write safetensors + config + generation config + tokenizer + slimlm.json; return the final path.
 
     `sparsity`: a compressed-tensors `sparsity_config` recorded in config.json's quantization_config (export)."""
+    tensors = _weight_tensors(model)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        with atomic_directory(out_dir, overwrite) as staging:
+            _write_directory(model, tokenizer, staging, tensors, manifest, sparsity)
+    except OSError as err:
+        refused = disk_error(err, Path(out_dir), needed)
+        if refused is None:
+            raise
+        raise refused from None
+    return Path(out_dir)
+
+
+def _write_directory(model: nn.Module, tokenizer, staging: Path, tensors: dict, manifest: dict, sparsity: dict | None) -> None:
     from safetensors.torch import save_file
 
     from slimlm.quantize.kv_cache import kv_cache_manifest
     from slimlm.quantize.storage import quantization_config
 
-    with atomic_directory(out_dir, overwrite) as staging:
-        save_file(_weight_tensors(model), str(staging / WEIGHTS), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        quant = quantization_config(model)
-        if sparsity:
-            quant = {**(quant or {"quant_method": "compressed-tensors", "format": "dense"}), "sparsity_config": sparsity}
-        if quant:
-            config["quantization_config"] = quant
-        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-        storage = storage_summary(staging, quantized)
-        full_manifest = {"slimlm_manifest_version": 1, **manifest, "quantized_linears": quantized, "storage": storage, "versions": library_versions()}
-        full_manifest.update(activation_quantization(model))
-        full_manifest.update(kv_cache_manifest(model))
-        (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
-    return Path(out_dir)
+    save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+    os.chmod(staging / WEIGHTS, 0o666 & ~_umask())  # safetensors creates it 0600; the other files follow the umask
+    config = model.config.to_dict()
+    # Engines that dispatch on the class name (vLLM) need it; a model built from a config or a GGUF has none.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    config.pop("quantization_config", None)
+    quant = quantization_config(model)
+    if sparsity:
+        quant = {**(quant or {"quant_method": "compressed-tensors", "format": "dense"}), "sparsity_config": sparsity}
+    if quant:
+        config["quantization_config"] = quant
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    storage = storage_summary(staging, quantized)
+    full_manifest = {"slimlm_manifest_version": 1, **manifest, "quantized_linears": quantized, "storage": storage, "versions": library_versions()}
+    full_manifest.update(activation_quantization(model))
+    full_manifest.update(kv_cache_manifest(model))
+    (staging / MANIFEST).write_text(json.dumps(full_manifest, indent=2) + "\n")
 
 
 def activation_quantization(model: nn.Module) -> dict:

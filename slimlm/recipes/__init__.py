@@ -12,6 +12,8 @@ A file may also be a mapping with `description:` and `stages:`. Shipped recipes 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -54,6 +56,56 @@ def shipped_recipes() -> dict[str, Path]:
     return {path.stem: path for path in sorted(shipped_dir().glob("*.yaml"))}
 
 
+TOP_LEVEL_KEYS = ("description", "stages", "export")
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; anything near this is not one
+
+
+
+def _short(value: object) -> str:
+    """repr(value) cut to a few dozen characters: an error message never prints an unbounded value."""
+    bounded = reprlib.Repr()
+    bounded.maxstring = bounded.maxother = 60
+    bounded.maxlevel = 2
+    return bounded.repr(value)
+
+
+def _closest(key: object, allowed) -> str:
+    """' (closest: 'x')' for a likely typo of an allowed key, else ''."""
+    match = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (closest: '{match[0]}')" if match else ""
+
+
+def _unknown_keys(where: str, keys, allowed) -> None:
+    unknown = [key for key in keys if key not in allowed]
+    if unknown:
+        key = unknown[0]
+        raise SlimlmError(
+            f"{where}: unknown key {_short(key)}", f"allowed keys: {', '.join(map(str, allowed))}{_closest(key, allowed)}"
+        )
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors/aliases: nested aliases expand exponentially ("billion laughs"), and a
+    recipe never needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise SlimlmError(
+                f"recipe '{mark.name}' uses a YAML alias at line {mark.line + 1}, column {mark.column + 1}",
+                "write the value out in full: slimlm reads recipes without YAML anchors and aliases",
+            )
+        return super().compose_node(parent, index)
+
+
+def read_recipe_yaml(path: Path) -> object:
+    """The YAML of a recipe file, bounded: refused past MAX_RECIPE_BYTES and when it uses aliases."""
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise SlimlmError(f"recipe '{path}' is {size} bytes", f"a recipe is a short YAML list of stages (at most {MAX_RECIPE_BYTES} bytes)")
+    return yaml.load(path.read_text(), Loader=_NoAliasLoader)
+
+
 def _field_types(config_class: type) -> dict[str, object]:
     hints = typing.get_type_hints(config_class)
     return {f.name: hints[f.name] for f in dataclasses.fields(config_class)}
@@ -88,21 +140,20 @@ def parse_stage(raw: object, where: str) -> StageConfig:
     if not isinstance(raw, dict) or "method" not in raw:
         raise SlimlmError(f"{where}: a stage must be a mapping with a 'method' key", "write e.g. '- method: magnitude'")
     method = raw["method"]
-    if method not in METHODS:
-        raise SlimlmError(f"{where}: unknown method '{method}'", f"known methods: {', '.join(sorted(METHODS))}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise SlimlmError(f"{where}: unknown method {_short(method)}", f"known methods: {', '.join(sorted(METHODS))}{_closest(method, METHODS)}")
     config_class = METHODS[method].config
     fields = _field_types(config_class)
     values = {}
     for key, value in raw.items():
         if key == "method":
             continue
-        if key not in fields:
-            raise SlimlmError(f"{where} ({method}): unknown key '{key}'", f"allowed keys: {', '.join(fields)}")
+        _unknown_keys(f"{where} ({method})", [key], fields)
         values[key] = _coerce(value, fields[key])
         if values[key] is _NOT_ALLOWED:
             hint = " (YAML reads an unquoted 2:4 as a number: quote it, \"2:4\")" if key == "pattern" else ""
             expected = _type_names(fields[key])
-            raise SlimlmError(f"{where} ({method}): '{key}' is {value!r}, expected {expected}{hint}", f"fix '{key}' in the recipe")
+            raise SlimlmError(f"{where} ({method}): '{key}' is {_short(value)}, expected {expected}{hint}", f"fix '{key}' in the recipe")
     try:
         return config_class(**values)
     except SlimlmError as err:
@@ -119,9 +170,7 @@ def parse_export(raw: object, name: str) -> ExportStep:
         raw = {"format": raw}
     if not isinstance(raw, dict) or "format" not in raw:
         raise SlimlmError(f"{where}: expected a format name or a mapping with 'format'", f"write e.g. 'export: gguf' or 'export: {{format: gguf, gguf_type: q4_0}}' (formats: {', '.join(FORMATS)})")
-    unknown = set(raw) - {"format", "gguf_type"}
-    if unknown:
-        raise SlimlmError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}", "use 'format' and, for gguf, 'gguf_type'")
+    _unknown_keys(where, raw, ("format", "gguf_type"))
     step = ExportStep(str(raw["format"]), str(raw.get("gguf_type", "auto")))
     if step.format not in FORMATS:
         raise SlimlmError(f"{where}: unknown format '{step.format}'", f"use one of: {', '.join(FORMATS)}")
@@ -133,6 +182,7 @@ def parse_export(raw: object, name: str) -> ExportStep:
 def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
     export = None
     if isinstance(data, dict):
+        _unknown_keys(f"recipe '{name}'", data, TOP_LEVEL_KEYS)
         description = data.get("description", description)
         export = parse_export(data["export"], name) if data.get("export") is not None else None
         data = data.get("stages")
@@ -145,7 +195,7 @@ def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
 def recipe_outline(path: Path) -> tuple[str, list[str]]:
     """A shipped recipe's description and its stages' method names, read without building the stages (listing
     recipes needs no method module, hence no torch)."""
-    data = yaml.safe_load(path.read_text())
+    data = read_recipe_yaml(path)
     stages = data.get("stages", []) if isinstance(data, dict) else data
     description = data.get("description", "") if isinstance(data, dict) else ""
     return description, [str(stage.get("method")) for stage in stages or [] if isinstance(stage, dict)]
@@ -161,7 +211,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         if not path.is_file():
             raise SlimlmError(f"recipe '{name_or_path}' is neither a shipped recipe nor a file", f"shipped recipes: {', '.join(shipped)} (see 'slimlm recipes')")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_recipe_yaml(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
