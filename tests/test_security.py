@@ -97,3 +97,19 @@ def test_non_finite_weight_refused_on_load_naming_tensor_and_index(tmp_path, bad
 def test_finite_model_still_loads(hf_dir):
     loaded = load_model(str(hf_dir), device="cpu")
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
+
+
+
+def test_remote_code_transformers_detects_is_the_same_one_line(hf_dir, monkeypatch):
+    """Remote code that only transformers finds (e.g. a hub model read before it is cached): its refusal, raised
+    because slimlm passes trust_remote_code=False, becomes slimlm's line, not a hint about a flag slimlm lacks."""
+    import slimlm.models.load as load
+
+    def refuse(*args, **kwargs):
+        raise ValueError("The repository x contains custom code which must be executed to correctly load the model. "
+                         "Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
+
+    monkeypatch.setattr(load, "from_pretrained_checked", refuse)
+    with pytest.raises(SlimlmError, match=r"needs its own Python code .* which slimlm never runs") as err:
+        load_model(str(hf_dir), device="cpu")
+    assert "\n" not in str(err.value) and "trust_remote_code" not in str(err.value)

@@ -117,10 +117,14 @@ def refuse_remote_code(directory: Path, name: str | None = None) -> None:
         except (OSError, ValueError):  # unreadable: transformers cannot read an auto_map from it either, and says so
             continue
         if isinstance(config, dict) and config.get("auto_map"):
-            raise SlimlmError(
-                f"{name or directory} needs its own Python code (auto_map in {filename}), which slimlm never runs",
-                "use a model whose architecture transformers ships (Llama, Qwen2, Mistral, ...), or convert it to one",
-            )
+            raise _remote_code_error(name or str(directory), f"auto_map in {filename}")
+
+
+def _remote_code_error(name: str, where: str = "auto_map") -> SlimlmError:
+    return SlimlmError(
+        f"{name} needs its own Python code ({where}), which slimlm never runs",
+        "use a model whose architecture transformers ships (Llama, Qwen2, Mistral, ...), or convert it to one",
+    )
 
 
 def _check_finite(model: nn.Module, source: str) -> None:
@@ -227,6 +231,8 @@ def _load_directory(path: Path, kind: str, dtype: torch.dtype, allow_pickle: boo
             "nothing in it was run; convert the weights to safetensors from a trusted environment, or use another copy",
         ) from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # what transformers raises for broken files
+        if "trust_remote_code" in str(err):  # remote code named somewhere refuse_remote_code does not read
+            raise _remote_code_error(str(path)) from None
         raise SlimlmError(
             f"could not load the model in '{path}' ({type(err).__name__}: {_first_line(err)})",
             "check that its config.json, weights and tokenizer files are complete and belong together, or re-save the model",
@@ -279,6 +285,8 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=cached, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=cached, trust_remote_code=False)
     except (OSError, ValueError) as err:  # unknown repo, gated repo, no causal-LM weights, lost connection
+        if "trust_remote_code" in str(err):  # not cached, so its config was first read by transformers
+            raise _remote_code_error(repo_id) from None
         raise SlimlmError(
             f"could not load '{repo_id}' from the Hugging Face hub ({type(err).__name__}: {_first_line(err)})",
             "check the repository id and your access to it, or pass a local model directory",
