@@ -462,7 +462,7 @@ def test_unusable_device(hf_dir, device):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: description, stages, export \(closest: 'stages'\)"),
+        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: name, description, stages, export \(closest: 'stages'\)"),
         ("- method: rtn\n  bitz: 4\n", r"\(rtn\): unknown key 'bitz' — allowed keys: .* \(closest: 'bits'\)"),
         ("- method: wandaa\n", r"unknown method 'wandaa' — known methods: .* \(closest: 'wanda'\)"),
         ("stages:\n  - method: rtn\nexport: {format: gguf, gguf_typ: q4_0}\n", r"export: unknown key 'gguf_typ' — .*\(closest: 'gguf_type'\)"),
