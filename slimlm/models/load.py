@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +90,7 @@ def _classify_directory(directory: Path, allow_pickle: bool) -> str:
             f"'{directory}' is not a model directory (no config.json)",
             "pass a Hugging Face model directory, a .gguf file, a hub id or the alias 'smollm2-135m'",
         )
+    refuse_remote_code(directory)
     has_safetensors = any(directory.glob("*.safetensors"))
     has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth"))
     if not has_safetensors and has_pickle and not allow_pickle:
@@ -101,6 +103,37 @@ def _classify_directory(directory: Path, allow_pickle: bool) -> str:
     if has_safetensors:
         _check_safetensors(directory)
     return "slimlm-dir" if (directory / "slimlm.json").is_file() else "hf-dir"
+
+
+def refuse_remote_code(directory: Path, name: str | None = None) -> None:
+    """Refuse a model whose config or tokenizer config names its own Python code (`auto_map`), read here before
+    transformers is asked anything: transformers would otherwise prompt on a terminal to run it."""
+    for filename in ("config.json", "tokenizer_config.json"):
+        file = directory / filename
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text())
+        except (OSError, ValueError):  # unreadable: transformers cannot read an auto_map from it either, and says so
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise SlimlmError(
+                f"{name or directory} needs its own Python code (auto_map in {filename}), which slimlm never runs",
+                "use a model whose architecture transformers ships (Llama, Qwen2, Mistral, ...), or convert it to one",
+            )
+
+
+def _check_finite(model: nn.Module, source: str) -> None:
+    """Refuse NaN/Inf weights now: they would otherwise flow into metrics ("perplexity nan") and saved models."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
+            value = tensor[tuple(bad)].item()
+            raise SlimlmError(
+                f"the weights of '{source}' are not finite: {name}{bad} is {value}",
+                "the checkpoint is corrupt or was saved after a diverged run; re-create or re-download it",
+            )
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -174,6 +207,7 @@ def _load_model(source: str, dtype: torch.dtype, device: str | None, allow_pickl
     from slimlm.models.adapters import adapter_for
 
     adapter_for(model)  # refuse unsupported architectures before any work is done
+    _check_finite(model, source)
     model.eval()
     return LoadedModel(model.to(target), tokenizer, source, str(path) if kind != "hub" else source, kind)
 
@@ -186,7 +220,12 @@ def _load_directory(path: Path, kind: str, dtype: torch.dtype, allow_pickle: boo
         if kind == "slimlm-dir":
             return load_slimlm_dir(path, dtype)
         model = from_pretrained_checked(path, dtype, use_safetensors=not allow_pickle or None)
-        return model, AutoTokenizer.from_pretrained(path)
+        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except pickle.UnpicklingError as err:  # torch's weights_only loader refused a global; nothing was executed
+        raise SlimlmError(
+            f"a pickle checkpoint in '{path}' holds objects torch's safe loader refuses ({_first_line(err)[:120]})",
+            "nothing in it was run; convert the weights to safetensors from a trusted environment, or use another copy",
+        ) from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:  # what transformers raises for broken files
         raise SlimlmError(
             f"could not load the model in '{path}' ({type(err).__name__}: {_first_line(err)})",
@@ -213,8 +252,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
 
     check_gguf_file(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
         raise SlimlmError(f"could not read GGUF file '{path}': {_first_line(err)}", "check that the file is a complete GGUF model of a supported architecture") from None
     # The weights are now dense; forget that they came from a GGUF so saving writes a plain checkpoint, through the
@@ -230,15 +269,18 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from huggingface_hub import try_to_load_from_cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    cached_config = try_to_load_from_cache(repo_id, "config.json")
+    cached = isinstance(cached_config, str)
+    if cached:
+        refuse_remote_code(Path(cached_config).parent, repo_id)
     if not cached and not hub_reachable():
         raise SlimlmError(
             f"cannot reach the Hugging Face hub to download '{repo_id}' (offline, and not in the local cache)",
             "pass a local path instead: a model directory, a .gguf file, or the built-in alias 'smollm2-135m'",
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=cached)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=cached)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=cached, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=cached, trust_remote_code=False)
     except (OSError, ValueError) as err:  # unknown repo, gated repo, no causal-LM weights, lost connection
         raise SlimlmError(
             f"could not load '{repo_id}' from the Hugging Face hub ({type(err).__name__}: {_first_line(err)})",

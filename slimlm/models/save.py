@@ -245,7 +245,7 @@ def from_pretrained_checked(path: Path, dtype: torch.dtype, **kwargs) -> nn.Modu
     fill the gaps with random values and only log it."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, trust_remote_code=False, **kwargs)
     missing = sorted(info["missing_keys"])
     if missing:
         raise SlimlmError(
@@ -268,11 +268,11 @@ def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, obj
     )
 
     config_dict = json.loads((model_dir / "config.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     quant = config_dict.get("quantization_config")
     if quant is None or not quant.get("config_groups"):  # dense, or dense with only a sparsity_config
         return from_pretrained_checked(model_dir, dtype), tokenizer
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     del config.quantization_config
     tensors = load_file(str(model_dir / WEIGHTS))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
