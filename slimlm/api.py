@@ -6,6 +6,7 @@ The CLI (`slimlm.cli`) is a thin layer over these three functions.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from torch import nn
 
 from slimlm.data.calibration import CalibrationSet, sample_calibration
 from slimlm.data.text import load_text
+from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import linear_sparsity, parameter_count, peak_memory, shipped_bytes
 from slimlm.evaluate.perplexity import (
     EvalWindows,
@@ -77,7 +79,14 @@ def quality_metrics(
     """Quality of `model`; through its quantized KV cache when it carries a kv-cache setting (or `kv_cache` is given)."""
     kv_cache = kv_cache or kv_cache_setting(model)
     quality, kept = evaluate_quality(model, windows, reference=reference, keep_reference=keep_reference, kv_cache=kv_cache, chunk_size=chunk_size)
-    return asdict(quality), kept
+    metrics = asdict(quality)
+    broken = [name for name, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
+    if broken:
+        raise SlimlmError(
+            f"the evaluation gave non-finite {', '.join(f'{n} ({metrics[n]})' for n in broken)}: the model's outputs overflow",
+            "look for NaN/Inf weights or a stage that overflowed; slimlm reports no result computed from them",
+        )
+    return metrics, kept
 
 
 def kv_cache_metrics(model: nn.Module, windows: EvalWindows, config: KVCacheConfig, chunk_size: int | None) -> dict:

@@ -105,7 +105,7 @@ def test_file_that_is_not_a_model(tmp_path):
         load_model(str(path))
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not gguf at all")
-    with pytest.raises(SlimlmError, match=r"could not read GGUF file .* check that the file is a complete GGUF"):
+    with pytest.raises(SlimlmError, match=r"GGUF file .* is 15 bytes, shorter than a GGUF header .* it is truncated or not a GGUF model"):
         load_model(str(fake))
 
 
@@ -462,7 +462,7 @@ def test_unusable_device(hf_dir, device):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: description, stages, export \(closest: 'stages'\)"),
+        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: name, description, stages, export \(closest: 'stages'\)"),
         ("- method: rtn\n  bitz: 4\n", r"\(rtn\): unknown key 'bitz' — allowed keys: .* \(closest: 'bits'\)"),
         ("- method: wandaa\n", r"unknown method 'wandaa' — known methods: .* \(closest: 'wanda'\)"),
         ("stages:\n  - method: rtn\nexport: {format: gguf, gguf_typ: q4_0}\n", r"export: unknown key 'gguf_typ' — .*\(closest: 'gguf_type'\)"),
@@ -563,3 +563,31 @@ def test_full_disk_is_one_line_naming_path_and_bytes(hf_dir, tmp_path, monkeypat
     with pytest.raises(SlimlmError, match=r"cannot write '.*saved': the disk is full \(this output needs about \d+ MiB\) — free space"):
         compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
     assert leftovers(tmp_path / "saved") == []
+
+
+def test_non_finite_metrics_are_refused_not_reported(model_and_tokenizer):
+    """A model whose outputs overflow gives perplexity nan: an error, never a result."""
+    import copy
+
+    from slimlm.api import quality_metrics
+    from slimlm.evaluate.perplexity import make_windows
+
+    model, tokenizer = model_and_tokenizer
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    windows = make_windows(tokenizer, load_text("default"), 32, 2)
+    with pytest.raises(SlimlmError, match=r"the evaluation gave non-finite perplexity \(nan\)"):
+        quality_metrics(broken, windows, None)
+
+
+def test_non_finite_weights_are_never_saved(model_and_tokenizer, tmp_path):
+    import copy
+
+    model, tokenizer = model_and_tokenizer
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
+    with pytest.raises(SlimlmError, match=r"not saving: weight 'model.layers.1.mlp.down_proj.weight' holds inf at index \[3, 5\]"):
+        save_model(broken, tokenizer, tmp_path / "out", {"recipe": {"name": "test"}})
+    assert leftovers(tmp_path / "out") == []

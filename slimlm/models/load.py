@@ -254,6 +254,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     """transformers + gguf dequantize the file; the result is a plain dense model with no GGUF ties left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from slimlm.models.gguf_check import check_gguf_file
+
+    check_gguf_file(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False)

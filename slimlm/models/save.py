@@ -164,6 +164,13 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
 
     `sparsity`: a compressed-tensors `sparsity_config` recorded in config.json's quantization_config (export)."""
     tensors = _weight_tensors(model)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            index = tuple(int(i) for i in (~torch.isfinite(tensor)).nonzero()[0])
+            raise SlimlmError(
+                f"not saving: weight '{name}' holds {tensor[index].item()} at index {list(index)}",
+                "a stage produced NaN/Inf weights (or the input model had them); nothing was written",
+            )
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     try:
         with atomic_directory(out_dir, overwrite) as staging:

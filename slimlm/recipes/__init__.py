@@ -56,7 +56,7 @@ def shipped_recipes() -> dict[str, Path]:
     return {path.stem: path for path in sorted(shipped_dir().glob("*.yaml"))}
 
 
-TOP_LEVEL_KEYS = ("description", "stages", "export")
+TOP_LEVEL_KEYS = ("name", "description", "stages", "export")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; anything near this is not one
 
 
@@ -183,6 +183,7 @@ def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
     export = None
     if isinstance(data, dict):
         _unknown_keys(f"recipe '{name}'", data, TOP_LEVEL_KEYS)
+        name = str(data.get("name") or name)  # the file's stem unless the recipe names itself
         description = data.get("description", description)
         export = parse_export(data["export"], name) if data.get("export") is not None else None
         data = data.get("stages")
