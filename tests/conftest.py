@@ -70,3 +70,13 @@ def run_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.
 @pytest.fixture(params=CORE_ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A plain Hugging Face directory (save_pretrained) of a tiny random Llama and its tokenizer, shared by the
+    tests of one module. Copy it before changing it."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
+from conftest import TEXT, run_cli
 
 from slimlm.recipes import load_recipe, shipped_recipes
 from slimlm.recipes.registry import METHODS
@@ -19,15 +19,6 @@ def ok(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stdout
     assert "Traceback" not in result.stdout
     return result.stdout
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """A plain Hugging Face directory of a tiny random Llama and its tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,6 @@ from slimlm.errors import SlimlmError
 from slimlm.models.load import load_model
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """A plain Hugging Face directory of a tiny random Llama. Copy it before changing it."""
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 def remote_code_dir(hf_dir: Path, tmp_path: Path, config_file: str) -> tuple[Path, Path]:
     """A copy of `hf_dir` whose `config_file` maps the Auto classes to a .py file that writes a marker on import."""
     path, marker = tmp_path / "remote", tmp_path / "marker-ran"
