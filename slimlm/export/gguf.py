@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf_arch import ARCHITECTURES, add_arch_keys, arch_for, norm_data, query_scale
 from slimlm.export.gguf_types import (
     ggml_type,
     pack_blocks,
@@ -47,30 +48,15 @@ from slimlm.export.gguf_types import (
     tensor_bytes,
     types_for_shape,
 )
-from slimlm.models.adapters import adapter_for, decoder_blocks
+from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # the code width each block format stores
 
-# HF model_type -> (llama.cpp architecture, permute q/k rows for llama.cpp's RoPE)
-ARCHITECTURES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
-
-# Parts of one decoder block, relative to the block -> GGUF tensor base name (llama.cpp's LLM_TENSOR_* names).
-BLOCK_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 
 
 def _ggml(name: str):
@@ -80,7 +66,7 @@ def _ggml(name: str):
 def _file_type(gguf_type: str) -> int:
     from gguf import LlamaFileType
 
-    return {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
+    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
             "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
             "q5_1": LlamaFileType.MOSTLY_Q5_1}[gguf_type]
 
@@ -165,13 +151,23 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
     """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k)."""
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"unknown GGUF type '{gguf_type}'", f"use one of: {', '.join(GGUF_TYPES)}")
-    check_gguf_config(model.config)
+    arch = arch_for(model.config)
     adapter = adapter_for(model)
     config = model.config
+    layout = {rel for rel, _ in arch.block}
     for index, block in enumerate(decoder_blocks(model)):
         for name, _ in block.named_parameters():
-            if name.rpartition(".")[0] not in BLOCK_TENSORS:
+            if name.rpartition(".")[0] not in layout:
                 raise SlimlmError(f"block {index} has a tensor '{name}' that has no GGUF name in slimlm's {config.model_type} layout", "export with --format compressed-tensors or hf")
+    if arch.tied_only and model.get_submodule(adapter.lm_head).weight.data_ptr() != model.get_submodule(adapter.embed).weight.data_ptr():
+        raise SlimlmError(f"this {config.model_type} model's output projection is not tied to its embedding, and llama.cpp's {arch.name} graph always reads token_embd as the output", "export with --format compressed-tensors or hf")
+    if arch.query_scale_into and query_scale(config, len(decoder_blocks(model))) != 1.0:
+        if isinstance(decoder_blocks(model)[0].get_submodule(arch.query_scale_into), QuantizedLinear):
+            raise SlimlmError(
+                f"query_pre_attn_scalar={config.query_pre_attn_scalar} is not the 1/√head_dim llama.cpp's {arch.name} fixes, and the quantized "
+                f"{arch.query_scale_into} cannot carry the difference with its codes kept",
+                "export with --gguf-type f16/bf16, --format compressed-tensors or hf",
+            )
     problems = []
     for index, block in enumerate(decoder_blocks(model)):
         for rel in adapter.linears():
@@ -190,30 +186,12 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
             f"formats that hold them: {', '.join(f'--gguf-type {t} (codes kept)' for t in holders) + ', ' if holders else ''}"
             "--gguf-type f16/bf16 (dequantized), --format compressed-tensors (codes kept) or --format hf (dequantized)",
         )
-    return ARCHITECTURES[config.model_type]
+    return arch.name, arch.permute_qk
 
 
 def check_gguf_config(config) -> None:
-    """Refuse, from the config alone (before any weight loads), an architecture slimlm's GGUF writer cannot hold."""
-    if config.model_type not in ARCHITECTURES:
-        raise SlimlmError(
-            f"GGUF export does not support the architecture '{config.model_type}'",
-            f"GGUF export supports {', '.join(sorted(ARCHITECTURES))}; export this model with --format compressed-tensors or hf",
-        )
-    if config.model_type == "mistral" and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings:
-        raise SlimlmError("this Mistral model uses sliding-window attention, which llama.cpp's llama architecture does not", "export it with --format compressed-tensors or hf")
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise SlimlmError(f"RoPE scaling '{rope['rope_type']}' is not written by slimlm's GGUF exporter", "export with --format compressed-tensors or hf")
-
-
-def _rope(config) -> dict:
-    """transformers 5 keeps RoPE settings in `rope_parameters`; older configs use rope_theta / rope_scaling."""
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict) and params:
-        return params
-    scaling = getattr(config, "rope_scaling", None) or {}
-    return {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling}
+    """Refuse, from the config alone (before any weight loads), what llama.cpp cannot run, naming why."""
+    arch_for(config)
 
 
 def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary, overrides=None, importance=None):
@@ -224,29 +202,36 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
     overrides, importance = overrides or {}, importance or {}
     config = model.config
     adapter = adapter_for(model)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    arch = ARCHITECTURES[config.model_type]
+    q_scale = query_scale(config, len(decoder_blocks(model))) if arch.query_scale_into else 1.0
     # 4-bit files keep the (tied) embedding / output projection at 8 bits, as llama-quantize does.
     io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
 
     embed = model.get_submodule(adapter.embed).weight
     yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
+    if adapter.position_embed is not None:  # GPT-2's learned positions: read by row (get_rows), kept F32
+        yield "position_embd.weight", model.get_submodule(adapter.position_embed).weight.detach().float().cpu().numpy(), None
     for index, block in enumerate(decoder_blocks(model)):
-        for rel, base in BLOCK_TENSORS.items():
+        for rel, base in arch.block:
             module = block.get_submodule(rel)
-            rows = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(rel) if permute else None
+            rows = arch.rope_rows(rel, config) if permute else None
             order = (lambda t, n=rows: permute_rope_rows(t, n)) if rows else (lambda t: t)
+            scale = q_scale if rel == arch.query_scale_into else 1.0
             name = f"blk.{index}.{base}.weight"
             if isinstance(module, QuantizedLinear):
                 yield from _quantized(name, module, overrides.get(name, gguf_type), order, summary)
             elif module.weight.dim() == 1:
-                yield f"blk.{index}.{base}.weight", module.weight.detach().float().cpu().numpy(), None
+                yield name, norm_data(arch, rel, module.weight, q_scale).cpu().numpy(), None
             else:
-                yield from _dense_2d(name, order(module.weight.detach()), overrides.get(name, gguf_type), summary, importance.get(name))
+                weight = order(linear_weight(module).detach()) * scale
+                yield from _dense_2d(name, weight, overrides.get(name, gguf_type), summary, importance.get(name))
             bias = getattr(module, "bias", None)
             if bias is not None:
-                yield f"blk.{index}.{base}.bias", order(bias.detach()).float().cpu().numpy(), None
-    yield "output_norm.weight", model.get_submodule(adapter.final_norm).weight.detach().float().cpu().numpy(), None
+                yield f"blk.{index}.{base}.bias", (order(bias.detach()).float() * scale).cpu().numpy(), None
+    final_norm = model.get_submodule(adapter.final_norm)
+    yield "output_norm.weight", norm_data(arch, "", final_norm.weight, 1.0).cpu().numpy(), None
+    if getattr(final_norm, "bias", None) is not None:
+        yield "output_norm.bias", final_norm.bias.detach().float().cpu().numpy(), None
     head = model.get_submodule(adapter.lm_head).weight
     if head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
         yield from _dense_2d("output.weight", head, overrides.get("output.weight", io_type), summary, importance.get("output.weight"))
@@ -293,31 +278,11 @@ def _quantized(name: str, module: QuantizedLinear, gguf_type: str, order, summar
 
 
 def _add_hparams(writer, model: nn.Module, arch: str, gguf_type: str, name: str) -> None:
-    from gguf import GGML_QUANT_VERSION, RopeScalingType
+    from gguf import GGML_QUANT_VERSION
 
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = _rope(config)
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_block_count(len(decoder_blocks(model)))  # from the model: depth-pruned blocks are gone
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:  # width-pruned heads: llama.cpp would derive hidden/heads
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    if rope.get("rope_type") == "linear":
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
+    add_arch_keys(writer, model, model.config, len(decoder_blocks(model)))  # from the model: pruned blocks are gone
     writer.add_file_type(_file_type(gguf_type))
     writer.add_quantization_version(GGML_QUANT_VERSION)
 
