@@ -29,7 +29,6 @@ llama.cpp and keeps HF's order. Rows carry their codes, scales and zero points w
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from slimlm.export.gguf_types import (
     tensor_bytes,
     types_for_shape,
 )
+from slimlm.export.gguf_vocab import copy_tokenizer_metadata, hf_tokenizer_metadata
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
@@ -285,83 +285,6 @@ def _add_hparams(writer, model: nn.Module, arch: str, gguf_type: str, name: str)
     add_arch_keys(writer, model, model.config, len(decoder_blocks(model)))  # from the model: pruned blocks are gone
     writer.add_file_type(_file_type(gguf_type))
     writer.add_quantization_version(GGML_QUANT_VERSION)
-
-
-def copy_tokenizer_metadata(writer, source: Path, vocab_size: int) -> bool:
-    """Copy every `tokenizer.*` key of the GGUF the model came from (same vocabulary); False if it does not fit."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(str(source))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != vocab_size:
-        return False
-    for key, entry in reader.fields.items():
-        if key.startswith("tokenizer."):
-            main = entry.types[0]
-            sub = entry.types[-1] if main == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, entry.contents(), main, sub_type=sub)
-    return True
-
-
-def _pre_tokenizer_name(pre: dict | None) -> str | None:
-    """llama.cpp's name for a HF byte-level pre-tokenizer (the regex llama.cpp must apply), None if unknown."""
-    from transformers.models.qwen2.tokenization_qwen2 import (
-        PRETOKENIZE_REGEX as QWEN2_SPLIT,
-    )
-
-    if pre is None:
-        return None
-    steps = pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]
-    kinds = [step["type"] for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT:
-        return "qwen2"
-    return None
-
-
-def hf_tokenizer_metadata(writer, tokenizer, config) -> None:
-    """gpt2-style BPE vocabulary, types, merges, special ids and chat template, as convert_hf_to_gguf writes them."""
-    from gguf import TokenType
-
-    backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
-    model = backend.get("model", {})
-    pre = _pre_tokenizer_name(backend.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or pre is None:
-        raise SlimlmError(
-            "GGUF export can only describe byte-level BPE tokenizers (GPT-2, SmolLM, Qwen2 pre-tokenizers) to llama.cpp",
-            "export from a model that came from a GGUF (its tokenizer is copied), or use --format compressed-tensors / hf",
-        )
-    vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= config.vocab_size:
-        raise SlimlmError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {config.vocab_size}", "resize the embeddings or fix the tokenizer")
-    by_id = {index: token for token, index in vocab.items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for index in range(config.vocab_size):
-        if index not in by_id:
-            tokens.append(f"[PAD{index}]")
-            types.append(TokenType.UNUSED)
-        else:
-            tokens.append(by_id[index])
-            types.append(TokenType.NORMAL if index not in added else TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
-    if merges:
-        writer.add_token_merges(merges)
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        token_id = token_id if token_id is not None else getattr(config, f"{kind}_token_id", None)
-        if isinstance(token_id, int) and 0 <= token_id < config.vocab_size:
-            getattr(writer, f"add_{'unk' if kind == 'unk' else kind}_token_id")(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
 
 
 # --- writing --------------------------------------------------------------------------------------------------

@@ -215,6 +215,9 @@ def _unrunnable(arch: GGUFArch, config) -> str | None:
         rope_type = rope.get("rope_type", "default")
         if rope_type not in ("default", "linear") or (kind == "sliding_attention" and rope_type != "default"):
             return f"RoPE scaling '{rope_type}' ({kind}) is not one slimlm's GGUF writer describes (default, linear)"
+    if config.model_type == "phi3" and config.num_attention_heads * head_dim(config) != config.hidden_size:
+        return (f"{config.num_attention_heads} heads × {head_dim(config)} ≠ hidden size {config.hidden_size} (heads pruned), and "
+                "llama.cpp's phi3 graph sizes the query and output projections hidden × hidden")
     if config.model_type == "phi3" and rope_parameters(config).get("partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings are not written by slimlm's GGUF exporter"
     return None

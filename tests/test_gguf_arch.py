@@ -1,0 +1,254 @@
+"""GGUF export for every architecture llama.cpp runs: each file is read by llama.cpp itself (llama-cpp-python) and,
+where transformers has a GGUF loader for the architecture, by transformers; both must give slimlm's logits.
+
+The tiny models have random norm weights and biases (not HF's init of ones / zeros), so a norm written under the
+wrong name, without Gemma's +1, or a bias dropped, moves the logits by O(1) instead of hiding.
+"""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TINY, tiny_tokenizer
+
+from slimlm.data.calibration import CalibrationSet
+from slimlm.errors import SlimlmError
+from slimlm.export import export_model
+from slimlm.export.gguf import check_gguf_config, write_gguf
+from slimlm.export.gguf_arch import ARCHITECTURES
+from slimlm.models.adapters import adapter_for
+from slimlm.pipeline import compress_
+from slimlm.prune.depth import DepthConfig, prune_depth_
+from slimlm.prune.width import WidthConfig, prune_width_
+from slimlm.recipes import parse_recipe
+
+IDS = [5, 17, 42, 99, 3, 250, 7, 8, 11, 64, 200, 31, 9, 10, 12, 13, 14, 15, 16, 18]  # longer than the sliding windows
+GPT2 = dict(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+
+# Gemma 2/3 use a sliding window of 8 < len(IDS), so llama.cpp's SWA masks are exercised; head_dim 16 with
+# query_pre_attn_scalar 256 (the HF default) makes the query-scale fold necessary.
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**TINY),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=32),
+    "gemma": lambda: transformers.GemmaConfig(**TINY, head_dim=16),
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, head_dim=16, sliding_window=8),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": lambda: transformers.Phi3Config(**TINY),
+    "gpt2": lambda: transformers.GPT2Config(**GPT2),
+}
+GELU = {"gemma", "gemma2", "gemma3_text", "gpt2"}  # ggml's GELU reads a float16 table: ~3e-4 of the largest logit
+
+
+def model_from(config, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:  # norms and biases
+                param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+def logits(model, ids=IDS) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+
+
+def llama_cpp_logits(path, ids=IDS) -> np.ndarray:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # float32 K/V cache (type 0 = GGML_TYPE_F32): llama.cpp's default F16 cache would add its own rounding
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)])
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def test_every_adapter_architecture_has_a_gguf_row_or_a_reason():
+    from slimlm.export.gguf_arch import NOT_IN_LLAMA_CPP
+    from slimlm.models.adapters import ADAPTERS
+
+    assert set(ADAPTERS) == set(ARCHITECTURES) | set(NOT_IN_LLAMA_CPP)
+    assert set(CONFIGS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_llama_cpp_computes_slimlm_logits(arch, tmp_path):
+    """f32 file: llama.cpp's logits at every position are slimlm's (its GELU table aside)."""
+    model = model_from(CONFIGS[arch]())
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, "f32")
+    tolerance = 1e-3 if arch in GELU else 1e-4  # measured: ≤ 4e-4 (GELU), ≤ 1e-5 otherwise
+    assert relative_error(llama_cpp_logits(path), logits(model)) < tolerance
+
+
+@pytest.mark.parametrize(
+    ("arch", "stage", "gguf_type"),
+    [
+        ("phi3", {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}, "q4_0"),  # fused qkv / gate_up
+        ("gpt2", {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}, "q4_1"),  # Conv1D codes
+        ("gemma3_text", {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}, "q8_0"),
+        ("qwen3", {"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True}, "q5_0"),
+    ],
+)
+def test_quantized_codes_of_every_layout_run_in_llama_cpp(arch, stage, gguf_type, tmp_path):
+    """Codes kept as blocks; the (tied) embedding is Q8_0 in the file, so slimlm's reference holds its round trip.
+    llama.cpp also rounds activations to 8-bit blocks for the quantized matmuls: looser tolerance."""
+    model = model_from(CONFIGS[arch]())
+    compress_(model, parse_recipe([stage], "test"), CalibrationSet(torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1)), "", "test", 0))
+    path = tmp_path / "m.gguf"
+    summary = write_gguf(model, tiny_tokenizer(), path, gguf_type)
+    assert summary.codes_kept == 2 * len(adapter_for(arch).linears())
+    embed = model.get_input_embeddings().weight
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        embed.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(embed.numpy(), q8), q8)))
+        if model.get_output_embeddings().weight.data_ptr() != embed.data_ptr():
+            head = model.get_output_embeddings().weight
+            head.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(head.numpy(), q8), q8)))
+    assert relative_error(llama_cpp_logits(path), logits(model)) < 2e-2
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt2", "gemma3_text", "qwen3"])
+def test_pruned_shapes_run_in_llama_cpp(arch, tmp_path):
+    """Width-pruned (fewer heads, a narrower fused gate_up / Conv1D MLP) and depth-pruned (Gemma 3's per-layer sliding
+    pattern follows the kept blocks) models are written with their own shapes."""
+    model = model_from(CONFIGS[arch]())
+    mlp_width = 4 * model.config.n_embd if arch == "gpt2" else model.config.intermediate_size
+    calibration = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    prune_width_(model, WidthConfig(mlp=0.25, heads=0.0 if arch in ("gpt2", "phi3") else 0.5), calibration)
+    if arch == "gemma3_text":
+        model.config.num_hidden_layers, model.config.layer_types = 2, ["full_attention", "sliding_attention"]
+        prune_depth_(model, DepthConfig(blocks=1), calibration)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, "f32")
+    fields = gguf.GGUFReader(path).fields
+    name = ARCHITECTURES[arch].name
+    assert fields[f"{name}.feed_forward_length"].contents() == mlp_width * 3 // 4
+    assert relative_error(llama_cpp_logits(path), logits(model)) < (1e-3 if arch in GELU else 1e-4)
+
+
+# transformers' GGUF loader reads fewer keys than llama.cpp: no attention.key_length for qwen3, no
+# query_pre_attn_scalar / sliding_window_pattern / rope_freq_base_swa for gemma2/3, n_ctx instead of GPT-2's
+# n_positions; and it has no Gemma 1. These configs keep what it cannot read at its defaults.
+LOADER_CONFIGS = {
+    "llama": CONFIGS["llama"],
+    "mistral": CONFIGS["mistral"],
+    "qwen2": CONFIGS["qwen2"],
+    "qwen3": lambda: transformers.Qwen3Config(**TINY),
+    "phi3": CONFIGS["phi3"],
+    "gpt2": lambda: transformers.GPT2Config(**{**GPT2, "n_positions": 1024}),
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, head_dim=256, sliding_window=8),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**TINY, head_dim=256, sliding_window=8),
+}
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+@pytest.mark.parametrize("arch", sorted(LOADER_CONFIGS))
+def test_transformers_gguf_loader_computes_slimlm_logits(arch, gguf_type, tmp_path):
+    model = model_from(LOADER_CONFIGS[arch]())
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, gguf_type)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    assert loaded.config.model_type == ("llama" if arch == "mistral" else arch)  # llama.cpp runs Mistral as llama
+    expected = logits(model)
+    assert relative_error(logits(loaded), expected) < (1e-6 if gguf_type == "f32" else 3e-3)
+
+
+# --- tokenizers ---------------------------------------------------------------------------------------------------
+
+TEXT = "The quick brown fox, 1234 times — naïve café!\nsmall language models are compressed, re-compressed."
+
+
+def tiny_sentencepiece_tokenizer(merges_wanted: int = 360):
+    """A Gemma tokenizer as transformers builds it for a SentencePiece checkpoint (BPE, byte fallback, "▁" for a
+    space, <0xXX> pieces), with merges trained in memory on the default corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from slimlm.data.text import load_text
+
+    trainer_side = Tokenizer(models.BPE())
+    trainer_side.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=merges_wanted, show_progress=False)
+    trainer_side.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
+    learned = json.loads(trainer_side.to_str())["model"]
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    return transformers.GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    tokenizer = tiny_sentencepiece_tokenizer() if kind == "sentencepiece" else tiny_tokenizer()
+    arch = "gemma3_text" if kind == "sentencepiece" else "gpt2"
+    config = CONFIGS[arch]()
+    config.vocab_size = 704
+    path = tmp_path / "m.gguf"
+    write_gguf(model_from(config), tokenizer, path, "f32")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == ("llama" if kind == "sentencepiece" else "gpt2")
+    # conftest's byte-level BPE learned only the characters of its corpus (no full byte alphabet): plain text for it
+    text = TEXT if kind == "sentencepiece" else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
+    expected = tokenizer(text).input_ids
+    assert tokenizer.unk_token_id not in expected
+    assert len(expected) < len(text) * 0.8  # merges are in play, not just characters
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, vocab_only=True)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected
+    assert llm.detokenize(expected).decode() == text
+    if kind == "sentencepiece":
+        types = fields["tokenizer.ggml.token_type"].contents()
+        assert types[tokenizer.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
+        assert types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL and types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
+        assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+        rebuilt = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+        assert rebuilt(text).input_ids == expected
+
+
+# --- refusals -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (lambda: transformers.OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4), "llama.cpp has no OPT architecture"),
+        (lambda: transformers.GemmaConfig(**TINY, head_dim=16, tie_word_embeddings=False), "always reads token_embd as the output"),
+        (lambda: transformers.LlamaConfig(**TINY, hidden_act="gelu"), "activation is 'gelu'"),
+        (lambda: transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8), "sliding-window attention"),
+        (lambda: transformers.MistralConfig(**TINY, sliding_window=16), "sliding-window attention"),
+        (lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+        (lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE scaling 'dynamic'"),
+    ],
+    ids=["opt", "gemma-untied", "llama-gelu", "qwen2-swa", "mistral-swa", "gpt2-layer-scaling", "dynamic-rope"],
+)
+def test_what_llama_cpp_cannot_run_is_refused_from_the_config(config, message, tmp_path):
+    with pytest.raises(SlimlmError, match=message):
+        check_gguf_config(config())
+    directory = tmp_path / "model"
+    directory.mkdir()
+    config().save_pretrained(directory)  # no weights: refused before any would load
+    with pytest.raises(SlimlmError, match=message) as refused:
+        export_model(str(directory), "gguf", tmp_path / "m.gguf")
+    assert "\n" not in str(refused.value) and "--format compressed-tensors" in str(refused.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_unknown_tokenizer_kind_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    with pytest.raises(SlimlmError, match="neither"):
+        write_gguf(model_from(CONFIGS["llama"]()), word_level, tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
