@@ -96,11 +96,11 @@ def test_llama_cpp_computes_slimlm_logits(arch, tmp_path):
         ("gpt2", {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}, "q4_1"),  # Conv1D codes
         ("gemma3_text", {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}, "q8_0"),
         ("qwen3", {"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True}, "q5_0"),
+        ("gemma2", {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}, "q4_0"),  # query scale on d
     ],
 )
 def test_quantized_codes_of_every_layout_run_in_llama_cpp(arch, stage, gguf_type, tmp_path):
-    """Codes kept as blocks; the (tied) embedding is Q8_0 in the file, so slimlm's reference holds its round trip.
-    llama.cpp also rounds activations to 8-bit blocks for the quantized matmuls: looser tolerance."""
+    """Codes kept as blocks; the (tied) embedding is Q8_0 in the file, so slimlm's reference holds its round trip."""
     model = model_from(CONFIGS[arch]())
     compress_(model, parse_recipe([stage], "test"), CalibrationSet(torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1)), "", "test", 0))
     path = tmp_path / "m.gguf"
@@ -113,7 +113,9 @@ def test_quantized_codes_of_every_layout_run_in_llama_cpp(arch, stage, gguf_type
         if model.get_output_embeddings().weight.data_ptr() != embed.data_ptr():
             head = model.get_output_embeddings().weight
             head.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(head.numpy(), q8), q8)))
-    assert relative_error(llama_cpp_logits(path), logits(model)) < 2e-2
+    # measured: 0.4% (llama) to 2.0% (gemma2, its √hidden-scaled embeddings) of the largest logit, all of it llama.cpp's
+    # Q8_0 activations (the same model written f32 agrees to 3e-4); a wrong layout or scale is of order 100%
+    assert relative_error(llama_cpp_logits(path), logits(model)) < 3e-2
 
 
 @pytest.mark.parametrize("arch", ["phi3", "gpt2", "gemma3_text", "qwen3"])

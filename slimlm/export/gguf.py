@@ -161,13 +161,6 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
                 raise SlimlmError(f"block {index} has a tensor '{name}' that has no GGUF name in slimlm's {config.model_type} layout", "export with --format compressed-tensors or hf")
     if arch.tied_only and model.get_submodule(adapter.lm_head).weight.data_ptr() != model.get_submodule(adapter.embed).weight.data_ptr():
         raise SlimlmError(f"this {config.model_type} model's output projection is not tied to its embedding, and llama.cpp's {arch.name} graph always reads token_embd as the output", "export with --format compressed-tensors or hf")
-    if arch.query_scale_into and query_scale(config, len(decoder_blocks(model))) != 1.0:
-        if isinstance(decoder_blocks(model)[0].get_submodule(arch.query_scale_into), QuantizedLinear):
-            raise SlimlmError(
-                f"query_pre_attn_scalar={config.query_pre_attn_scalar} is not the 1/√head_dim llama.cpp's {arch.name} fixes, and the quantized "
-                f"{arch.query_scale_into} cannot carry the difference with its codes kept",
-                "export with --gguf-type f16/bf16, --format compressed-tensors or hf",
-            )
     problems = []
     for index, block in enumerate(decoder_blocks(model)):
         for rel in adapter.linears():
@@ -219,6 +212,9 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
             scale = q_scale if rel == arch.query_scale_into else 1.0
             name = f"blk.{index}.{base}.weight"
             if isinstance(module, QuantizedLinear):
+                if scale != 1.0:  # Gemma 2's query-scale fold rides on the block scales: the codes are unchanged
+                    module = QuantizedLinear(module.weight_q, (module.weight_scale.float() * scale).to(module.weight_scale.dtype),
+                                             module.weight_zero_point, module.grid, module.bias, module.compute_dtype)
                 yield from _quantized(name, module, overrides.get(name, gguf_type), order, summary)
             elif module.weight.dim() == 1:
                 yield name, norm_data(arch, rel, module.weight, q_scale).cpu().numpy(), None
