@@ -202,8 +202,9 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
 
     embed = model.get_submodule(adapter.embed).weight
     yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
-    if adapter.position_embed is not None:  # GPT-2's learned positions: read by row (get_rows), kept F32
-        yield "position_embd.weight", model.get_submodule(adapter.position_embed).weight.detach().float().cpu().numpy(), None
+    if adapter.position_embed is not None:  # GPT-2's learned positions: llama-quantize never quantizes them
+        positions = model.get_submodule(adapter.position_embed).weight.detach()
+        yield from _dense_2d("position_embd.weight", positions, overrides.get("position_embd.weight", "f32" if gguf_type == "f32" else "f16"), summary)
     for index, block in enumerate(decoder_blocks(model)):
         for rel, base in arch.block:
             module = block.get_submodule(rel)
