@@ -186,7 +186,7 @@ def tiny_sentencepiece_tokenizer(merges_wanted: int = 360):
     for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    return transformers.GemmaTokenizer(vocab=vocab, merges=merges)
+    return transformers.GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
@@ -206,13 +206,14 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
     assert tokenizer.unk_token_id not in expected
     assert len(expected) < len(text) * 0.8  # merges are in play, not just characters
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, vocab_only=True)
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected
+    assert llm.tokenize(text.encode(), add_bos=True, special=False) == expected  # add_bos: if the file says so
     assert llm.detokenize(expected).decode() == text
     if kind == "sentencepiece":
         types = fields["tokenizer.ggml.token_type"].contents()
         assert types[tokenizer.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
         assert types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL and types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
         assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
+        assert expected[0] == tokenizer.bos_token_id and fields["tokenizer.ggml.add_bos_token"].contents() is True
         rebuilt = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
         assert rebuilt(text).input_ids == expected
 

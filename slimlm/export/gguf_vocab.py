@@ -166,6 +166,9 @@ def hf_tokenizer_metadata(writer, tokenizer, config) -> None:
         token_id = token_id if token_id is not None else getattr(config, f"{kind}_token_id", None)
         if isinstance(token_id, int) and 0 <= token_id < config.vocab_size:
             getattr(writer, f"add_{kind}_token_id")(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    ids = tokenizer("a").input_ids  # what the tokenizer really adds around a text (post-processor or flags)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    writer.add_add_bos_token(bos is not None and ids[:1] == [bos])
+    writer.add_add_eos_token(eos is not None and len(ids) > 1 and ids[-1] == eos)
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         writer.add_chat_template(tokenizer.chat_template)
