@@ -137,6 +137,33 @@ def test_pruned_shapes_run_in_llama_cpp(arch, tmp_path):
     assert relative_error(llama_cpp_logits(path), logits(model)) < (1e-3 if arch in GELU else 1e-4)
 
 
+SHORT, LONG = [1.0 + 0.25 * i for i in range(8)], [2.0 + i for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("config", "reference"),
+    [
+        (lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), None),
+        # llama.cpp picks LongRoPE's long factors when its context (64, padded to 256) exceeds the original length,
+        # transformers when the sequence does: each case is compared with the factors both sides use
+        (lambda: transformers.Phi3Config(**{**TINY, "max_position_embeddings": 2048}, original_max_position_embeddings=512, rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}), None),
+        (lambda: transformers.Phi3Config(**TINY, original_max_position_embeddings=64, rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}),
+         lambda: transformers.Phi3Config(**TINY, original_max_position_embeddings=64, rope_scaling={"rope_type": "longrope", "short_factor": LONG, "long_factor": LONG})),
+    ],
+    ids=["llama3", "longrope-short", "longrope-long"],
+)
+def test_rope_frequency_factors_reach_llama_cpp(config, reference, tmp_path):
+    """Llama 3's wavelength-dependent scaling (rope_freqs) and Phi-3's LongRoPE factors and attention factor."""
+    model = model_from(config())
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, "f32")
+    if reference is not None:
+        same_weights = model_from(reference())
+        same_weights.load_state_dict(model.state_dict())
+        model = same_weights
+    assert relative_error(llama_cpp_logits(path), logits(model)) < 1e-4
+
+
 # transformers' GGUF loader reads fewer keys than llama.cpp: no attention.key_length for qwen3, no
 # query_pre_attn_scalar / sliding_window_pattern / rope_freq_base_swa for gemma2/3, n_ctx instead of GPT-2's
 # n_positions; and it has no Gemma 1. These configs keep what it cannot read at its defaults.

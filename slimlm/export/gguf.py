@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.export.gguf_arch import ARCHITECTURES, add_arch_keys, arch_for, norm_data, query_scale
+from slimlm.export.gguf_arch import ARCHITECTURES, add_arch_keys, arch_for, norm_data, query_scale, rope_tensors
 from slimlm.export.gguf_types import (
     ggml_type,
     pack_blocks,
@@ -202,6 +202,8 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
 
     embed = model.get_submodule(adapter.embed).weight
     yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
+    for rope_name, factors in rope_tensors(config):  # Llama 3 / LongRoPE frequency factors, F32
+        yield rope_name, factors.numpy(), None
     if adapter.position_embed is not None:  # GPT-2's learned positions: llama-quantize never quantizes them
         positions = model.get_submodule(adapter.position_embed).weight.detach()
         yield from _dense_2d("position_embd.weight", positions, overrides.get("position_embd.weight", "f32" if gguf_type == "f32" else "f16"), summary)

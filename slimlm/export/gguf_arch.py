@@ -147,7 +147,7 @@ def _gemma3_keys(writer, config, model) -> None:
 
 
 def _phi3_keys(writer, config, model) -> None:
-    original = getattr(config, "original_max_position_embeddings", None)
+    original = rope_parameters(config).get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
     if original:
         writer.add_rope_scaling_orig_ctx_len(int(original))
     writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))  # llama.cpp runs Phi-3 without SWA
@@ -172,6 +172,10 @@ NOT_IN_LLAMA_CPP = {
     "opt": "llama.cpp has no OPT architecture (learned positions offset by 2, ReLU MLP, optional projection of the "
     "embedding width); convert_hf_to_gguf.py does not convert it",
 }
+
+
+# RoPE scalings llama.cpp reads as per-frequency factor tensors, by the architectures whose graphs read them.
+EXTRA_ROPE = {"llama": ("llama3",), "phi3": ("longrope",)}
 
 
 def arch_for(config) -> GGUFArch:
@@ -210,11 +214,12 @@ def _unrunnable(arch: GGUFArch, config) -> str | None:
                 return f"{flag}={not wanted}, which llama.cpp's gpt2 graph does not compute"
         return None
     layer_kinds = ("full_attention", "sliding_attention") if config.model_type == "gemma3_text" else ("full_attention",)
+    known = ("default", "linear", *EXTRA_ROPE.get(config.model_type, ()))
     for kind in layer_kinds:
         rope = rope_parameters(config, kind)
         rope_type = rope.get("rope_type", "default")
-        if rope_type not in ("default", "linear") or (kind == "sliding_attention" and rope_type != "default"):
-            return f"RoPE scaling '{rope_type}' ({kind}) is not one slimlm's GGUF writer describes (default, linear)"
+        if rope_type not in known or (kind == "sliding_attention" and rope_type != "default"):
+            return f"RoPE scaling '{rope_type}' ({kind}) is not one slimlm's GGUF writer describes for it ({', '.join(known)})"
     if config.model_type == "phi3" and config.num_attention_heads * head_dim(config) != config.hidden_size:
         return (f"{config.num_attention_heads} heads × {head_dim(config)} ≠ hidden size {config.hidden_size} (heads pruned), and "
                 "llama.cpp's phi3 graph sizes the query and output projections hidden × hidden")
@@ -256,6 +261,9 @@ def add_arch_keys(writer, model, config, n_blocks: int) -> None:
     if rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope.get("rope_type") == "longrope":
+        writer.add_rope_scaling_type(RopeScalingType.LONGROPE)
+        writer.add_rope_scaling_attn_factors(_longrope_attention_factor(config, rope))
     if arch.extra_keys is not None:
         arch.extra_keys(writer, config, model)
 
@@ -277,3 +285,34 @@ def norm_data(arch: GGUFArch, rel: str, weight: torch.Tensor, q_scale: float) ->
     """A norm weight as llama.cpp multiplies it: Gemma's 1 + w; Gemma 3's q-norm also carries the query scale."""
     data = weight.detach().float() + arch.norm_shift
     return data * q_scale if rel == arch.query_scale_into else data
+
+
+def _longrope_attention_factor(config, rope: dict) -> float:
+    """LongRoPE's cos/sin scale, as transformers computes it (`_compute_longrope_parameters`)."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_tensors(config) -> list[tuple[str, torch.Tensor]]:
+    """Per-frequency RoPE factors llama.cpp divides its frequencies by (head_dim / 2 each): Llama 3's smoothed
+    wavelength scaling as `rope_freqs`, Phi-3's LongRoPE short / long factors (llama.cpp picks long when the context
+    exceeds original_max_position_embeddings, transformers when the sequence does)."""
+    rope = rope_parameters(config)
+    kind = rope.get("rope_type", "default")
+    if kind == "longrope":
+        return [(f"rope_factors_{length}.weight", torch.tensor(rope[f"{length}_factor"], dtype=torch.float32)) for length in ("long", "short")]
+    if kind != "llama3":
+        return []
+    dim = head_dim(config)
+    inv_freq = 1.0 / (rope.get("rope_theta", 10000.0) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)  # between the two wavelengths: the smoothed blend
+    factors = torch.where(wavelen < original / high, torch.ones_like(factors), factors)  # short waves: unscaled
+    factors = torch.where(wavelen > original / low, torch.full_like(factors, factor), factors)  # long waves: ÷ factor
+    return [("rope_freqs.weight", factors)]
