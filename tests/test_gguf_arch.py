@@ -219,30 +219,39 @@ def tiny_sentencepiece_tokenizer(merges_wanted: int = 360):
     return transformers.GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def tiny_llama2_tokenizer():
+    """The same pieces as transformers' LlamaTokenizer builds them (Llama 2, Mistral v0.1): a space is prepended
+    (Metaspace, prepend_scheme "first"). HF skips that space before text that starts with one, SentencePiece and
+    llama.cpp do not: the texts here do not start with a space."""
+    gemma = tiny_sentencepiece_tokenizer()
+    merges = [tuple(m) for m in json.loads(gemma.backend_tokenizer.to_str())["model"]["merges"]]
+    return transformers.LlamaTokenizer(vocab=gemma.get_vocab(), merges=merges, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", add_bos_token=True)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-prefix", "byte-level"])
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    tokenizer = tiny_sentencepiece_tokenizer() if kind == "sentencepiece" else tiny_tokenizer()
-    arch = "gemma3_text" if kind == "sentencepiece" else "gpt2"
+    tokenizer = {"sentencepiece": tiny_sentencepiece_tokenizer, "sentencepiece-prefix": tiny_llama2_tokenizer, "byte-level": tiny_tokenizer}[kind]()
+    arch = {"sentencepiece": "gemma3_text", "sentencepiece-prefix": "llama", "byte-level": "gpt2"}[kind]
     config = CONFIGS[arch]()
     config.vocab_size = 704
     path = tmp_path / "m.gguf"
     write_gguf(model_from(config), tokenizer, path, "f32")
     fields = gguf.GGUFReader(path).fields
-    assert fields["tokenizer.ggml.model"].contents() == ("llama" if kind == "sentencepiece" else "gpt2")
+    assert fields["tokenizer.ggml.model"].contents() == ("gpt2" if kind == "byte-level" else "llama")
     # conftest's byte-level BPE learned only the characters of its corpus (no full byte alphabet): plain text for it
-    text = TEXT if kind == "sentencepiece" else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
+    text = TEXT if kind != "byte-level" else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
     expected = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in expected
     assert len(expected) < len(text) * 0.8  # merges are in play, not just characters
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, vocab_only=True)
     assert llm.tokenize(text.encode(), add_bos=True, special=False) == expected  # add_bos: if the file says so
-    assert llm.detokenize(expected).decode() == text
-    if kind == "sentencepiece":
+    assert llm.detokenize(expected).decode() == text  # after <bos>, llama.cpp drops the prepended space as HF does
+    if kind != "byte-level":
+        assert fields["tokenizer.ggml.add_space_prefix"].contents() is (kind == "sentencepiece-prefix")
         types = fields["tokenizer.ggml.token_type"].contents()
         assert types[tokenizer.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
         assert types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL and types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
-        assert fields["tokenizer.ggml.add_space_prefix"].contents() is False
         assert expected[0] == tokenizer.bos_token_id and fields["tokenizer.ggml.add_bos_token"].contents() is True
         rebuilt = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
         assert rebuilt(text).input_ids == expected

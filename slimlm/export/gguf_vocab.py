@@ -120,7 +120,7 @@ def _sentencepiece_vocab(writer, tokenizer, config, model: dict, prefix: bool) -
     for position, merge in enumerate(model.get("merges", [])):
         left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
         rank.setdefault(left + right, position)
-    unk = model.get("unk_token")
+    unk = model.get("unk_token") or getattr(tokenizer, "unk_token", None)
     tokens, scores, types = [], [], []
     for index in range(config.vocab_size):
         token = by_id.get(index)
