@@ -228,26 +228,57 @@ def tiny_llama2_tokenizer():
     return transformers.LlamaTokenizer(vocab=gemma.get_vocab(), merges=merges, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", add_bos_token=True)
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-prefix", "byte-level"])
+def tiny_split_tokenizer(regex: str):
+    """A byte-level BPE behind a regex split, as Llama 3's and Qwen2's tokenizer.json have it, over the full byte
+    alphabet, trained in memory on the default corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from slimlm.data.text import load_text
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>")
+
+
+def tokenizer_of(kind: str):
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from slimlm.export.gguf_vocab import LLAMA3_SPLIT
+
+    return {
+        "sentencepiece": tiny_sentencepiece_tokenizer,
+        "sentencepiece-prefix": tiny_llama2_tokenizer,
+        "gpt-2": tiny_tokenizer,
+        "llama-bpe": lambda: tiny_split_tokenizer(LLAMA3_SPLIT),
+        "qwen2": lambda: tiny_split_tokenizer(PRETOKENIZE_REGEX),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "sentencepiece-prefix", "gpt-2", "llama-bpe", "qwen2"])
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    tokenizer = {"sentencepiece": tiny_sentencepiece_tokenizer, "sentencepiece-prefix": tiny_llama2_tokenizer, "byte-level": tiny_tokenizer}[kind]()
-    arch = {"sentencepiece": "gemma3_text", "sentencepiece-prefix": "llama", "byte-level": "gpt2"}[kind]
+    tokenizer = tokenizer_of(kind)
+    arch = {"sentencepiece": "gemma3_text", "sentencepiece-prefix": "llama", "gpt-2": "gpt2", "llama-bpe": "llama", "qwen2": "qwen2"}[kind]
     config = CONFIGS[arch]()
     config.vocab_size = 704
     path = tmp_path / "m.gguf"
     write_gguf(model_from(config), tokenizer, path, "f32")
     fields = gguf.GGUFReader(path).fields
-    assert fields["tokenizer.ggml.model"].contents() == ("gpt2" if kind == "byte-level" else "llama")
+    sentencepiece = kind.startswith("sentencepiece")
+    assert fields["tokenizer.ggml.model"].contents() == ("llama" if sentencepiece else "gpt2")
+    assert fields["tokenizer.ggml.pre"].contents() == ("default" if sentencepiece else kind)
     # conftest's byte-level BPE learned only the characters of its corpus (no full byte alphabet): plain text for it
-    text = TEXT if kind != "byte-level" else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
+    text = TEXT if kind != "gpt-2" else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
     expected = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in expected
     assert len(expected) < len(text) * 0.8  # merges are in play, not just characters
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, vocab_only=True)
     assert llm.tokenize(text.encode(), add_bos=True, special=False) == expected  # add_bos: if the file says so
     assert llm.detokenize(expected).decode() == text  # after <bos>, llama.cpp drops the prepended space as HF does
-    if kind != "byte-level":
+    if sentencepiece:
         assert fields["tokenizer.ggml.add_space_prefix"].contents() is (kind == "sentencepiece-prefix")
         types = fields["tokenizer.ggml.token_type"].contents()
         assert types[tokenizer.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE

@@ -3,7 +3,7 @@
 Two vocabulary kinds cover the architectures slimlm exports (llama.cpp's llama-vocab.cpp, convert_hf_to_gguf.py):
 
     gpt2   byte-level BPE (GPT-2, SmolLM, Qwen, Llama 3): tokens in the byte alphabet, merges, and the name of the
-           pre-tokenizer regex llama.cpp applies before merging ("gpt-2", "smollm", "qwen2").
+           pre-tokenizer regex llama.cpp applies before merging ("gpt-2", "smollm", "qwen2", "llama-bpe").
     llama  SentencePiece BPE (Gemma, Llama 2, Mistral v0.1, Phi-3): tokens spelt with "▁" for a space, a score per
            token — llama.cpp merges the adjacent pair whose concatenation scores highest — and a type per token
            (NORMAL, BYTE for the <0xXX> fallback pieces, CONTROL, USER_DEFINED, UNKNOWN, UNUSED), plus whether a
@@ -23,6 +23,11 @@ from pathlib import Path
 from slimlm.errors import SlimlmError
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+# Llama 3's split regex (its tokenizer.json); llama.cpp applies it for the pre-tokenizer "llama-bpe"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 UNUSED_SCORE = -10000.0  # convert_hf_to_gguf's scores for padding ids and added tokens
 ADDED_SCORE = -1000.0
 
@@ -57,8 +62,8 @@ def _pre_tokenizer_name(pre: dict | None) -> str | None:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT:
-        return "qwen2"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "llama-bpe"}.get(steps[0].get("pattern", {}).get("Regex"))
     return None
 
 
