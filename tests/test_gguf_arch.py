@@ -301,8 +301,11 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
         (lambda: transformers.MistralConfig(**TINY, sliding_window=16), "sliding-window attention"),
         (lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
         (lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE scaling 'dynamic'"),
+        (lambda: transformers.Qwen3Config(**TINY, attention_bias=True), "no attention output bias"),
+        (lambda: transformers.Qwen2Config(**{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=16), "sizes the query and output projections hidden × hidden"),
+        (lambda: transformers.Phi3Config(**{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=16), "sizes the query and output projections hidden × hidden"),
     ],
-    ids=["opt", "gemma-untied", "llama-gelu", "qwen2-swa", "mistral-swa", "gpt2-layer-scaling", "dynamic-rope"],
+    ids=["opt", "gemma-untied", "llama-gelu", "qwen2-swa", "mistral-swa", "gpt2-layer-scaling", "dynamic-rope", "qwen3-bias", "qwen2-head-pruned", "phi3-head-pruned"],
 )
 def test_what_llama_cpp_cannot_run_is_refused_from_the_config(config, message, tmp_path):
     with pytest.raises(SlimlmError, match=message):

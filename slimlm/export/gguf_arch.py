@@ -91,6 +91,8 @@ class GGUFArch:
     activations: tuple[str, ...] = ("silu",)  # HF activation names llama.cpp's graph computes for this arch
     query_scale_into: str | None = None  # where HF's and llama.cpp's query scales are reconciled (Gemma 2/3)
     layernorm: bool = False  # LayerNorm (weight, bias, layer_norm_epsilon) instead of RMSNorm
+    query_is_hidden: bool = False  # llama.cpp sizes q and o hidden × hidden: heads × head_dim must be the hidden size
+    attention_bias: bool = True  # llama.cpp loads an attention output bias (config.attention_bias may be set)
     extra_keys: Callable | None = field(default=None, compare=False)  # writer, config, model -> arch-only keys
 
     def rope_rows(self, rel: str, config) -> int | None:
@@ -156,14 +158,14 @@ def _phi3_keys(writer, config, model) -> None:
 ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": GGUFArch("llama", _LLAMA, permute_qk=True),
     "mistral": GGUFArch("llama", _LLAMA, permute_qk=True),
-    "qwen2": GGUFArch("qwen2", _LLAMA),
-    "qwen3": GGUFArch("qwen3", _LLAMA + _QK_NORM),
-    "gemma": GGUFArch("gemma", _LLAMA, norm_shift=1.0, tied_only=True, activations=("gelu_pytorch_tanh", "gelu")),
+    "qwen2": GGUFArch("qwen2", _LLAMA, query_is_hidden=True),
+    "qwen3": GGUFArch("qwen3", _LLAMA + _QK_NORM, attention_bias=False),
+    "gemma": GGUFArch("gemma", _LLAMA, norm_shift=1.0, tied_only=True, activations=("gelu_pytorch_tanh", "gelu"), attention_bias=False),
     "gemma2": GGUFArch("gemma2", _GEMMA2, norm_shift=1.0, tied_only=True, activations=("gelu_pytorch_tanh",),
-                       query_scale_into="self_attn.q_proj", extra_keys=_gemma2_keys),
+                       query_scale_into="self_attn.q_proj", attention_bias=False, extra_keys=_gemma2_keys),
     "gemma3_text": GGUFArch("gemma3", _GEMMA2 + _QK_NORM, norm_shift=1.0, activations=("gelu_pytorch_tanh",),
-                            query_scale_into="self_attn.q_norm", extra_keys=_gemma3_keys),
-    "phi3": GGUFArch("phi3", _PHI3, extra_keys=_phi3_keys),
+                            query_scale_into="self_attn.q_norm", attention_bias=False, extra_keys=_gemma3_keys),
+    "phi3": GGUFArch("phi3", _PHI3, query_is_hidden=True, extra_keys=_phi3_keys),
     "gpt2": GGUFArch("gpt2", _GPT2, activations=("gelu_new", "gelu_pytorch_tanh"), layernorm=True),
 }
 
@@ -220,9 +222,11 @@ def _unrunnable(arch: GGUFArch, config) -> str | None:
         rope_type = rope.get("rope_type", "default")
         if rope_type not in known or (kind == "sliding_attention" and rope_type != "default"):
             return f"RoPE scaling '{rope_type}' ({kind}) is not one slimlm's GGUF writer describes for it ({', '.join(known)})"
-    if config.model_type == "phi3" and config.num_attention_heads * head_dim(config) != config.hidden_size:
-        return (f"{config.num_attention_heads} heads × {head_dim(config)} ≠ hidden size {config.hidden_size} (heads pruned), and "
-                "llama.cpp's phi3 graph sizes the query and output projections hidden × hidden")
+    if arch.query_is_hidden and config.num_attention_heads * head_dim(config) != config.hidden_size:
+        return (f"{config.num_attention_heads} heads × {head_dim(config)} ≠ hidden size {config.hidden_size} (heads pruned?), and "
+                f"llama.cpp's {arch.name} graph sizes the query and output projections hidden × hidden")
+    if not arch.attention_bias and getattr(config, "attention_bias", False):
+        return f"attention_bias=True, and llama.cpp's {arch.name} graph has no attention output bias"
     if config.model_type == "phi3" and rope_parameters(config).get("partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings are not written by slimlm's GGUF exporter"
     return None
