@@ -1,5 +1,6 @@
-"""GGUF for llama.cpp: F16/BF16, Q8_0, Q4_0, Q4_1, laid out as llama.cpp's convert_hf_to_gguf.py lays out a
-LlamaForCausalLM (and Qwen2ForCausalLM).
+"""GGUF for llama.cpp: F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, laid out as llama.cpp's convert_hf_to_gguf.py
+lays out each architecture llama.cpp runs (the per-architecture layout, norms, RoPE order and hyperparameters are
+one table in `gguf_arch.py`; the tokenizer keys are `gguf_vocab.py`'s).
 
 Block formats (ggml, 32 weights per block along the input dim, block scale fp16, `gguf.quants` has the reference
 quantizers and dequantizers):
@@ -22,9 +23,10 @@ what `llama-quantize` does without an importance matrix). As `llama-quantize` ke
 higher precision (Q6_K, or Q8_0 when rows are not a multiple of 256 as in SmolLM2), the 4-bit types write the
 token embedding / output as Q8_0. 1-D tensors (norms, biases) are F32.
 
-llama.cpp applies RoPE to adjacent pairs (GPT-J style) while HF Llama rotates halves, so the rows of q_proj and
-k_proj are permuted per head (`permute_rope_rows`, llama.cpp's `LlamaModel.permute`); Qwen2 uses NeoX RoPE in
-llama.cpp and keeps HF's order. Rows carry their codes, scales and zero points with them.
+llama.cpp applies RoPE to adjacent pairs (GPT-J style) for its llama architecture while HF rotates halves, so for
+Llama / Mistral the rows of q_proj and k_proj are permuted per head (`permute_rope_rows`, llama.cpp's
+`LlamaModel.permute`); the NeoX-style architectures (Qwen, Gemma, Phi-3) keep HF's order. Rows carry their codes,
+scales and zero points with them.
 """
 
 from __future__ import annotations
