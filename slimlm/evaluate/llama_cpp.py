@@ -284,7 +284,8 @@ def _quality_child(request: dict, scratch: Path) -> dict:
             logits[start : start + len(part)] = engine.decode(part, start, all_logits=True)
         tally.add(i, torch.from_numpy(logits))
     version = f"llama-cpp-python {getattr(lib, '__version__', '?')}"
-    result, kept = tally.result(f"logits from llama.cpp ({version}, {request["threads"]} thread{"s" if request["threads"] > 1 else ""}), each window from an empty KV cache")
+    threads = f"{request['threads']} thread" + ("s" if request["threads"] > 1 else "")
+    result, kept = tally.result(f"logits from llama.cpp ({version}, {threads}), each window from an empty KV cache")
     engine.close()
     if kept is not None:
         torch.save({"top_log_probs": kept.top_log_probs, "top_ids": kept.top_ids, "rest_log_mass": kept.rest_log_mass,
