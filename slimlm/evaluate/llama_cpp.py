@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 INSTALL_FIX = "pip install -e '.[engines]' (compiles llama.cpp: ~20 min on 2 cores)"
 QUALITY_BATCH = 512  # positions per llama_decode call when scoring: bounds llama.cpp's logits buffer (V floats each)
 SPEED_SEED = 0
+GGML_LOG_WARN, GGML_LOG_CONT = 3, 5  # ggml.h enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
 def require_llama_cpp():
@@ -202,9 +203,14 @@ class _Engine:
         self.lib = lib = require_llama_cpp()
         self.errors: list[str] = []
 
+        kept = [False]  # whether the last message was kept, for its continuation lines
+
         @lib.llama_log_callback
-        def collect(level, text, user_data):  # keep llama.cpp's own errors for the message; print nothing
-            if level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
+        def collect(level, text, user_data):  # keep llama.cpp's own warnings and errors for the message; print nothing
+            if level == GGML_LOG_CONT:
+                level = GGML_LOG_WARN if kept[0] else 0
+            kept[0] = level >= GGML_LOG_WARN
+            if kept[0] and text.strip():
                 self.errors.append(text.decode("utf-8", "replace").strip())
 
         self._callback = collect  # held: ctypes must not free it while llama.cpp can call it
@@ -214,13 +220,13 @@ class _Engine:
         model_params.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(path.encode(), model_params)
         if not self.model:
-            raise _LoadError(" · ".join(line for line in self.errors if line)[-300:] or "no reason given")
+            raise _LoadError(" · ".join(self.errors)[:300] or "no reason given")
         params = lib.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, min(n_batch, 512)
         params.n_threads = params.n_threads_batch = threads
         self.ctx = lib.llama_init_from_model(self.model, params)
         if not self.ctx:
-            raise _LoadError(" · ".join(self.errors)[-300:] or f"could not create a context of {n_ctx} tokens")
+            raise _LoadError(" · ".join(self.errors)[:300] or f"could not create a context of {n_ctx} tokens")
         self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
         self.batch = lib.llama_batch_init(n_batch, 0, 1)
         self.n_batch = n_batch
