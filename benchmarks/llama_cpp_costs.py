@@ -49,7 +49,7 @@ def llama_bench(binary: Path, path: Path, threads: int, prompt: int, new: int, r
 
 def main() -> None:
     from slimlm.evaluate.llama_cpp import llama_cpp_speed, load_average
-    from slimlm.evaluate.llama_cpp_costs import measure_type_costs
+    from slimlm.evaluate.llama_cpp_costs import decode_rate, measure_type_costs
     from slimlm.export.gguf import write_gguf
     from slimlm.models.load import load_model
 
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--statistic", default="median", help="decode figure fitted: median (of repeats) or p10 (of token latencies; for a shared box)")
     parser.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
     parser.add_argument("--out", default="benchmarks/results/llama_cpp_costs", help="costs.json, validation.json")
     parser.add_argument("--work-dir", default="/tmp/slimlm-llama-costs", help="the GGUF files measured (kept for re-measuring)")
@@ -72,7 +73,7 @@ def main() -> None:
 
     loaded = load_model(args.model, device="cpu")
     start_load = load_average()
-    costs = measure_type_costs(loaded, types, args.threads, args.prompt_tokens, args.new_tokens, args.repeats, work_dir=work)
+    costs = measure_type_costs(loaded, types, args.threads, args.prompt_tokens, args.new_tokens, args.repeats, work_dir=work, statistic=args.statistic)
     costs.save(out / "costs.json")
     print(f"calibrated on {costs.model} ({costs.machine}; {costs.llama_cpp}); load at start {start_load}")
     print(f"fixed {costs.fixed_seconds * 1e3:.2f} ms/token + {costs.seconds_per_block * 1e3:.3f} ms/block; "
@@ -81,8 +82,8 @@ def main() -> None:
     for m in costs.measurements:
         fitted = 1 / (costs.fixed_seconds + m.blocks * costs.seconds_per_block + sum(b * costs.seconds_per_byte[t] for t, b in m.bytes_by_type.items()))
         ram = costs.ram_fixed_bytes + m.blocks * costs.ram_per_block + sum(b * costs.ram_per_byte[t] for t, b in m.bytes_by_type.items())
-        lines.append(f"| {m.label} | calibration | {sum(m.bytes_by_type.values()) / 1e6:.1f} | {m.decode_tokens_per_s:.1f} | {fitted:.1f} | "
-                     f"{fitted / m.decode_tokens_per_s - 1:+.1%} | {m.peak_rss_bytes / 2**20:.0f} | {ram / 2**20:.0f} | {m.load} |")
+        lines.append(f"| {m.label} | calibration | {sum(m.bytes_by_type.values()) / 1e6:.1f} | {decode_rate(m, costs.statistic):.1f} | {fitted:.1f} | "
+                     f"{fitted / decode_rate(m, costs.statistic) - 1:+.1%} | {m.peak_rss_bytes / 2**20:.0f} | {ram / 2**20:.0f} | {m.load} |")
     checks = []
     for label, tensor_types in held_out(costs.shapes).items():
         path = work / f"{label.replace(' ', '_').replace(',', '')}.gguf"

@@ -55,6 +55,8 @@ def require_llama_cpp():
 class LlamaCppSpeed:
     prefill_tokens_per_s: float  # prompt tokens / median prompt time, batch 1, from an empty KV cache
     decode_tokens_per_s: float  # new tokens / median decode time, batch 1, after the prompt
+    decode_tokens_per_s_p10: float  # 1 / the 10th percentile of single-token latencies: near what an idle machine
+    # gives when other processes preempt this one now and then (a shared box), where the median is not
     peak_rss_bytes: int  # the child's high-water RSS: llama.cpp, touched weight pages, KV cache, buffers, Python
     file_bytes: int
     threads: int
@@ -306,16 +308,20 @@ def _speed_child(request: dict) -> dict:
     engine = _Engine(request["path"], prompt_tokens + new_tokens + 1, max(prompt_tokens, 1), request["threads"])
     lib = engine.lib
     prompt = np.random.default_rng(SPEED_SEED).integers(0, engine.vocab, prompt_tokens).tolist()
-    prompt_times, decode_times = [], []
+    prompt_times, decode_times, token_times = [], [], []
     for attempt in range(repeats + 1):  # the first round pages the weights in and warms the caches
         engine.clear()
         start = time.perf_counter()
         logits = engine.decode(prompt, 0, all_logits=False)
         token = int(logits[0].argmax())
         prompt_seconds = time.perf_counter() - start
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         for position in range(prompt_tokens, prompt_tokens + new_tokens):
             token = int(engine.decode([token], position, all_logits=False)[0].argmax())  # greedy
+            now = time.perf_counter()
+            if attempt:
+                token_times.append(now - last)
+            last = now
         decode_seconds = time.perf_counter() - start
         if attempt:
             prompt_times.append(prompt_seconds)
@@ -325,6 +331,7 @@ def _speed_child(request: dict) -> dict:
     return {"result": {
         "prefill_tokens_per_s": prompt_tokens / statistics.median(prompt_times),
         "decode_tokens_per_s": new_tokens / statistics.median(decode_times),
+        "decode_tokens_per_s_p10": 1 / statistics.quantiles(token_times, n=10)[0] if len(token_times) > 1 else new_tokens / decode_times[0],
         "peak_rss_bytes": _peak_rss_bytes(),
         "llama_cpp": f"llama-cpp-python {getattr(lib, '__version__', '?')}; {info}" + _wait_policy(),
     }}

@@ -48,7 +48,8 @@ class CostMeasurement:
     blocks: int  # decoder blocks
     bytes_by_type: dict[str, int]  # bytes of the file's 2-D tensors per GGUF type
     file_bytes: int
-    decode_tokens_per_s: float
+    decode_tokens_per_s: float  # median of repeats
+    decode_tokens_per_s_p10: float  # from the 10th percentile of token latencies (robust on a shared machine)
     prefill_tokens_per_s: float
     peak_rss_bytes: int
     load: str  # load averages when it was measured
@@ -67,6 +68,7 @@ class CostModel:
     prompt_tokens: int  # decode measured after this much context
     new_tokens: int
     repeats: int
+    statistic: str  # the decode figure fitted and checked: "median" (of repeats) or "p10" (of token latencies)
     machine: str  # CPU, cores, OS
     llama_cpp: str  # llama-cpp-python version and llama.cpp's CPU features
     model: str  # what it was calibrated on
@@ -115,11 +117,13 @@ class CostModel:
         types, shapes = gguf_tensor_types(path)
         speed = llama_cpp_speed(path, self.threads, self.prompt_tokens, self.new_tokens, repeats or self.repeats)
         predicted_tps, predicted_ram = self.predict_decode_tps(types, shapes), self.predict_ram_bytes(types, shapes)
+        measured = speed.decode_tokens_per_s if self.statistic == "median" else speed.decode_tokens_per_s_p10
         return {
             "file": str(path),
             "predicted_decode_tokens_per_s": predicted_tps,
-            "measured_decode_tokens_per_s": speed.decode_tokens_per_s,
-            "decode_error": predicted_tps / speed.decode_tokens_per_s - 1,
+            "measured_decode_tokens_per_s": measured,
+            "measured_decode_tokens_per_s_median": speed.decode_tokens_per_s,
+            "decode_error": predicted_tps / measured - 1,
             "predicted_ram_bytes": predicted_ram,
             "measured_ram_bytes": speed.peak_rss_bytes,
             "ram_error": predicted_ram / speed.peak_rss_bytes - 1,
@@ -172,7 +176,14 @@ def blocks_of(tensor_types: Mapping[str, str]) -> int:
     return len({name.split(".")[1] for name in tensor_types if name.startswith("blk.")})
 
 
-def fit(measurements: Sequence[CostMeasurement], types: Sequence[str]) -> tuple[list[float], list[float]]:
+STATISTICS = ("median", "p10")
+
+
+def decode_rate(measurement: CostMeasurement, statistic: str) -> float:
+    return measurement.decode_tokens_per_s if statistic == "median" else measurement.decode_tokens_per_s_p10
+
+
+def fit(measurements: Sequence[CostMeasurement], types: Sequence[str], statistic: str = "median") -> tuple[list[float], list[float]]:
     """Least squares of seconds/token and of peak RSS on [1, blocks, bytes per type]: the two coefficient lists."""
     import numpy as np
 
@@ -182,7 +193,7 @@ def fit(measurements: Sequence[CostMeasurement], types: Sequence[str]) -> tuple[
     if np.linalg.matrix_rank(x / scale) < x.shape[1]:
         raise SlimlmError(f"{len(measurements)} calibration files cannot separate {len(types)} types, a per-block and a fixed cost",
                           "calibrate at least two types that the model's tensors can hold")
-    seconds = np.linalg.lstsq(x / scale, np.array([1.0 / m.decode_tokens_per_s for m in measurements]), rcond=None)[0] / scale
+    seconds = np.linalg.lstsq(x / scale, np.array([1.0 / decode_rate(m, statistic) for m in measurements]), rcond=None)[0] / scale
     ram = np.linalg.lstsq(x / scale, np.array([float(m.peak_rss_bytes) for m in measurements]), rcond=None)[0] / scale
     return seconds.tolist(), ram.tolist()
 
@@ -213,14 +224,19 @@ def measure_type_costs(
     repeats: int = 3,
     work_dir: str | Path | None = None,
     progress: bool = True,
+    statistic: str = "median",
 ) -> CostModel:
     """Calibrate the cost model on this machine: write the model's GGUF once per calibration file (see the module
     docstring) into `work_dir` (default: a temporary directory, removed after), measure each in llama.cpp, fit.
-    `types[0]` is the reference type the mixed files keep for the embedding (q8_0 is a good one)."""
+    `types[0]` is the reference type the mixed files keep for the embedding (q8_0 is a good one). `statistic`
+    "p10" fits the decode rate from the 10th percentile of token latencies instead of the median of repeats: on
+    a machine other processes share, it stays near the idle machine's figure where the median does not."""
     from slimlm.export.gguf import GGUF_TYPES, write_gguf
     from slimlm.models.load import LoadedModel, load_model
     from slimlm.progress import progress_bar
 
+    if statistic not in STATISTICS:
+        raise SlimlmError(f"unknown decode statistic '{statistic}'", f"use one of: {', '.join(STATISTICS)}")
     if len(set(types)) < 2:
         raise SlimlmError(f"the cost model needs at least two types, got {types}", "pass e.g. types=['q8_0', 'q4_0', 'f16']")
     bad = [t for t in types if t not in GGUF_TYPES]
@@ -249,11 +265,11 @@ def measure_type_costs(
                 if work_dir is None:
                     path.unlink()
                 advance()
-    seconds, ram = fit(measurements, list(dict.fromkeys(types)))
+    seconds, ram = fit(measurements, list(dict.fromkeys(types)), statistic)
     return CostModel(
         fixed_seconds=seconds[0], seconds_per_block=seconds[1], seconds_per_byte=dict(zip(dict.fromkeys(types), seconds[2:])),
         ram_fixed_bytes=ram[0], ram_per_block=ram[1], ram_per_byte=dict(zip(dict.fromkeys(types), ram[2:])), shapes=shapes,
-        threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, machine=machine_description(),
+        threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, statistic=statistic, machine=machine_description(),
         llama_cpp=engine, model=loaded.source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         measurements=measurements,
     )
@@ -296,6 +312,7 @@ def _measure(path: Path, label: str, threads: int, prompt_tokens: int, new_token
             bytes_by_type[tensor["type"]] = bytes_by_type.get(tensor["type"], 0) + tensor["bytes"]
     speed = llama_cpp_speed(path, threads, prompt_tokens, new_tokens, repeats)
     blocks = blocks_of({tensor["name"]: tensor["type"] for tensor in tensors})
-    measured = CostMeasurement(label, blocks, bytes_by_type, speed.file_bytes, speed.decode_tokens_per_s, speed.prefill_tokens_per_s,
+    measured = CostMeasurement(label, blocks, bytes_by_type, speed.file_bytes, speed.decode_tokens_per_s, speed.decode_tokens_per_s_p10,
+                               speed.prefill_tokens_per_s,
                                speed.peak_rss_bytes, speed.load)
     return measured, speed.llama_cpp
