@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--statistic", default="median", help="decode figure fitted: median (of repeats) or p10 (of token latencies; for a shared box)")
+    parser.add_argument("--statistic", default="median", help="decode figure fitted: median (of repeats), p10 (of token latencies) or cpu (CPU time; with OMP_WAIT_POLICY=passive)")
     parser.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
     parser.add_argument("--out", default="benchmarks/results/llama_cpp_costs", help="costs.json, validation.json")
     parser.add_argument("--work-dir", default="/tmp/slimlm-llama-costs", help="the GGUF files measured (kept for re-measuring)")

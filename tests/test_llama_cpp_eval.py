@@ -95,7 +95,7 @@ def test_llama_cpp_speed_measures_the_child(exported):
     assert speed.file_bytes == path.stat().st_size
     assert speed.peak_rss_bytes > speed.file_bytes  # the child's RSS holds at least the weights it read
     assert speed.threads == 1 and (speed.prompt_tokens, speed.new_tokens, speed.repeats) == (16, 8, 2)
-    assert speed.decode_tokens_per_s_p10 > 0
+    assert speed.decode_tokens_per_s_p10 > 0 and speed.decode_cpu_tokens_per_s > 0
     assert "llama-cpp-python" in speed.llama_cpp and speed.load
 
 
@@ -224,7 +224,7 @@ def test_cost_fit_recovers_known_coefficients():
         rate = 1 / (fixed + blocks * per_block + sum(int(v) * per_byte[k] for k, v in counts.items()))
         rss = int(ram_fixed + blocks * ram_block + sum(int(v) * ram_byte[k] for k, v in counts.items()))
         # the median is disturbed (a shared box), the 10th percentile is the true rate: the fit must read the latter
-        measurements.append(CostMeasurement(f"f{i}", blocks, {k: int(v) for k, v in counts.items()}, 0, rate / (1 + i), rate, 1.0, rss, "0 0 0"))
+        measurements.append(CostMeasurement(f"f{i}", blocks, {k: int(v) for k, v in counts.items()}, 0, rate / (1 + i), rate, rate / 2, 1.0, rss, "0 0 0"))
     seconds, ram = fit(measurements, ["q8_0", "q4_0", "f16"], statistic="p10")
     assert seconds == pytest.approx([fixed, per_block, *per_byte.values()], rel=1e-6)
     assert ram == pytest.approx([ram_fixed, ram_block, *ram_byte.values()], rel=1e-4)

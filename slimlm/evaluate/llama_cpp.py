@@ -57,6 +57,8 @@ class LlamaCppSpeed:
     decode_tokens_per_s: float  # new tokens / median decode time, batch 1, after the prompt
     decode_tokens_per_s_p10: float  # 1 / the 10th percentile of single-token latencies: near what an idle machine
     # gives when other processes preempt this one now and then (a shared box), where the median is not
+    decode_cpu_tokens_per_s: float  # threads x new tokens / median CPU seconds of the decode (all threads): the rate
+    # the work alone allows at perfect scaling; load-proof when threads sleep while waiting (OMP_WAIT_POLICY=passive)
     peak_rss_bytes: int  # the child's high-water RSS: llama.cpp, touched weight pages, KV cache, buffers, Python
     file_bytes: int
     threads: int
@@ -308,13 +310,14 @@ def _speed_child(request: dict) -> dict:
     engine = _Engine(request["path"], prompt_tokens + new_tokens + 1, max(prompt_tokens, 1), request["threads"])
     lib = engine.lib
     prompt = np.random.default_rng(SPEED_SEED).integers(0, engine.vocab, prompt_tokens).tolist()
-    prompt_times, decode_times, token_times = [], [], []
+    prompt_times, decode_times, token_times, cpu_times = [], [], [], []
     for attempt in range(repeats + 1):  # the first round pages the weights in and warms the caches
         engine.clear()
         start = time.perf_counter()
         logits = engine.decode(prompt, 0, all_logits=False)
         token = int(logits[0].argmax())
         prompt_seconds = time.perf_counter() - start
+        cpu_start = time.process_time()  # all of this process's threads
         start = last = time.perf_counter()
         for position in range(prompt_tokens, prompt_tokens + new_tokens):
             token = int(engine.decode([token], position, all_logits=False)[0].argmax())  # greedy
@@ -323,15 +326,18 @@ def _speed_child(request: dict) -> dict:
                 token_times.append(now - last)
             last = now
         decode_seconds = time.perf_counter() - start
+        decode_cpu = time.process_time() - cpu_start
         if attempt:
             prompt_times.append(prompt_seconds)
             decode_times.append(decode_seconds)
+            cpu_times.append(decode_cpu)
     info = lib.llama_print_system_info().decode("utf-8", "replace").strip()
     engine.close()
     return {"result": {
         "prefill_tokens_per_s": prompt_tokens / statistics.median(prompt_times),
         "decode_tokens_per_s": new_tokens / statistics.median(decode_times),
         "decode_tokens_per_s_p10": 1 / statistics.quantiles(token_times, n=10)[0] if len(token_times) > 1 else new_tokens / decode_times[0],
+        "decode_cpu_tokens_per_s": request["threads"] * new_tokens / max(statistics.median(cpu_times), 1e-9),
         "peak_rss_bytes": _peak_rss_bytes(),
         "llama_cpp": f"llama-cpp-python {getattr(lib, '__version__', '?')}; {info}" + _wait_policy(),
     }}

@@ -50,6 +50,7 @@ class CostMeasurement:
     file_bytes: int
     decode_tokens_per_s: float  # median of repeats
     decode_tokens_per_s_p10: float  # from the 10th percentile of token latencies (robust on a shared machine)
+    decode_cpu_tokens_per_s: float  # from the CPU time of the decode (load-proof with OMP_WAIT_POLICY=passive)
     prefill_tokens_per_s: float
     peak_rss_bytes: int
     load: str  # load averages when it was measured
@@ -68,7 +69,7 @@ class CostModel:
     prompt_tokens: int  # decode measured after this much context
     new_tokens: int
     repeats: int
-    statistic: str  # the decode figure fitted and checked: "median" (of repeats) or "p10" (of token latencies)
+    statistic: str  # the decode figure fitted and checked: "median" (of repeats), "p10" (token latencies), "cpu"
     machine: str  # CPU, cores, OS
     llama_cpp: str  # llama-cpp-python version and llama.cpp's CPU features
     model: str  # what it was calibrated on
@@ -117,7 +118,7 @@ class CostModel:
         types, shapes = gguf_tensor_types(path)
         speed = llama_cpp_speed(path, self.threads, self.prompt_tokens, self.new_tokens, repeats or self.repeats)
         predicted_tps, predicted_ram = self.predict_decode_tps(types, shapes), self.predict_ram_bytes(types, shapes)
-        measured = speed.decode_tokens_per_s if self.statistic == "median" else speed.decode_tokens_per_s_p10
+        measured = decode_rate(speed, self.statistic)
         return {
             "file": str(path),
             "predicted_decode_tokens_per_s": predicted_tps,
@@ -176,11 +177,12 @@ def blocks_of(tensor_types: Mapping[str, str]) -> int:
     return len({name.split(".")[1] for name in tensor_types if name.startswith("blk.")})
 
 
-STATISTICS = ("median", "p10")
+STATISTICS = {"median": "decode_tokens_per_s", "p10": "decode_tokens_per_s_p10", "cpu": "decode_cpu_tokens_per_s"}
 
 
-def decode_rate(measurement: CostMeasurement, statistic: str) -> float:
-    return measurement.decode_tokens_per_s if statistic == "median" else measurement.decode_tokens_per_s_p10
+def decode_rate(measurement, statistic: str) -> float:
+    """The decode figure `statistic` names, from a CostMeasurement or a LlamaCppSpeed."""
+    return getattr(measurement, STATISTICS[statistic])
 
 
 def fit(measurements: Sequence[CostMeasurement], types: Sequence[str], statistic: str = "median") -> tuple[list[float], list[float]]:
@@ -229,8 +231,9 @@ def measure_type_costs(
     """Calibrate the cost model on this machine: write the model's GGUF once per calibration file (see the module
     docstring) into `work_dir` (default: a temporary directory, removed after), measure each in llama.cpp, fit.
     `types[0]` is the reference type the mixed files keep for the embedding (q8_0 is a good one). `statistic`
-    "p10" fits the decode rate from the 10th percentile of token latencies instead of the median of repeats: on
-    a machine other processes share, it stays near the idle machine's figure where the median does not."""
+    "p10" fits the decode rate from the 10th percentile of token latencies instead of the median of repeats, "cpu"
+    from the decode's CPU time (threads x tokens / CPU seconds): on a machine other processes share, those stay
+    nearer the idle machine's figure than the median (cpu only when waiting threads sleep: OMP_WAIT_POLICY=passive)."""
     from slimlm.export.gguf import GGUF_TYPES, write_gguf
     from slimlm.models.load import LoadedModel, load_model
     from slimlm.progress import progress_bar
@@ -313,6 +316,6 @@ def _measure(path: Path, label: str, threads: int, prompt_tokens: int, new_token
     speed = llama_cpp_speed(path, threads, prompt_tokens, new_tokens, repeats)
     blocks = blocks_of({tensor["name"]: tensor["type"] for tensor in tensors})
     measured = CostMeasurement(label, blocks, bytes_by_type, speed.file_bytes, speed.decode_tokens_per_s, speed.decode_tokens_per_s_p10,
-                               speed.prefill_tokens_per_s,
+                               speed.decode_cpu_tokens_per_s, speed.prefill_tokens_per_s,
                                speed.peak_rss_bytes, speed.load)
     return measured, speed.llama_cpp
