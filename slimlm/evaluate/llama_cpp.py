@@ -98,20 +98,8 @@ def llama_cpp_quality(
         scratch = Path(scratch)
         torch.save(
             {
-                "windows": {
-                    "input_ids": windows.input_ids,
-                    "source": windows.source,
-                    "seqlen": windows.seqlen,
-                    "total_windows": windows.total_windows,
-                    "bos_token_id": windows.bos_token_id,
-                },
-                "reference": None if reference is None else {
-                    "top_log_probs": reference.top_log_probs,
-                    "top_ids": reference.top_ids,
-                    "rest_log_mass": reference.rest_log_mass,
-                    "input_ids": reference.input_ids,
-                    "vocab": reference.vocab,
-                },
+                "windows": vars(windows),  # dataclass fields: tensors, strings, ints (weights_only loads them)
+                "reference": None if reference is None else vars(reference),
                 "keep_reference": keep_reference,
                 "top_k": KL_TOP_K,
             },
@@ -121,8 +109,7 @@ def llama_cpp_quality(
         result = QualityResult(**answer["result"])
         kept = None
         if keep_reference:
-            saved = torch.load(scratch / "kept.pt", weights_only=True)
-            kept = ReferenceLogits(saved["top_log_probs"], saved["top_ids"], saved["rest_log_mass"], saved["input_ids"], saved["vocab"])
+            kept = ReferenceLogits(**torch.load(scratch / "kept.pt", weights_only=True))
     return result, kept
 
 
@@ -298,8 +285,7 @@ def _quality_child(request: dict, scratch: Path) -> dict:
     result, kept = tally.result(f"logits from llama.cpp ({version}, {threads}), each window from an empty KV cache")
     engine.close()
     if kept is not None:
-        torch.save({"top_log_probs": kept.top_log_probs, "top_ids": kept.top_ids, "rest_log_mass": kept.rest_log_mass,
-                    "input_ids": kept.input_ids, "vocab": kept.vocab}, scratch / "kept.pt")
+        torch.save(vars(kept), scratch / "kept.pt")
     return {"result": asdict(result)}
 
 
