@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_model, tiny_tokenizer
+from test_speculative import lively
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -29,9 +30,9 @@ HELLO = [{"role": "user", "content": "hello there"}]
 
 
 def chat_model_dir(root: Path) -> Path:
-    """A tiny random Llama with a ChatML template (SmolLM2's shape of template)."""
+    """A tiny random Llama (lively: it writes varied tokens) with a ChatML template (SmolLM2's shape of template)."""
     path = root / "tiny-chat"
-    tiny_model("llama").save_pretrained(path)
+    lively(tiny_model("llama")).save_pretrained(path)
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(path)

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from slimlm.errors import SlimlmError
 from slimlm.serve.sampling import SamplingSettings, StopStrings, draw, make_generator, probabilities
+from slimlm.serve.settings import DRAFT_TOKENS
 
 PROBE_CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -155,7 +156,7 @@ class TransformersBackend:
 
     engine = "transformers"
 
-    def __init__(self, loaded, kv_cache=None, draft: TransformersBackend | None = None, draft_tokens: int = 4):
+    def __init__(self, loaded, kv_cache=None, draft: TransformersBackend | None = None, draft_tokens: int = DRAFT_TOKENS):
         from slimlm.export.hf import dequantize_linears_
         from slimlm.quantize.kv_cache import check_kv_cache, kv_cache_setting
 
@@ -376,7 +377,7 @@ def load_backend(
     engine: str = "auto",
     kv_bits: int | None = None,
     draft: str | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int = DRAFT_TOKENS,
     device: str | None = None,
     logits: bool = False,
 ) -> Backend:

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimlm.errors import SlimlmError
 from slimlm.serve.backends import Backend, Generation, generate
 from slimlm.serve.sampling import SamplingSettings
+from slimlm.serve.settings import DEFAULT_HOST, DEFAULT_PORT, MAX_QUEUE
 
-DEFAULT_HOST, DEFAULT_PORT, MAX_QUEUE = "127.0.0.1", 8080, 64
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat answers run to the end of the turn
 
 
