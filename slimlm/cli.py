@@ -574,6 +574,11 @@ def serve(
       slimlm serve smollm2-135m --draft smol-w4        # speculative decoding; timings carry draft_n_accepted
       (then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none").chat.completions.create(...))
     """
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "psutil") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SlimlmError(f"slimlm serve needs {', '.join(missing)}", "pip install 'slimlm[serve]'")
     from slimlm.progress import console
     from slimlm.serve.server import port_holder
     from slimlm.serve.server import serve as run_server

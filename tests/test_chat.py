@@ -9,16 +9,34 @@ import select
 import sys
 import time
 from copy import deepcopy
+from pathlib import Path
 
 import pytest
 import torch
-from test_serve import chat_model_dir
+from conftest import tiny_model, tiny_tokenizer
+from test_speculative import lively
 
 from slimlm.serve.backends import TransformersBackend, generate, load_backend
 from slimlm.serve.chat import compare_greedy, run_chat
 from slimlm.serve.sampling import SamplingSettings
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_model_dir(root: Path) -> Path:
+    """A tiny random Llama (lively: it writes varied tokens) with a ChatML template (SmolLM2's shape of template)."""
+    path = root / "tiny-chat"
+    lively(tiny_model("llama")).save_pretrained(path)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(path)
+    return path
+
 
 
 @pytest.fixture(scope="module")

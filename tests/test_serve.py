@@ -7,11 +7,9 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
-from test_speculative import lively
+from test_chat import chat_model_dir
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -22,21 +20,7 @@ from slimlm.serve.backends import generate, load_backend  # noqa: E402
 from slimlm.serve.sampling import SamplingSettings  # noqa: E402
 from slimlm.serve.server import create_app, port_holder  # noqa: E402
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 HELLO = [{"role": "user", "content": "hello there"}]
-
-
-def chat_model_dir(root: Path) -> Path:
-    """A tiny random Llama (lively: it writes varied tokens) with a ChatML template (SmolLM2's shape of template)."""
-    path = root / "tiny-chat"
-    lively(tiny_model("llama")).save_pretrained(path)
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def free_port() -> int:
