@@ -15,6 +15,7 @@ stops at end of turn / `max_tokens` / stop strings / the context, and times TTFT
 from __future__ import annotations
 
 import codecs
+import copy
 import functools
 import inspect
 import time
@@ -156,7 +157,7 @@ class TransformersBackend:
 
     engine = "transformers"
 
-    def __init__(self, loaded, kv_cache=None, draft: TransformersBackend | None = None, draft_tokens: int = DRAFT_TOKENS):
+    def __init__(self, loaded, kv_cache=None):
         from slimlm.export.hf import dequantize_linears_
         from slimlm.quantize.kv_cache import check_kv_cache, kv_cache_setting
 
@@ -175,10 +176,16 @@ class TransformersBackend:
         self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
         self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
         self.end_ids = _end_ids(self.model, self.tokenizer)
-        self.draft, self.draft_tokens = draft, draft_tokens
-        if draft is not None:
-            check_draft(self, draft)
-            self.description += f" · speculative: {draft_tokens} tokens drafted by {draft.source}"
+        self.draft: TransformersBackend | None = None  # set by `with_draft`
+        self.draft_tokens = DRAFT_TOKENS
+
+    def with_draft(self, draft: TransformersBackend, draft_tokens: int = DRAFT_TOKENS) -> TransformersBackend:
+        """The same model (shared, not copied) decoding speculatively with `draft`."""
+        check_draft(self, draft)
+        other = copy.copy(self)
+        other.draft, other.draft_tokens = draft, draft_tokens
+        other.description = f"{self.description} · speculative: {draft_tokens} tokens drafted by {draft.source}"
+        return other
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """The conversation through the model's own chat template, ending where the assistant speaks."""
@@ -413,9 +420,11 @@ def load_backend(
                 "use one of the two (re-reading the whole context after every rejection would cost more than the draft saves)",
             )
         draft_backend = TransformersBackend(load_model(draft, device=device))
-    target = TransformersBackend(load_model(source, device=device), kv_cache=kv_cache, draft=draft_backend, draft_tokens=draft_tokens)
-    if target.kv_cache is not None and draft_backend is not None:
-        raise SlimlmError(f"{source} carries a quantized KV-cache setting, which cannot be rolled back for speculative decoding", "drop --draft, or use a copy of the model without the kv-cache stage")
+    target = TransformersBackend(load_model(source, device=device), kv_cache=kv_cache)
+    if draft_backend is not None:
+        if target.kv_cache is not None:
+            raise SlimlmError(f"{source} carries a quantized KV-cache setting, which cannot be rolled back for speculative decoding", "drop --draft, or use a copy of the model without the kv-cache stage")
+        target = target.with_draft(draft_backend, draft_tokens)
     if is_gguf and not llama_cpp_available():
         target.description += " (llama-cpp-python is not installed: pip install 'slimlm[engines]' to run it in llama.cpp)"
     return target
