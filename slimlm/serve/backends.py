@@ -18,6 +18,7 @@ import codecs
 import copy
 import functools
 import inspect
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -348,7 +349,7 @@ class LlamaCppBackend:
     def tokens(self, prompt_ids: list[int], settings: SamplingSettings, stats: dict) -> Iterator[int]:
         """llama.cpp samples with its own chain (top-k → top-p → min-p → temperature); the prompt's longest prefix
         already in llama.cpp's cache is reused (multi-turn chat re-reads only the new turn)."""
-        self.llm.set_seed(settings.seed if settings.seed != -1 else int.from_bytes(__import__("os").urandom(4), "little"))
+        self.llm.set_seed(settings.seed if settings.seed != -1 else int.from_bytes(os.urandom(4), "little"))
         return self.llm.generate(
             prompt_ids,
             temp=max(settings.temp, 0.0),
@@ -387,9 +388,11 @@ def load_backend(
     draft_tokens: int = DRAFT_TOKENS,
     device: str | None = None,
     logits: bool = False,
+    threads: int | None = None,
 ) -> Backend:
     """The backend for what the user named. engine "auto": llama.cpp for a .gguf (or the alias) when
-    llama-cpp-python is installed and nothing needs transformers (`kv_bits`, `draft`), else transformers."""
+    llama-cpp-python is installed and nothing needs transformers (`kv_bits`, `draft`), else transformers.
+    `threads`: llama.cpp's threads (default: every core, as llama-cli) or torch's (default: torch's own)."""
     from slimlm.models.load import ALIASES, resolve_alias
 
     if engine not in ("auto", "transformers", "llama.cpp"):
@@ -407,9 +410,14 @@ def load_backend(
         if not llama_cpp_available():
             raise SlimlmError("--engine llama.cpp needs llama-cpp-python", "pip install 'slimlm[engines]'")
     if is_gguf and engine != "transformers" and not needs_transformers and llama_cpp_available():
-        return LlamaCppBackend(path, source, logits_all=logits)
+        return LlamaCppBackend(path, source, threads=threads or os.cpu_count(), logits_all=logits)
+    import torch
+
     from slimlm.models.load import load_model
     from slimlm.quantize.kv_cache import KVCacheConfig
+
+    if threads:
+        torch.set_num_threads(threads)
 
     kv_cache = KVCacheConfig(bits=kv_bits) if kv_bits is not None else None
     draft_backend = None
