@@ -112,6 +112,19 @@ def test_chat_in_a_terminal_multi_turn_then_ctrl_c(chat_dir):
     assert "Traceback" not in terminal.seen
 
 
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(chat_dir):
+    terminal = Terminal("chat", str(chat_dir), "--temp", "0")  # -n -1: the answer runs to the end of the context
+    terminal.expect(r"> ")
+    terminal.send("hello there\r")
+    terminal.expect(r"PP")  # the answer is streaming (this tiny model repeats one letter)
+    terminal.send("\x03")
+    terminal.expect(r"\[stopped\]")
+    terminal.expect(r"> ")
+    terminal.send("/exit\r")
+    terminal.expect(r"bye")
+    assert terminal.exit_code() == 0
+
+
 def scripted(*lines: str):
     """`input()` for run_chat: the given lines, then Ctrl-D."""
     pending = list(lines)

@@ -90,6 +90,8 @@ def run_chat(
                 _compare(conversations, text, settings, say, out)
         except SlimlmError as err:
             say(f"error: {err}\n", dim=True)
+        except KeyboardInterrupt:  # between the line and the first token (rendering, prefill)
+            say("\n[stopped]\n", dim=True)
 
 
 def _writer(out: TextIO) -> Callable[..., None]:
