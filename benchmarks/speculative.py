@@ -82,6 +82,7 @@ def main() -> None:
             stats = {key: sum(r[2][key] for r in runs) for key in ("drafted", "accepted", "rounds")}
             identical = all(r[0] == a[0] for r, a in zip(runs, alone))
             rows.append({"draft": draft_name, "k": k, "tokens": sum(len(r[0]) for r in runs), "seconds": sum(r[1] for r in runs), "identical": identical, **stats})
+            print(f"measured {draft_name} k={k}: {rows[-1]}", file=sys.stderr, flush=True)  # progress on a slow machine
     load_after = os.getloadavg()[0]
     base = rows[0]["tokens"] / rows[0]["seconds"]
     print(f"target {args.target} (transformers fp32, {args.threads} threads), {len(prompts)} prompts × ≤{args.new_tokens} greedy tokens; load average {load_before:.1f} → {load_after:.1f} on {os.cpu_count()} cores\n")
