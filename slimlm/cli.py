@@ -513,6 +513,119 @@ def _print_engine_row(result: dict) -> None:
     console.print(f"[dim]{quality['protocol']}[/dim]")
     console.print(f"[dim]speed: batch 1, {speed['prompt_tokens']}-token random prompt then {speed['new_tokens']} greedy tokens, "
                   f"median of {speed['repeats']} after a warm-up; load average {speed['load']} when it started[/dim]")
+# --- chat and serve (slimlm/serve) ------------------------------------------------------------------------------
+
+from slimlm.serve.sampling import SamplingSettings as _Sampling  # noqa: E402 - torch-free, the flags' defaults
+from slimlm.serve.settings import DEFAULT_HOST, DEFAULT_PORT, DRAFT_TOKENS  # noqa: E402
+
+SAMPLING = _Sampling()
+Engine = Annotated[str, typer.Option("--engine", help="auto: llama.cpp for .gguf files when llama-cpp-python is installed (pip install 'slimlm\\[engines]'), else transformers; or force transformers / llama.cpp.")]
+Draft = Annotated[str | None, typer.Option("--draft", help="Speculative decoding: this model (same tokenizer, e.g. a slimlm-compressed copy) drafts tokens the target verifies; greedy output is the target's own.")]
+DraftTokens = Annotated[int, typer.Option("--draft-tokens", help="Tokens the draft proposes per target forward.")]
+Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (llama.cpp default: every core, as llama-cli; transformers: torch's default).")]
+KVBits = Annotated[int | None, typer.Option("--kv-bits", help="Generate through slimlm's KIVI-quantized KV cache of 2, 4 or 8 bits (transformers engine).")]
+
+
+def _sampling(temp: float, top_k: int, top_p: float, min_p: float, n_predict: int, seed: int, stop: list[str] | None) -> _Sampling:
+    flags = {"temp": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p", "max_tokens": "-n", "seed": "--seed", "stop": "--stop"}
+    stops = tuple(s.encode().decode("unicode_escape") for s in stop or ())  # "\n" typed on a shell means a newline
+    return _build(_Sampling, flags, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, max_tokens=n_predict, seed=seed, stop=stops)
+
+
+def _load_for_chat(model: str, engine: str, kv_bits: int | None, draft: str | None, draft_tokens: int, device: str | None, threads: int | None, logits: bool = False):
+    from slimlm.progress import stage
+    from slimlm.serve.backends import load_backend
+
+    if draft_tokens < 1:
+        raise SlimlmError(f"--draft-tokens {draft_tokens}: must be at least 1", f"pass e.g. --draft-tokens {DRAFT_TOKENS}")
+    with stage(f"loading {model}" + (f" (draft {draft})" if draft else "")):
+        return load_backend(model, engine=engine, kv_bits=kv_bits, draft=draft, draft_tokens=draft_tokens, device=device, logits=logits, threads=threads)
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    system: Annotated[str | None, typer.Option("--system", "-sys", help="System prompt (chat models).")] = None,
+    temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = SAMPLING.temp,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k likeliest tokens (0: off).")] = SAMPLING.top_k,
+    top_p: Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens holding this probability (1: off).")] = SAMPLING.top_p,
+    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens below min_p × the top token's probability (0: off).")] = SAMPLING.min_p,
+    n_predict: Annotated[int, typer.Option("-n", "--n-predict", help="Most tokens per answer (-1: until end of turn or context).")] = SAMPLING.max_tokens,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (-1: random).")] = SAMPLING.seed,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="End the answer before this string (repeatable; \\n for a newline).")] = None,
+    kv_bits: KVBits = None,
+    draft: Draft = None,
+    draft_tokens: DraftTokens = DRAFT_TOKENS,
+    compare: Annotated[str | None, typer.Option("--compare", help="A second model (same tokenizer) answering the same prompts side by side, with where greedy decoding parts and the KL per token.")] = None,
+    engine: Engine = "auto",
+    threads: Threads = None,
+    device: Device = None,
+) -> None:
+    """Talk to a model in the terminal: its own chat template, streaming, TTFT and tok/s after each answer.
+    Sampling flags are llama.cpp's (names and defaults). A base model without a template continues each line.
+
+    [bold]Examples[/bold]
+
+      slimlm chat smollm2-135m                                  # the built-in GGUF (llama.cpp when installed)
+      slimlm chat smol-w4 --system "You are terse." --temp 0    # a slimlm-compressed directory
+      slimlm chat smol.gguf -n 128 --stop "\\n\\n"
+      slimlm chat smollm2-135m --draft smol-w4 --temp 0          # speculative decoding, acceptance shown
+      slimlm chat smollm2-135m --compare smol-w4 --temp 0       # base and compressed side by side, KL per token
+    """
+    from slimlm.serve.chat import run_chat
+
+    settings = _sampling(temp, top_k, top_p, min_p, n_predict, seed, stop)
+    backend = _load_for_chat(model, engine, kv_bits, draft, draft_tokens, device, threads, logits=compare is not None)
+    other = _load_for_chat(compare, engine, kv_bits, None, draft_tokens, device, threads, logits=True) if compare else None
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    run_chat(backend, settings, system=system, compare=other)
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (localhost only by default; 0.0.0.0 for every interface).")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = DEFAULT_PORT,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1 routes.", envvar="SLIMLM_API_KEY")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model id the API reports (default: the MODEL argument).")] = None,
+    kv_bits: KVBits = None,
+    draft: Draft = None,
+    draft_tokens: DraftTokens = DRAFT_TOKENS,
+    engine: Engine = "auto",
+    threads: Threads = None,
+    device: Device = None,
+) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions (stream: true as server-sent events),
+    /v1/models, /health. Requests are served one at a time in arrival order.
+
+    [bold]Examples[/bold]
+
+      slimlm serve smollm2-135m                        # http://127.0.0.1:8080/v1
+      slimlm serve smol-w4 --port 8081 --api-key secret
+      slimlm serve smollm2-135m --draft smol-w4        # speculative decoding; timings carry draft_n_accepted
+      (then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none").chat.completions.create(...))
+    """
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "psutil") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SlimlmError(f"slimlm serve needs {', '.join(missing)}", "pip install 'slimlm[serve]'")
+    from slimlm.progress import console
+    from slimlm.serve.server import port_holder
+    from slimlm.serve.server import serve as run_server
+
+    if not 0 < port < 65536:
+        raise SlimlmError(f"--port {port}: not a TCP port", f"pass e.g. --port {DEFAULT_PORT}")
+    holder = port_holder(host, port)  # before the model loads: say it at once
+    if holder is not None:
+        raise SlimlmError(f"port {port} on {host} is already in use by {holder}", f"stop that process or pass another --port (e.g. --port {port + 1})")
+    backend = _load_for_chat(model, engine, kv_bits, draft, draft_tokens, device, threads)
+    console.print(f"[dim]{backend.description}[/dim]", highlight=False)
+    console.print(f"serving {name or model} on http://{host}:{port}/v1 (Ctrl-C stops)" + (" · API key required" if api_key else ""), highlight=False)
+    run_server(backend, name or model, host=host, port=port, api_key=api_key)
 
 
 def huge_pages_default() -> None:

@@ -1,0 +1,110 @@
+"""Speculative decoding (Leviathan et al., 2023, "Fast Inference from Transformers via Speculative Decoding";
+Chen et al., 2023, "Accelerating LLM Decoding with Speculative Sampling").
+
+Each round the draft proposes k tokens d₁..d_k one at a time (cheap), then the target scores all of them in ONE
+forward over [last, d₁..d_k], giving its distributions p₀..p_k. Token d_i is accepted with probability
+min(1, p_{i-1}(d_i) / q_{i-1}(d_i)); at the first rejection the target's token is drawn from norm(max(0, p - q))
+and the round ends; if all k are accepted one more token is drawn from p_k. The output follows the target's
+distribution exactly. Greedy (temp <= 0) is the one-hot case: accept while d_i == argmax p_{i-1}, then take the
+target's argmax, so the text is the target's own greedy text token for token.
+
+Rejected tokens are dropped from both KV caches with `Cache.crop(-n)` (transformers' negative count). Sliding-window
+layers record their past (`activate_past_recording`) so they can roll back too. slimlm's KIVI cache cannot roll
+back (its old tokens are quantized in place): `load_backend` refuses `--kv-bits` with `--draft`.
+
+The acceptance rate of a compressed model drafting for its own parent measures how often the two agree on the
+next token under the target's own sampling: a fidelity figure that needs no data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from slimlm.serve.sampling import SamplingSettings, draw, make_generator, probabilities
+
+
+def _recording_cache(model: nn.Module):
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    cache.activate_past_recording()  # sliding-window layers keep what a crop may need back
+    return cache
+
+
+def speculative_tokens(
+    target: nn.Module,
+    draft: nn.Module,
+    prompt_ids: list[int],
+    settings: SamplingSettings,
+    draft_tokens: int,
+    stats: dict,
+    context_length: int | None = None,
+) -> Iterator[int]:
+    """Token ids of the target's answer, `draft_tokens` proposed per round by `draft`. `stats` is filled as it
+    runs: drafted, accepted, rounds, target_forwards."""
+    import torch
+
+    from slimlm.serve.backends import forward
+
+    generator = make_generator(settings.seed)
+    target_cache, draft_cache = _recording_cache(target), _recording_cache(draft)
+    limit = context_length or _positions(target)
+    stats.update(drafted=0, accepted=0, rounds=0, target_forwards=1, draft_tokens=draft_tokens)
+
+    def pick(probs) -> int:
+        return int(probs.argmax()) if settings.greedy else draw(probs, generator)
+
+    ids = list(prompt_ids)
+    target_len = len(ids)  # tokens each cache holds; ids[-1] is never in them at a round's start
+    token = pick(probabilities(forward(target, ids, target_cache)[-1], settings))
+    ids.append(token)
+    yield token
+    draft_len = 0
+    while True:
+        k = max(0, min(draft_tokens, limit - len(ids) - 1))  # the verify forward must fit the positions
+        drafts, q = [], []
+        if k:
+            logits = forward(draft, ids[draft_len:], draft_cache)[-1]
+            draft_len = len(ids)
+            for i in range(k):
+                q.append(probabilities(logits, settings))
+                drafts.append(pick(q[-1]))
+                if i < k - 1:
+                    logits = forward(draft, drafts[-1:], draft_cache)[-1]
+                    draft_len += 1
+        # (k + 1, V): the target's prediction after `last` and after each draft token, in one forward
+        rows = forward(target, ids[target_len:] + drafts, target_cache)[-(k + 1) :]
+        target_len = len(ids) + k
+        stats["target_forwards"] += 1
+        accepted, next_token = 0, None
+        for i, proposed in enumerate(drafts):
+            p = probabilities(rows[i], settings)
+            ratio = p[proposed] / q[i][proposed]
+            # greedy: p and q are one-hot, the ratio is 1 exactly when the target's argmax is the proposal
+            if ratio >= 1.0 if settings.greedy else bool(torch.rand((), generator=generator) < ratio):
+                accepted += 1
+                continue
+            residual = (p - q[i]).clamp(min=0.0)
+            next_token = pick(residual / residual.sum() if residual.sum() > 0 else p)
+            break
+        if next_token is None:
+            next_token = pick(probabilities(rows[k], settings))
+        target_cache.crop(-(k - accepted))  # crop(0) still trims sliding-window layers back to their window
+        target_len -= k - accepted
+        if k:
+            drop = max(0, draft_len - (len(ids) + accepted))
+            draft_cache.crop(-drop)
+            draft_len -= drop
+            stats["rounds"] += 1
+            stats["drafted"] += k
+            stats["accepted"] += accepted
+        for token in [*drafts[:accepted], next_token]:
+            ids.append(token)
+            yield token
+
+
+def _positions(model: nn.Module) -> int:
+    config = model.config.get_text_config(decoder=True)
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
