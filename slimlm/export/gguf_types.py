@@ -487,6 +487,42 @@ def quantize_tensor(weight: torch.Tensor, name: str, importance: torch.Tensor | 
 quantize_for_type = quantize_tensor  # the name the search calls it by
 
 
+def gptq_grid_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ's error-feedback loop (`quantize.gptq.error_feedback_`) on a fixed GGUF grid: weight (R, C), hessian
+    (C, C) -> codes (R, C) on `grid`, exactly the ones the loop committed. Columns are visited by descending H_jj
+    (act order with the grid's static groups), dead inputs (H_jj = 0) zeroed."""
+    from slimlm.calibration.hessian import dampened_inverse_cholesky, working_copies
+    from slimlm.quantize.gptq import DAMPENING_RETRIES, error_feedback_
+
+    W, H = working_copies(weight, hessian)  # float32 (R, C), (C, C)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True)
+    W, H = W[:, order], H[order][:, order]
+    U = dampened_inverse_cholesky(H, damp, "gptq", retries=DAMPENING_RETRIES)
+    scale, offset, low, high = (t.t().contiguous() for t in _safe(grid))  # (groups, R)
+    Wt = W.t().contiguous()  # (C, R)
+    error_feedback_(Wt, U, (order // grid.group).tolist(), grid.group, (scale, low, high, offset))
+    return grid_codes(Wt[torch.argsort(order)].t(), grid)
+
+
+def gptq_for_type(weight: torch.Tensor, hessian: torch.Tensor, type_name: str, damp: float = 0.01,
+                  importance: torch.Tensor | None = None) -> np.ndarray:
+    """GPTQ on GGUF type `type_name`'s own grid: weight (out, in), hessian (in, in) -> the raw bytes the file holds.
+
+    Each block's (or k-quant sub-block's) scale and minimum are chosen as `quantize_tensor` chooses them, from the
+    original weights weighted by `importance` (default: the Hessian's diagonal, what llama.cpp's imatrix holds);
+    the codes are then GPTQ's, so tr(ΔW H ΔWᵀ) drops below the round-to-nearest file's on the same grid."""
+    x = weight.detach().float().cpu()
+    check_shape(type_name, x.shape)
+    if TYPES[type_name].block == 1:
+        return quantize_tensor(x, type_name)  # float types hold the weight itself
+    if hessian.shape != (x.shape[1], x.shape[1]):
+        raise SlimlmError(f"gptq: weight {tuple(x.shape)} and Hessian {tuple(hessian.shape)} do not match",
+                          "pass an (out, in) weight and its (in, in) Hessian")
+    h = hessian.detach().float().cpu()
+    grid = choose_grid(x, type_name, h.diagonal().clamp(min=0) if importance is None else importance)
+    return pack(gptq_grid_codes(x, h, grid, damp), grid)
+
+
 def dequantize_tensor(data: np.ndarray, name: str, shape: Sequence[int]) -> torch.Tensor:
     """Raw bytes as the file holds them -> float32 tensor of `shape`, with the `gguf` package's dequantizers."""
     from gguf import quants
