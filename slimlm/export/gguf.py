@@ -75,6 +75,10 @@ BLOCK_TENSORS = {
 }
 
 
+def linear_tensor_name(index: int, rel: str) -> str:
+    """The GGUF name of block `index`'s linear at `rel` (relative to the block, e.g. "mlp.down_proj")."""
+    return f"blk.{index}.{BLOCK_TENSORS[rel]}.weight"
+
 def _ggml(name: str):
     return ggml_type(name)
 

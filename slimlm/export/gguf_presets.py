@@ -85,7 +85,7 @@ def _preset_choice(name: str, shape, preset: str, tied: bool, layers: int, imatr
     return _fallback(name, shape, wanted, why)
 
 
-def _check_type(name: str, kind: str) -> str:
+def check_type_name(name: str, kind: str) -> str:
     if name not in TYPES or not TYPES[name].packed:
         raise SlimlmError(f"unknown GGUF type '{name}' for {kind}", f"use one of: {', '.join(WRITABLE)}")
     return name
@@ -110,7 +110,7 @@ def parse_tensor_type(spec: str) -> tuple[str, str]:
         re.compile(pattern)
     except re.error as err:
         raise SlimlmError(f"--tensor-type '{spec}': '{pattern}' is not a regular expression ({err})", "fix the pattern") from None
-    return pattern, _check_type(type_name.strip().lower(), f"--tensor-type {pattern}")
+    return pattern, check_type_name(type_name.strip().lower(), f"--tensor-type {pattern}")
 
 
 def resolve_tensor_types(
@@ -130,7 +130,7 @@ def resolve_tensor_types(
                           f"presets: {', '.join(PRESETS)}; types: {', '.join(QUANTIZED)}")
     for kind, value in (("--embedding-type", embedding_type), ("--output-type", output_type)):
         if value is not None:
-            _check_type(value, kind)
+            check_type_name(value, kind)
     names = [name for name, shape in shapes.items() if quantizable(name, shape)]
     tied = "output.weight" not in shapes
     layers = 1 + max((_layer(name) or 0 for name in names), default=0)
