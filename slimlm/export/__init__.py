@@ -146,12 +146,12 @@ def export_model(
     if gguf is not None and not gguf.default and format != "gguf":
         raise SlimlmError(f"GGUF options do not apply to format {format}", "pass them with --format gguf only")
     if format == "gguf" and gguf is not None:
-        _check_gguf_options(gguf)
+        check_gguf_options(gguf)
     loaded = load_model(model, allow_pickle=allow_pickle, device="cpu")
     return export_loaded(loaded, format, out, gguf_type=gguf_type, overwrite=overwrite, gguf=gguf)
 
 
-def _check_gguf_options(options: GGUFOptions) -> None:
+def check_gguf_options(options: GGUFOptions) -> None:
     """Refuse bad type names and regexes before minutes of loading."""
     from slimlm.export.gguf_presets import check_type_name, parse_tensor_type
 

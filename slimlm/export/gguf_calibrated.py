@@ -58,21 +58,42 @@ def head_importance(model: nn.Module, calibration_ids: torch.Tensor) -> torch.Te
     return total / max(count, 1)
 
 
+def collect_statistics(model: nn.Module, calibration_ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(Hessian by GGUF name, head importance) of the model as it is, in one calibration pass, for writing several
+    files of one model (e.g. every preset) with `calibrated_codes(..., statistics=...)` without re-calibrating.
+    Unlike the sequential default, every block's statistics then come from the unquantized model."""
+    from slimlm.calibration.sequential import calibrate_sequentially
+    from slimlm.export.gguf import linear_tensor_name
+    from slimlm.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    hessians: dict[str, torch.Tensor] = {}
+
+    def keep(index: int, linears: dict[str, nn.Module], stats) -> None:
+        for path in linears:
+            hessians[linear_tensor_name(index, path[len(f"{adapter.blocks}.{index}."):])] = stats[path].hessian.cpu()
+
+    calibrate_sequentially(model, calibration_ids, ("hessian",), keep, description="GGUF calibration statistics")
+    return hessians, head_importance(model, calibration_ids)
+
+
 def calibrated_codes(
     model: nn.Module,
-    calibration_ids: torch.Tensor,
+    calibration_ids: torch.Tensor | None,
     tensor_types: Mapping[str, str],
     method: str = "gptq",
     damp: float = 0.01,
+    statistics: tuple[Mapping[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """(packed bytes by GGUF name, importance by GGUF name) for `write_gguf(packed=..., importance=...)`.
 
     `tensor_types` maps GGUF names to types (the resolved mixture); f16/bf16 tensors and quantized linears
-    (their codes are kept) are left alone."""
+    (their codes are kept) are left alone. `statistics` (from `collect_statistics`): use those Hessians and head
+    importance instead of calibrating sequentially (`calibration_ids` unused)."""
     from slimlm.calibration.sequential import calibrate_sequentially
     from slimlm.export.gguf import linear_tensor_name
     from slimlm.export.gguf_types import TYPES, dequantize_tensor, gptq_for_type
-    from slimlm.models.adapters import adapter_for
+    from slimlm.models.adapters import adapter_for, block_linears, decoder_blocks
 
     if method not in ("imatrix", "gptq"):
         raise SlimlmError(f"unknown calibrated GGUF method '{method}'", f"use one of: {', '.join(METHODS)}")
@@ -86,7 +107,7 @@ def calibrated_codes(
             kind = tensor_types.get(name, "f16")
             if not isinstance(linear, nn.Linear) or TYPES[kind].block == 1:
                 continue
-            hessian = stats[path].hessian
+            hessian = stats[path].hessian if statistics is None else statistics[0][name]
             if method == "imatrix":
                 importance[name] = (hessian.diagonal() / 2).cpu()  # H = 2·mean x xᵀ
                 continue
@@ -94,9 +115,14 @@ def calibrated_codes(
             packed[name] = raw
             linear.weight.data.copy_(dequantize_tensor(raw, kind, linear.weight.shape).to(linear.weight.dtype))
 
-    calibrate_sequentially(model, calibration_ids, ("hessian",), compress_block,
-                           description=f"GGUF {method} codes", true_sequential=method == "gptq")
-    head = head_importance(model, calibration_ids)
+    if statistics is None:
+        calibrate_sequentially(model, calibration_ids, ("hessian",), compress_block,
+                               description=f"GGUF {method} codes", true_sequential=method == "gptq")
+        head = head_importance(model, calibration_ids)
+    else:
+        for index in range(len(decoder_blocks(model))):
+            compress_block(index, block_linears(model, index), None)
+        head = statistics[1]
     for name in ("token_embd.weight", "output.weight"):
         if name in tensor_types and TYPES[tensor_types[name]].block > 1:
             importance[name] = head

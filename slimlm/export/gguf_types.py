@@ -400,7 +400,7 @@ def choose_grid(weight: torch.Tensor, name: str, importance: torch.Tensor | None
     block = t.block
     xb, wb = x.reshape(-1, block), w.reshape(-1, block)
     if name in SYMMETRIC:
-        d, _ = symmetric_blocks(xb, wb, *SYMMETRIC[name])
+        d, _ = symmetric_blocks(xb, wb, *SYMMETRIC[name], steps=4 if name == "q8_0" else 20)  # 8-bit: levels are fine already
         fields = {"d": d}
     elif name in AFFINE:
         d, m, _ = affine_blocks(xb, wb, AFFINE[name])
