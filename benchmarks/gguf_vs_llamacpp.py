@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--reuse", action="store_true", help="keep the base, imatrix and base logits already in --work")
     args = parser.parse_args()
     bins = tools(args.llama_bin.expanduser())
     if not args.data.is_file():
@@ -110,20 +111,28 @@ def main() -> None:
     loaded = load_model(args.model, device="cpu")
     source = _source_gguf(loaded)
     base = work / "base-f16.gguf"
-    write_gguf(loaded.model, loaded.tokenizer, base, "f16", source, name=args.model, overwrite=True)
+    if not (args.reuse and base.is_file()):
+        write_gguf(loaded.model, loaded.tokenizer, base, "f16", source, name=args.model, overwrite=True)
 
     # one set of calibration windows for both: slimlm's own draw, written out as text for llama-imatrix
     calibration = sample_calibration(loaded.tokenizer, load_text("default", split="calibration"), args.calib_samples, args.calib_seqlen)
     calib_text = work / "calibration.txt"
     calib_text.write_text("".join(loaded.tokenizer.decode(window) for window in calibration.input_ids))
     imatrix = work / "imatrix.gguf"
-    run([bins["llama-imatrix"], "-m", base, "-f", calib_text, "-o", imatrix, "-c", args.calib_seqlen,
-         "--chunks", args.calib_samples, "-t", args.threads], work / "imatrix.log")
+    if not (args.reuse and imatrix.is_file()):
+        run([bins["llama-imatrix"], "-m", base, "-f", calib_text, "-o", imatrix, "-c", args.calib_seqlen,
+             "--chunks", args.calib_samples, "-t", args.threads, "--no-ppl"], work / "imatrix.log")
     base_kld = work / "base.kld"
-    run([bins["llama-perplexity"], "-m", base, "-f", args.data, "-c", args.ctx, "--chunks", args.chunks, "-t", args.threads,
-         "--kl-divergence-base", base_kld], work / "base.log")
+    if not (args.reuse and base_kld.is_file()):
+        run([bins["llama-perplexity"], "-m", base, "-f", args.data, "-c", args.ctx, "--chunks", args.chunks, "-t", args.threads,
+             "--kl-divergence-base", base_kld], work / "base.log")
     started = time.perf_counter()
-    statistics = collect_statistics(copy.deepcopy(loaded.model), calibration.input_ids)
+    cached = work / "statistics.pt"
+    if args.reuse and cached.is_file():
+        statistics = torch.load(cached)
+    else:
+        statistics = collect_statistics(copy.deepcopy(loaded.model), calibration.input_ids)
+        torch.save(statistics, cached)
     print(f"  slimlm calibration statistics {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
 
     rows = []

@@ -197,7 +197,7 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
         recipe = source_manifest.get("recipe", {}).get("name")
         name = f"{Path(loaded.resolved).stem}" + (f" ({recipe})" if recipe else "")
         options = gguf or GGUFOptions()
-        if options.default:
+        if options.default and chosen not in ("q4_k", "q5_k", "q6_k"):  # k-quants: llama.cpp's fallbacks, listed
             summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, _source_gguf(loaded), name=name, overwrite=overwrite)
             why = {}
         else:
