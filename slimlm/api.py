@@ -176,7 +176,8 @@ def compress(
     if parsed.export is not None:  # from the model in memory, not read back from disk
         target = Path(f"{path}.gguf") if parsed.export.format == "gguf" else Path(f"{path}-{parsed.export.format}")
         in_memory = LoadedModel(compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir")
-        saved["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite)
+        saved["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite,
+                                        gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None)
     return saved
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.export.gguf_arch import ARCHITECTURES, add_arch_keys, arch_for, norm_data, query_scale, rope_tensors
 from slimlm.export.gguf_types import (
+    TYPES,
     ggml_type,
     pack_blocks,
     quantize_tensor,
@@ -55,10 +56,16 @@ from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # the code width each block format stores
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # slimlm's packers; a QuantizedLinear's own scales do not fit their grids
 
+
+
+def linear_tensor_name(model: nn.Module, index: int, rel: str) -> str:
+    """The GGUF name of block `index`'s linear at `rel` (relative to the block, e.g. "mlp.down_proj")."""
+    return f"blk.{index}.{dict(arch_for(model.config).block)[rel]}.weight"
 
 
 def _ggml(name: str):
@@ -70,7 +77,9 @@ def _file_type(gguf_type: str) -> int:
 
     return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
             "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
-            "q5_1": LlamaFileType.MOSTLY_Q5_1}[gguf_type]
+            "q5_1": LlamaFileType.MOSTLY_Q5_1, "q4_k": LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+            "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+            "q6_k": LlamaFileType.MOSTLY_Q6_K}[gguf_type]
 
 
 # --- pure kernels -------------------------------------------------------------------------------------------
@@ -85,6 +94,8 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def code_layout_problem(grid: QuantGrid, in_features: int, gguf_type: str) -> str | None:
     """Why GGUF `gguf_type` cannot hold these codes exactly (None if it can)."""
+    if gguf_type in K_QUANTS:
+        return f"{gguf_type.upper()} stores 6/8-bit sub-block scales of one fp16 scale per 256 weights, not these fp16 group scales"
     if gguf_type not in CODE_BITS:
         return None  # f16/bf16 hold the dequantized weights
     if grid.bits != CODE_BITS[gguf_type]:
@@ -125,8 +136,8 @@ def requantize(weight: torch.Tensor, gguf_type: str, importance: torch.Tensor | 
     (`gguf_types.quantize_tensor`)."""
     from gguf import quants
 
-    if importance is not None and gguf_type not in ("f16", "bf16"):
-        return quantize_tensor(weight, gguf_type, importance)
+    if (importance is not None and gguf_type not in ("f16", "bf16")) or gguf_type in K_QUANTS:
+        return quantize_tensor(weight, gguf_type, importance)  # k-quants: gguf.quants cannot write them
     data = weight.detach().float().cpu().numpy()
     if gguf_type == "f16":
         return data.astype(np.float16)
@@ -149,8 +160,11 @@ class GGUFSummary:
     tensors: list[dict] = field(default_factory=list)  # per tensor: name, shape (GGUF order: rows last), type, bytes
 
 
-def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
-    """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k)."""
+def check_gguf_model(model: nn.Module, gguf_type: str, tensor_types: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k).
+
+    A quantized linear is checked against its own type (`tensor_types` by GGUF name, else `gguf_type`)."""
+    tensor_types = tensor_types or {}
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"unknown GGUF type '{gguf_type}'", f"use one of: {', '.join(GGUF_TYPES)}")
     arch = arch_for(model.config)
@@ -168,16 +182,17 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
         for rel in adapter.linears():
             module = block.get_submodule(rel)
             if isinstance(module, QuantizedLinear):
-                problem = code_layout_problem(module.grid, module.in_features, gguf_type)
+                wanted = tensor_types.get(f"blk.{index}.{dict(arch.block)[rel]}.weight", gguf_type)
+                problem = code_layout_problem(module.grid, module.in_features, wanted)
                 if problem:
-                    problems.append((f"{adapter.blocks}.{index}.{rel}", module, problem))
+                    problems.append((f"{adapter.blocks}.{index}.{rel}", module, problem, wanted))
     if problems:
-        name, module, problem = problems[0]
+        name, module, problem, wanted = problems[0]
         grid = module.grid
         layout = "per channel" if grid.group_size is None else f"group {grid.group_size}"
-        holders = [t for t in CODE_BITS if all(code_layout_problem(m.grid, m.in_features, t) is None for _, m, _ in problems)]
+        holders = [t for t in CODE_BITS if all(code_layout_problem(m.grid, m.in_features, t) is None for _, m, _, _ in problems)]
         raise SlimlmError(
-            f"{len(problems)} quantized linears (e.g. {name}: int{grid.bits} {'sym' if grid.symmetric else 'asym'} {layout}) cannot be written as GGUF {gguf_type} without re-quantizing: {problem}",
+            f"{len(problems)} quantized linears (e.g. {name}: int{grid.bits} {'sym' if grid.symmetric else 'asym'} {layout}) cannot be written as GGUF {wanted} without re-quantizing: {problem}",
             f"formats that hold them: {', '.join(f'--gguf-type {t} (codes kept)' for t in holders) + ', ' if holders else ''}"
             "--gguf-type f16/bf16 (dequantized), --format compressed-tensors (codes kept) or --format hf (dequantized)",
         )
@@ -189,26 +204,22 @@ def check_gguf_config(config) -> None:
     arch_for(config)
 
 
-def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary, overrides=None, importance=None):
-    """Yield (gguf name, data, raw GGML type or None) for every tensor, in llama.cpp's order.
-
-    `overrides` maps GGUF tensor names to types (beating `gguf_type`); `importance` maps them to per-input-column
-    importance for the dense tensors re-quantized."""
-    overrides, importance = overrides or {}, importance or {}
+def _tensor_plan(model: nn.Module, permute: bool):
+    """Yield (gguf name, payload, row order) for every tensor, in llama.cpp's order. payload: a tensor already in
+    llama.cpp's row order (2-D dense or 1-D), or a QuantizedLinear written from its codes; `order` maps HF rows
+    (of weights, codes, scales or packed blocks) to llama.cpp's."""
     config = model.config
     adapter = adapter_for(model)
     arch = ARCHITECTURES[config.model_type]
     q_scale = query_scale(config, len(decoder_blocks(model))) if arch.query_scale_into else 1.0
-    # 4-bit files keep the (tied) embedding / output projection at 8 bits, as llama-quantize does.
-    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
+    same = lambda t: t  # noqa: E731
 
     embed = model.get_submodule(adapter.embed).weight
-    yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
+    yield "token_embd.weight", embed.detach(), same
     for rope_name, factors in rope_tensors(config):  # Llama 3 / LongRoPE frequency factors, F32
-        yield rope_name, factors.numpy(), None
+        yield rope_name, factors, same
     if adapter.position_embed is not None:  # GPT-2's learned positions: llama-quantize never quantizes them
-        positions = model.get_submodule(adapter.position_embed).weight.detach()
-        yield from _dense_2d("position_embd.weight", positions, overrides.get("position_embd.weight", "f32" if gguf_type == "f32" else "f16"), summary)
+        yield "position_embd.weight", model.get_submodule(adapter.position_embed).weight.detach(), same
     for index, block in enumerate(decoder_blocks(model)):
         for rel, base in arch.block:
             module = block.get_submodule(rel)
@@ -220,59 +231,85 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
                 if scale != 1.0:  # Gemma 2's query-scale fold rides on the block scales: the codes are unchanged
                     module = QuantizedLinear(module.weight_q, (module.weight_scale.float() * scale).to(module.weight_scale.dtype),
                                              module.weight_zero_point, module.grid, module.bias, module.compute_dtype)
-                yield from _quantized(name, module, overrides.get(name, gguf_type), order, summary)
+                yield name, module, order
             elif module.weight.dim() == 1:
-                yield name, norm_data(arch, rel, module.weight, q_scale).cpu().numpy(), None
+                yield name, norm_data(arch, rel, module.weight, q_scale), same
             else:
-                weight = order(linear_weight(module).detach()) * scale
-                yield from _dense_2d(name, weight, overrides.get(name, gguf_type), summary, importance.get(name))
+                yield name, order(linear_weight(module).detach()) * scale, order
             bias = getattr(module, "bias", None)
             if bias is not None:
-                yield f"blk.{index}.{base}.bias", (order(bias.detach()).float() * scale).cpu().numpy(), None
+                yield f"blk.{index}.{base}.bias", order(bias.detach()).float() * scale, order
     final_norm = model.get_submodule(adapter.final_norm)
-    yield "output_norm.weight", norm_data(arch, "", final_norm.weight, 1.0).cpu().numpy(), None
+    yield "output_norm.weight", norm_data(arch, "", final_norm.weight, 1.0), same
     if getattr(final_norm, "bias", None) is not None:
-        yield "output_norm.bias", final_norm.bias.detach().float().cpu().numpy(), None
+        yield "output_norm.bias", final_norm.bias.detach(), same
     head = model.get_submodule(adapter.lm_head).weight
     if head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
-        yield from _dense_2d("output.weight", head, overrides.get("output.weight", io_type), summary, importance.get("output.weight"))
+        yield "output.weight", head.detach(), same
 
 
-def _check_overrides(plan, tensor_types: Mapping[str, str], importance: Mapping[str, torch.Tensor]) -> None:
-    """Every override names a tensor the file has."""
-    names = {tensor_name for tensor_name, _, _ in plan}
-    for key in (*tensor_types, *importance):
-        if key not in names:
+def tensor_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{GGUF tensor name: torch shape (rows last)} of every tensor the file will hold, nothing quantized."""
+    return {name: tuple(payload.weight_q.shape if isinstance(payload, QuantizedLinear) else payload.shape)
+            for name, payload, _ in _tensor_plan(model, permute=False)}
+
+
+def default_tensor_types(layout: Mapping[str, tuple[int, ...]], gguf_type: str) -> dict[str, str]:
+    """`gguf_type` for every 2-D tensor; 4/5-bit files keep the (tied) embedding / output projection at Q8_0 as
+    llama-quantize does for rows that are not a multiple of 256."""
+    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
+    position_type = "f32" if gguf_type == "f32" else "f16"  # learned positions (GPT-2) are never quantized
+    return {name: position_type if name == "position_embd.weight" else io_type if name in ("token_embd.weight", "output.weight") else gguf_type
+            for name, shape in layout.items() if len(shape) == 2}
+
+
+def _check_overrides(layout: Mapping[str, tuple[int, ...]], *named: Mapping) -> None:
+    """Every override names a 2-D tensor the file has."""
+    for key in (key for mapping in named for key in mapping):
+        if key not in layout or len(layout[key]) != 2:
             raise SlimlmError(f"GGUF tensor '{key}' does not exist in this model", "name tensors as llama.cpp does, e.g. blk.0.ffn_down.weight, token_embd.weight")
 
 
-def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary, importance=None):
+def _encode(name: str, payload, order, gguf_type: str | None, summary: GGUFSummary, importance=None, packed=None):
+    """One tensor's (data, raw GGML type or None) at `gguf_type` (None: 1-D, F32)."""
+    if gguf_type is None:
+        return payload.float().cpu().numpy(), None
+    if isinstance(payload, QuantizedLinear):
+        return _quantized(name, payload, order, gguf_type, summary)
+    return _dense_2d(name, payload, gguf_type, summary, importance, packed)
+
+
+def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary, importance=None, packed=None):
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"GGUF type '{gguf_type}' for {name} is not one slimlm writes", f"use one of: {', '.join(GGUF_TYPES)}")
-    if gguf_type in CODE_BITS and weight.shape[1] % BLOCK:
+    block = TYPES[gguf_type].block
+    if weight.shape[1] % block:
         summary.fallbacks.append(name)
         gguf_type = "f16"
-    elif gguf_type in CODE_BITS:
+    elif block > 1:
         summary.requantized += 1
     raw = None if gguf_type == "f16" else _ggml(gguf_type)
-    yield name, requantize(weight, gguf_type, importance), raw
+    if packed is not None and gguf_type != "f16":
+        if packed.shape != (weight.shape[0], tensor_bytes(gguf_type, weight.shape) // weight.shape[0]):
+            raise SlimlmError(f"pre-quantized data for {name} does not match its shape {tuple(weight.shape)} as {gguf_type}", "quantize it again for this model")
+        return np.ascontiguousarray(packed), raw
+    return requantize(weight, gguf_type, importance), raw
 
 
-def _quantized(name: str, module: QuantizedLinear, gguf_type: str, order, summary: GGUFSummary):
+def _quantized(name: str, module: QuantizedLinear, order, gguf_type: str, summary: GGUFSummary):
     problem = code_layout_problem(module.grid, module.in_features, gguf_type) if gguf_type in GGUF_TYPES else "unknown type"
     if problem:
         raise SlimlmError(f"{name} ({tuple(module.weight_q.shape)}) cannot be GGUF {gguf_type}: {problem}",
                           f"types its codes or shape allow: {', '.join(t for t in types_for_shape(module.weight_q.shape) if t in GGUF_TYPES and code_layout_problem(module.grid, module.in_features, t) is None)}")
     if gguf_type not in CODE_BITS:
         summary.dequantized += 1
-        yield name, requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(gguf_type)
-        return
+        return requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(gguf_type)
     zero_point = getattr(module, "weight_zero_point", None)
     codes = order(module.weight_q.cpu())
     scale = order(module.weight_scale.cpu())
     zero_point = None if zero_point is None else order(zero_point.cpu())
     summary.codes_kept += 1
-    yield name, pack_codes(codes, scale, zero_point, gguf_type), _ggml(gguf_type)
+    return pack_codes(codes, scale, zero_point, gguf_type), _ggml(gguf_type)
 
 
 # --- metadata -------------------------------------------------------------------------------------------------
@@ -301,13 +338,18 @@ def write_gguf(
     overwrite: bool = False,
     tensor_types: Mapping[str, str] | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
+    packed: Mapping[str, np.ndarray] | None = None,
+    file_type: str | None = None,
 ) -> GGUFSummary:
     """Write `model` as one GGUF file at `out`, atomically (a hidden partial file renamed into place at the end).
 
     The tokenizer metadata is copied from `source_gguf` (the file the model was loaded from) when its vocabulary
     has the model's size, else built from the HF `tokenizer`. `tensor_types` overrides the type per GGUF tensor
     name ("blk.3.ffn_down.weight", "token_embd.weight", "output.weight"); `importance` gives per-input-column
-    importance (in,) for dense tensors re-quantized, by the same names. `summary.tensors` lists every tensor.
+    importance (in,) for dense tensors re-quantized, by the same names; `packed` their raw bytes already quantized
+    (e.g. by `gguf_types.gptq_for_type`, rows in HF order: q/k rows are permuted here), at `tensor_types`' type.
+    `file_type`: the general.file_type to record (a preset such as q4_k_m; default `gguf_type`).
+    `summary.tensors` lists every tensor.
     """
     import gguf
 
@@ -315,16 +357,21 @@ def write_gguf(
     if out.exists() and (not overwrite or out.is_dir()):
         raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
     check_writable(out)
-    arch, permute = check_gguf_model(model, gguf_type)
+    arch, permute = check_gguf_model(model, gguf_type, tensor_types)
+    layout = tensor_layout(model)
+    _check_overrides(layout, tensor_types or {}, importance or {}, packed or {})
+    types = {**default_tensor_types(layout, gguf_type), **(tensor_types or {})}
     summary = GGUFSummary(out, gguf_type, 0)
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    _add_hparams(writer, model, arch, gguf_type, name)
+    _add_hparams(writer, model, arch, file_type or gguf_type, name)
     if source_gguf is None or not copy_tokenizer_metadata(writer, source_gguf, model.config.vocab_size):
         hf_tokenizer_metadata(writer, tokenizer, model.config)
     with torch.no_grad():
-        plan = list(_tensor_plan(model, gguf_type, permute, summary, tensor_types, importance))
-        _check_overrides(plan, tensor_types or {}, importance or {})
-        for tensor_name, data, raw in plan:
+        for tensor_name, payload, order in _tensor_plan(model, permute):
+            prepacked = (packed or {}).get(tensor_name)
+            if prepacked is not None:  # bytes rows are weight rows: the same permutation
+                prepacked = order(torch.from_numpy(np.ascontiguousarray(prepacked))).numpy()
+            data, raw = _encode(tensor_name, payload, order, types.get(tensor_name), summary, (importance or {}).get(tensor_name), prepacked)
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
             kind = raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")
             summary.tensor_types[kind] = summary.tensor_types.get(kind, 0) + 1

@@ -33,7 +33,19 @@ class ExportStep:
     (`OUT.gguf`, or `OUT-compressed-tensors` / `OUT-hf`), through `slimlm.export.export_model`."""
 
     format: str  # gguf, compressed-tensors or hf
-    gguf_type: str = "auto"  # gguf only: auto (keep the quantizer's codes where a block type holds them), f16, bf16, q8_0, q4_0, q4_1
+    gguf_type: str = "auto"  # gguf only: auto (keep the quantizer's codes where a block type holds them), f16, bf16, q8_0, q4_0, q4_1, ...
+    preset: str | None = None  # gguf only: llama.cpp's per-tensor mix (q4_0 … q8_0, q4_k_m, q5_k_m, q6_k)
+    tensor_types: tuple[tuple[str, str], ...] = ()  # gguf only: (regex over GGUF tensor names, type), first match wins
+    embedding_type: str | None = None  # gguf only: token_embd.weight's type
+    output_type: str | None = None  # gguf only: output.weight's type
+    method: str = "rtn"  # gguf only: rtn, imatrix or gptq (codes chosen on the recipe's default calibration data)
+
+    def gguf_options(self):
+        """The `export.GGUFOptions` this step asks for."""
+        from slimlm.export import GGUFOptions
+
+        return GGUFOptions(preset=self.preset, tensor_types=tuple(f"{p}={t}" for p, t in self.tensor_types),
+                           embedding_type=self.embedding_type, output_type=self.output_type, method=self.method)
 
 
 @dataclass(frozen=True)
@@ -170,12 +182,27 @@ def parse_export(raw: object, name: str) -> ExportStep:
         raw = {"format": raw}
     if not isinstance(raw, dict) or "format" not in raw:
         raise SlimlmError(f"{where}: expected a format name or a mapping with 'format'", f"write e.g. 'export: gguf' or 'export: {{format: gguf, gguf_type: q4_0}}' (formats: {', '.join(FORMATS)})")
-    _unknown_keys(where, raw, ("format", "gguf_type"))
-    step = ExportStep(str(raw["format"]), str(raw.get("gguf_type", "auto")))
+    gguf_keys = ("preset", "tensor_types", "embedding_type", "output_type", "method")
+    _unknown_keys(where, raw, ("format", "gguf_type", *gguf_keys))
+    tensor_types = raw.get("tensor_types") or {}
+    if not isinstance(tensor_types, dict):
+        raise SlimlmError(f"{where}: tensor_types must map regexes to types", r"write e.g. tensor_types: {'blk\.\d+\.ffn_down\.weight': q6_k}")
+    optional = {key: None if raw.get(key) is None else str(raw[key]) for key in ("preset", "embedding_type", "output_type")}
+    step = ExportStep(str(raw["format"]), str(raw.get("gguf_type", "auto")), tensor_types=tuple((str(p), str(t)) for p, t in tensor_types.items()),
+                      method=str(raw.get("method", "rtn")), **optional)
     if step.format not in FORMATS:
         raise SlimlmError(f"{where}: unknown format '{step.format}'", f"use one of: {', '.join(FORMATS)}")
     if step.gguf_type != "auto" and (step.format != "gguf" or step.gguf_type not in GGUF_TYPES):
         raise SlimlmError(f"{where}: gguf_type '{step.gguf_type}' does not apply here", f"gguf_type is for format gguf: auto or one of {', '.join(GGUF_TYPES)}")
+    if step.format != "gguf" and any(key in raw for key in gguf_keys):
+        raise SlimlmError(f"{where}: {', '.join(k for k in gguf_keys if k in raw)} apply to format gguf only", "drop them or use format: gguf")
+    if step.format == "gguf":
+        from slimlm.export import check_gguf_options
+
+        try:
+            check_gguf_options(step.gguf_options())
+        except SlimlmError as err:
+            raise SlimlmError(f"{where}: {err.problem}", err.fix) from None
     return step
 
 
