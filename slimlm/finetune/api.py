@@ -47,6 +47,27 @@ def base_fingerprint(model: nn.Module) -> dict:
             "vocab_size": config.vocab_size, "weights": digest.hexdigest()[:16]}
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's resident-set high-water mark (Linux: clear_refs 5), so the peak measured after training
+    is the training's own, not the model loading's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float | None:
+    """VmHWM of this process in MiB (Linux), None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 @torch.no_grad()
 def heldout_perplexity(model: nn.Module, rows: Rows) -> dict:
     """exp(mean NLL) over the held-out rows' labelled tokens (text windows: every token but the first of each,
@@ -136,6 +157,7 @@ def finetune(
         source = PoissonRows(rows, settings.batch_size, settings.seed)
     else:
         source = ShuffledRows(rows, settings.seed)
+    peak_reset = reset_peak_rss()
     start = time.perf_counter()
     result = train(trained, finetune_loss, source, config, eval_fn=lambda m: heldout_perplexity(m, held), run={"finetune": _plain(settings)},
                    description=f"finetune ({settings.method}{', DP' if privacy else ''})", wrap_optimizer=wrap)
@@ -145,7 +167,7 @@ def finetune(
     with stage("evaluating the fine-tuned model on the held-out split"):
         metrics["finetuned"] = heldout_perplexity(adapted, held)
     metrics.update(train_seconds=seconds, tokens_per_second=result.tokens_per_second, losses=result.losses, evaluations=result.evaluations,
-                   peak_memory=peak_memory())
+                   peak_memory=peak_memory(), training_peak_rss_mb=peak_rss_mb() if peak_reset else None)
     if privacy is not None:
         metrics["privacy"] = privacy.record(len(rows))
     if canaries:

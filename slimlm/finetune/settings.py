@@ -10,7 +10,7 @@ from slimlm.errors import SlimlmError
 METHODS = ("lora", "dora", "prompt-tuning", "adaption-prompt", "full")
 # Peak learning rate per method when none is given: adapters start at zero (LoRA's B, the adaption gates) or at
 # random prompts and want a larger step than full fine-tuning (PEFT's examples: LoRA 1e-3 to 2e-4, prompt tuning 3e-2).
-DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "prompt-tuning": 3e-2, "adaption-prompt": 1e-2, "full": 5e-5}
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "prompt-tuning": 3e-2, "adaption-prompt": 3e-2, "full": 5e-5}
 ACCOUNTANTS = ("prv", "rdp")
 
 
