@@ -207,17 +207,25 @@ def test_dp_step_is_the_mean_of_clipped_per_sample_gradients():
 
 def test_dp_lora_trains_on_every_family(arch):
     pytest.importorskip("opacus")
-    from slimlm.finetune.privacy import make_private, plan_privacy
+    from slimlm.finetune.privacy import PrivacyPlan, make_private
 
     data = rows()
     adapted = apply_method(tiny_model(arch), FinetuneSettings(method="lora", rank=4))
     before = heldout_nll(adapted, data)
-    plan = plan_privacy(len(data), 4, 15, 1e-3 / len(data), 1.0, "prv", target_epsilon=50.0)
+    plan = PrivacyPlan(noise_multiplier=0.3, max_grad_norm=1.0, sample_rate=4 / len(data), steps=15, delta=1e-4, accountant="rdp", target_epsilon=None)
     wrapped, wrap = make_private(adapted, plan, len(data), seed=0)
     short_train(wrapped, data, 1e-2, source=PoissonRows(data, 4, 0), wrap=wrap)
     wrapped.remove_hooks()
     assert heldout_nll(adapted, data) < before - 0.02
-    assert 45 < plan.epsilon() <= 50.5  # the accountant's ε for the σ solved for the target
+
+
+def test_the_noise_is_solved_for_the_epsilon_target():
+    pytest.importorskip("opacus")
+    from slimlm.finetune.privacy import epsilon_spent, plan_privacy
+
+    plan = plan_privacy(65, 4, 15, 1e-4, 1.0, "rdp", target_epsilon=20.0)
+    assert 19.5 < plan.epsilon() <= 20.0  # the accountant's ε for the σ solved for the target, just below it
+    assert epsilon_spent(plan.noise_multiplier * 0.8, plan.sample_rate, 15, 1e-4, "rdp") > 20.0  # less noise spends more
 
 
 def test_dp_refuses_what_it_cannot_do():
@@ -225,7 +233,7 @@ def test_dp_refuses_what_it_cannot_do():
     from slimlm.finetune.privacy import PrivacyPlan, make_private, plan_privacy
 
     with pytest.raises(SlimlmError, match=r"cannot be reached by 5000 steps .* even noise multiplier 10 spends ε = "):
-        plan_privacy(50, 10, 5000, 1e-5, 1.0, "prv", target_epsilon=0.001)
+        plan_privacy(50, 10, 5000, 1e-5, 1.0, "rdp", target_epsilon=0.001)
     with pytest.raises(SlimlmError, match="exceeds the 50 training rows"):
         plan_privacy(50, 64, 10, 1e-5, 1.0, "prv", target_epsilon=8)
     with pytest.raises(SlimlmError, match="not below 1 / the 50 training rows"):
@@ -264,15 +272,23 @@ def saved_tiny(tmp_path, arch="llama"):
     return path
 
 
-def test_cli_saves_a_peft_adapter_plain_peft_loads(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """One `slimlm finetune` run of a tiny Llama (LoRA, merged too), shared by the tests of the saved output."""
+    tmp_path = tmp_path_factory.mktemp("finetuned")
     base = saved_tiny(tmp_path)
     (tmp_path / "d.txt").write_text(TEXT)
     out = tmp_path / "out"
     result = run_cli("finetune", base, "--data", tmp_path / "d.txt", "--out", out, "--seqlen", "32", "--steps", "8", "--batch-size", "4", "--merge", "--json", "-")
     assert result.returncode == 0, result.stdout
+    return base, out
+
+
+def test_cli_saves_a_peft_adapter_plain_peft_loads(finetuned):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, out = finetuned
     manifest = json.loads((out / "finetune.json").read_text())
     assert manifest["metrics"]["finetuned"]["perplexity"] < manifest["metrics"]["base"]["perplexity"]
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).eval()
@@ -281,31 +297,31 @@ def test_cli_saves_a_peft_adapter_plain_peft_loads(tmp_path):
     assert not torch.allclose(logits(merged), logits(tiny_model("llama")), atol=1e-4)
 
 
-def test_cli_dp_run_reports_epsilon_and_exposure(tmp_path):
-    pytest.importorskip("opacus")
-    base = saved_tiny(tmp_path, "gpt2")
-    (tmp_path / "d.txt").write_text(TEXT * 3)
-    out = tmp_path / "out"
-    result = run_cli("finetune", base, "--data", tmp_path / "d.txt", "--out", out, "--seqlen", "32", "--steps", "5", "--batch-size", "4",
-                     "--dp-epsilon", "8", "--dp-delta", "1e-4", "--canaries", "2", "--canary-repeats", "2")
-    assert result.returncode == 0, result.stdout
-    assert "DP-SGD: ε = " in result.stdout and "canary exposure" in result.stdout
-    metrics = json.loads((out / "finetune.json").read_text())["metrics"]
-    assert 7.5 < metrics["privacy"]["epsilon"] <= 8.05 and metrics["privacy"]["accountant"] == "prv"
-    assert len(metrics["canaries"]["canaries"]) == 2
-
-
-def test_an_adapter_for_another_base_is_refused(tmp_path):
-    from slimlm.finetune.api import load_adapter
-
-    base = saved_tiny(tmp_path)
-    (tmp_path / "d.txt").write_text(TEXT)
-    assert run_cli("finetune", base, "--data", tmp_path / "d.txt", "--out", tmp_path / "out", "--seqlen", "32", "--steps", "2", "--batch-size", "2").returncode == 0
-    with pytest.raises(SlimlmError, match=r"was fine-tuned from .*tiny-llama \(llama, 2 layers.*not from this model \(llama, 2 layers, width 64, weights"):
-        load_adapter(tiny_model("llama", seed=1), tmp_path / "out")
+def test_an_adapter_for_another_base_is_refused(finetuned):
     from transformers import AutoModelForCausalLM
 
-    assert load_adapter(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out") is not None
+    from slimlm.finetune.api import load_adapter
+
+    base, out = finetuned
+    with pytest.raises(SlimlmError, match=r"was fine-tuned from .*tiny-llama \(llama, 2 layers.*not from this model \(llama, 2 layers, width 64, weights"):
+        load_adapter(tiny_model("llama", seed=1), out)
+    reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(base), out)
+    torch.testing.assert_close(logits(reloaded), logits(AutoModelForCausalLM.from_pretrained(out / "merged")), atol=1e-4, rtol=1e-4)
+
+
+def test_dp_finetune_records_epsilon_and_exposure(tmp_path):
+    pytest.importorskip("opacus")
+    from slimlm.finetune.api import finetune
+
+    base = saved_tiny(tmp_path, "gpt2")
+    (tmp_path / "d.txt").write_text(TEXT * 3)
+    settings = FinetuneSettings(seqlen=32, steps=5, batch_size=4, dp_epsilon=8, dp_delta=1e-4, accountant="rdp", canaries=2, canary_repeats=2)
+    manifest = finetune(str(base), str(tmp_path / "d.txt"), tmp_path / "out", settings)
+    metrics = json.loads((tmp_path / "out" / "finetune.json").read_text())["metrics"]
+    assert metrics == json.loads(json.dumps(manifest["metrics"]))
+    assert 7.5 < metrics["privacy"]["epsilon"] <= 8.0 and metrics["privacy"]["accountant"] == "rdp"
+    assert [c["prefix"] for c in metrics["canaries"]["canaries"]] == ["my secret code 0 is", "my secret code 1 is"]
+    assert (tmp_path / "out" / "canaries.json").is_file() and (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
 # --- GGUF adapters ---------------------------------------------------------------------------------------------
