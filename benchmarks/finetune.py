@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import run_child
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--canary-windows", type=int, default=40, help="training windows of the canary rows")
     parser.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--parallel", type=int, default=1, help="rows run at once (speed figures are then contended)")
+    parser.add_argument("--reuse", action="store_true", help="keep the rows an earlier run in --work finished")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -83,28 +86,35 @@ def main() -> None:
     if args.device:
         common += ["--device", args.device]
     wanted = set(args.only.split(",")) if args.only else None
-    results = {}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()
+    jobs = []
     for name, model, extra in rows(args, small_text(args)):
         slug = name.split(" ε")[0].split(" (")[0].replace(" ", "-")
-        if wanted and slug not in wanted:
-            continue
-        manifest_path = args.work / f"{slug}.json"
-        command = [python, "-m", "slimlm.cli", "finetune", model, "--out", str(args.work / slug), *common, *extra, "--json", str(manifest_path)]
+        if wanted is None or slug in wanted:
+            command = [python, "-m", "slimlm.cli", "finetune", model, "--out", str(args.work / slug), *common, *extra, "--json", str(args.work / f"{slug}.json")]
+            jobs.append((name, slug, command))
+
+    def run_row(job: tuple[str, str, list[str]]) -> tuple[str, dict | None]:
+        name, slug, command = job
+        manifest_path, rss_path = args.work / f"{slug}.json", args.work / f"{slug}.maxrss"
+        if args.reuse and manifest_path.is_file() and rss_path.is_file():  # a finished earlier run of this row
+            return name, {**json.loads(manifest_path.read_text())["metrics"], "process_peak_rss_mb": int(rss_path.read_text().split()[-1]) / 1024}
         seconds, rss, status = run_child(command, args.work / f"{slug}.log")
         if status:
             print(f"{name}: failed (exit {status}), see {args.work / slug}.log", flush=True)
-            continue
-        manifest = json.loads(manifest_path.read_text())
-        results[name] = {**manifest["metrics"], "process_peak_rss_mb": rss, "wall_seconds": seconds}
+            return name, None
         print(f"{name}: done in {seconds:.0f} s", flush=True)
+        return name, {**json.loads(manifest_path.read_text())["metrics"], "process_peak_rss_mb": rss}
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # rows are separate processes; threads only wait
+        results = {name: metrics for name, metrics in pool.map(run_row, jobs) if metrics is not None}
     print(table(results, args, started, load))
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def table(results: dict, args, started: str, load: tuple[float, float, float]) -> str:
-    lines = [f"finetune benchmark, {started}, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min), "
+    lines = [f"finetune benchmark, {started}, {args.parallel} row(s) at a time, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min), "
              f"{args.steps} steps x {args.batch_size} x {args.seqlen} tokens, held out: first {args.eval_windows} windows x {args.seqlen} of WikiText-2 test",
              "",
              "| row | base ppl | fine-tuned ppl | Δ | trainable params | training peak RSS MB | process peak RSS MB | tokens/s | train s | ε (δ=1e-5) | canary exposure (bits) |",

@@ -359,3 +359,26 @@ def test_gguf_adapter_for_another_base_is_refused(tmp_path):
         write_lora_gguf(adapted, tmp_path / "adapter.gguf", other)
     assert not (tmp_path / "adapter.gguf").exists()
 
+
+
+# --- the recipe stage --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_finetune_stage_merges_into_a_plain_model_before_quantization(tmp_path, dp):
+    if dp:
+        pytest.importorskip("opacus")
+    from slimlm.pipeline import compress_
+    from slimlm.recipes import parse_recipe
+
+    (tmp_path / "d.txt").write_text(TEXT * 2)
+    model = tiny_model("qwen2")
+    stage = {"method": "finetune", "data": str(tmp_path / "d.txt"), "rank": 4, "steps": 10, "batch_size": 4, "seqlen": 32}
+    if dp:
+        stage.update(dp_epsilon=50, dp_delta=1e-4, accountant="rdp")
+    logs = compress_(model, parse_recipe([stage, {"method": "rtn", "bits": 8, "group_size": 32}], "test"), tokenizer=tokenizer())
+    details = logs[0].details
+    assert details["heldout_perplexity_after"] < details["heldout_perplexity_before"]
+    assert ("privacy" in details) == dp and (not dp or details["privacy"]["epsilon"] <= 50)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)  # merged: rtn quantized plain linears
+    assert not any("lora" in name for name, _ in model.named_parameters())
