@@ -571,6 +571,43 @@ def finetune(
         _write_json(json_out, manifest)
 
 
+
+@app.command()
+def exposure(
+    model: ModelArg,
+    canaries: Annotated[Path, typer.Option("--canaries", help="The canaries.json a `slimlm finetune --canaries N` run wrote.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A `slimlm finetune` output directory whose adapter to load onto MODEL.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result to this JSON file ('-': stdout).")] = None,
+    allow_pickle: AllowPickle = False,
+    device: Device = None,
+) -> None:
+    """Exposure of planted canaries (Carlini et al. 2019) in any model: the fine-tuned one, its merge, or the merge
+    after compression.
+
+    [bold]Examples[/bold]
+
+      slimlm exposure smollm2-135m --adapter smol-canary --canaries smol-canary/canaries.json
+      slimlm exposure smol-canary-gptq --canaries smol-canary/canaries.json    # after slimlm compress of the merge
+    """
+    from slimlm.finetune.canaries import exposure as measure
+    from slimlm.finetune.canaries import read_canaries
+    from slimlm.models.load import load_model
+    from slimlm.progress import console
+
+    planted = read_canaries(canaries)
+    loaded = load_model(str(model), allow_pickle=allow_pickle, device=device)
+    scored = loaded.model
+    if adapter is not None:
+        from slimlm.finetune.api import load_adapter
+
+        scored = load_adapter(loaded.model, adapter)
+    result = measure(scored, loaded.tokenizer, planted)
+    ranks = ", ".join(str(r["rank"]) for r in result["canaries"])
+    console.print(f"canary exposure: mean {result['mean_exposure']:.2f} bits of at most {result['max_exposure']:.2f} (ranks {ranks})")
+    if json_out:
+        _write_json(json_out, result)
+
+
 def huge_pages_default() -> None:
     """Turn on PyTorch's huge-page CPU allocator for this command's process, unless the user set it.
 

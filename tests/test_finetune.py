@@ -279,7 +279,8 @@ def finetuned(tmp_path_factory):
     base = saved_tiny(tmp_path)
     (tmp_path / "d.txt").write_text(TEXT)
     out = tmp_path / "out"
-    result = run_cli("finetune", base, "--data", tmp_path / "d.txt", "--out", out, "--seqlen", "32", "--steps", "8", "--batch-size", "4", "--merge", "--json", "-")
+    result = run_cli("finetune", base, "--data", tmp_path / "d.txt", "--out", out, "--seqlen", "32", "--steps", "8", "--batch-size", "4", "--merge",
+                     "--canaries", "1", "--canary-repeats", "2")
     assert result.returncode == 0, result.stdout
     return base, out
 
@@ -307,6 +308,19 @@ def test_an_adapter_for_another_base_is_refused(finetuned):
         load_adapter(tiny_model("llama", seed=1), out)
     reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(base), out)
     torch.testing.assert_close(logits(reloaded), logits(AutoModelForCausalLM.from_pretrained(out / "merged")), atol=1e-4, rtol=1e-4)
+
+
+def test_exposure_of_the_saved_canaries_is_what_the_run_reported(finetuned):
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.finetune.canaries import exposure, read_canaries
+
+    base, out = finetuned
+    reported = json.loads((out / "finetune.json").read_text())["metrics"]["canaries"]
+    again = exposure(AutoModelForCausalLM.from_pretrained(out / "merged"), tokenizer(), read_canaries(out / "canaries.json"))
+    assert [c["rank"] for c in again["canaries"]] == [c["rank"] for c in reported["canaries"]]
+    with pytest.raises(SlimlmError, match="cannot read canaries"):
+        read_canaries(out / "finetune.json")
 
 
 def test_dp_finetune_records_epsilon_and_exposure(tmp_path):

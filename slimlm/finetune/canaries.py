@@ -98,3 +98,17 @@ def exposure(model: nn.Module, tokenizer, canaries: list[Canary], candidates: in
     mean = sum(r["exposure"] for r in results) / len(results) if results else 0.0
     return {"canaries": results, "mean_exposure": mean, "max_exposure": math.log2(candidates + 1), "candidates": candidates,
             "protocol": f"Carlini et al. 2019: rank of each {DIGITS}-digit secret's log-perplexity among {candidates} random ones"}
+
+
+def read_canaries(path) -> list[Canary]:
+    """The canaries a `slimlm finetune --canaries N` run planted (its OUT/canaries.json)."""
+    import json
+    from pathlib import Path
+
+    from slimlm.errors import SlimlmError
+
+    try:
+        entries = json.loads(Path(path).read_text())
+        return [Canary(entry["prefix"], entry["secret"]) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SlimlmError(f"cannot read canaries from '{path}' ({type(err).__name__})", "pass the canaries.json that slimlm finetune --canaries wrote") from None
