@@ -30,7 +30,7 @@ WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2
 def rows(args, small: Path) -> list[tuple[str, str, list[str]]]:
     """(row name, model, extra finetune flags). The canary rows train on a small set (`small`, the first
     --canary-windows windows of WikiText-2 valid) so that each planted secret is seen several times in the steps."""
-    canaries = ["--canaries", str(args.canaries), "--canary-repeats", str(args.canary_repeats), "--data", str(small)]
+    canaries = ["--canaries", str(args.canaries), "--canary-repeats", str(args.canary_repeats), "--canary-candidates", str(args.canary_candidates), "--data", str(small)]
     dp = ["--dp-epsilon", "8", "--dp-delta", "1e-5", "--max-grad-norm", "1.0"]
     return [
         ("lora", "smollm2-135m", ["--method", "lora"]),
@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--canaries", type=int, default=4)
+    parser.add_argument("--canaries", type=int, default=2)
+    parser.add_argument("--canary-candidates", type=int, default=127, help="scoring costs one forward per candidate")
     parser.add_argument("--canary-repeats", type=int, default=8)
     parser.add_argument("--canary-windows", type=int, default=40, help="training windows of the canary rows")
     parser.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")

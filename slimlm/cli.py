@@ -523,6 +523,7 @@ def finetune(
     accountant: Annotated[str, typer.Option("--accountant", help="DP accountant: prv or rdp (Opacus).")] = FINETUNE.accountant,
     canaries: Annotated[int, typer.Option("--canaries", help="Insert N random secrets into the data and report their exposure after training.")] = FINETUNE.canaries,
     canary_repeats: Annotated[int, typer.Option("--canary-repeats", help="Copies of each secret in the data.")] = FINETUNE.canary_repeats,
+    canary_candidates: Annotated[int, typer.Option("--canary-candidates", help="Random secrets each planted one is ranked among.")] = FINETUNE.canary_candidates,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model (LoRA/DoRA folded into the weights) to OUT/merged.")] = False,
     gguf: Annotated[bool, typer.Option("--gguf", help="Also write OUT/adapter.gguf, a LoRA adapter llama.cpp loads with --lora (GGUF base only).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the manifest to this JSON file ('-': stdout).")] = None,
@@ -550,7 +551,7 @@ def finetune(
         method=method, rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens, adapter_len=adapter_len, adapter_layers=adapter_layers,
         steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seqlen=seqlen, heldout=heldout, eval_windows=eval_windows, eval_every=eval_every,
         seed=seed, dp_epsilon=dp_epsilon, dp_delta=dp_delta, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, accountant=accountant,
-        canaries=canaries, canary_repeats=canary_repeats,
+        canaries=canaries, canary_repeats=canary_repeats, canary_candidates=canary_candidates,
     )
     manifest = finetune_job(model=model, data=data, out=out, settings=settings, eval_data=eval_data, merge=merge, gguf=gguf,
                             overwrite=overwrite, allow_pickle=allow_pickle, device=device)

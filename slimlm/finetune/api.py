@@ -174,7 +174,7 @@ def finetune(
         from slimlm.finetune.canaries import exposure
 
         with stage(f"measuring the exposure of {len(canaries)} canaries"):
-            metrics["canaries"] = exposure(adapted, tokenizer, canaries, seed=settings.seed)
+            metrics["canaries"] = exposure(adapted, tokenizer, canaries, settings.canary_candidates, seed=settings.seed)
     manifest = {
         "base_model": {"source": base.source, "resolved": base.resolved, "kind": base.kind, "fingerprint": fingerprint},
         "method": settings.method, "settings": _plain(settings), "data": {"train": source.describe(), "heldout": held.label, "heldout_rows": len(held)},

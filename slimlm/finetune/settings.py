@@ -41,6 +41,7 @@ class FinetuneSettings:
     accountant: str = "prv"  # DP accountant: prv (Gopi et al. 2021, tighter) or rdp (Mironov 2017)
     canaries: int = 0  # insert N random secrets into the training data and report their exposure (0: none)
     canary_repeats: int = 8  # copies of each secret in the training data
+    canary_candidates: int = 1023  # random secrets each true one is ranked among (exposure at most log2(this + 1))
 
     @property
     def private(self) -> bool:
@@ -61,6 +62,7 @@ class FinetuneSettings:
             if getattr(self, name) < 0:
                 raise SlimlmError(f"finetune: {name} is {getattr(self, name)}, must be 0 or more", f"pass {name} 0 or more")
         _positive("canary_repeats", self.canary_repeats)
+        _positive("canary_candidates", self.canary_candidates)
         if self.adapter_layers is not None:
             _positive("adapter_layers", self.adapter_layers)
         if self.eval_windows is not None:
