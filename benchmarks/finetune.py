@@ -34,13 +34,13 @@ def rows(args, small: Path) -> list[tuple[str, str, list[str]]]:
     dp = ["--dp-epsilon", "8", "--dp-delta", "1e-5", "--max-grad-norm", "1.0"]
     return [
         ("lora", "smollm2-135m", ["--method", "lora"]),
-        ("dora", "smollm2-135m", ["--method", "dora"]),
-        ("prompt-tuning", "smollm2-135m", ["--method", "prompt-tuning"]),
-        ("adaption-prompt", "smollm2-135m", ["--method", "adaption-prompt"]),
         ("qlora (gptq-w4-g64)", str(args.int4), ["--method", "lora"]),
         ("dp-lora ε=8", "smollm2-135m", ["--method", "lora", *dp]),
         ("canaries lora", "smollm2-135m", ["--method", "lora", *canaries]),
         ("canaries dp-lora ε=8", "smollm2-135m", ["--method", "lora", *dp, *canaries]),
+        ("dora", "smollm2-135m", ["--method", "dora"]),
+        ("prompt-tuning", "smollm2-135m", ["--method", "prompt-tuning"]),
+        ("adaption-prompt", "smollm2-135m", ["--method", "adaption-prompt"]),
     ]
 
 
