@@ -174,6 +174,25 @@ def test_qlora_trains_adapters_on_the_packed_codes():
         apply_method(quantized(), FinetuneSettings(method="dora"))
 
 
+def test_qlora_adapter_of_a_saved_quantized_model_loads_back(tmp_path):
+    from slimlm.finetune.api import finetune, load_adapter
+    from slimlm.models.load import load_model
+    from slimlm.models.save import save_model
+
+    save_model(quantized(), tokenizer(), tmp_path / "int4", {"recipe": {"name": "rtn-w4-g32"}})
+    (tmp_path / "d.txt").write_text(TEXT)
+    manifest = finetune(str(tmp_path / "int4"), str(tmp_path / "d.txt"), tmp_path / "out", FinetuneSettings(seqlen=32, steps=6, batch_size=4))
+    assert manifest["metrics"]["finetuned"]["perplexity"] < manifest["metrics"]["base"]["perplexity"]
+    with pytest.raises(SlimlmError, match="re-quantize the update away"):
+        finetune(str(tmp_path / "int4"), str(tmp_path / "d.txt"), tmp_path / "merged", FinetuneSettings(seqlen=32, steps=1, batch_size=4), merge=True)
+    reloaded = load_adapter(load_model(str(tmp_path / "int4")).model, tmp_path / "out")
+    base_layer = reloaded.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(base_layer, QuantizedLinear)
+    again = load_adapter(load_model(str(tmp_path / "int4")).model, tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded), logits(again))
+    assert not torch.allclose(logits(reloaded), logits(load_model(str(tmp_path / "int4")).model), atol=1e-4)
+
+
 # --- differential privacy ----------------------------------------------------------------------------------------
 
 
