@@ -158,6 +158,8 @@ def finetune(
     else:
         source = ShuffledRows(rows, settings.seed)
     peak_reset = reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # peak_memory()'s CUDA figure is then the training's
     start = time.perf_counter()
     result = train(trained, finetune_loss, source, config, eval_fn=lambda m: heldout_perplexity(m, held), run={"finetune": _plain(settings)},
                    description=f"finetune ({settings.method}{', DP' if privacy else ''})", wrap_optimizer=wrap)
