@@ -57,11 +57,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float | None:
-    """VmHWM of this process in MiB (Linux), None elsewhere."""
+def rss_mb(field: str = "VmHWM") -> float | None:
+    """This process's VmHWM (peak) or VmRSS (now) in MiB (Linux), None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -158,6 +158,7 @@ def finetune(
     else:
         source = ShuffledRows(rows, settings.seed)
     peak_reset = reset_peak_rss()
+    start_rss = rss_mb("VmRSS")  # what loading left resident (weights, and heap the loaders freed but kept)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_memory()'s CUDA figure is then the training's
     start = time.perf_counter()
@@ -169,7 +170,8 @@ def finetune(
     with stage("evaluating the fine-tuned model on the held-out split"):
         metrics["finetuned"] = heldout_perplexity(adapted, held)
     metrics.update(train_seconds=seconds, tokens_per_second=result.tokens_per_second, losses=result.losses, evaluations=result.evaluations,
-                   peak_memory=peak_memory(), training_peak_rss_mb=peak_rss_mb() if peak_reset else None)
+                   peak_memory=peak_memory(), training_peak_rss_mb=rss_mb() if peak_reset else None,
+                   training_start_rss_mb=start_rss, weight_bytes=sum(t.numel() * t.element_size() for t in [*adapted.parameters(), *adapted.buffers()]))
     if privacy is not None:
         metrics["privacy"] = privacy.record(len(rows))
     if canaries:
