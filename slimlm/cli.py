@@ -655,6 +655,131 @@ def serve(
     console.print(f"[dim]{backend.description}[/dim]", highlight=False)
     console.print(f"serving {name or model} on http://{host}:{port}/v1 (Ctrl-C stops)" + (" · API key required" if api_key else ""), highlight=False)
     run_server(backend, name or model, host=host, port=port, api_key=api_key)
+# --- finetune (slimlm.finetune) -----------------------------------------------------------------------------------
+
+
+def _finetune_defaults():
+    from slimlm.finetune.settings import FinetuneSettings
+
+    return FinetuneSettings()
+
+
+FINETUNE = _finetune_defaults()
+
+
+@app.command()
+def finetune(
+    model: ModelArg,
+    data: Annotated[str, typer.Option("--data", help="Training data: a .txt file, a .jsonl of {\"text\"} or chat {\"messages\"} rows (loss on the answers), or wikitext2:DIR / hf:NAME.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: peft adapter + finetune.json (written atomically).")],
+    method: Annotated[str, typer.Option("--method", help="lora, dora, prompt-tuning, adaption-prompt (LLaMA-Adapter) or full.")] = FINETUNE.method,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out text (its evaluation split, GPTQ-protocol windows); default: --heldout of --data.")] = None,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA/DoRA rank.")] = FINETUNE.rank,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="LoRA/DoRA alpha (default 2 x rank).")] = FINETUNE.alpha,
+    targets: Annotated[str | None, typer.Option("--targets", help="LoRA/DoRA: regex over block linear names (default: all).")] = FINETUNE.targets,
+    virtual_tokens: Annotated[int, typer.Option("--virtual-tokens", help="Prompt tuning: soft-prompt length.")] = FINETUNE.virtual_tokens,
+    adapter_len: Annotated[int, typer.Option("--adapter-len", help="Adaption prompt: prompt tokens per adapted layer.")] = FINETUNE.adapter_len,
+    adapter_layers: Annotated[int | None, typer.Option("--adapter-layers", help="Adaption prompt: adapt the top N layers (default: all).")] = FINETUNE.adapter_layers,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = FINETUNE.steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step (DP: the expected Poisson batch).")] = FINETUNE.batch_size,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default: per method, e.g. LoRA 1e-3).")] = FINETUNE.lr,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up steps.")] = FINETUNE.warmup,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per training sequence and held-out window.")] = FINETUNE.seqlen,
+    heldout: Annotated[float, typer.Option("--heldout", help="Share of --data held out when --eval-data is not given.")] = FINETUNE.heldout,
+    eval_windows: Annotated[int | None, typer.Option("--eval-windows", help="Evaluate on the first N held-out rows (default: all).")] = FINETUNE.eval_windows,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between held-out evaluations during training (0: before and after only).")] = FINETUNE.eval_every,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, adapters, DP noise and canaries.")] = FINETUNE.seed,
+    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", help="Train with DP-SGD (Opacus) to this epsilon.")] = FINETUNE.dp_epsilon,
+    dp_delta: Annotated[float, typer.Option("--dp-delta", help="DP delta.")] = FINETUNE.dp_delta,
+    noise_multiplier: Annotated[float | None, typer.Option("--noise-multiplier", help="DP-SGD with this noise multiplier instead of an epsilon target.")] = FINETUNE.noise_multiplier,
+    max_grad_norm: Annotated[float, typer.Option("--max-grad-norm", help="DP: per-sample gradient clipping norm.")] = FINETUNE.max_grad_norm,
+    accountant: Annotated[str, typer.Option("--accountant", help="DP accountant: prv or rdp (Opacus).")] = FINETUNE.accountant,
+    canaries: Annotated[int, typer.Option("--canaries", help="Insert N random secrets into the data and report their exposure after training.")] = FINETUNE.canaries,
+    canary_repeats: Annotated[int, typer.Option("--canary-repeats", help="Copies of each secret in the data.")] = FINETUNE.canary_repeats,
+    canary_candidates: Annotated[int, typer.Option("--canary-candidates", help="Random secrets each planted one is ranked among.")] = FINETUNE.canary_candidates,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model (LoRA/DoRA folded into the weights) to OUT/merged.")] = False,
+    gguf: Annotated[bool, typer.Option("--gguf", help="Also write OUT/adapter.gguf, a LoRA adapter llama.cpp loads with --lora (GGUF base only).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the manifest to this JSON file ('-': stdout).")] = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    device: Device = None,
+) -> None:
+    """Fine-tune a model on your data with a parameter-efficient method (peft), optionally with differential privacy
+    (DP-SGD through Opacus, the epsilon spent in the report) and a memorization check (canary exposure).
+
+    [bold]Examples[/bold]
+
+      slimlm finetune smollm2-135m --data notes.txt --out smol-notes --steps 200
+      slimlm finetune smollm2-135m --data chats.jsonl --method dora --out smol-chat --merge
+      slimlm finetune smollm2-135m --data notes.txt --out smol-dp --dp-epsilon 8 --dp-delta 1e-5 --max-grad-norm 1.0
+      slimlm finetune smol-gptq-w4 --data notes.txt --out smol-qlora        # QLoRA on slimlm's packed int4 model
+      slimlm finetune smollm2-135m --data notes.txt --out smol-lora --gguf   # llama-cli -m base.gguf --lora smol-lora/adapter.gguf
+      slimlm finetune smollm2-135m --data notes.txt --out smol-canary --canaries 4 --dp-epsilon 8
+    """
+    from slimlm.finetune.api import finetune as finetune_job
+    from slimlm.finetune.settings import FinetuneSettings
+    from slimlm.progress import console
+
+    settings = FinetuneSettings(
+        method=method, rank=rank, alpha=alpha, targets=targets, virtual_tokens=virtual_tokens, adapter_len=adapter_len, adapter_layers=adapter_layers,
+        steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, seqlen=seqlen, heldout=heldout, eval_windows=eval_windows, eval_every=eval_every,
+        seed=seed, dp_epsilon=dp_epsilon, dp_delta=dp_delta, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, accountant=accountant,
+        canaries=canaries, canary_repeats=canary_repeats, canary_candidates=canary_candidates,
+    )
+    manifest = finetune_job(model=model, data=data, out=out, settings=settings, eval_data=eval_data, merge=merge, gguf=gguf,
+                            overwrite=overwrite, allow_pickle=allow_pickle, device=device)
+    metrics = manifest["metrics"]
+    before, after = metrics["base"]["perplexity"], metrics["finetuned"]["perplexity"]
+    console.print(f"held-out perplexity {before:.3f} → {after:.3f} ({after / before - 1:+.1%}) · trainable {metrics['trainable_parameters']:,} of {metrics['total_parameters']:,} parameters")
+    console.print(f"{metrics['tokens_per_second']:,.0f} tokens/s · {metrics['train_seconds']:.1f} s · peak RSS {metrics['peak_memory']['cpu_peak_rss_mb']:.0f} MB")
+    if "privacy" in metrics:
+        p = metrics["privacy"]
+        console.print(f"DP-SGD: ε = {p['epsilon']:.3f} at δ = {p['delta']:g} ({p['accountant_name']}) · noise multiplier {p['noise_multiplier']:.4f} · clip {p['max_grad_norm']} · sampling rate {p['sample_rate']:.5f}")
+    if "canaries" in metrics:
+        c = metrics["canaries"]
+        console.print(f"canary exposure: mean {c['mean_exposure']:.2f} bits of at most {c['max_exposure']:.2f} (ranks {', '.join(str(r['rank']) for r in c['canaries'])})")
+    if "gguf_adapter" in manifest:
+        console.print(f"GGUF adapter: {manifest['gguf_adapter']['path']}")
+    console.print(f"saved: {out}")
+    if json_out:
+        _write_json(json_out, manifest)
+
+
+
+@app.command()
+def exposure(
+    model: ModelArg,
+    canaries: Annotated[Path, typer.Option("--canaries", help="The canaries.json a `slimlm finetune --canaries N` run wrote.")],
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A `slimlm finetune` output directory whose adapter to load onto MODEL.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result to this JSON file ('-': stdout).")] = None,
+    allow_pickle: AllowPickle = False,
+    device: Device = None,
+) -> None:
+    """Exposure of planted canaries (Carlini et al. 2019) in any model: the fine-tuned one, its merge, or the merge
+    after compression.
+
+    [bold]Examples[/bold]
+
+      slimlm exposure smollm2-135m --adapter smol-canary --canaries smol-canary/canaries.json
+      slimlm exposure smol-canary-gptq --canaries smol-canary/canaries.json    # after slimlm compress of the merge
+    """
+    from slimlm.finetune.canaries import exposure as measure
+    from slimlm.finetune.canaries import read_canaries
+    from slimlm.models.load import load_model
+    from slimlm.progress import console
+
+    planted = read_canaries(canaries)
+    loaded = load_model(str(model), allow_pickle=allow_pickle, device=device)
+    scored = loaded.model
+    if adapter is not None:
+        from slimlm.finetune.api import load_adapter
+
+        scored = load_adapter(loaded.model, adapter)
+    result = measure(scored, loaded.tokenizer, planted)
+    ranks = ", ".join(str(r["rank"]) for r in result["canaries"])
+    console.print(f"canary exposure: mean {result['mean_exposure']:.2f} bits of at most {result['max_exposure']:.2f} (ranks {ranks})")
+    if json_out:
+        _write_json(json_out, result)
 
 
 def huge_pages_default() -> None:

@@ -28,20 +28,29 @@ def lora_targets(model: nn.Module, selects=lambda name: True) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
-    """Wrap `model` in a peft LoRA model adapting the linears named `targets` (in place: the adapters are injected
-    into `model`'s own modules); only the adapters are trainable."""
+def lora_config(model: nn.Module, rank: int, alpha: float, targets: list[str], dora: bool = False, task_type: str | None = None):
+    """The peft LoraConfig adapting the linears named `targets`; `dora` adds DoRA's learned magnitudes (Liu et al.
+    2024), `task_type="CAUSAL_LM"` makes the saved adapter loadable by peft's AutoPeftModelForCausalLM."""
     require_peft()
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,
         target_modules=targets,
+        use_dora=dora,
+        task_type=task_type,
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores (in, out)
     )
-    return get_peft_model(model, config)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str]) -> nn.Module:
+    """Wrap `model` in a peft LoRA model adapting the linears named `targets` (in place: the adapters are injected
+    into `model`'s own modules); only the adapters are trainable."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, rank, alpha, targets))
 
 
 def merge_lora(adapted: nn.Module) -> nn.Module:

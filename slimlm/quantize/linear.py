@@ -11,6 +11,21 @@ from slimlm.models.swap import replace_module_
 from slimlm.quantize.grid import QuantGrid, dequantize
 
 
+class _CodesMatmul(torch.autograd.Function):
+    """x · dequant(codes)ᵀ whose backward dequantizes the codes again instead of keeping the float weight: training
+    through frozen quantized layers (QLoRA, distillation after quantization) holds one layer's float weight at a
+    time, not a dense copy of every layer until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None  # (..., out) @ (out, in): dL/dx
+
+
 class QuantizedLinear(nn.Module):
     """y = x · dequant(codes)ᵀ + b, with codes (out, in) int8 and per-group scales (out, groups).
 
@@ -39,8 +54,17 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize(self.weight_q, self.weight_scale, self.weight_zero_point, self.compute_dtype)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The codes under the name peft looks for a packed layer's device by (AutoGPTQ's), when it wraps the
+        layer in LoRA adapters (slimlm.finetune.qlora)."""
+        return self.weight_q
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        y = _CodesMatmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         group = "channel" if self.grid.group_size is None else f"group={self.grid.group_size}"

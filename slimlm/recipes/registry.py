@@ -93,6 +93,11 @@ ROWS: dict[str, Row] = {
         " per-group scales (LSQ), distilled from the recipe's base (LLM-QAT; samples: teacher is data-free);"
         " starts from RTN qparams or refines an earlier rtn/gptq/awq result; stored packed",
     ),
+    "finetune": Row(
+        stage="slimlm.finetune.stage:FINETUNE",
+        summary="fine-tune on the recipe's data (text, or chat jsonl with the loss on the answers): LoRA/DoRA merged"
+        " back, or full; dp_epsilon: DP-SGD through Opacus, the ε spent in the manifest",
+    ),
     "kv-cache": Row(
         stage="slimlm.quantize.kv_cache:KV_CACHE",
         summary="quantize the KV cache at inference, keys per channel and values per token, newest tokens in full"

@@ -262,10 +262,13 @@ def train(
     eval_fn: EvalFn | None = None,
     run: dict | None = None,
     description: str = "train",
+    wrap_optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
 ) -> TrainResult:
     """Train `model` in place for `config.steps` optimizer steps of `loss_fn(model, batch)`; resumes from
     `config.checkpoint_dir/last.pt` when it exists and matches. Under `torchrun` pass a model already sharded with
-    `slimlm.train.distributed.shard_`. `run` describes anything else that defines the run (teacher, loss, …)."""
+    `slimlm.train.distributed.shard_`. `run` describes anything else that defines the run (teacher, loss, …).
+    `wrap_optimizer` turns the AdamW/Adafactor optimizer into another that steps it (Opacus' DPOptimizer: per-sample
+    clipping and noise before each step)."""
     place = world()
     if config.batch_size % place.size:
         raise SlimlmError(f"batch_size {config.batch_size} does not split evenly over {place.size} processes", f"use a batch_size divisible by {place.size}")
@@ -274,6 +277,8 @@ def train(
     device = next(model.parameters()).device
     identity = run_identity(model, config, {**(run or {}), "data": source.describe()})
     optimizer = build_optimizer(model, config)
+    if wrap_optimizer is not None:
+        optimizer = wrap_optimizer(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     checkpoint = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None
     result = TrainResult(steps=0, losses=[])
