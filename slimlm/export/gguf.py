@@ -216,12 +216,13 @@ def _rope(config) -> dict:
     return {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling}
 
 
-def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary, overrides=None, importance=None):
+def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary, overrides=None, importance=None, prepacked=None):
     """Yield (gguf name, data, raw GGML type or None) for every tensor, in llama.cpp's order.
 
     `overrides` maps GGUF tensor names to types (beating `gguf_type`); `importance` maps them to per-input-column
-    importance for the dense tensors re-quantized."""
-    overrides, importance = overrides or {}, importance or {}
+    importance for the dense tensors re-quantized; `prepacked` maps them to (type, bytes (out, row bytes) uint8 in
+    the model's row order), written as they are (the search's chosen codes)."""
+    overrides, importance, prepacked = overrides or {}, importance or {}, prepacked or {}
     config = model.config
     adapter = adapter_for(model)
     heads = config.num_attention_heads
@@ -229,15 +230,25 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
     # 4-bit files keep the (tied) embedding / output projection at 8 bits, as llama-quantize does.
     io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
 
+    def given(name: str, order=lambda t: t):
+        type_name, data = prepacked[name]
+        summary.codes_kept += 1
+        return name, order(torch.from_numpy(np.ascontiguousarray(data))).numpy(), ggml_type(type_name)
+
     embed = model.get_submodule(adapter.embed).weight
-    yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
+    if "token_embd.weight" in prepacked:
+        yield given("token_embd.weight")
+    else:
+        yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
     for index, block in enumerate(decoder_blocks(model)):
         for rel, base in BLOCK_TENSORS.items():
             module = block.get_submodule(rel)
             rows = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(rel) if permute else None
             order = (lambda t, n=rows: permute_rope_rows(t, n)) if rows else (lambda t: t)
             name = f"blk.{index}.{base}.weight"
-            if isinstance(module, QuantizedLinear):
+            if name in prepacked:
+                yield given(name, order)
+            elif isinstance(module, QuantizedLinear):
                 yield from _quantized(name, module, overrides.get(name, gguf_type), order, summary)
             elif module.weight.dim() == 1:
                 yield f"blk.{index}.{base}.weight", module.weight.detach().float().cpu().numpy(), None
@@ -248,7 +259,9 @@ def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFS
                 yield f"blk.{index}.{base}.bias", order(bias.detach()).float().cpu().numpy(), None
     yield "output_norm.weight", model.get_submodule(adapter.final_norm).weight.detach().float().cpu().numpy(), None
     head = model.get_submodule(adapter.lm_head).weight
-    if head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
+    if head.data_ptr() != embed.data_ptr() and "output.weight" in prepacked:
+        yield given("output.weight")
+    elif head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
         yield from _dense_2d("output.weight", head, overrides.get("output.weight", io_type), summary, importance.get("output.weight"))
 
 
@@ -412,13 +425,15 @@ def write_gguf(
     overwrite: bool = False,
     tensor_types: Mapping[str, str] | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
+    prepacked: Mapping[str, tuple[str, np.ndarray]] | None = None,
 ) -> GGUFSummary:
     """Write `model` as one GGUF file at `out`, atomically (a hidden partial file renamed into place at the end).
 
     The tokenizer metadata is copied from `source_gguf` (the file the model was loaded from) when its vocabulary
     has the model's size, else built from the HF `tokenizer`. `tensor_types` overrides the type per GGUF tensor
     name ("blk.3.ffn_down.weight", "token_embd.weight", "output.weight"); `importance` gives per-input-column
-    importance (in,) for dense tensors re-quantized, by the same names. `summary.tensors` lists every tensor.
+    importance (in,) for dense tensors re-quantized, by the same names; `prepacked` gives a tensor's bytes as
+    (type, uint8 (out, row bytes)) in the model's row order, written unchanged. `summary.tensors` lists every tensor.
     """
     import gguf
 
@@ -433,8 +448,8 @@ def write_gguf(
     if source_gguf is None or not copy_tokenizer_metadata(writer, source_gguf, model.config.vocab_size):
         hf_tokenizer_metadata(writer, tokenizer, model.config)
     with torch.no_grad():
-        plan = list(_tensor_plan(model, gguf_type, permute, summary, tensor_types, importance))
-        _check_overrides(plan, tensor_types or {}, importance or {})
+        plan = list(_tensor_plan(model, gguf_type, permute, summary, tensor_types, importance, prepacked))
+        _check_overrides(plan, {**(tensor_types or {}), **(prepacked or {})}, importance or {})
         for tensor_name, data, raw in plan:
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
             kind = raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")
