@@ -137,7 +137,7 @@ class SearchSettings:
     """How hard the search looks. Defaults fit the main job (~10 minutes for SmolLM2-135M on 2 CPU cores)."""
 
     target: str = "gguf"
-    methods: tuple[str, ...] = ("rtn", "gptq")
+    methods: tuple[str, ...] = ("gptq", "ref")  # add "rtn" for importance-weighted rounding (slower)
     types: tuple[str, ...] | None = None  # block-linear types searched; None: every type slimlm writes on each shape
     statistics: CalibrationSettings = CalibrationSettings(samples=8, seqlen=512)  # Hessians, Fishers, GPTQ
     rerank_windows: int = 4  # held-out calibration windows that score whole configurations (the first: the quick stage)

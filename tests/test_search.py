@@ -27,7 +27,7 @@ GGUF_ARCHS = ["llama", "qwen2", "mistral"]
 
 def test_knapsack_matches_brute_force():
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _ in range(30):
         groups = int(rng.integers(1, 5))
         costs = [rng.random(int(rng.integers(1, 4))) for _ in range(groups)]
         sizes = [rng.integers(1, 50, len(c)) for c in costs]

@@ -28,7 +28,8 @@ from slimlm.search.space import Knob, Option, SearchSpace
 from slimlm.search.statistics import SearchStatistics, embedding_shaped_proxy, projection_proxy, shaped_proxy
 
 VERSION = 1
-BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: encoded for the presets, never searched
+BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: always encoded (the presets use it)
+REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")  # the types the gguf package quantizes itself
 
 
 @dataclass(frozen=True)
@@ -187,8 +188,8 @@ def _read_variants(path: Path, knob: Knob) -> list[Variant] | None:
 
 def baseline_options(knob: Knob) -> tuple[Option, ...]:
     """The reference-quantizer encodings of each searched type (llama.cpp's presets without an imatrix)."""
-    types = sorted({o.type for o in knob.options if o.type in ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")})
-    return tuple(Option(t, BASELINE_METHOD) for t in types)
+    types = sorted({o.type for o in knob.options if o.type in REFERENCE_TYPES})
+    return tuple(o for o in (Option(t, BASELINE_METHOD) for t in types) if o not in knob.options)
 
 
 def build_database(
@@ -205,8 +206,6 @@ def build_database(
     `statistics_for()` is called only if some knob is still missing (the statistics pass is the costly part on a
     resumed run). Knob i is built by rank i mod world; rank 0 then waits for the other ranks' files.
     """
-    from safetensors.numpy import save_file
-
     from slimlm.models.adapters import adapter_for
     from slimlm.search.space import tied_output
 
@@ -221,37 +220,61 @@ def build_database(
     head = adapter.lm_head if tied_output(model) else None
     variants: dict[str, list[Variant]] = {}
     todo = []
-    for number, knob in enumerate(space.knobs):
-        stored = _read_variants(path, knob)
-        if stored is not None:
-            variants[knob.tensor] = stored
-        elif number % world == rank:
-            todo.append(knob)
+    for number, group in enumerate(_groups(space)):
+        for knob in group:
+            stored = _read_variants(path, knob)
+            if stored is not None:
+                variants[knob.tensor] = stored
+        missing = [k for k in group if k.tensor not in variants]
+        if missing and number % world == rank:
+            todo.append(missing)
     if todo:
         statistics = statistics_for()
-        with progress_bar("search: encoding tensor variants", len(todo), unit="tensors") as advance:
-            for knob in todo:
-                weight = _weight(model, knob).detach().float().cpu()
-                module = head if knob.role == "embedding" else knob.module
-                hessian = statistics.hessians.get(module) if module else None
-                importance = statistics.importance(module) if module in statistics.hessians else None
-                payloads, terms = {}, {}
-                for option in (*knob.options, *baseline_options(knob)):
-                    data = encode(weight, option, hessian, importance)
-                    delta = decode(data, option, knob.shape) - weight
-                    payloads[option.label] = data
-                    terms[option.label] = proxy_terms(knob, delta, statistics, adapter.embed, head)
-                proxies = scaled_proxies(terms)
-                meta = {
-                    label: {"bytes": int(payloads[label].nbytes), "proxy": proxies[label], "shaped": shaped, "projection": projected}
-                    for label, (shaped, projected) in terms.items()
-                }
-                _atomic_write(_knob_file(path, knob.tensor), lambda p, d=payloads, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}))
-                variants[knob.tensor] = [Variant(Option.parse(label), m["bytes"], m["proxy"]) for label, m in meta.items()]
-                advance()
+        with progress_bar("search: encoding tensor variants", sum(map(len, todo)), unit="tensors") as advance:
+            for group in todo:
+                for knob, meta in _encode_group(model, group, statistics, adapter.embed, head, path):
+                    variants[knob.tensor] = [Variant(Option.parse(label), m["bytes"], m["proxy"]) for label, m in meta.items()]
+                    advance()
     if rank == 0 and world > 1:
         _wait_for_others(path, space, variants)
     return Database(path, space, variants)
+
+
+def _groups(space: SearchSpace) -> list[list[Knob]]:
+    """Knobs that read the same input (q/k/v, gate/up of one block) together: GPTQ runs once on their stacked rows
+    (rows are independent given H, so this equals one run each, with one factorization and one column loop)."""
+    groups: dict[tuple, list[Knob]] = {}
+    for knob in space.knobs:
+        key = (knob.block, knob.shared) if knob.role == "linear" else (knob.tensor,)
+        groups.setdefault(key, []).append(knob)
+    return list(groups.values())
+
+
+def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatistics, embed: str, head: str | None, path: Path):
+    """Encode each knob of `group` in every option, write its file, yield (knob, its variants' metadata)."""
+    from safetensors.numpy import save_file
+
+    weights = [_weight(model, knob).detach().float().cpu() for knob in group]
+    module = head if group[0].role == "embedding" else group[0].module
+    hessian = statistics.hessians.get(module) if module else None
+    importance = statistics.importance(module) if module in statistics.hessians else None
+    stacked: dict[str, list[np.ndarray]] = {}  # GPTQ type -> each knob's rows
+    for position, (knob, weight) in enumerate(zip(group, weights)):
+        payloads, terms = {}, {}
+        for option in (*knob.options, *baseline_options(knob)):
+            if option.method == "gptq" and len(group) > 1:
+                if option.type not in stacked:
+                    rows = np.cumsum([w.shape[0] for w in weights])[:-1]
+                    stacked[option.type] = np.split(gptq_encode(torch.cat(weights), hessian, option.type, importance), rows)
+                data = stacked[option.type][position]
+            else:
+                data = encode(weight, option, hessian, importance)
+            payloads[option.label] = np.ascontiguousarray(data)
+            terms[option.label] = proxy_terms(knob, decode(data, option, knob.shape) - weight, statistics, embed, head)
+        proxies = scaled_proxies(terms)
+        meta = {label: {"bytes": int(payloads[label].nbytes), "proxy": proxies[label], "shaped": sh, "projection": pr} for label, (sh, pr) in terms.items()}
+        _atomic_write(_knob_file(path, knob.tensor), lambda p, d=payloads, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}))
+        yield knob, meta
 
 
 def _wait_for_others(path: Path, space: SearchSpace, variants: dict[str, list[Variant]], timeout_s: float = 86400) -> None:

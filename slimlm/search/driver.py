@@ -20,7 +20,7 @@ from slimlm.errors import SlimlmError
 from slimlm.progress import plain_line, stage
 from slimlm.search.artifact import Layout, file_bytes, measure_layout, padded, write_configuration
 from slimlm.search.database import Database, build_database
-from slimlm.search.rerank import Configuration, LiveModel, Stage, live_copy, rerank
+from slimlm.search.rerank import Configuration, LiveModel, Stage, live_copy, rerank, searchable_variants
 from slimlm.search.solver import knapsack
 from slimlm.search.space import Option, SearchSpace, gguf_search_space
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
@@ -130,6 +130,7 @@ def baselines(database: Database) -> list[tuple[str, str, Configuration]]:
         for method in ("gptq", "rtn"):
             if method in methods:
                 uniform = uniform_configuration(database, Option(type_, method), Option(embedding_type, "rtn"))
+                uniform = uniform or uniform_configuration(database, Option(type_, method), Option(embedding_type, "ref"))
                 if uniform is not None:
                     found.append((f"slimlm uniform {type_}/{method}", "uniform", uniform))
     return found
@@ -195,7 +196,8 @@ class Searcher:
         key = removed
         if key not in self.tables or self.tables[key][1] < capacity:
             kept = [i for i, k in enumerate(self.space.knobs) if k.block not in removed]
-            searchable = [[j for j, v in enumerate(self.database.variants[self.space.knobs[i].tensor]) if v.option.method != "ref"] for i in kept]
+            every = searchable_variants(self.database)
+            searchable = [every[i] for i in kept]
             costs = [np.array([self.database.variants[self.space.knobs[i].tensor][j].proxy for j in options]) for i, options in zip(kept, searchable)]
             sizes = [np.array([padded(self.database.variants[self.space.knobs[i].tensor][j].bytes) for j in options]) for i, options in zip(kept, searchable)]
             self.tables[key] = (knapsack(costs, sizes, capacity), capacity, kept, searchable)
@@ -207,7 +209,7 @@ class Searcher:
         for removed in self.removal_sets():
             layout = self.sizer.layout(removed)
             size = layout.header_bytes + layout.fixed_bytes + sum(
-                min(padded(v.bytes) for v in self.database.variants[k.tensor] if v.option.method != "ref") for k in self.space.knobs if k.block not in removed
+                min(padded(v.bytes) for v in self.database.variants[k.tensor] if v.option in k.options) for k in self.space.knobs if k.block not in removed
             )
             if best is None or size < best[0]:
                 best = (size, removed)

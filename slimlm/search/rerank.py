@@ -80,6 +80,11 @@ def live_copy(model: nn.Module, database: Database) -> LiveModel:
     return LiveModel(copy.deepcopy(model).eval(), database)
 
 
+def searchable_variants(database: Database) -> list[list[int]]:
+    """Per knob, the indices of the variants the search may choose (the rest encode baselines only)."""
+    return [[i for i, v in enumerate(database.variants[k.tensor]) if v.option in k.options] for k in database.space.knobs]
+
+
 @dataclass(frozen=True)
 class Stage:
     windows: EvalWindows
@@ -133,7 +138,7 @@ def rerank(
     rng = random.Random(seed)
     small, large = stages
     database = live.database
-    searchable = [[i for i, v in enumerate(database.variants[k.tensor]) if v.option.method != "ref"] for k in database.space.knobs]
+    searchable = searchable_variants(database)
     scored = [(live.kl(s, large.windows, large.reference), s) for s in seeds]
     evaluations = len(seeds)
     parent_kl, parent = min(scored, key=lambda item: item[0])

@@ -9,7 +9,8 @@ A *knob* is one tensor of the exported file (a block linear, the token embedding
             gptq  GPTQ's error feedback on the type's own grid (32-weight blocks, fp16 scale, the type's code
                   range and zero-point convention), so the codes GPTQ chose are the codes the file holds
             ref   llama.cpp's reference quantizer without importance (what `llama-quantize` does without an
-                  imatrix): the baseline presets only, never searched
+                  imatrix): searched where nothing better pays (Q8_0, F16, by default the embedding), and the
+                  encoding of llama.cpp's presets on the front
 
 Blocks may also be removed whole (depth pruning); that choice lives beside the knobs (`SearchSpace.depth`).
 """
@@ -30,6 +31,8 @@ GGUF_KQUANT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GGUF_EMBEDDING_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 GPTQ_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k")  # where error feedback pays
 METHODS = ("rtn", "gptq", "ref")
+DEFAULT_METHODS = ("gptq", "ref")  # GPTQ on 4/5-bit blocks, the reference quantizer for Q8_0 and the embedding
+REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 
 
 @dataclass(frozen=True, order=True)
@@ -57,6 +60,7 @@ class Knob:
     shape: tuple[int, int]  # (out, in) as the model computes with it (rows along in)
     options: tuple[Option, ...]  # searchable options (baseline-only `ref` options are added by the database)
     role: str = "linear"  # "linear", "embedding" (tied: also the output head), "output"
+    shared: str = ""  # linears of one block reading the same input share this key (q/k/v, gate/up)
 
 
 @dataclass(frozen=True)
@@ -76,17 +80,20 @@ def _writable(type_: str) -> bool:
 
 
 def gguf_options(shape: tuple[int, int], types: tuple[str, ...], methods: tuple[str, ...]) -> tuple[Option, ...]:
-    """Every (type, method) slimlm can write on rows of shape[1]; GPTQ only where its error feedback pays."""
+    """Every (type, method) slimlm can write on rows of shape[1]: GPTQ only where its error feedback pays, the
+    reference quantizer where no other asked-for method applies (Q8_0, F16)."""
     from slimlm.export.gguf_types import TYPES
 
     options = []
     for type_ in types:
         if not _writable(type_) or shape[1] % TYPES[type_].block:
             continue
-        for method in methods:
-            if method == "gptq" and type_ not in GPTQ_TYPES:
-                continue
-            options.append(Option(type_, method))
+        chosen = [m for m in methods if m != "gptq" or type_ in GPTQ_TYPES]
+        if not chosen or (chosen == ["ref"] and type_ not in REFERENCE_TYPES):
+            chosen = ["rtn"]  # k-quants: the gguf package has no reference quantizer for them
+        if chosen == ["rtn"] and "rtn" not in methods and type_ in REFERENCE_TYPES:
+            chosen = ["ref"]
+        options.extend(Option(type_, m) for m in chosen)
     return tuple(options)
 
 
@@ -113,16 +120,16 @@ def gguf_search_space(
     model: nn.Module,
     linear_types: tuple[str, ...] | None = None,
     embedding_types: tuple[str, ...] = GGUF_EMBEDDING_TYPES,
-    methods: tuple[str, ...] = ("rtn", "gptq"),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
 ) -> SearchSpace:
     """One knob per block linear and for the embedding (and the output head when untied)."""
     from slimlm.export.gguf import check_gguf_config
 
     check_gguf_config(model.config)
     linear_types = linear_types or GGUF_LINEAR_TYPES + GGUF_KQUANT_TYPES
-    unknown = [m for m in methods if m not in ("rtn", "gptq")]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SlimlmError(f"unknown search method(s): {', '.join(unknown)}", "use rtn and/or gptq")
+        raise SlimlmError(f"unknown search method(s): {', '.join(unknown)}", f"use some of: {', '.join(METHODS)}")
     adapter = adapter_for(model)
     knobs = []
     embed = model.get_submodule(adapter.embed).weight
@@ -131,7 +138,7 @@ def gguf_search_space(
         roles.append(("output", adapter.lm_head, model.get_submodule(adapter.lm_head).weight))
     for role, module, weight in roles:
         shape = tuple(weight.shape)
-        options = gguf_options(shape, embedding_types, ("rtn",))
+        options = gguf_options(shape, embedding_types, tuple(m for m in methods if m != "gptq") or ("ref",))
         knobs.append(Knob(module, gguf_tensor_name(model, module), None, shape, options, role))
     for index in range(len(decoder_blocks(model))):
         for rel in adapter.linears():
@@ -140,5 +147,6 @@ def gguf_search_space(
             options = gguf_options(shape, linear_types, methods)
             if not options:
                 raise SlimlmError(f"{module} {shape}: no searched GGUF type holds rows of {shape[1]}", "search other --types")
-            knobs.append(Knob(module, gguf_tensor_name(model, module), index, shape, options))
+            shared = next((group[0] for group in adapter.shared_inputs if rel in group), rel)
+            knobs.append(Knob(module, gguf_tensor_name(model, module), index, shape, options, shared=shared))
     return SearchSpace("gguf", tuple(knobs))
