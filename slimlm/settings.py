@@ -153,6 +153,7 @@ class SearchSettings:
             _at_least(self, name, low, "4")
 
 
+DEFAULT_SEARCH = SearchSettings()
 FAST_SEARCH = SearchSettings(statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=4, front_generations=0, offspring=6, depth_candidates=2)
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=8, kl_windows=8)  # held-out figures of every front point
 FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=4, kl_windows=4)

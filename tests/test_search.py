@@ -223,3 +223,27 @@ def test_search_refuses_a_size_that_is_not_one(tmp_path):
     with pytest.raises(SlimlmError, match="is not a size"):
         run_search("unused", tmp_path / "o", Constraints(max_size="ninety"), TINY_SEARCH, TINY_EVALUATION)
 
+
+
+def test_search_cli_prints_the_front_as_json(searched, tmp_path):
+    from conftest import run_cli
+
+    _, directory = searched
+    result = run_cli(
+        "search", directory / "tiny", "--max-size", "q4_0", "--out", tmp_path / "cli", "--database", directory / "db", "--types", "q4_0,q4_1,q8_0",
+        "--methods", "rtn,gptq", "--calib-samples", "4", "--calib-seqlen", "32", "--seqlen", "32", "--windows", "2", "--generations", "1",
+        "--front-generations", "0", "--depth-candidates", "1", "--json", "-",
+    )
+    assert result.returncode == 0, result.stdout
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    chosen = next(p for p in data["points"] if p["name"] == data["chosen"])
+    q4_0 = next(p for p in data["points"] if p["name"] == "llama.cpp Q4_0")
+    assert chosen["kind"] == "searched" and chosen["file_bytes"] <= q4_0["file_bytes"]
+
+
+def test_search_cli_names_a_bad_constraint(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "c.yaml").write_text("max_size: 92MB\nspeed: 3\n")
+    result = run_cli("search", "--constraints", tmp_path / "c.yaml", "--out", tmp_path / "o")
+    assert result.returncode == 2 and "unknown keys ['speed']" in result.stdout
