@@ -350,35 +350,64 @@ def export(
     model: ModelArg,
     format: Annotated[str, typer.Option("--format", "-f", help="hf (dense), compressed-tensors (transformers, vLLM) or gguf (llama.cpp).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf, compressed-tensors) or .gguf file; written atomically.")],
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="auto (keep the model's 4/8-bit codes, else f16), f16, bf16, q8_0, q4_0, q4_1.")] = "auto",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="auto (keep the model's 4/8-bit codes, else f16), f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k.")] = "auto",
+    preset: Annotated[str | None, typer.Option("--preset", help="llama.cpp's per-tensor mix: q4_0 q4_1 q5_0 q5_1 q8_0 q4_k_m q5_k_m q6_k (shape fallbacks resolved and listed).")] = None,
+    tensor_type: Annotated[list[str] | None, typer.Option("--tensor-type", help="REGEX=TYPE over GGUF tensor names, e.g. 'blk\\.\\d+\\.ffn_down\\.weight=q6_k' (repeatable; first match wins).")] = None,
+    embedding_type: Annotated[str | None, typer.Option("--embedding-type", help="Type of token_embd.weight.")] = None,
+    output_type: Annotated[str | None, typer.Option("--output-type", help="Type of output.weight (of token_embd.weight when tied).")] = None,
+    gguf_method: Annotated[str, typer.Option("--gguf-method", help="rtn (no data), imatrix (importance-weighted rounding from calibration), gptq (GPTQ on each type's grid; imatrix for the embedding/output).")] = "rtn",
+    calib_data: CalibData = RUN_CALIBRATION.data,
+    calib_samples: CalibSamples = RUN_CALIBRATION.samples,
+    calib_seqlen: CalibSeqlen = RUN_CALIBRATION.seqlen,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result and per-tensor table to this JSON file ('-': stdout).")] = None,
     overwrite: Overwrite = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Export a model to an engine format: GGUF for llama.cpp, compressed-tensors for transformers/vLLM, plain HF.
 
     GGUF keeps the codes a slimlm quantizer chose when a block format holds them (int4 group 32k -> Q4_0/Q4_1,
-    int8 -> Q8_0); dense weights are quantized with llama.cpp's reference algorithm.
+    int8 -> Q8_0); dense weights are quantized by slimlm's packers (Q4_K/Q5_K/Q6_K too), with --gguf-method gptq
+    by GPTQ on each tensor's own grid. Presets and --tensor-type follow llama-quantize; the per-tensor table says
+    which type each tensor got and why.
 
     [bold]Examples[/bold]
 
       slimlm export smol-w4 --format gguf --out smol-w4.gguf          # int4 g64 asym -> Q4_1, codes kept
-      slimlm export smollm2-135m --format gguf --gguf-type q4_0 --out smol-q4_0.gguf
+      slimlm export smollm2-135m --format gguf --preset q4_k_m --gguf-method gptq --out smol-q4_k_m.gguf
+      slimlm export smollm2-135m --format gguf --preset q4_0 --tensor-type 'attn_v=q8_0' --out smol.gguf
       slimlm export smol-2of4 --format compressed-tensors --out smol-2of4-ct
     """
     from slimlm.api import export as export_job
+    from slimlm.export import GGUFOptions
     from slimlm.progress import console
 
-    result = export_job(model=model, format=format, out=out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle)
+    calibration = _calibration(calib_data, calib_samples, calib_seqlen, RUN_CALIBRATION.seed)
+    options = GGUFOptions(preset=preset, tensor_types=tuple(tensor_type or ()), embedding_type=embedding_type,
+                          output_type=output_type, method=gguf_method, calibration=calibration)
+    result = export_job(model=model, format=format, out=out, gguf_type=gguf_type, overwrite=overwrite, allow_pickle=allow_pickle, gguf=options)
     size = f"{result['bytes'] / 1e6:.1f} MB"
     if format == "gguf":
+        from rich.table import Table
+
+        if not options.default:
+            shown = Table(title=f"GGUF tensors ({result.get('preset') or result['gguf_type']}, {result.get('method')})")
+            for column in ("tensor", "shape", "type", "bytes", "why"):
+                shown.add_column(column, justify="right" if column == "bytes" else "left")
+            for row in result["tensors"]:
+                if len(row["shape"]) > 1:
+                    shown.add_row(row["name"], "×".join(map(str, row["shape"])), row["type"], f"{row['bytes']:,}", row["why"])
+            console.print(shown)
         types = ", ".join(f"{kind} ×{count}" for kind, count in sorted(result["tensor_types"].items()))
-        console.print(f"GGUF {result['gguf_type']} · {size} · tensors {types}")
-        console.print(f"codes kept {result['codes_kept']} · re-quantized {result['requantized']} · dequantized {result['dequantized']}")
+        console.print(f"GGUF {result.get('preset') or result['gguf_type']} · {size} · tensors {types}")
+        console.print(f"codes kept {result['codes_kept']} · re-quantized {result['requantized']} · dequantized {result['dequantized']}"
+                      + (f" · GPTQ {result['gptq_tensors']}" if result.get("gptq_tensors") else ""))
         if result["fallbacks"]:
             console.print(f"written as F16 (rows not a multiple of 32): {', '.join(result['fallbacks'])}")
     else:
         console.print(f"{format} · weights {size} · quantized linears {result['quantized_linears']}")
     console.print(f"saved: {out}")
+    if json_out:
+        _write_json(json_out, result)
 
 
 def _brief(details: dict) -> str:

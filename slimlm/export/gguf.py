@@ -41,6 +41,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.export.gguf_types import (
+    TYPES,
     ggml_type,
     pack_blocks,
     quantize_tensor,
@@ -52,9 +53,10 @@ from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
-GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # the code width each block format stores
+K_QUANTS = ("q4_k", "q5_k", "q6_k")  # slimlm's packers; a QuantizedLinear's own scales do not fit their grids
 
 # HF model_type -> (llama.cpp architecture, permute q/k rows for llama.cpp's RoPE)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -73,6 +75,10 @@ BLOCK_TENSORS = {
 }
 
 
+def linear_tensor_name(index: int, rel: str) -> str:
+    """The GGUF name of block `index`'s linear at `rel` (relative to the block, e.g. "mlp.down_proj")."""
+    return f"blk.{index}.{BLOCK_TENSORS[rel]}.weight"
+
 def _ggml(name: str):
     return ggml_type(name)
 
@@ -82,7 +88,9 @@ def _file_type(gguf_type: str) -> int:
 
     return {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
             "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
-            "q5_1": LlamaFileType.MOSTLY_Q5_1}[gguf_type]
+            "q5_1": LlamaFileType.MOSTLY_Q5_1, "q4_k": LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+            "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+            "q6_k": LlamaFileType.MOSTLY_Q6_K}[gguf_type]
 
 
 # --- pure kernels -------------------------------------------------------------------------------------------
@@ -97,6 +105,8 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def code_layout_problem(grid: QuantGrid, in_features: int, gguf_type: str) -> str | None:
     """Why GGUF `gguf_type` cannot hold these codes exactly (None if it can)."""
+    if gguf_type in K_QUANTS:
+        return f"{gguf_type.upper()} stores 6/8-bit sub-block scales of one fp16 scale per 256 weights, not these fp16 group scales"
     if gguf_type not in CODE_BITS:
         return None  # f16/bf16 hold the dequantized weights
     if grid.bits != CODE_BITS[gguf_type]:
@@ -137,8 +147,8 @@ def requantize(weight: torch.Tensor, gguf_type: str, importance: torch.Tensor | 
     (`gguf_types.quantize_tensor`)."""
     from gguf import quants
 
-    if importance is not None and gguf_type not in ("f16", "bf16"):
-        return quantize_tensor(weight, gguf_type, importance)
+    if (importance is not None and gguf_type not in ("f16", "bf16")) or gguf_type in K_QUANTS:
+        return quantize_tensor(weight, gguf_type, importance)  # k-quants: gguf.quants cannot write them
     data = weight.detach().float().cpu().numpy()
     if gguf_type == "f16":
         return data.astype(np.float16)
@@ -161,8 +171,11 @@ class GGUFSummary:
     tensors: list[dict] = field(default_factory=list)  # per tensor: name, shape (GGUF order: rows last), type, bytes
 
 
-def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
-    """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k)."""
+def check_gguf_model(model: nn.Module, gguf_type: str, tensor_types: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k).
+
+    A quantized linear is checked against its own type (`tensor_types` by GGUF name, else `gguf_type`)."""
+    tensor_types = tensor_types or {}
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"unknown GGUF type '{gguf_type}'", f"use one of: {', '.join(GGUF_TYPES)}")
     check_gguf_config(model.config)
@@ -177,16 +190,17 @@ def check_gguf_model(model: nn.Module, gguf_type: str) -> tuple[str, bool]:
         for rel in adapter.linears():
             module = block.get_submodule(rel)
             if isinstance(module, QuantizedLinear):
-                problem = code_layout_problem(module.grid, module.in_features, gguf_type)
+                wanted = tensor_types.get(f"blk.{index}.{BLOCK_TENSORS[rel]}.weight", gguf_type)
+                problem = code_layout_problem(module.grid, module.in_features, wanted)
                 if problem:
-                    problems.append((f"{adapter.blocks}.{index}.{rel}", module, problem))
+                    problems.append((f"{adapter.blocks}.{index}.{rel}", module, problem, wanted))
     if problems:
-        name, module, problem = problems[0]
+        name, module, problem, wanted = problems[0]
         grid = module.grid
         layout = "per channel" if grid.group_size is None else f"group {grid.group_size}"
-        holders = [t for t in CODE_BITS if all(code_layout_problem(m.grid, m.in_features, t) is None for _, m, _ in problems)]
+        holders = [t for t in CODE_BITS if all(code_layout_problem(m.grid, m.in_features, t) is None for _, m, _, _ in problems)]
         raise SlimlmError(
-            f"{len(problems)} quantized linears (e.g. {name}: int{grid.bits} {'sym' if grid.symmetric else 'asym'} {layout}) cannot be written as GGUF {gguf_type} without re-quantizing: {problem}",
+            f"{len(problems)} quantized linears (e.g. {name}: int{grid.bits} {'sym' if grid.symmetric else 'asym'} {layout}) cannot be written as GGUF {wanted} without re-quantizing: {problem}",
             f"formats that hold them: {', '.join(f'--gguf-type {t} (codes kept)' for t in holders) + ', ' if holders else ''}"
             "--gguf-type f16/bf16 (dequantized), --format compressed-tensors (codes kept) or --format hf (dequantized)",
         )
@@ -216,90 +230,98 @@ def _rope(config) -> dict:
     return {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling}
 
 
-def _tensor_plan(model: nn.Module, gguf_type: str, permute: bool, summary: GGUFSummary, overrides=None, importance=None, prepacked=None):
-    """Yield (gguf name, data, raw GGML type or None) for every tensor, in llama.cpp's order.
-
-    `overrides` maps GGUF tensor names to types (beating `gguf_type`); `importance` maps them to per-input-column
-    importance for the dense tensors re-quantized; `prepacked` maps them to (type, bytes (out, row bytes) uint8 in
-    the model's row order), written as they are (the search's chosen codes)."""
-    overrides, importance, prepacked = overrides or {}, importance or {}, prepacked or {}
+def _tensor_plan(model: nn.Module, permute: bool):
+    """Yield (gguf name, payload, row order) for every tensor, in llama.cpp's order. payload: a tensor already in
+    llama.cpp's row order (2-D dense or 1-D), or a QuantizedLinear written from its codes; `order` maps HF rows
+    (of weights, codes, scales or packed blocks) to llama.cpp's."""
     config = model.config
     adapter = adapter_for(model)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    # 4-bit files keep the (tied) embedding / output projection at 8 bits, as llama-quantize does.
-    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
-
-    def given(name: str, order=lambda t: t):
-        type_name, data = prepacked[name]
-        summary.codes_kept += 1
-        return name, order(torch.from_numpy(np.ascontiguousarray(data))).numpy(), ggml_type(type_name)
 
     embed = model.get_submodule(adapter.embed).weight
-    if "token_embd.weight" in prepacked:
-        yield given("token_embd.weight")
-    else:
-        yield from _dense_2d("token_embd.weight", embed, overrides.get("token_embd.weight", io_type), summary, importance.get("token_embd.weight"))
+    same = lambda t: t  # noqa: E731
+    yield "token_embd.weight", embed.detach(), same
     for index, block in enumerate(decoder_blocks(model)):
         for rel, base in BLOCK_TENSORS.items():
             module = block.get_submodule(rel)
             rows = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(rel) if permute else None
             order = (lambda t, n=rows: permute_rope_rows(t, n)) if rows else (lambda t: t)
             name = f"blk.{index}.{base}.weight"
-            if name in prepacked:
-                yield given(name, order)
-            elif isinstance(module, QuantizedLinear):
-                yield from _quantized(name, module, overrides.get(name, gguf_type), order, summary)
-            elif module.weight.dim() == 1:
-                yield f"blk.{index}.{base}.weight", module.weight.detach().float().cpu().numpy(), None
+            if isinstance(module, QuantizedLinear):
+                yield name, module, order
             else:
-                yield from _dense_2d(name, order(module.weight.detach()), overrides.get(name, gguf_type), summary, importance.get(name))
+                yield name, order(module.weight.detach()), order
             bias = getattr(module, "bias", None)
             if bias is not None:
-                yield f"blk.{index}.{base}.bias", order(bias.detach()).float().cpu().numpy(), None
-    yield "output_norm.weight", model.get_submodule(adapter.final_norm).weight.detach().float().cpu().numpy(), None
+                yield f"blk.{index}.{base}.bias", order(bias.detach()), order
+    yield "output_norm.weight", model.get_submodule(adapter.final_norm).weight.detach(), same
     head = model.get_submodule(adapter.lm_head).weight
-    if head.data_ptr() != embed.data_ptr() and "output.weight" in prepacked:
-        yield given("output.weight")
-    elif head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
-        yield from _dense_2d("output.weight", head, overrides.get("output.weight", io_type), summary, importance.get("output.weight"))
+    if head.data_ptr() != embed.data_ptr():  # tied: llama.cpp reads token_embd for the output
+        yield "output.weight", head.detach(), same
 
 
-def _check_overrides(plan, tensor_types: Mapping[str, str], importance: Mapping[str, torch.Tensor]) -> None:
-    """Every override names a tensor the file has."""
-    names = {tensor_name for tensor_name, _, _ in plan}
-    for key in (*tensor_types, *importance):
-        if key not in names:
+def tensor_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{GGUF tensor name: torch shape (rows last)} of every tensor the file will hold, nothing quantized."""
+    return {name: tuple(payload.weight_q.shape if isinstance(payload, QuantizedLinear) else payload.shape)
+            for name, payload, _ in _tensor_plan(model, permute=False)}
+
+
+def default_tensor_types(layout: Mapping[str, tuple[int, ...]], gguf_type: str) -> dict[str, str]:
+    """`gguf_type` for every 2-D tensor; 4/5-bit files keep the (tied) embedding / output projection at Q8_0 as
+    llama-quantize does for rows that are not a multiple of 256."""
+    io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
+    return {name: io_type if name in ("token_embd.weight", "output.weight") else gguf_type
+            for name, shape in layout.items() if len(shape) == 2}
+
+
+def _check_overrides(layout: Mapping[str, tuple[int, ...]], *named: Mapping) -> None:
+    """Every override names a 2-D tensor the file has."""
+    for key in (key for mapping in named for key in mapping):
+        if key not in layout or len(layout[key]) != 2:
             raise SlimlmError(f"GGUF tensor '{key}' does not exist in this model", "name tensors as llama.cpp does, e.g. blk.0.ffn_down.weight, token_embd.weight")
 
 
-def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary, importance=None):
+def _encode(name: str, payload, order, gguf_type: str | None, summary: GGUFSummary, importance=None, packed=None):
+    """One tensor's (data, raw GGML type or None) at `gguf_type` (None: 1-D, F32)."""
+    if gguf_type is None:
+        return payload.float().cpu().numpy(), None
+    if isinstance(payload, QuantizedLinear):
+        return _quantized(name, payload, order, gguf_type, summary)
+    return _dense_2d(name, payload, gguf_type, summary, importance, packed)
+
+
+def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary, importance=None, packed=None):
     if gguf_type not in GGUF_TYPES:
         raise SlimlmError(f"GGUF type '{gguf_type}' for {name} is not one slimlm writes", f"use one of: {', '.join(GGUF_TYPES)}")
-    if gguf_type in CODE_BITS and weight.shape[1] % BLOCK:
+    block = TYPES[gguf_type].block
+    if weight.shape[1] % block:
         summary.fallbacks.append(name)
         gguf_type = "f16"
-    elif gguf_type in CODE_BITS:
+    elif block > 1:
         summary.requantized += 1
     raw = None if gguf_type == "f16" else _ggml(gguf_type)
-    yield name, requantize(weight, gguf_type, importance), raw
+    if packed is not None and gguf_type != "f16":
+        if packed.shape != (weight.shape[0], tensor_bytes(gguf_type, weight.shape) // weight.shape[0]):
+            raise SlimlmError(f"pre-quantized data for {name} does not match its shape {tuple(weight.shape)} as {gguf_type}", "quantize it again for this model")
+        return np.ascontiguousarray(packed), raw
+    return requantize(weight, gguf_type, importance), raw
 
 
-def _quantized(name: str, module: QuantizedLinear, gguf_type: str, order, summary: GGUFSummary):
+def _quantized(name: str, module: QuantizedLinear, order, gguf_type: str, summary: GGUFSummary):
     problem = code_layout_problem(module.grid, module.in_features, gguf_type) if gguf_type in GGUF_TYPES else "unknown type"
     if problem:
         raise SlimlmError(f"{name} ({tuple(module.weight_q.shape)}) cannot be GGUF {gguf_type}: {problem}",
                           f"types its codes or shape allow: {', '.join(t for t in types_for_shape(module.weight_q.shape) if t in GGUF_TYPES and code_layout_problem(module.grid, module.in_features, t) is None)}")
     if gguf_type not in CODE_BITS:
         summary.dequantized += 1
-        yield name, requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(gguf_type)
-        return
+        return requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(gguf_type)
     zero_point = getattr(module, "weight_zero_point", None)
     codes = order(module.weight_q.cpu())
     scale = order(module.weight_scale.cpu())
     zero_point = None if zero_point is None else order(zero_point.cpu())
     summary.codes_kept += 1
-    yield name, pack_codes(codes, scale, zero_point, gguf_type), _ggml(gguf_type)
+    return pack_codes(codes, scale, zero_point, gguf_type), _ggml(gguf_type)
 
 
 # --- metadata -------------------------------------------------------------------------------------------------
@@ -425,15 +447,18 @@ def write_gguf(
     overwrite: bool = False,
     tensor_types: Mapping[str, str] | None = None,
     importance: Mapping[str, torch.Tensor] | None = None,
-    prepacked: Mapping[str, tuple[str, np.ndarray]] | None = None,
+    packed: Mapping[str, np.ndarray] | None = None,
+    file_type: str | None = None,
 ) -> GGUFSummary:
     """Write `model` as one GGUF file at `out`, atomically (a hidden partial file renamed into place at the end).
 
     The tokenizer metadata is copied from `source_gguf` (the file the model was loaded from) when its vocabulary
     has the model's size, else built from the HF `tokenizer`. `tensor_types` overrides the type per GGUF tensor
     name ("blk.3.ffn_down.weight", "token_embd.weight", "output.weight"); `importance` gives per-input-column
-    importance (in,) for dense tensors re-quantized, by the same names; `prepacked` gives a tensor's bytes as
-    (type, uint8 (out, row bytes)) in the model's row order, written unchanged. `summary.tensors` lists every tensor.
+    importance (in,) for dense tensors re-quantized, by the same names; `packed` their raw bytes already quantized
+    (e.g. by `gguf_types.gptq_for_type`, rows in HF order: q/k rows are permuted here), at `tensor_types`' type.
+    `file_type`: the general.file_type to record (a preset such as q4_k_m; default `gguf_type`).
+    `summary.tensors` lists every tensor.
     """
     import gguf
 
@@ -441,16 +466,21 @@ def write_gguf(
     if out.exists() and (not overwrite or out.is_dir()):
         raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
     check_writable(out)
-    arch, permute = check_gguf_model(model, gguf_type)
+    arch, permute = check_gguf_model(model, gguf_type, tensor_types)
+    layout = tensor_layout(model)
+    _check_overrides(layout, tensor_types or {}, importance or {}, packed or {})
+    types = {**default_tensor_types(layout, gguf_type), **(tensor_types or {})}
     summary = GGUFSummary(out, gguf_type, 0)
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    _add_hparams(writer, model, arch, gguf_type, name)
+    _add_hparams(writer, model, arch, file_type or gguf_type, name)
     if source_gguf is None or not copy_tokenizer_metadata(writer, source_gguf, model.config.vocab_size):
         hf_tokenizer_metadata(writer, tokenizer, model.config)
     with torch.no_grad():
-        plan = list(_tensor_plan(model, gguf_type, permute, summary, tensor_types, importance, prepacked))
-        _check_overrides(plan, {**(tensor_types or {}), **(prepacked or {})}, importance or {})
-        for tensor_name, data, raw in plan:
+        for tensor_name, payload, order in _tensor_plan(model, permute):
+            prepacked = (packed or {}).get(tensor_name)
+            if prepacked is not None:  # bytes rows are weight rows: the same permutation
+                prepacked = order(torch.from_numpy(np.ascontiguousarray(prepacked))).numpy()
+            data, raw = _encode(tensor_name, payload, order, types.get(tensor_name), summary, (importance or {}).get(tensor_name), prepacked)
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
             kind = raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")
             summary.tensor_types[kind] = summary.tensor_types.get(kind, 0) + 1

@@ -8,12 +8,27 @@ Block formats (ggml; a block runs along a row, fp16 scales, little-endian; `gguf
     Q5_0  32 w, 22 B: d, qh[4], qs[16]                         w = d·(u − 16),  u ∈ 0..31
     Q5_1  32 w, 24 B: d, m, qh[4], qs[16]                      w = d·u + m,     u ∈ 0..31
     (nibbles: low nibble of qs[j] is element j, high nibble element j + 16; bit j of qh is element j's 5th bit)
-    Q4_K/Q5_K/Q6_K/Q2_K/Q3_K: 256-weight super-blocks (rows must be a multiple of 256); dequantize only for now.
 
-`quantize_tensor` chooses each block's scale (and minimum) by a search that minimises the importance-weighted
-squared error Σ_j imp_j·(w_j − ŵ_j)², imp being a per-input-column importance such as the diagonal of the
-calibration Hessian (llama.cpp's imatrix is the same statistic); without importance every column counts alike.
-Codes are then the nearest grid points for the fp16 scale the file holds, so the error measured is the file's.
+    k-quants: 256-weight super-blocks (rows must be a multiple of 256), sub-block scales stored as small integers
+    times one fp16 super-block scale:
+    Q4_K  256 w, 144 B: d, dmin, scales[12], qs[128]           w = d·sc_j·u − dmin·m_j, u ∈ 0..15, 8 sub-blocks
+    Q5_K  256 w, 176 B: d, dmin, scales[12], qh[32], qs[128]   w = d·sc_j·u − dmin·m_j, u ∈ 0..31
+          (sc_j, m_j 6-bit; qs[32c + l] holds elements 64c + l (low nibble) and 64c + 32 + l (high); bit 2c of
+          qh[l] is the 5th bit of element 64c + l, bit 2c + 1 that of 64c + 32 + l)
+    Q6_K  256 w, 210 B: ql[128], qh[64], scales[16] int8, d    w = d·sc_j·(u − 32), u ∈ 0..63, 16 sub-blocks of 16
+    Q2_K/Q3_K: dequantize only.
+
+Every writable type is a grid per group of g weights (g = 32, 16 for Q6_K): w = S·q + O with integer codes
+q ∈ [qmin, qmax] (signed for the symmetric types), S the scale and O the offset the file implies (`BlockGrid`).
+`choose_grid` picks the file's fields by a search that minimises the importance-weighted squared error
+Σ_j imp_j·(w_j − ŵ_j)², imp a per-input-column importance such as the diagonal of the calibration Hessian (llama.cpp's
+imatrix is the same statistic; without one every column counts alike); `grid_codes` rounds to the nearest codes,
+and `pack` lays them out. `quantize_tensor` is the three in a row; GPTQ (`gptq_for_type`) replaces the rounding
+by its error-feedback loop on the same grid, so the codes it commits are the codes the file holds.
+k-quant fields: each sub-block's (scale, minimum) by the weighted search, the sub-block scales quantized to the
+6/8-bit integers with the super-block scale of least weighted error (llama.cpp's make_qp_quants), then a local
+search over each sub-block's integer scale (±1) and the super-block scales' weighted least-squares refit,
+measured on the weights themselves.
 """
 
 from __future__ import annotations
@@ -49,12 +64,14 @@ TYPES: dict[str, GGUFType] = {
         GGUFType("q5_1", 32, 24, "Q5_1", True),
         GGUFType("q2_k", 256, 84, "Q2_K", False),
         GGUFType("q3_k", 256, 110, "Q3_K", False),
-        GGUFType("q4_k", 256, 144, "Q4_K", False),
-        GGUFType("q5_k", 256, 176, "Q5_K", False),
-        GGUFType("q6_k", 256, 210, "Q6_K", False),
+        GGUFType("q4_k", 256, 144, "Q4_K", True),
+        GGUFType("q5_k", 256, 176, "Q5_K", True),
+        GGUFType("q6_k", 256, 210, "Q6_K", True),
     )
 }
 WRITABLE = tuple(name for name, t in TYPES.items() if t.packed)
+BLOCK_TYPES = tuple(name for name in WRITABLE if TYPES[name].block > 1)  # the quantized ones
+SUPER = 256  # QK_K
 
 
 def gguf_type(name: str) -> GGUFType:
@@ -74,7 +91,10 @@ def tensor_bytes(name: str, shape: Sequence[int]) -> int:
     """Exact bytes the file holds for a tensor of `shape` (rows along the last dim) in type `name`."""
     t = gguf_type(name)
     if shape[-1] % t.block:
-        raise SlimlmError(f"a row of {shape[-1]} does not split into {t.block}-weight {name} blocks", f"use one of: {', '.join(types_for_shape(shape))}")
+        raise SlimlmError(
+            f"a row of {shape[-1]} does not split into {t.block}-weight {name} blocks",
+            f"use one of: {', '.join(types_for_shape(shape))}",
+        )
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // t.block) * t.block_bytes
 
 
@@ -83,12 +103,29 @@ def types_for_shape(shape: Sequence[int], writable_only: bool = True) -> list[st
     return [n for n, t in TYPES.items() if shape[-1] % t.block == 0 and (t.packed or not writable_only)]
 
 
+def check_shape(name: str, shape: Sequence[int], tensor: str = "a tensor") -> None:
+    """Refuse a type the shape cannot hold, naming the tensor, shape, why, and the types that can."""
+    t = gguf_type(name)
+    if not t.packed:
+        raise SlimlmError(f"slimlm cannot write GGUF {name} yet", f"use one of: {', '.join(WRITABLE)}")
+    if shape[-1] % t.block:
+        raise SlimlmError(
+            f"{tensor} of shape {tuple(shape)} cannot be {name}: rows of {shape[-1]} do not split into "
+            f"{t.block}-weight blocks",
+            f"use one of: {', '.join(types_for_shape(shape))}",
+        )
+
+
 # --- block kernels ------------------------------------------------------------------------------------------
 
 
 def _fp16(values: torch.Tensor) -> torch.Tensor:
     """Round to what the file holds (fp16), back as float32."""
     return values.to(torch.float16).float()
+
+
+def _exact(values: torch.Tensor) -> torch.Tensor:
+    return values
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -100,24 +137,24 @@ def _weighted_error(x: torch.Tensor, approx: torch.Tensor, w: torch.Tensor) -> t
     return (w * (x - approx) ** 2).sum(dim=-1)
 
 
-def symmetric_blocks(x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, steps: int = 10):
-    """x, w (N, B) -> (d fp16-exact (N,), codes (N, B) int in [qmin, qmax]) minimising Σ w·(x − d·q)².
+def symmetric_blocks(x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, steps: int = 20, round_to=_fp16):
+    """x, w (N, B) -> (d (N,) as `round_to` leaves it, codes (N, B) int in [qmin, qmax]) minimising Σ w·(x − d·q)².
 
     Candidates put the block's extreme value at qmin + k/steps·(a level) for k in −steps..steps (llama.cpp's
-    make_qx_quants sweep), each refit by weighted least squares d = Σwxq / Σwq², then d rounded to fp16 and the
-    codes re-rounded for it; the candidate with the least error wins.
+    make_qx_quants sweep), each refit by weighted least squares d = Σwxq / Σwq², then d rounded as the file holds
+    it (fp16; `_exact` for k-quant sub-blocks, quantized later) and the codes re-rounded for it; least error wins.
     """
     idx = x.abs().argmax(dim=-1, keepdim=True)
     extreme = x.gather(-1, idx).squeeze(-1)  # signed value with the largest magnitude
-    best_d = _fp16(extreme / qmin)
+    best_d = round_to(extreme / qmin)
     best_q = _codes(x, best_d, qmin, qmax)
     best_err = _weighted_error(x, best_d[:, None] * best_q, w)
     for k in range(-steps, steps + 1):
-        target = qmin + k / steps * 0.5
+        target = qmin + k / steps
         d0 = extreme / target
         q = _codes(x, d0, qmin, qmax)
         den = (w * q * q).sum(-1)
-        d = _fp16(torch.where(den > 0, (w * x * q).sum(-1) / den.clamp(min=1e-30), d0))
+        d = round_to(torch.where(den > 0, (w * x * q).sum(-1) / den.clamp(min=1e-30), d0))
         q = _codes(x, d, qmin, qmax)
         err = _weighted_error(x, d[:, None] * q, w)
         better = err < best_err
@@ -132,19 +169,23 @@ def _codes(x: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int) -> torch.Tens
     return torch.round(x * inv[:, None]).clamp(qmin, qmax)
 
 
-def affine_blocks(x: torch.Tensor, w: torch.Tensor, qmax: int, steps: int = 20):
-    """x, w (N, B) -> (d, m fp16-exact (N,), codes (N, B) in [0, qmax]) minimising Σ w·(x − (d·u + m))².
+def affine_blocks(x: torch.Tensor, w: torch.Tensor, qmax: int, steps: int = 40, round_to=_fp16,
+                  nonpositive_min: bool = False):
+    """x, w (N, B) -> (d, m (N,) as `round_to` leaves them, codes (N, B) in [0, qmax]) minimising Σ w·(x − (d·u + m))².
 
     Candidate ranges shrink the block's [min, max] (llama.cpp's make_qkx2_quants sweep); each is refit by the
-    2×2 weighted least squares for (d, m), rounded to fp16, and the codes re-rounded for it.
+    2×2 weighted least squares for (d, m), rounded as the file holds them, and the codes re-rounded for it.
+    `nonpositive_min`: m ≤ 0 (k-quants store −m as an unsigned integer).
     """
     low, high = x.amin(-1), x.amax(-1)
-    best_d, best_m = _fp16((high - low) / qmax), _fp16(low)
+    if nonpositive_min:
+        low = low.clamp(max=0)
+    span = (high - low).clamp(min=1e-30)
+    best_d, best_m = round_to(span / qmax), round_to(low)
     best_q = _affine_codes(x, best_d, best_m, qmax)
     best_err = _weighted_error(x, best_d[:, None] * best_q + best_m[:, None], w)
-    span = (high - low).clamp(min=1e-30)
     for k in range(steps + 1):
-        scale = (qmax + (k - steps / 2) / steps) / span  # levels per unit
+        scale = (qmax + (2 * k - steps) / steps) / span  # levels per unit: qmax ± 1
         q = torch.round((x - low[:, None]) * scale[:, None]).clamp(0, qmax)
         sw, sq, sx = w.sum(-1), (w * q).sum(-1), (w * x).sum(-1)
         sqq, sqx = (w * q * q).sum(-1), (w * q * x).sum(-1)
@@ -152,7 +193,11 @@ def affine_blocks(x: torch.Tensor, w: torch.Tensor, qmax: int, steps: int = 20):
         ok = det > 1e-30
         d = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, torch.ones_like(det)), 1 / scale)
         m = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, torch.ones_like(det)), low)
-        d, m = _fp16(d.clamp(min=0)), _fp16(m)
+        if nonpositive_min:
+            positive = m > 0
+            d = torch.where(positive, sqx / sqq.clamp(min=1e-30), d)
+            m = m.clamp(max=0)
+        d, m = round_to(d.clamp(min=0)), round_to(m)
         q = _affine_codes(x, d, m, qmax)
         err = _weighted_error(x, d[:, None] * q + m[:, None], w)
         better = err < best_err
@@ -185,6 +230,240 @@ def pack_blocks(name: str, u: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
     return torch.cat(parts, dim=1)
 
 
+# --- grids: the file's fields as S·q + O per group --------------------------------------------------------------
+
+
+@dataclass
+class BlockGrid:
+    """One tensor's grid (rows R, columns C): ŵ = scale·q + offset per group of `group` columns, q ∈ [qmin, qmax].
+
+    `fields` holds what the file stores: d (and m) per 32-block; for k-quants d, dmin per super-block and the
+    integer sub-block scales sc (and minima mn). scale/offset are float32 products of them, computed as ggml's
+    dequantizer computes them, so S·q + O is bit-exact with what llama.cpp reads back."""
+
+    name: str
+    group: int
+    qmin: int
+    qmax: int
+    scale: torch.Tensor  # (R, C/group) float32
+    offset: torch.Tensor | None  # (R, C/group) float32, None for symmetric types
+    fields: dict[str, torch.Tensor]
+
+
+SYMMETRIC = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q5_0": (-16, 15)}
+AFFINE = {"q4_1": 15, "q5_1": 31}
+KQUANT_AFFINE = {"q4_k": 15, "q5_k": 31}
+
+
+def _grid_from_fields(name: str, rows: int, fields: dict[str, torch.Tensor]) -> BlockGrid:
+    """scale/offset tables (R, groups) from the file's fields, computed in float32 as ggml's dequantizer does."""
+    if name in SYMMETRIC or name in AFFINE:
+        qmin, qmax = SYMMETRIC.get(name, (0, AFFINE.get(name)))
+        m = fields.get("m")
+        return BlockGrid(name, 32, qmin, qmax, fields["d"].reshape(rows, -1),
+                         None if m is None else m.reshape(rows, -1), fields)
+    d = fields["d"][:, None]  # (N, 1) per super-block
+    scale = (d * fields["sc"].float()).reshape(rows, -1)  # d·sc_j
+    if name == "q6_k":
+        return BlockGrid(name, 16, -32, 31, scale, None, fields)
+    offset = -(fields["dmin"][:, None] * fields["mn"].float()).reshape(rows, -1)  # −dmin·m_j
+    return BlockGrid(name, 32, 0, KQUANT_AFFINE[name], scale, offset, fields)
+
+
+def _safe(grid: BlockGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale with 0 -> 1, offset, low, high) tables (R, groups): a zero scale has the single code 0 (ŵ = O)."""
+    zero = grid.scale == 0
+    scale = torch.where(zero, torch.ones_like(grid.scale), grid.scale)
+    offset = grid.offset if grid.offset is not None else torch.zeros_like(scale)
+    low = torch.where(zero, 0.0, float(grid.qmin)).expand_as(scale).contiguous()
+    high = torch.where(zero, 0.0, float(grid.qmax)).expand_as(scale).contiguous()
+    return scale, offset, low, high
+
+
+def grid_codes(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
+    """x (R, C) -> nearest codes (R, C) on `grid`, as the GPTQ loop rounds: clamp(round((w − O)/S), qmin, qmax)."""
+    scale, offset, low, high = (t.repeat_interleave(grid.group, dim=1) for t in _safe(grid))
+    return torch.div(x - offset, scale).round_().clamp_(low, high)
+
+
+def grid_values(q: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
+    """codes (R, C) -> the weights the file holds, S·q + O (float32)."""
+    value = q * grid.scale.repeat_interleave(grid.group, dim=1)
+    return value if grid.offset is None else value + grid.offset.repeat_interleave(grid.group, dim=1)
+
+
+def _superscale(values: torch.Tensor, weights: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-block scales (N, K) -> (fp16 super scale d (N,), integers L (N, K) in [lo, hi]) minimising
+    Σ weights·(values − d·L)² over a sweep of the level the extreme value lands on (llama.cpp's make_qp_quants)."""
+    idx = values.abs().argmax(dim=-1, keepdim=True)
+    extreme = values.gather(-1, idx).squeeze(-1)
+    top = float(lo if lo < 0 else hi)  # the extreme lands at the far end of the range (−128 for signed Q6_K)
+    best_d = torch.zeros_like(extreme)
+    best_l = torch.zeros_like(values)
+    best_err = (weights * values**2).sum(-1)
+    for k in range(-8, 9):
+        d0 = extreme / (top + 0.1 * k * (1 if top > 0 else -1))
+        inv = torch.where(d0 != 0, 1 / d0, torch.zeros_like(d0))
+        level = torch.round(values * inv[:, None]).clamp(lo, hi)
+        den = (weights * level * level).sum(-1)
+        d = _fp16(torch.where(den > 0, (weights * values * level).sum(-1) / den.clamp(min=1e-30), d0))
+        inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        level = torch.round(values * inv[:, None]).clamp(lo, hi)
+        err = (weights * (values - d[:, None] * level) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_d = torch.where(better, d, best_d)
+        best_l = torch.where(better[:, None], level, best_l)
+    return best_d, best_l
+
+
+def _subblock_error(x, w, scale, offset, qmin, qmax):
+    """x, w (N, K, g); scale, offset (N, K) -> weighted error (N, K) of the nearest codes."""
+    zero = scale == 0
+    safe = torch.where(zero, torch.ones_like(scale), scale)[..., None]
+    q = torch.div(x - offset[..., None], safe).round().clamp(qmin, qmax)
+    q = torch.where(zero[..., None], torch.zeros_like(q), q)
+    return (w * (x - (q * scale[..., None] + offset[..., None])) ** 2).sum(-1), q
+
+
+def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Super-blocks x, w (N, 256) -> the file's fields for a k-quant (see the module docstring)."""
+    n = x.shape[0]
+    if name == "q6_k":
+        g, lo, hi, slo, shi = 16, -32, 31, -128, 127
+    else:
+        g, lo, hi, slo, shi = 32, 0, KQUANT_AFFINE[name], 0, 63
+    xs, ws = x.reshape(n, -1, g), w.reshape(n, -1, g)  # (N, K, g)
+    k = xs.shape[1]
+    flat_x, flat_w = xs.reshape(-1, g), ws.reshape(-1, g)
+    if name == "q6_k":
+        s, _ = symmetric_blocks(flat_x, flat_w, lo, hi, round_to=_exact)
+        mn = torch.zeros_like(s)
+    else:
+        s, m, _ = affine_blocks(flat_x, flat_w, hi, round_to=_exact, nonpositive_min=True)
+        mn = -m
+    s, mn = s.reshape(n, k), mn.reshape(n, k)
+    sw = ws.sum(-1)  # (N, K): how much each sub-block's scale matters
+    d, sc = _superscale(s, sw, slo, shi)
+    dmin, mi = (_superscale(mn, sw, 0, 63) if name != "q6_k" else (torch.zeros_like(d), torch.zeros_like(sc)))
+
+    def total(d, sc, dmin, mi):
+        return _subblock_error(xs, ws, d[:, None] * sc, -(dmin[:, None] * mi), lo, hi)
+
+    err, q = total(d, sc, dmin, mi)
+    steps = (-1, 0, 1)
+    for _ in range(2):
+        # each sub-block's integer scale (and minimum) ±1, measured on its weights
+        best_err, best_sc, best_mi = err, sc, mi
+        for a in steps:
+            for b in steps if name != "q6_k" else (0,):
+                if a == 0 and b == 0:
+                    continue
+                sc_try, mi_try = (sc + a).clamp(slo, shi), (mi + b).clamp(0, 63)
+                e, _ = total(d, sc_try, dmin, mi_try)
+                better = e < best_err
+                best_err = torch.where(better, e, best_err)
+                best_sc, best_mi = torch.where(better, sc_try, best_sc), torch.where(better, mi_try, best_mi)
+        sc, mi = best_sc, best_mi
+        err, q = total(d, sc, dmin, mi)
+        # weighted least squares for the super-block scales given the codes: x ≈ d·(sc·q) − dmin·mi
+        a_ = (sc[..., None] * q).reshape(n, -1)
+        b_ = (-mi[..., None] * torch.ones_like(q)).reshape(n, -1)
+        wf, xf = ws.reshape(n, -1), xs.reshape(n, -1)
+        saa, sab, sbb = (wf * a_ * a_).sum(-1), (wf * a_ * b_).sum(-1), (wf * b_ * b_).sum(-1)
+        sax, sbx = (wf * a_ * xf).sum(-1), (wf * b_ * xf).sum(-1)
+        if name == "q6_k":
+            d_new, dmin_new = torch.where(saa > 0, sax / saa.clamp(min=1e-30), d), dmin
+        else:
+            det = saa * sbb - sab * sab
+            ok = det > 1e-12 * (saa * sbb).clamp(min=1e-30)
+            safe = torch.where(ok, det, torch.ones_like(det))
+            d_new = torch.where(ok, (sbb * sax - sab * sbx) / safe, d)
+            dmin_new = torch.where(ok, (saa * sbx - sab * sax) / safe, dmin)
+        d_new, dmin_new = _fp16(d_new), _fp16(dmin_new)
+        e_new, _ = total(d_new, sc, dmin_new, mi)
+        better = e_new.sum(-1) < err.sum(-1)
+        d, dmin = torch.where(better, d_new, d), torch.where(better, dmin_new, dmin)
+        err, q = total(d, sc, dmin, mi)
+    fields = {"d": d, "sc": sc.to(torch.int16)}
+    if name != "q6_k":
+        fields.update(dmin=dmin, mn=mi.to(torch.int16))
+    return fields
+
+
+def choose_grid(weight: torch.Tensor, name: str, importance: torch.Tensor | None = None) -> BlockGrid:
+    """weight (R, C) -> the grid of least importance-weighted error that type `name` can hold (see module doc)."""
+    t = gguf_type(name)
+    x = weight.detach().float().cpu()
+    rows, cols = x.shape
+    w = _element_weights(importance, x)
+    block = t.block
+    xb, wb = x.reshape(-1, block), w.reshape(-1, block)
+    if name in SYMMETRIC:
+        d, _ = symmetric_blocks(xb, wb, *SYMMETRIC[name])
+        fields = {"d": d}
+    elif name in AFFINE:
+        d, m, _ = affine_blocks(xb, wb, AFFINE[name])
+        fields = {"d": d, "m": m}
+    else:
+        fields = _kquant_fields(name, xb, wb)
+    return _grid_from_fields(name, rows, fields)
+
+
+def _element_weights(importance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if importance is None:
+        return torch.ones_like(x)
+    imp = importance.detach().float().cpu().clamp(min=0)
+    if imp.shape != x.shape[-1:]:
+        raise SlimlmError(
+            f"importance of shape {tuple(imp.shape)} does not match rows of {x.shape[-1]}",
+            "pass one value per input column",
+        )
+    return (imp + 1e-12 * imp.mean().clamp(min=1e-30)).expand_as(x)
+
+
+def _nibbles(u: torch.Tensor, span: int) -> torch.Tensor:
+    """(N, 2·span) 4-bit values -> (N, span) bytes: element l in the low nibble, element span + l in the high."""
+    return ((u[:, :span] & 0xF) | ((u[:, span:] & 0xF) << 4)).to(torch.uint8)
+
+
+def pack(q: torch.Tensor, grid: BlockGrid) -> np.ndarray:
+    """Codes (R, C) on `grid` -> the raw bytes the file holds, uint8 (R, C/block · block bytes)."""
+    name, f = grid.name, grid.fields
+    rows = q.shape[0]
+    if name in SYMMETRIC or name in AFFINE:
+        u = q.reshape(-1, 32)
+        u = u if name == "q8_0" else u - grid.qmin  # signed codes -> the file's unsigned ones
+        return pack_blocks(name, u, f["d"], f.get("m")).reshape(rows, -1).numpy()
+    u = q.reshape(-1, SUPER).to(torch.int64)
+    if name == "q6_k":
+        u = u + 32
+        ql = torch.cat([torch.cat([_nibbles(torch.cat([u[:, c + 0:c + 32], u[:, c + 64:c + 96]], 1), 32),
+                                   _nibbles(torch.cat([u[:, c + 32:c + 64], u[:, c + 96:c + 128]], 1), 32)], 1)
+                        for c in (0, 128)], 1)  # (N, 128)
+        high = u >> 4
+        qh = torch.cat([(high[:, c:c + 32] | (high[:, c + 32:c + 64] << 2) | (high[:, c + 64:c + 96] << 4)
+                         | (high[:, c + 96:c + 128] << 6)).to(torch.uint8) for c in (0, 128)], 1)  # (N, 64)
+        scales = f["sc"].to(torch.int8).view(torch.uint8)
+        data = torch.cat([ql, qh, scales, _fp16_bytes(f["d"][:, None])], 1)
+        return data.reshape(rows, -1).numpy()
+    sc, mn = f["sc"].to(torch.int64), f["mn"].to(torch.int64)  # (N, 8) 6-bit
+    scales = torch.cat([
+        (sc[:, :4] | ((sc[:, 4:] >> 4) << 6)),
+        (mn[:, :4] | ((mn[:, 4:] >> 4) << 6)),
+        ((sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)),
+    ], 1).to(torch.uint8)  # (N, 12), get_scale_min_k4's layout
+    qs = torch.cat([_nibbles(u[:, c:c + 64], 32) for c in range(0, SUPER, 64)], 1)  # (N, 128)
+    parts = [_fp16_bytes(f["d"][:, None]), _fp16_bytes(f["dmin"][:, None]), scales]
+    if name == "q5_k":
+        high = (u >> 4) & 1
+        qh = sum((high[:, c * 64:c * 64 + 32] << (2 * c)) | (high[:, c * 64 + 32:c * 64 + 64] << (2 * c + 1))
+                 for c in range(4))
+        parts.append(qh.to(torch.uint8))
+    parts.append(qs)
+    return torch.cat(parts, 1).reshape(rows, -1).numpy()
+
+
 # --- tensors ------------------------------------------------------------------------------------------------
 
 
@@ -193,37 +472,55 @@ def quantize_tensor(weight: torch.Tensor, name: str, importance: torch.Tensor | 
 
     `importance` (in,) weights each input column's squared error (e.g. the calibration Hessian's diagonal).
     """
-    t = gguf_type(name)
     x = weight.detach().float().cpu()
-    if not t.packed:
-        raise SlimlmError(f"slimlm cannot write GGUF {name} yet", f"use one of: {', '.join(WRITABLE)}")
-    if x.shape[-1] % t.block:
-        raise SlimlmError(
-            f"a tensor of shape {tuple(x.shape)} cannot be {name}: rows of {x.shape[-1]} do not split into {t.block}-weight blocks",
-            f"use one of: {', '.join(types_for_shape(x.shape))}",
-        )
-    lead = x.shape[:-1]
+    check_shape(name, x.shape)
     if name in ("f32", "f16"):
         return x.numpy().astype(np.float32 if name == "f32" else np.float16).view(np.uint8)
     if name == "bf16":
         return x.to(torch.bfloat16).view(torch.uint8).numpy()
-    blocks = x.reshape(-1, t.block)
-    if importance is None:
-        w = torch.ones_like(blocks)
-    else:
-        imp = importance.detach().float().cpu().clamp(min=0)
-        if imp.shape != x.shape[-1:]:
-            raise SlimlmError(f"importance of shape {tuple(imp.shape)} does not match rows of {x.shape[-1]}", "pass one value per input column")
-        w = (imp + 1e-12 * imp.mean().clamp(min=1e-30)).repeat(blocks.shape[0] // (x.shape[-1] // t.block)).reshape(blocks.shape)
-    if name in ("q4_0", "q5_0", "q8_0"):
-        half = {"q4_0": 8, "q5_0": 16, "q8_0": 128}[name]
-        qmin, qmax = (-127, 127) if name == "q8_0" else (-half, half - 1)
-        d, q = symmetric_blocks(blocks, w, qmin, qmax)
-        packed = pack_blocks(name, q if name == "q8_0" else q + half, d)
-    else:
-        d, m, q = affine_blocks(blocks, w, 15 if name == "q4_1" else 31)
-        packed = pack_blocks(name, q, d, m)
-    return packed.reshape(*lead, -1).numpy()
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    grid = choose_grid(flat, name, importance)
+    return pack(grid_codes(flat, grid), grid).reshape(*lead, -1)
+
+
+quantize_for_type = quantize_tensor  # the name the search calls it by
+
+
+def gptq_grid_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ's error-feedback loop (`quantize.gptq.error_feedback_`) on a fixed GGUF grid: weight (R, C), hessian
+    (C, C) -> codes (R, C) on `grid`, exactly the ones the loop committed. Columns are visited by descending H_jj
+    (act order with the grid's static groups), dead inputs (H_jj = 0) zeroed."""
+    from slimlm.calibration.hessian import dampened_inverse_cholesky, working_copies
+    from slimlm.quantize.gptq import DAMPENING_RETRIES, error_feedback_
+
+    W, H = working_copies(weight, hessian)  # float32 (R, C), (C, C)
+    order = torch.argsort(H.diagonal(), descending=True, stable=True)
+    W, H = W[:, order], H[order][:, order]
+    U = dampened_inverse_cholesky(H, damp, "gptq", retries=DAMPENING_RETRIES)
+    scale, offset, low, high = (t.t().contiguous() for t in _safe(grid))  # (groups, R)
+    Wt = W.t().contiguous()  # (C, R)
+    error_feedback_(Wt, U, (order // grid.group).tolist(), grid.group, (scale, low, high, offset))
+    return grid_codes(Wt[torch.argsort(order)].t(), grid)
+
+
+def gptq_for_type(weight: torch.Tensor, hessian: torch.Tensor, type_name: str, damp: float = 0.01,
+                  importance: torch.Tensor | None = None) -> np.ndarray:
+    """GPTQ on GGUF type `type_name`'s own grid: weight (out, in), hessian (in, in) -> the raw bytes the file holds.
+
+    Each block's (or k-quant sub-block's) scale and minimum are chosen as `quantize_tensor` chooses them, from the
+    original weights weighted by `importance` (default: the Hessian's diagonal, what llama.cpp's imatrix holds);
+    the codes are then GPTQ's, so tr(ΔW H ΔWᵀ) drops below the round-to-nearest file's on the same grid."""
+    x = weight.detach().float().cpu()
+    check_shape(type_name, x.shape)
+    if TYPES[type_name].block == 1:
+        return quantize_tensor(x, type_name)  # float types hold the weight itself
+    if hessian.shape != (x.shape[1], x.shape[1]):
+        raise SlimlmError(f"gptq: weight {tuple(x.shape)} and Hessian {tuple(hessian.shape)} do not match",
+                          "pass an (out, in) weight and its (in, in) Hessian")
+    h = hessian.detach().float().cpu()
+    grid = choose_grid(x, type_name, h.diagonal().clamp(min=0) if importance is None else importance)
+    return pack(gptq_grid_codes(x, h, grid, damp), grid)
 
 
 def dequantize_tensor(data: np.ndarray, name: str, shape: Sequence[int]) -> torch.Tensor:

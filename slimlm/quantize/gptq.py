@@ -120,18 +120,53 @@ def gptq_quantize(
     group_of = (order // group).tolist()  # visiting position -> group of the original column
     U = dampened_inverse_cholesky(H, dampening, "gptq", retries=DAMPENING_RETRIES)  # (in, in)
 
-    # The loop works on Wᵀ (in, out) so that a column of W is one contiguous row. After the loop, row j holds
-    # column j as it was when quantized (later updates only touch later columns); the codes are rounded from
-    # those values by `quantize_with` at the end, the loop only needs their dequantized values for the error.
-    # Rounding to the grid and dequantizing is q = clamp(round(w / s), qmin − z, qmax − z) · s (z an integer):
-    # per group, the scale and the clamp bounds are rows of (groups, out) tables, refilled group by group unless
-    # static. Every per-column view is made up front (unbind): the loop is ~10 small ops per column, and creating
-    # views by indexing cost as much as the arithmetic.
     Wt = W.t().contiguous()  # (in, out)
     float_scale = scale.t().float().contiguous()  # (groups, out)
     zero = zero_point.t().float() if zero_point is not None else torch.zeros_like(float_scale)
     lowest, highest = (grid.qmin - zero).contiguous(), (grid.qmax - zero).contiguous()  # (groups, out) clamp bounds of round(w / s)
-    scales, lows, highs = float_scale.unbind(0), lowest.unbind(0), highest.unbind(0)  # views: see refills
+
+    def refill(g: int, current: torch.Tensor) -> None:
+        """Group g's qparams from its columns as updated so far, current (group, out), into the loop's tables."""
+        s, z = choose_qparams(clip_by_error(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
+        scale[:, g] = s[:, 0]
+        float_scale[g] = s[:, 0].float()
+        if zero_point is not None:
+            zero_point[:, g] = z[:, 0]
+            lowest[g] = grid.qmin - z[:, 0].float()
+            highest[g] = grid.qmax - z[:, 0].float()
+
+    error_feedback_(Wt, U, group_of, group, (float_scale, lowest, highest, None), block_size, None if static else refill)
+    if act_order:
+        Wt = Wt[torch.argsort(order)]
+    return quantize_with(Wt.t(), scale, zero_point, grid), scale, zero_point
+
+
+def error_feedback_(
+    Wt: torch.Tensor,
+    U: torch.Tensor,
+    group_of: list[int],
+    group: int,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    block_size: int = GPTQConfig.block_size,
+    refill=None,
+) -> None:
+    """GPTQ's column loop, in place on Wt = Wᵀ (in, out) in visiting order, with U (in, in) the upper Cholesky
+    factor of the (permuted, dampened) H⁻¹ and group_of[j] the group of the j-th visited column.
+
+    Column j is rounded on its group's grid, q = clamp(round((w − O)/S), lo, hi)·S + O, with tables = (S, lo, hi,
+    O or None) each (groups, out) float32, and its error fed to the columns after it. After the loop row j holds
+    column j as it was when rounded, so rounding Wt with the same expression gives exactly the committed codes.
+    `refill(g, current (group, out))`, if given, refills group g's table rows (in place) from its current columns
+    when its first column is reached (GPTQ's dynamic groups; `group_of` is then the identity's groups).
+
+    A column of W is one contiguous row of Wt. Per group, the scale, bounds and offset are rows of the tables;
+    every per-column view is made up front (unbind): the loop is ~10 small ops per column, and creating views by
+    indexing cost as much as the arithmetic.
+    """
+    in_features = Wt.shape[0]
+    scale_table, low_table, high_table, offset_table = tables
+    scales, lows, highs = scale_table.unbind(0), low_table.unbind(0), high_table.unbind(0)  # views: see refill
+    offsets = offset_table.unbind(0) if offset_table is not None else None
     columns = Wt.unbind(0)
     diagonal = U.diagonal().unbind(0)  # 0-dim tensors: dividing by one is cheaper than by a Python float
     with single_threaded():  # one column at a time: small ops
@@ -144,29 +179,22 @@ def gptq_quantize(
             for j in range(end - start):
                 col = start + j
                 g = group_of[col]
-                if not static and col % group == 0:
+                if refill is not None and col % group == 0:
                     # this group's columns as updated so far: in-block ones are current, later ones still owe this
                     # block's pending update (err1 is zero from row j on)
                     current = W1[j : j + group]
                     if col + group > end:
                         rest = Wt[end : col + group] - U[start:end, end : col + group].t() @ err1
                         current = torch.cat([current, rest])
-                    s, z = choose_qparams(clip_by_error(current.t(), row_grid, clip_ratios), row_grid)  # (out, 1)
-                    scale[:, g] = s[:, 0]
-                    float_scale[g] = s[:, 0].float()
-                    if zero_point is not None:
-                        zero_point[:, g] = z[:, 0]
-                        lowest[g] = grid.qmin - z[:, 0].float()
-                        highest[g] = grid.qmax - z[:, 0].float()
+                    refill(g, current)
                 w, err = columns[col], errors[j]  # (out,)
-                q = torch.div(w, scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g])  # quantize_with's codes, dequantized
+                if offsets is None:
+                    q = torch.div(w, scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g])  # quantize_with's codes, dequantized
+                else:
+                    q = torch.sub(w, offsets[g]).div_(scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g]).add_(offsets[g])
                 torch.sub(w, q, out=err).div_(diagonal[col])
                 later_columns[j].addr_(later_u[j], err, alpha=-1)  # (B − j − 1, out): the columns after j
             Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
-
-    if act_order:
-        Wt = Wt[torch.argsort(order)]
-    return quantize_with(Wt.t(), scale, zero_point, grid), scale, zero_point
 
 
 def gptq_by_input(

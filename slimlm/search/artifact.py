@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+SEARCH_NAME = "slimlm search"  # general.name of the files a search writes (its length is part of the header)
 GGUF_ALIGNMENT = 32  # gguf.GGUF_DEFAULT_ALIGNMENT; a file may set general.alignment, slimlm's never do
 
 
@@ -54,31 +55,32 @@ def renumber(tensor: str, removed: tuple[int, ...]) -> str:
 
 
 def measure_layout(model: nn.Module, tokenizer, source_gguf: Path | None, removed: tuple[int, ...], searched: set[str]) -> Layout:
-    """Write the header of the file alone (a temporary file) and count the tensors the search does not choose."""
+    """Write the header of the file alone (a temporary file) and count the tensors the search does not choose
+    (1-D tensors as F32, any other 2-D tensor as F16: what `write_configuration` writes for them)."""
     import gguf
 
     from slimlm.export.gguf import (
-        GGUFSummary,
         _add_hparams,
-        _tensor_plan,
         check_gguf_model,
         copy_tokenizer_metadata,
         hf_tokenizer_metadata,
+        tensor_layout,
     )
 
     pruned = pruned_copy(model, removed)
-    arch, permute = check_gguf_model(pruned, "f16")
+    arch, _ = check_gguf_model(pruned, "f16")
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    _add_hparams(writer, pruned, arch, "f16", "slimlm search")
+    _add_hparams(writer, pruned, arch, "f16", SEARCH_NAME)
     if source_gguf is None or not copy_tokenizer_metadata(writer, source_gguf, pruned.config.vocab_size):
         hf_tokenizer_metadata(writer, tokenizer, pruned.config)
     searched_here = {renumber(t, removed) for t in searched if not _in_removed(t, removed)}
-    fixed, names = 0, []
-    for name, data, raw in _tensor_plan(pruned, "f16", permute, GGUFSummary(Path("."), "f16", 0)):
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, raw_dtype=raw)
-        names.append(name)
+    fixed = 0
+    layout = tensor_layout(pruned)
+    for name, shape in layout.items():
+        nbytes = int(np.prod(shape)) * (4 if len(shape) == 1 else 2)
+        writer.add_tensor_info(name, shape, np.float32 if len(shape) == 1 else np.float16, nbytes)
         if name not in searched_here:
-            fixed += padded(data.nbytes)
+            fixed += padded(nbytes)
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "header.gguf"
         writer.write_header_to_file(path=path)
@@ -86,7 +88,7 @@ def measure_layout(model: nn.Module, tokenizer, source_gguf: Path | None, remove
         writer.write_ti_data_to_file()
         writer.close()
         header = padded(path.stat().st_size)
-    return Layout(tuple(removed), header, fixed, tuple(names))
+    return Layout(tuple(removed), header, fixed, tuple(layout))
 
 
 def _in_removed(tensor: str, removed: tuple[int, ...]) -> bool:
@@ -98,8 +100,11 @@ def write_configuration(model: nn.Module, tokenizer, source_gguf: Path | None, r
     from slimlm.export.gguf import write_gguf
 
     pruned = pruned_copy(model, removed)
-    given = {renumber(t, removed): value for t, value in packed.items() if not _in_removed(t, removed)}
-    return write_gguf(pruned, tokenizer, out, gguf_type="f16", source_gguf=source_gguf, name="slimlm search", overwrite=overwrite, prepacked=given)
+    kept = {renumber(t, removed): value for t, value in packed.items() if not _in_removed(t, removed)}
+    return write_gguf(
+        pruned, tokenizer, out, gguf_type="f16", source_gguf=source_gguf, name=SEARCH_NAME, overwrite=overwrite,
+        tensor_types={t: type_ for t, (type_, _) in kept.items()}, packed={t: data for t, (_, data) in kept.items()},
+    )
 
 
 def file_bytes(path: str | Path) -> int:
