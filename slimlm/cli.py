@@ -567,7 +567,7 @@ def search(
     model: Annotated[str, typer.Argument(help="Alias, directory, .gguf or hub id.")] = DEFAULT_MODEL,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for model.gguf, recipe.yaml, front.json, plots and report.html (default: slimlm-runs/search-<timestamp>).")] = None,
     target: Annotated[str, typer.Option("--target", help="Format the artifact is searched for: gguf.")] = SEARCH.target,
-    max_size: Annotated[str | None, typer.Option("--max-size", help="Largest file: 92MB, 87.5MiB, or a llama.cpp preset name (q4_0, q4_1, q5_0, q5_1, q8_0) for its size on this model.")] = None,
+    max_size: Annotated[str | None, typer.Option("--max-size", help="Largest file: 92MB, 87.5MiB, or a llama.cpp preset name (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_m, q5_k_m, q6_k) for its size on this model.")] = None,
     max_ram: Annotated[str | None, typer.Option("--max-ram", help="Largest peak RAM of llama.cpp running the file (needs llama.cpp).")] = None,
     min_decode_tps: Annotated[float | None, typer.Option("--min-decode-tps", help="Slowest acceptable decode, tokens/s in llama.cpp on this machine (needs llama.cpp).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="llama.cpp threads for --min-decode-tps.")] = Constraints.threads,

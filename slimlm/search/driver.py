@@ -118,9 +118,30 @@ def uniform_configuration(database: Database, linear: Option, embedding: Option)
     return Configuration(tuple(choice))
 
 
-def baselines(database: Database) -> list[tuple[str, str, Configuration]]:
-    """slimlm's uniform codes (each type × method) and llama.cpp's presets (its reference quantizer, no imatrix)."""
+MIXED_PRESETS = ("q4_k_m", "q5_k_m", "q6_k")  # llama.cpp's per-tensor mixes, placed by `gguf_presets`
+
+
+def preset_configuration(database: Database, tensor_types: dict[str, str]) -> Configuration | None:
+    """llama.cpp's per-tensor layout, each tensor by the reference quantizer where the gguf package has one, else
+    slimlm's rounding of that type (k-quants); None when the database lacks a tensor's type."""
+    choice = []
+    for knob in database.space.knobs:
+        type_ = tensor_types.get(knob.tensor)
+        index = next((i for method in ("ref", "rtn", "gptq") if (i := _index(database, knob.tensor, Option(type_, method))) is not None), None)
+        if index is None:
+            return None
+        choice.append(index)
+    return Configuration(tuple(choice))
+
+
+def baselines(database: Database, mixes: dict[str, dict[str, str]] | None = None) -> list[tuple[str, str, Configuration]]:
+    """slimlm's uniform codes (each type × method) and llama.cpp's presets (its reference quantizer, no imatrix;
+    the k-quant mixes in `mixes`: preset name -> GGUF tensor -> type)."""
     found = []
+    for preset, tensor_types in (mixes or {}).items():
+        configuration = preset_configuration(database, tensor_types)
+        if configuration is not None:
+            found.append((f"llama.cpp {preset.upper()} layout", "preset", configuration))
     methods = sorted({v.option.method for vs in database.variants.values() for v in vs})
     for type_ in PRESET_TYPES:
         embedding_type = "q8_0" if type_ in EMBEDDING_AT_8_BITS else type_
@@ -267,7 +288,7 @@ def run_search(
     front: bool = True,
 ) -> SearchResult:
     """Search `model` under `constraints`; write DIR/{model.gguf, recipe.yaml, front.json, report.html, plots}."""
-    from slimlm.data.calibration import sample_calibration
+    from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.export import _source_gguf
@@ -285,7 +306,7 @@ def run_search(
         require_cost_model()
     out = Path(out)
     check_output_dir(out, overwrite)
-    if constraints.max_size is not None and constraints.max_size.strip().lower() not in PRESET_TYPES:
+    if constraints.max_size is not None and constraints.max_size.strip().lower() not in (*PRESET_TYPES, *MIXED_PRESETS):
         parse_bytes(constraints.max_size, "--max-size")  # refuse a bad size before any work
     base = load_model(model, allow_pickle=allow_pickle, device=device)
     base.model.eval()
@@ -297,7 +318,7 @@ def run_search(
     database_path = Path(database_dir) if database_dir else out.parent / f".{out.name}-database"
     with stage("search: database of tensor variants"):
         database = build_database(
-            database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), drawn.sha256,
+            database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), ids_sha256(statistics_ids),
         )
     from slimlm.search.database import describe as describe_database
 
@@ -309,8 +330,8 @@ def run_search(
     live = live_copy(base.model, database)
     sizer = Sizer(base.model, base.tokenizer, _source_gguf(base), database)
     searcher = Searcher(database, live, sizer, stages, depth, settings)
-    uniform = baselines(database)
-    preset_sizes = {name.split()[-1].lower(): sizer(c) for name, kind, c in uniform if kind == "preset"}
+    uniform = baselines(database, _preset_mixes(base.model))
+    preset_sizes = {name.split()[1].lower(): sizer(c) for name, kind, c in uniform if kind == "preset"}
     limit = _size_limit(constraints, preset_sizes)
     smallest, smallest_removed = searcher.smallest()
     if limit is not None and limit < smallest:
@@ -356,7 +377,7 @@ def run_search(
         "constraints": asdict(constraints),
         "budget_bytes": chosen_budget,
         "settings": asdict(settings),
-        "statistics": {"windows": int(statistics_ids.shape[0]), "seqlen": int(statistics_ids.shape[1]), "source": drawn.source, "sha256": drawn.sha256},
+        "statistics": {"windows": int(statistics_ids.shape[0]), "seqlen": int(statistics_ids.shape[1]), "source": drawn.source, "sha256": ids_sha256(statistics_ids)},
         "rerank": {"windows": int(rerank_ids.shape[0]), "seqlen": int(rerank_ids.shape[1]), "held_out_from": "the statistics windows (other offsets of the same calibration text)"},
         "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
         "depth": [{"block": b, "kl": kl} for b, kl in depth],
@@ -366,6 +387,12 @@ def run_search(
     result = SearchResult(out, chosen, [base_point, *points], db_info, context)
     write_search_report(result, database)
     return result
+
+
+def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
+    from slimlm.export.gguf_presets import preset_tensor_types
+
+    return {preset: preset_tensor_types(model, preset, imatrix=True) for preset in MIXED_PRESETS}
 
 
 def _kept(configuration: Configuration, database: Database):
