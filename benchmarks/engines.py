@@ -6,11 +6,12 @@
 For the base (SmolLM2-135M) and each recipe's output (compressed here with `slimlm compress` unless
 --out/models/<recipe> exists), export GGUF and measure it in llama.cpp through llama-cpp-python:
 
-- prompt tokens/s: one 512-token prompt (WikiText-2 test) evaluated from an empty cache, median of --repeats
-  after a warm-up; decode tokens/s: 128 greedy tokens after that prompt, one `eval` per token, median of repeats;
-- peak RSS: of the speed child process alone (GNU time), model mmap'd pages included;
+- prompt and decode tokens/s and peak RSS: `slimlm.evaluate.llama_cpp.llama_cpp_speed` (a random 512-token
+  prompt from an empty cache, then 128 greedy tokens, one `llama_decode` each; median of --repeats after a
+  warm-up; RSS of that child process alone, model mmap'd pages included);
 - file size; perplexity: llama.cpp's logits on the first --windows windows of --seqlen tokens of WikiText-2 test,
-  the exact token ids slimlm's GPTQ-protocol evaluation uses (a separate child, logits for every position);
+  the exact token ids slimlm's GPTQ-protocol evaluation uses, scored by slimlm's own code
+  (`llama_cpp_quality`, a separate child, logits for every position);
 - decode roofline: decode must read every weight byte once per token (the tied embedding is the output matrix)
   plus the KV cache; roofline tok/s = copy bandwidth / (GGUF tensor bytes + KV bytes at the mean decode position),
   with the copy bandwidth measured here (torch, --threads threads, 256 MiB copy: read + write bytes / s).
@@ -24,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -60,19 +59,16 @@ def eval_token_ids(path: str | Path, windows: int, seqlen: int, wikitext: Path =
 
 
 def llama_cpp_perplexity(path: str | Path, windows: int = 8, seqlen: int = 512, threads: int = 2, wikitext: Path = DEFAULT_WIKITEXT) -> float:
-    """exp(mean NLL) of llama.cpp's next-token logits over the windows (no BOS added: the same ids as slimlm)."""
-    ids = eval_token_ids(path, windows, seqlen, wikitext)
-    llm = _llama(path, seqlen, threads, logits_all=True)
-    nll, count = 0.0, 0
-    for window in ids:
-        llm.reset()
-        llm.eval(window.tolist())
-        logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)  # (seqlen - 1, vocab)
-        top = logits.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        nll += float((log_norm - logits[np.arange(seqlen - 1), window[1:]]).sum())
-        count += seqlen - 1
-    return math.exp(nll / count)
+    """exp(mean NLL) of llama.cpp's next-token logits over the windows (no BOS added: the same ids as slimlm),
+    scored by slimlm's own code in a child process (slimlm.evaluate.llama_cpp)."""
+    import torch
+
+    from slimlm.evaluate.llama_cpp import llama_cpp_quality
+    from slimlm.evaluate.perplexity import EvalWindows
+
+    ids = torch.from_numpy(eval_token_ids(path, windows, seqlen, wikitext))
+    quality, _ = llama_cpp_quality(path, EvalWindows(ids, "WikiText-2 test", seqlen, ids.shape[0]), threads=threads)
+    return quality.perplexity
 
 
 def slimlm_perplexity(path: str | Path, windows: int = 8, seqlen: int = 512, wikitext: Path = DEFAULT_WIKITEXT) -> float:
@@ -91,26 +87,6 @@ def generate(path: str | Path, prompt: str, tokens: int = 16, threads: int = 2) 
     """Greedy text from llama.cpp."""
     llm = _llama(path, 256, threads)
     return llm(prompt, max_tokens=tokens, temperature=0.0)["choices"][0]["text"]
-
-
-def measure_speed(path: str | Path, prompt_tokens: int, decode_tokens: int, repeats: int, threads: int, wikitext: Path = DEFAULT_WIKITEXT) -> dict:
-    """Prompt and decode tokens/s in llama.cpp (median of `repeats` after one warm-up)."""
-    prompt = eval_token_ids(path, 1, prompt_tokens, wikitext)[0].tolist()
-    llm = _llama(path, prompt_tokens + decode_tokens + 8, threads)
-    prompt_times, decode_times = [], []
-    for attempt in range(repeats + 1):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prompt_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(decode_tokens):
-            llm.eval([llm.sample(temp=0.0)])  # greedy; the sampler reads the context's last logits (scores[] is only kept with logits_all)
-        decode_seconds = time.perf_counter() - start
-        if attempt:  # the first pass warms caches and pages the weights in
-            prompt_times.append(prompt_seconds)
-            decode_times.append(decode_seconds)
-    return {"prompt_tok_s": prompt_tokens / statistics.median(prompt_times), "decode_tok_s": decode_tokens / statistics.median(decode_times)}
 
 
 # --- parent: export, children, roofline -----------------------------------------------------------------------------
@@ -150,17 +126,6 @@ def gguf_bytes(path: Path) -> tuple[int, dict]:
     return sum(int(t.n_bytes) for t in reader.tensors), geometry
 
 
-def run_child(args: list[str], log: Path) -> tuple[dict, float]:
-    """This script in a child (`--child ...`), under GNU time: (its JSON result, its own peak RSS in MiB)."""
-    rss_file = log.with_suffix(".maxrss")
-    with log.open("w") as handle:
-        status = subprocess.call(["/usr/bin/time", "-o", str(rss_file), "-f", "%M", sys.executable, str(HERE), *args], stdout=handle, stderr=subprocess.STDOUT)
-    lines = log.read_text().strip().splitlines()
-    if status != 0 or not lines:
-        raise RuntimeError(f"child {args} failed ({status}); see {log}")
-    return json.loads(lines[-1]), int(rss_file.read_text().split()[-1]) / 1024
-
-
 def ensure_compressed(recipe: str, out: Path, wikitext: Path, calib_samples: int, calib_seqlen: int) -> Path:
     target = out / "models" / recipe
     if not target.exists():
@@ -194,19 +159,10 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--out", default="benchmarks/results/engines")
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     wikitext = Path(args.wikitext).resolve()
 
-    if args.child:  # ["speed" | "ppl", path]
-        kind, path = args.child
-        if kind == "speed":
-            result = measure_speed(path, args.prompt_tokens, args.decode_tokens, args.repeats, args.threads, wikitext)
-        else:
-            result = {"perplexity": llama_cpp_perplexity(path, args.windows, args.seqlen, args.threads, wikitext)}
-        print(json.dumps(result))
-        return
-
+    from slimlm.evaluate.llama_cpp import llama_cpp_speed
     from slimlm.export import export_model
 
     out = Path(args.out)
@@ -221,10 +177,10 @@ def main() -> None:
         for gguf_type in ["auto"] if quantized else args.dense_types.split(","):
             path = out / "gguf" / f"{label}-{gguf_type}.gguf"
             export = export_model(source, "gguf", path, gguf_type=gguf_type, overwrite=True)
-            speed, rss = run_child(["--child", "speed", str(path), "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-                                    "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats), "--wikitext", str(wikitext)], path.with_suffix(".speed.log"))
-            quality, _ = run_child(["--child", "ppl", str(path), "--threads", str(args.threads), "--windows", str(args.windows), "--seqlen", str(args.seqlen),
-                                    "--wikitext", str(wikitext)], path.with_suffix(".ppl.log"))
+            measured = llama_cpp_speed(path, args.threads, args.prompt_tokens, args.decode_tokens, args.repeats)  # in a child
+            speed = {"prompt_tok_s": measured.prefill_tokens_per_s, "decode_tok_s": measured.decode_tokens_per_s, "load": measured.load}
+            rss = measured.peak_rss_bytes / 2**20
+            quality = {"perplexity": llama_cpp_perplexity(path, args.windows, args.seqlen, args.threads, wikitext)}
             weight_bytes, kv = gguf_bytes(path)
             mean_position = args.prompt_tokens + args.decode_tokens / 2
             kv_bytes = 2 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] * 2 * mean_position  # K and V, f16 cache

@@ -26,7 +26,7 @@ from slimlm.evaluate.perplexity import (
     make_windows,
 )
 from slimlm.export import export_loaded, export_model
-from slimlm.models.load import LoadedModel, load_model
+from slimlm.models.load import ALIASES, LoadedModel, load_model, resolve_alias
 from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, recipe_needs
 from slimlm.progress import stage
@@ -214,9 +214,17 @@ def evaluate(
     base: str | None = None,
     allow_pickle: bool = False,
     device: str | None = None,
+    engine: str | None = None,
+    threads: int = 2,
 ) -> dict:
     """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk; zero-shot
-    task scores (with each example's, under "per_example") and speed when `evaluation` asks for them."""
+    task scores (with each example's, under "per_example") and speed when `evaluation` asks for them.
+
+    With `engine` ("transformers" or "llama.cpp") instead: one row of the engine comparison, the same figures from
+    either engine (perplexity, KL and top-1 to `base`, prefill/decode tok/s and peak RSS on `threads` threads, file
+    bytes); see `evaluate_on_engine`."""
+    if engine is not None:
+        return evaluate_on_engine(model, engine, evaluation, base, threads, allow_pickle, device)
     tasks = load_tasks(evaluation)
     text = load_text(evaluation.data, evaluation.split) if evaluation.perplexity else None
     loaded = load_model(model, allow_pickle=allow_pickle, device=device)
@@ -241,6 +249,116 @@ def evaluate(
     if loaded.kind == "slimlm-dir":
         result["storage"] = read_manifest(loaded.resolved)["storage"]
     return result
+
+
+ENGINES = ("transformers", "llama.cpp")
+
+
+def evaluate_on_engine(
+    model: str,
+    engine: str,
+    evaluation: EvalSettings = EvalSettings(),
+    base: str | None = None,
+    threads: int = 2,
+    allow_pickle: bool = False,
+    device: str | None = None,
+) -> dict:
+    """`model` run in `engine`: perplexity on `evaluation`'s windows, KL(base || model) and top-1 agreement when
+    `base` is given, prefill/decode tokens/s and peak RSS (batch 1, `threads` threads), and file bytes.
+
+    llama.cpp runs a .gguf file; transformers runs anything `load_model` reads (HF, compressed-tensors, slimlm
+    directories, a GGUF dequantized). The base runs in llama.cpp when it is a .gguf file and `engine` is llama.cpp,
+    else in transformers. Both engines' logits are scored by the same code on the same token ids, so rows from
+    the two engines are directly comparable; speed figures carry the machine's load when they were taken."""
+    from slimlm.evaluate.llama_cpp import check_gguf, llama_cpp_quality, llama_cpp_speed, load_average
+    from slimlm.evaluate.speed import SpeedSettings, measure_speed
+
+    if engine not in ENGINES:
+        raise SlimlmError(f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
+    if evaluation.tasks or evaluation.kv_cache is not None or evaluation.chunk_size is not None or evaluation.speed is not None:
+        raise SlimlmError("an engine comparison measures perplexity, KL, top-1 and speed only",
+                          "drop --tasks, --kv-bits, --chunk-size and --speed, or drop --engine for the full transformers evaluation")
+    if threads < 1:
+        raise SlimlmError(f"threads must be at least 1, got {threads}", "pass e.g. --threads 2")
+    # not a GGUF, llama.cpp missing: refused before any work; the built-in alias is a GGUF file too
+    gguf_path = check_gguf(resolve_alias(model) if model in ALIASES else model) if engine == "llama.cpp" else None
+    base_path = check_gguf(base) if engine == "llama.cpp" and base is not None and Path(base).suffix == ".gguf" else None
+    text = load_text(evaluation.data, evaluation.split)
+    speed_settings = SpeedSettings(batch_sizes=(1,))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loaded = base_loaded = None
+        if base is not None and base_path is None:
+            base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
+            tokenizer = base_loaded.tokenizer
+        elif engine == "transformers":
+            loaded = load_model(model, allow_pickle=allow_pickle, device=device)
+            tokenizer = loaded.tokenizer
+        else:
+            tokenizer = _gguf_tokenizer(base_path or gguf_path)
+        windows = make_windows(tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+        result: dict = {"model": model, "engine": engine, "threads": threads}
+        reference = None
+        if base is not None:
+            with stage(f"evaluating the base {base} in {'llama.cpp' if base_path else 'transformers'}"):
+                if base_path is not None:
+                    quality, reference = llama_cpp_quality(base_path, windows, keep_reference=evaluation.kl_windows, threads=threads)
+                    base_metrics = asdict(quality)
+                else:
+                    base_metrics, reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+            result["base"] = {"model": base, "engine": "llama.cpp" if base_path else "transformers", "quality": base_metrics}
+            del base_loaded
+        with stage(f"evaluating {model} in {engine}"):
+            if gguf_path is not None:
+                quality, _ = llama_cpp_quality(gguf_path, windows, reference, threads=threads)
+                result["quality"] = asdict(quality)
+            else:
+                loaded = loaded or load_model(model, allow_pickle=allow_pickle, device=device)
+                result["quality"], _ = quality_metrics(loaded.model, windows, reference)
+        with stage(f"measuring the speed of {model} in {engine} ({threads} thread{'s' if threads > 1 else ''})"):
+            if gguf_path is not None:
+                speed = asdict(llama_cpp_speed(gguf_path, threads, speed_settings.prompt_tokens, speed_settings.new_tokens, speed_settings.repeats))
+                result["file_bytes"] = speed.pop("file_bytes")
+            else:
+                load = load_average()
+                measured = measure_speed(loaded.model, speed_settings)
+                speed = {"prefill_tokens_per_s": measured.prefill_tokens_per_s, "decode_tokens_per_s": measured.decode_tokens_per_s,
+                         "peak_rss_bytes": int(measured.cpu_peak_rss_mb * 2**20), "peak_rss_scope": measured.cpu_peak_scope,
+                         "threads": threads, "transformers": _transformers_version(), "prompt_tokens": measured.prompt_tokens,
+                         "new_tokens": measured.new_tokens, "repeats": measured.repeats, "load": load}
+                result["file_bytes"] = _model_file_bytes(Path(loaded.resolved))
+        result["speed"] = speed
+    finally:
+        torch.set_num_threads(previous_threads)
+    return result
+
+
+def _gguf_tokenizer(path: Path):
+    """The tokenizer transformers builds from a GGUF's metadata: it cuts the windows both engines are fed."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as err:
+        raise SlimlmError(f"transformers cannot build a tokenizer from '{path}': {str(err).splitlines()[0][:160]}",
+                          "pass --base MODEL: the windows are then cut with the base's tokenizer") from None
+
+
+def _model_file_bytes(resolved: Path) -> int | None:
+    """Bytes on disk of a model file, or of the weight files of a model directory; None for a hub id."""
+    if resolved.is_file():
+        return resolved.stat().st_size
+    if not resolved.is_dir():
+        return None
+    weights = [p for p in resolved.iterdir() if p.suffix in (".safetensors", ".gguf", ".bin", ".pt", ".pth")]
+    return sum(p.stat().st_size for p in weights)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 
 def sensitivity(

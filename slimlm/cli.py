@@ -226,11 +226,13 @@ def eval_(
     task_data: TaskData = None,
     perplexity: Annotated[bool | None, typer.Option("--perplexity/--no-perplexity", help="Measure perplexity (default: yes, unless --tasks is given).")] = None,
     speed: SpeedFlag = False,
+    engine: Annotated[str | None, typer.Option("--engine", help="Compare engines: run the model in 'llama.cpp' (a .gguf) or 'transformers' and print one row: perplexity, KL and top-1 to --base, prompt/decode tok/s, peak RSS, file bytes.")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="With --engine: CPU threads for the evaluation and the speed runs.")] = 2,
     allow_pickle: AllowPickle = False,
     device: Device = None,
 ) -> None:
     """Perplexity (GPTQ protocol), KL/top-1 against a base, zero-shot tasks (lm-eval's prompts and scoring), speed,
-    parameters and bytes on disk of one model.
+    parameters and bytes on disk of one model; with --engine, the same figures from llama.cpp or transformers.
 
     [bold]Examples[/bold]
 
@@ -240,6 +242,8 @@ def eval_(
       slimlm eval smollm2-135m --windows 2 --kv-bits 4    # KV cache in the loop, vs a full-precision cache
       slimlm eval smollm2-135m --tasks hellaswag,piqa,arc_easy,arc_challenge,lambada --limit 500
       slimlm eval smol-w4 --tasks piqa:../shared/data/piqa/valid.jsonl --speed
+      slimlm eval smol-q4_0.gguf --engine llama.cpp --base smollm2-135m --windows 4 --threads 2 --json -
+      slimlm eval smol-w4 --engine transformers --base smollm2-135m --windows 4   # the same row from transformers
     """
     from slimlm.api import evaluate
     from slimlm.progress import console
@@ -263,6 +267,12 @@ def eval_(
         **_task_settings(tasks, limit, seed, task_data, speed),
         perplexity=perplexity if perplexity is not None else not tasks,
     )
+    if engine is not None:
+        result = evaluate(model=model, evaluation=settings, base=base, allow_pickle=allow_pickle, device=device, engine=engine, threads=threads)
+        _print_engine_row(result)
+        if json_out:
+            _write_json(json_out, result)
+        return
     result = evaluate(model=model, evaluation=settings, base=base, allow_pickle=allow_pickle, device=device)
     if "quality" in result:
         quality = result["quality"]
@@ -634,6 +644,29 @@ def _print_search(result, as_json: Path | None) -> None:
         print_table(data)
         chosen = result.chosen
         console.print(f"chosen: [bold]{chosen.name}[/bold] -> {result.out / 'model.gguf'} ({chosen.file_bytes / 1e6:.2f} MB); report: {result.out / 'report.html'}")
+
+
+def _print_engine_row(result: dict) -> None:
+    """`slimlm eval --engine`: the base and the model as rows of one table, the columns every engine fills."""
+    from rich.table import Table
+
+    from slimlm.progress import console
+
+    quality, speed = result["quality"], result["speed"]
+    table = Table(title=f"{result['model']} in {result['engine']} ({result['threads']} threads)")
+    for header in ("model", "engine", "file MB", "perplexity", "KL to base", "top-1", "prompt tok/s", "decode tok/s", "peak RSS MB"):
+        table.add_column(header, justify="left" if header in ("model", "engine") else "right")
+    if "base" in result:
+        table.add_row(result["base"]["model"], result["base"]["engine"], "", f"{result['base']['quality']['perplexity']:.3f}", "—", "—", "", "", "")
+    kl = "—" if quality["kl_divergence"] is None else f"{quality['kl_divergence']:.5f}"
+    top1 = "—" if quality["top1_agreement"] is None else f"{quality['top1_agreement']:.1%}"
+    size = "—" if result["file_bytes"] is None else f"{result['file_bytes'] / 1e6:.1f}"
+    table.add_row(result["model"], result["engine"], size, f"{quality['perplexity']:.3f}", kl, top1, f"{speed['prefill_tokens_per_s']:.0f}",
+                  f"{speed['decode_tokens_per_s']:.1f}", f"{speed['peak_rss_bytes'] / 2**20:.0f}")
+    console.print(table)
+    console.print(f"[dim]{quality['protocol']}[/dim]")
+    console.print(f"[dim]speed: batch 1, {speed['prompt_tokens']}-token random prompt then {speed['new_tokens']} greedy tokens, "
+                  f"median of {speed['repeats']} after a warm-up; load average {speed['load']} when it started[/dim]")
 
 
 def huge_pages_default() -> None:

@@ -167,20 +167,9 @@ def evaluate_quality(
 
     if kv_cache is not None and chunk_size is None:
         chunk_size = DEFAULT_CHUNK
-    n, seqlen = windows.input_ids.shape
-    if keep_reference < 0:
-        raise SlimlmError(f"keep_reference must be >= 0, got {keep_reference}", "pass the number of windows to keep, or 0")
-    if top_k < 1:
-        raise SlimlmError(f"top_k must be at least 1, got {top_k}", f"pass the base log-probs to keep per position (default {KL_TOP_K})")
-    if reference is not None and not _same_windows(reference, windows):
-        raise SlimlmError(
-            "the reference log-probs were computed on other windows than the ones being evaluated",
-            "evaluate the base model and its compressed variants on the same EvalWindows",
-        )
+    tally = QualityTally(windows, reference, keep_reference, top_k)
     device = next(model.parameters()).device
-    keep = min(keep_reference, n)
-    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    nll_sum, kl_sum, agree, vocab = 0.0, 0.0, 0, 0
+    n = windows.input_ids.shape[0]
     was_training = model.training
     model.eval()
     try:
@@ -191,48 +180,87 @@ def evaluate_quality(
                     logits = model(ids, use_cache=False).logits[0]  # (L, V)
                 else:
                     logits = forward_in_chunks(model, ids, chunk_size, make_cache(model, kv_cache))
-                vocab = logits.shape[-1]
-                compare = reference is not None and i < reference.input_ids.shape[0]
-                if compare and reference.vocab != vocab:
-                    raise SlimlmError(
-                        f"the reference has a vocabulary of {reference.vocab} tokens, this model {vocab}",
-                        "KL needs the same vocabulary and seqlen as the reference model",
-                    )
-                window_kept = []
-                for rows in range(0, seqlen, ROWS_PER_STEP):  # (R, V) float32 at a time, not (L, V)
-                    log_probs = torch.log_softmax(logits[rows : rows + ROWS_PER_STEP].float(), dim=-1)  # (R, V)
-                    targets = ids[0, rows + 1 : rows + 1 + log_probs.shape[0]]  # position t predicts token t+1
-                    nll_sum -= log_probs[: targets.numel()].gather(-1, targets[:, None]).sum().item()
-                    if compare:
-                        part = slice(rows, rows + log_probs.shape[0])
-                        ref = (reference.top_log_probs[i][part], reference.top_ids[i][part], reference.rest_log_mass[i][part])
-                        kl_sum += sparse_kl(*(t.to(device) for t in ref), log_probs).sum().item()
-                        agree += (log_probs.argmax(-1) == ref[1][:, 0].to(device)).sum().item()
-                    if i < keep:
-                        window_kept.append(top_k_and_rest(log_probs, top_k))
-                if i < keep:
-                    kept.append(tuple(torch.cat(parts).cpu() for parts in zip(*window_kept)))
+                tally.add(i, logits)
                 del logits
                 advance()
     finally:
         model.train(was_training)
-    nll = nll_sum / (n * (seqlen - 1))
-    kl_windows = reference.input_ids.shape[0] if reference is not None else 0
-    protocol = windows.protocol() + ("" if chunk_size is None else f"; {chunked_protocol(kv_cache, chunk_size)}")
-    result = QualityResult(
-        perplexity=math.exp(nll),
-        nll=nll,
-        windows=n,
-        seqlen=seqlen,
-        protocol=protocol + (f"; {reference.describe()}" if reference is not None else ""),
-        kl_divergence=kl_sum / (kl_windows * seqlen) if reference is not None else None,
-        top1_agreement=agree / (kl_windows * seqlen) if reference is not None else None,
-        kl_windows=kl_windows,
-    )
-    if not keep:
-        return result, None
-    values, ids, rest = (list(column) for column in zip(*kept))
-    return result, ReferenceLogits(values, ids, rest, windows.input_ids[:keep].clone(), vocab)
+    return tally.result("" if chunk_size is None else chunked_protocol(kv_cache, chunk_size))
+
+
+class QualityTally:
+    """The running sums of one evaluation, fed one window's logits at a time. Every engine's logits (transformers
+    here, llama.cpp in `slimlm.evaluate.llama_cpp`) go through this same code, so their perplexity, KL and top-1
+    agreement are directly comparable."""
+
+    def __init__(self, windows: EvalWindows, reference: ReferenceLogits | None = None, keep_reference: int = 0, top_k: int = KL_TOP_K):
+        if keep_reference < 0:
+            raise SlimlmError(f"keep_reference must be >= 0, got {keep_reference}", "pass the number of windows to keep, or 0")
+        if top_k < 1:
+            raise SlimlmError(f"top_k must be at least 1, got {top_k}", f"pass the base log-probs to keep per position (default {KL_TOP_K})")
+        if reference is not None and not _same_windows(reference, windows):
+            raise SlimlmError(
+                "the reference log-probs were computed on other windows than the ones being evaluated",
+                "evaluate the base model and its compressed variants on the same EvalWindows",
+            )
+        self.windows, self.reference, self.top_k = windows, reference, top_k
+        self.keep = min(keep_reference, windows.input_ids.shape[0])
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.nll_sum, self.kl_sum, self.agree, self.vocab, self.seen = 0.0, 0.0, 0, 0, 0
+
+    def add(self, i: int, logits: torch.Tensor) -> None:
+        """Score window `i` (in order) from its logits (L, V), any float dtype, on any device."""
+        reference, seqlen = self.reference, self.windows.seqlen
+        if i != self.seen or tuple(logits.shape[:1]) != (seqlen,):
+            raise ValueError(f"window {i} given out of order or with {logits.shape[0]} positions instead of {seqlen}")
+        device = logits.device
+        ids = self.windows.input_ids[i].to(device)  # (L,)
+        self.vocab = logits.shape[-1]
+        compare = reference is not None and i < reference.input_ids.shape[0]
+        if compare and reference.vocab != self.vocab:
+            raise SlimlmError(
+                f"the reference has a vocabulary of {reference.vocab} tokens, this model {self.vocab}",
+                "KL needs the same vocabulary and seqlen as the reference model",
+            )
+        window_kept = []
+        for rows in range(0, seqlen, ROWS_PER_STEP):  # (R, V) float32 at a time, not (L, V)
+            log_probs = torch.log_softmax(logits[rows : rows + ROWS_PER_STEP].float(), dim=-1)  # (R, V)
+            targets = ids[rows + 1 : rows + 1 + log_probs.shape[0]]  # position t predicts token t+1
+            self.nll_sum -= log_probs[: targets.numel()].gather(-1, targets[:, None]).sum().item()
+            if compare:
+                part = slice(rows, rows + log_probs.shape[0])
+                ref = (reference.top_log_probs[i][part], reference.top_ids[i][part], reference.rest_log_mass[i][part])
+                self.kl_sum += sparse_kl(*(t.to(device) for t in ref), log_probs).sum().item()
+                self.agree += (log_probs.argmax(-1) == ref[1][:, 0].to(device)).sum().item()
+            if i < self.keep:
+                window_kept.append(top_k_and_rest(log_probs, self.top_k))
+        if i < self.keep:
+            self.kept.append(tuple(torch.cat(parts).cpu() for parts in zip(*window_kept)))
+        self.seen += 1
+
+    def result(self, protocol_note: str = "") -> tuple[QualityResult, ReferenceLogits | None]:
+        """The figures over every window added; `protocol_note` (how the logits were computed) joins the protocol line."""
+        windows, reference = self.windows, self.reference
+        n, seqlen = windows.input_ids.shape
+        if self.seen != n:
+            raise ValueError(f"{self.seen} of {n} windows were scored")
+        nll = self.nll_sum / (n * (seqlen - 1))
+        kl_windows = reference.input_ids.shape[0] if reference is not None else 0
+        protocol = windows.protocol() + (f"; {protocol_note}" if protocol_note else "")
+        result = QualityResult(
+            perplexity=math.exp(nll),
+            nll=nll,
+            windows=n,
+            seqlen=seqlen,
+            protocol=protocol + (f"; {reference.describe()}" if reference is not None else ""),
+            kl_divergence=self.kl_sum / (kl_windows * seqlen) if reference is not None else None,
+            top1_agreement=self.agree / (kl_windows * seqlen) if reference is not None else None,
+            kl_windows=kl_windows,
+        )
+        if not self.keep:
+            return result, None
+        values, ids, rest = (list(column) for column in zip(*self.kept))
+        return result, ReferenceLogits(values, ids, rest, windows.input_ids[: self.keep].clone(), self.vocab)
 
 
 def top_k_and_rest(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
