@@ -204,10 +204,18 @@ def _size_limit(constraints: Constraints, baseline_sizes: dict[str, int]) -> int
 class Searcher:
     """Holds what every budget reuses: the database, the live model, the knapsack tables and the scoring stages."""
 
-    def __init__(self, database: Database, live: LiveModel, sizer: Sizer, stages: tuple[Stage, Stage], depth: list[tuple[int, float]], settings: SearchSettings):
+    def __init__(self, database: Database, live: LiveModel, sizer: Sizer, stages: tuple[Stage, Stage], depth: list[tuple[int, float]], settings: SearchSettings, capacity: int, pricer=None):
         self.database, self.live, self.sizer, self.stages, self.depth, self.settings = database, live, sizer, stages, depth, settings
         self.space = database.space
+        self.capacity = capacity  # the largest budget asked: one knapsack table per removal set answers all below it
+        self.pricer = pricer  # speed / RAM constraints (None: bytes only)
         self.tables: dict[tuple[int, ...], tuple] = {}
+
+    def priced_size(self, configuration: Configuration) -> float:
+        """File bytes, or infinity when the cost model says the configuration breaks a speed or RAM constraint."""
+        if self.pricer is not None and not self.pricer.fits(configuration):
+            return float("inf")
+        return self.sizer(configuration)
 
     def removal_sets(self) -> list[tuple[int, ...]]:
         blocks = [b for b, _ in self.depth]
@@ -245,7 +253,7 @@ class Searcher:
             capacity = budget - layout.header_bytes - layout.fixed_bytes
             if capacity <= 0:
                 continue
-            table, _, kept, searchable = self.table(removed, max(capacity, self.capacity_hint))
+            table, _, kept, searchable = self.table(removed, max(capacity, self.capacity))
             picks = table.solve(capacity)
             if picks is None:
                 continue
@@ -261,18 +269,25 @@ class Searcher:
         answers.sort(key=lambda item: item[0])
         return answers
 
-    capacity_hint = 0
-
     def search(self, budget: int, uniform: list[Configuration], generations: int) -> tuple[Configuration, float, float, float]:
-        """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL) within `budget`."""
-        answers = self.knapsack_answers(budget)
-        if not answers:
-            raise SlimlmError(f"nothing fits in {budget / 1e6:.2f} MB", "raise --max-size")
-        seeds = [c for _, c in answers[:2]] + [c for c in uniform if self.sizer(c) <= budget]
-        large = self.stages[1]
-        knapsack_kl = self.live.kl(answers[0][1], large.windows, large.reference)
-        result = rerank(self.live, seeds, self.sizer, budget, self.stages, generations, self.settings.offspring, self.settings.survivors, seed=self.settings.seed)
-        return result.best, answers[0][0], knapsack_kl, result.kl
+        """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL) within `budget`.
+
+        With speed / RAM constraints the knapsack runs on bytes and its answers are priced by the cost model; when
+        none fits, the byte budget tightens (4% a step) until one does."""
+        answers, tightened = [], budget
+        while not answers and tightened > 0:
+            answers = [(proxy, c) for proxy, c in self.knapsack_answers(tightened) if self.priced_size(c) <= budget]
+            tightened = int(tightened * 0.96) if self.pricer is not None else 0
+        seeds = [c for _, c in answers[:2]] + [c for c in uniform if self.priced_size(c) <= budget]
+        if not seeds:
+            raise SlimlmError(
+                f"nothing within {budget / 1e6:.2f} MB meets the speed / RAM constraints by the cost model"
+                if self.pricer is not None else f"nothing fits in {budget / 1e6:.2f} MB",
+                "relax --max-size or --min-decode-tps / --max-ram (they conflict here)" if self.pricer is not None else "raise --max-size",
+            )
+        result = rerank(self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring, self.settings.survivors, seed=self.settings.seed)
+        knapsack_kl = result.seed_kls[0] if answers else float("nan")
+        return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl
 
 
 def run_search(
@@ -300,10 +315,12 @@ def run_search(
     started = time.perf_counter()
     if settings.target != "gguf":
         raise SlimlmError(f"search target '{settings.target}' is not built yet", "use --target gguf")
-    if constraints.min_decode_tps is not None or constraints.max_ram is not None:
-        from slimlm.search.speed import require_cost_model
+    priced = constraints.min_decode_tps is not None or constraints.max_ram is not None
+    if priced:
+        from slimlm.search.speed import require_llama_cpp
 
-        require_cost_model()
+        require_llama_cpp()
+    max_ram = parse_bytes(constraints.max_ram, "--max-ram") if constraints.max_ram is not None else None
     out = Path(out)
     check_output_dir(out, overwrite)
     if constraints.max_size is not None and constraints.max_size.strip().lower() not in (*PRESET_TYPES, *MIXED_PRESETS):
@@ -329,7 +346,7 @@ def run_search(
         depth = depth_candidates(base.model, statistics_ids, stages[1], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
     live = live_copy(base.model, database)
     sizer = Sizer(base.model, base.tokenizer, _source_gguf(base), database)
-    searcher = Searcher(database, live, sizer, stages, depth, settings)
+    searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
     uniform = baselines(database, _preset_mixes(base.model))
     preset_sizes = {name.split()[1].lower(): sizer(c) for name, kind, c in uniform if kind == "preset"}
     limit = _size_limit(constraints, preset_sizes)
@@ -341,13 +358,15 @@ def run_search(
             "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
         )
     budgets = sorted({*preset_sizes.values(), *([limit] if limit else [])})
-    searcher.capacity_hint = max(budgets) if budgets else 0
+    chosen_budget = limit if limit is not None else max(preset_sizes.values())
+    pricer = _pricer(base, database, sizer, constraints, max_ram, database_path) if priced else None
+    searcher.capacity = max(budgets)
     points: list[Point] = []
     uniform_configs = [c for _, _, c in uniform]
-    chosen_budget = limit if limit is not None else max(preset_sizes.values())
     with stage("search: knapsack + re-ranking"):
         for budget in budgets if front else [chosen_budget]:
             generations = settings.generations if budget == chosen_budget else settings.front_generations
+            searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)
             name = f"searched ≤ {budget / 1e6:.1f} MB"
             plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)")
@@ -371,6 +390,14 @@ def run_search(
         written = file_bytes(summary.path)
         if written != chosen.file_bytes:
             raise SlimlmError(f"the written file has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's GGUF byte accounting")
+    problems = []
+    if _llama_cpp_installed():
+        with stage("search: the chosen file measured in llama.cpp"):
+            chosen.metrics["llama.cpp"] = _in_llama_cpp(summary.path, windows, reference)
+            if pricer is not None:
+                measured = pricer.check_written(summary.path, constraints.threads)
+                problems = measured.pop("problems")
+                chosen.metrics["llama.cpp"]["cost_model"] = measured
     base_point = Point("base (16-bit)", "base", None, sizer.layout(()).header_bytes + sizer.layout(()).fixed_bytes + sum(padded(2 * k.shape[0] * k.shape[1]) for k in space.knobs), metrics=_metrics(base_quality))
     context = {
         "model": {"source": base.source, "resolved": base.resolved},
@@ -386,7 +413,34 @@ def run_search(
     }
     result = SearchResult(out, chosen, [base_point, *points], db_info, context)
     write_search_report(result, database)
+    if problems:
+        raise SlimlmError(f"the chosen file {'; '.join(problems)}", f"the report is in {out}; tighten --max-size or rerun on an idle machine (the cost model is in {database_path})")
     return result
+
+
+def _pricer(base, database: Database, sizer: Sizer, constraints: Constraints, max_ram: int | None, database_path: Path):
+    from slimlm.export.gguf import tensor_layout
+    from slimlm.search.speed import Pricer, cost_model_for
+
+    types = sorted({v.option.type for vs in database.variants.values() for v in vs} | {"f16"})
+    cost_model = cost_model_for(base, types, constraints.threads, database_path / f"costs-{constraints.threads}threads.json")
+    searched = {k.tensor for k in database.space.knobs}
+    extra = {name: ("f16", tuple(shape)) for name, shape in tensor_layout(base.model).items() if len(shape) == 2 and name not in searched}
+    return Pricer(cost_model, database, extra, constraints.min_decode_tps, max_ram)
+
+
+def _llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _in_llama_cpp(path: Path, windows, reference) -> dict:
+    """The chosen file's perplexity and KL to the base on the held-out windows, computed by llama.cpp itself."""
+    from slimlm.evaluate.llama_cpp import llama_cpp_quality
+
+    quality, _ = llama_cpp_quality(path, windows, reference)
+    return _metrics(quality)
 
 
 def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:

@@ -98,6 +98,7 @@ class RerankResult:
     start_kl: float
     evaluations: int
     history: list[float]  # best KL after each generation (last stage's tokens)
+    seed_kls: list[float]  # each seed's KL on the last stage's tokens, in the order given
 
 
 def mutate(configuration: Configuration, database: Database, size_of: Callable[[Configuration], int], budget: int, rng: random.Random, searchable: list[list[int]], attempts: int = 20) -> Configuration | None:
@@ -156,4 +157,4 @@ def rerank(
         history.append(parent_kl)
         if progress is not None:
             progress(generation, parent_kl)
-    return RerankResult(parent, parent_kl, start_kl, evaluations, history)
+    return RerankResult(parent, parent_kl, start_kl, evaluations, history, [kl for kl, _ in scored])
