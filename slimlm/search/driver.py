@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -301,8 +302,13 @@ def run_search(
     allow_pickle: bool = False,
     device: str | None = None,
     front: bool = True,
+    extra_budgets: tuple[str, ...] = (),
+    export_front: bool = False,
 ) -> SearchResult:
-    """Search `model` under `constraints`; write DIR/{model.gguf, recipe.yaml, front.json, report.html, plots}."""
+    """Search `model` under `constraints`; write DIR/{model.gguf, recipe.yaml, front.json, report.html, plots}.
+
+    The front is searched at every llama.cpp preset's size for this model and at `extra_budgets` (sizes or preset
+    names); `export_front` also writes each searched point's file to DIR/front/<MB>.gguf."""
     from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
@@ -357,7 +363,8 @@ def run_search(
             f"(every tensor at its smallest type, blocks {list(smallest_removed)} removed)",
             "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
         )
-    budgets = sorted({*preset_sizes.values(), *([limit] if limit else [])})
+    extra = [_size_limit(dataclasses.replace(constraints, max_size=b), preset_sizes) for b in extra_budgets]
+    budgets = sorted({*preset_sizes.values(), *extra, *([limit] if limit else [])})
     chosen_budget = limit if limit is not None else max(preset_sizes.values())
     pricer = _pricer(base, database, sizer, constraints, max_ram, database_path) if priced else None
     searcher.capacity = max(budgets)
@@ -390,6 +397,13 @@ def run_search(
         written = file_bytes(summary.path)
         if written != chosen.file_bytes:
             raise SlimlmError(f"the written file has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's GGUF byte accounting")
+    if export_front:
+        for point in points:
+            if point.kind == "searched" and point is not chosen:
+                packed = {t: (database.variants[t][i].option.type, database.payload(t, database.variants[t][i].option)) for t, i in _kept(point.configuration, database)}
+                path = out / "front" / f"{point.budget / 1e6:.1f}MB.gguf"
+                write_configuration(base.model, base.tokenizer, _source_gguf(base), point.configuration.removed, packed, path, overwrite=overwrite)
+                point.note += f"; file {path.relative_to(out)}"
     problems = []
     if _llama_cpp_installed():
         with stage("search: the chosen file measured in llama.cpp"):
