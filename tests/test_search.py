@@ -247,3 +247,11 @@ def test_search_cli_names_a_bad_constraint(tmp_path):
     (tmp_path / "c.yaml").write_text("max_size: 92MB\nspeed: 3\n")
     result = run_cli("search", "--constraints", tmp_path / "c.yaml", "--out", tmp_path / "o")
     assert result.returncode == 2 and "unknown keys ['speed']" in result.stdout
+
+
+def test_speed_constraints_without_llama_cpp_say_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(SlimlmError, match=r"llama.cpp, which is not installed.*\.\[engines\]"):
+        run_search("unused", tmp_path / "o", Constraints(max_size="92MB", min_decode_tps=100), TINY_SEARCH, TINY_EVALUATION)
