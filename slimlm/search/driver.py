@@ -23,7 +23,7 @@ from slimlm.search.artifact import Layout, file_bytes, measure_layout, padded, w
 from slimlm.search.database import Database, build_database
 from slimlm.search.rerank import Configuration, LiveModel, Stage, live_copy, rerank, searchable_variants
 from slimlm.search.solver import knapsack
-from slimlm.search.space import Option, SearchSpace, gguf_search_space
+from slimlm.search.space import Option, gguf_search_space
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
 
 PRESET_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # llama.cpp's uniform presets this search places on its front
@@ -44,7 +44,7 @@ class Point:
     budget: int | None = None
     note: str = ""
 
-    def to_dict(self, space: SearchSpace | None, database: Database | None) -> dict:
+    def to_dict(self, database: Database | None) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != "configuration"}
         if self.configuration is not None and database is not None:
             data["removed_blocks"] = list(self.configuration.removed)
@@ -301,7 +301,6 @@ def run_search(
     overwrite: bool = False,
     allow_pickle: bool = False,
     device: str | None = None,
-    front: bool = True,
     extra_budgets: tuple[str, ...] = (),
     export_front: bool = False,
 ) -> SearchResult:
@@ -371,7 +370,7 @@ def run_search(
     points: list[Point] = []
     uniform_configs = [c for _, _, c in uniform]
     with stage("search: knapsack + re-ranking"):
-        for budget in budgets if front else [chosen_budget]:
+        for budget in budgets:
             generations = settings.generations if budget == chosen_budget else settings.front_generations
             searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)

@@ -19,7 +19,7 @@ KIND_STYLE = {"searched": ("#d64545", "o"), "uniform": ("#2f6fbd", "s"), "preset
 
 
 def _rows(result, database) -> list[dict]:
-    return [p.to_dict(database.space, database) for p in result.points]
+    return [p.to_dict(database) for p in result.points]
 
 
 def front_dict(result, database) -> dict:
