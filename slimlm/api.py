@@ -40,14 +40,19 @@ from slimlm.recipes import Recipe, load_recipe, parse_stage
 from slimlm.sensitivity import SensitivityTable, layer_sensitivity
 from slimlm.settings import (
     COMPRESS_EVALUATION,
+    DEFAULT_CONSTRAINTS,
     DEFAULT_MODEL,
     DEFAULT_RUN_RECIPES,
+    DEFAULT_SEARCH,
     DEFAULT_SENSITIVITY_STAGE,
     RUN_CALIBRATION,
+    SEARCH_EVALUATION,
     SENSITIVITY_CALIBRATION,
     SENSITIVITY_EVALUATION,
     CalibrationSettings,
+    Constraints,
     EvalSettings,
+    SearchSettings,
 )
 from slimlm.train.distributed import world
 
@@ -442,6 +447,28 @@ def run(
     }
     write_report(out, variants, context)
     return out
+
+
+def search(
+    model: str = DEFAULT_MODEL,
+    out_dir: str | Path | None = None,
+    constraints: Constraints = DEFAULT_CONSTRAINTS,
+    settings: SearchSettings = DEFAULT_SEARCH,
+    evaluation: EvalSettings = SEARCH_EVALUATION,
+    database: str | Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str | None = None,
+):
+    """The best deployable file under `constraints`, with the measured front (`slimlm.search.driver.run_search`).
+
+    Writes `out_dir/{model.gguf, recipe.yaml, front.json, front-size.png, report.html}` and returns the
+    SearchResult; the variant database (reused across budgets) goes to `database` (default: beside out_dir).
+    """
+    from slimlm.search.driver import run_search
+
+    out = Path(out_dir or Path("slimlm-runs") / datetime.now().strftime("search-%Y%m%d-%H%M%S"))
+    return run_search(model, out, constraints, settings, evaluation, database_dir=database, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
 
 
 export = export_model  # the API's export verb is slimlm.export.export_model itself (one signature, one docstring)

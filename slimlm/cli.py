@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from contextlib import nullcontext
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -14,14 +16,23 @@ import typer
 from slimlm.errors import SlimlmError
 from slimlm.settings import (
     COMPRESS_EVALUATION,
+    DEFAULT_CONSTRAINTS,
     DEFAULT_MODEL,
     FAST_EVALUATION,
+    FAST_SEARCH,
+    FAST_SEARCH_EVALUATION,
     RUN_CALIBRATION,
+    SEARCH_EVALUATION,
     SENSITIVITY_CALIBRATION,
     SENSITIVITY_EVALUATION,
     CalibrationSettings,
+    Constraints,
     EvalSettings,
+    SearchSettings,
     SettingError,
+)
+from slimlm.settings import (
+    DEFAULT_SEARCH as SEARCH,
 )
 
 # The defaults of every option below come from these settings instances (slimlm/settings.py), declared once.
@@ -87,12 +98,14 @@ def _settings(eval_data: str, split: str, seqlen: int, windows: int | None, kl_w
 @app.command()
 def run(
     model: Annotated[str, typer.Option("--model", help="Model to compress (alias, directory, .gguf or hub id).")] = DEFAULT_MODEL,
-    recipes: Annotated[str | None, typer.Option("--recipes", help="Comma-separated recipe names or YAML paths.")] = None,
+    recipes: Annotated[str | None, typer.Option("--recipes", help="Compare these recipes (comma-separated names or YAML paths) instead of searching.")] = None,
+    max_size: Annotated[str | None, typer.Option("--max-size", help="The search's budget: 92MB, or a llama.cpp preset name (default: q4_0, its size for this model).")] = None,
+    as_json: Annotated[Path | None, typer.Option("--json", help="Write the search's front as JSON to this file ('-': stdout).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report directory (default: slimlm-runs/<timestamp>).")] = None,
     eval_data: EvalData = EVALUATION.data,
     seqlen: Seqlen = EVALUATION.seqlen,
     windows: Windows = EVALUATION.max_windows,
-    fast: Annotated[bool, typer.Option("--fast", help=f"Quick look: {FAST_EVALUATION.max_windows} windows of {FAST_EVALUATION.seqlen} tokens, KL on {FAST_EVALUATION.kl_windows}.")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help=f"Quick look: the fast search (and with --recipes, {FAST_EVALUATION.max_windows} windows of {FAST_EVALUATION.seqlen} tokens, KL on {FAST_EVALUATION.kl_windows}).")] = False,
     tasks: Tasks = None,
     limit: TaskLimit = None,
     task_data: TaskData = None,
@@ -105,20 +118,36 @@ def run(
     allow_pickle: AllowPickle = False,
     device: Device = None,
 ) -> None:
-    """The main job: compress the model with several recipes, evaluate base and every result, write one report.
+    """The main job: search the model for the best GGUF at the size of llama.cpp's Q4_0, and print the front.
+
+    Without --recipes: `slimlm search` under the default budget (the size of llama.cpp's Q4_0 for this model, or
+    --max-size): searched points against slimlm's uniform codes and llama.cpp's presets, the chosen file exported.
+    With --recipes: compress with each recipe, evaluate base and every result, write one report (the comparison
+    of slimlm's methods on the HF / compressed-tensors side).
 
     [bold]Examples[/bold]
 
-      slimlm run                                   # SmolLM2-135M, default recipes, offline corpus
-      slimlm run --fast                            # shorter evaluation: 4 windows of 512 tokens
-      slimlm run --recipes magnitude-50,rtn-w4-g64 --eval-data wikitext2:../shared/data/wikitext-2-raw
+      slimlm run                                   # SmolLM2-135M: search at Q4_0's size, front + chosen GGUF
+      slimlm run --fast                            # the same, about a fifth of the time
+      slimlm run --max-size 75MB                   # another budget
+      slimlm run --recipes awq-gptq-w4-g64,sparsegpt-50 --eval-data wikitext2:../shared/data/wikitext-2-raw
       slimlm run --recipes gptq-w4-g64,wanda-50 --calib-samples 128 --calib-seqlen 2048   # the papers' calibration (slower)
-      slimlm run --fast --tasks piqa,arc_easy --limit 200 --speed       # zero-shot and speed columns, two plots
     """
-    from slimlm.api import run as run_job
-    from slimlm.settings import DEFAULT_RUN_RECIPES
+    if not recipes:
+        from slimlm.api import search as search_job
 
-    names = tuple(r.strip() for r in recipes.split(",") if r.strip()) if recipes else tuple(DEFAULT_RUN_RECIPES)
+        preset = FAST_SEARCH if fast else SEARCH
+        constraints = _constraints(None, max_size=max_size or DEFAULT_CONSTRAINTS.max_size)
+        evaluation = FAST_SEARCH_EVALUATION if fast else SEARCH_EVALUATION
+        if eval_data != EVALUATION.data or windows is not None:
+            evaluation = _settings(eval_data, evaluation.split, evaluation.seqlen, windows or evaluation.max_windows, windows or evaluation.kl_windows)
+        out = out or Path("slimlm-runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        result = search_job(model=model, out_dir=out, constraints=constraints, settings=preset, evaluation=evaluation, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
+        _print_search(result, as_json)
+        return
+    from slimlm.api import run as run_job
+
+    names = tuple(r.strip() for r in recipes.split(",") if r.strip())
     shape = FAST_EVALUATION if fast else _settings(eval_data, EVALUATION.split, seqlen, windows, EVALUATION.kl_windows)
     settings = _settings(eval_data, shape.split, shape.seqlen, shape.max_windows, shape.kl_windows, **_task_settings(tasks, limit, EVALUATION.task_seed, task_data, speed))
     calibration = _calibration(calib_data, calib_samples, calib_seqlen, seed)
@@ -519,6 +548,102 @@ def recipes(
     for method_name, summary in methods.items():
         shown.add_row(method_name, summary)
     console.print(shown)
+
+
+SEARCH_FLAGS = {"threads": "--threads", "min_decode_tps": "--min-decode-tps", "max_kl": "--max-kl"}
+
+
+def _constraints(file: Path | None, **flags: object) -> Constraints:
+    """Constraints from a YAML file (any of max_size, max_ram, min_decode_tps, threads, max_kl), flags on top."""
+    import yaml
+
+    values: dict = {}
+    if file is not None:
+        try:
+            values = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SlimlmError(f"--constraints {file}: cannot read it as YAML ({err})", "pass a YAML file such as 'max_size: 92MB'") from None
+        known = {f.name for f in dataclasses.fields(Constraints)}
+        unknown = sorted(set(values) - known)
+        if not isinstance(values, dict) or unknown:
+            raise SlimlmError(f"--constraints {file}: unknown keys {unknown}", f"use some of: {', '.join(sorted(known))}")
+        values = {k: str(v) if k in ("max_size", "max_ram") else v for k, v in values.items()}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return _build(Constraints, SEARCH_FLAGS, **values)
+
+
+@app.command()
+def search(
+    model: Annotated[str, typer.Argument(help="Alias, directory, .gguf or hub id.")] = DEFAULT_MODEL,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for model.gguf, recipe.yaml, front.json, plots and report.html (default: slimlm-runs/search-<timestamp>).")] = None,
+    target: Annotated[str, typer.Option("--target", help="Format the artifact is searched for: gguf.")] = SEARCH.target,
+    max_size: Annotated[str | None, typer.Option("--max-size", help="Largest file: 92MB, 87.5MiB, or a llama.cpp preset name (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_m, q5_k_m, q6_k) for its size on this model.")] = None,
+    max_ram: Annotated[str | None, typer.Option("--max-ram", help="Largest peak RAM of llama.cpp running the file (needs llama.cpp).")] = None,
+    min_decode_tps: Annotated[float | None, typer.Option("--min-decode-tps", help="Slowest acceptable decode, tokens/s in llama.cpp on this machine (needs llama.cpp).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="llama.cpp threads for --min-decode-tps.")] = Constraints.threads,
+    max_kl: Annotated[float | None, typer.Option("--max-kl", help="Largest mean KL to the base (nats per token, held-out calibration windows).")] = None,
+    constraints_file: Annotated[Path | None, typer.Option("--constraints", help="YAML file with any of max_size, max_ram, min_decode_tps, threads, max_kl (flags override it).")] = None,
+    database: Annotated[Path | None, typer.Option("--database", help="Directory of the variant database (default: beside --out); reused across budgets and resumed when interrupted.")] = None,
+    types: Annotated[str | None, typer.Option("--types", help="Block-linear GGUF types to search, comma-separated (default: every type slimlm writes on each shape).")] = None,
+    methods: Annotated[str, typer.Option("--methods", help="gptq (error feedback on the type's grid), ref (llama.cpp's reference rounding), rtn (importance-weighted rounding, slower).")] = ",".join(SEARCH.methods),
+    generations: Annotated[int | None, typer.Option("--generations", help="Re-ranking generations at the chosen budget (0: the knapsack's answer; default 12, --fast 4).")] = None,
+    front_generations: Annotated[int | None, typer.Option("--front-generations", help="Re-ranking generations at each other budget of the front (default 4, --fast 0).")] = None,
+    depth_candidates: Annotated[int | None, typer.Option("--depth-candidates", help="Blocks that may be removed whole (0: none; default 3, --fast 2).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Smaller statistics, re-ranking and evaluation: about a fifth of the time.")] = False,
+    eval_data: EvalData = SEARCH_EVALUATION.data,
+    windows: Annotated[int | None, typer.Option("--windows", help="Held-out evaluation windows per point.")] = None,
+    calib_data: CalibData = SEARCH.statistics.data,
+    calib_samples: Annotated[int | None, typer.Option("--calib-samples", help="Windows for the statistics pass (Hessians, Fishers, GPTQ).")] = None,
+    calib_seqlen: Annotated[int | None, typer.Option("--calib-seqlen", help="Tokens per statistics and re-ranking window.")] = None,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per held-out evaluation window.")] = None,
+    as_json: Annotated[Path | None, typer.Option("--json", help="Write the front as JSON to this file ('-': stdout).")] = None,
+    overwrite: Overwrite = False,
+    allow_pickle: AllowPickle = False,
+    device: Device = None,
+) -> None:
+    """Find the best deployable file under your constraints, with the measured front of size against quality.
+
+    [bold]Examples[/bold]
+
+      slimlm search --max-size 92MB --out smol-92                # SmolLM2-135M, best GGUF within 92 MB
+      slimlm search smollm2-135m --max-size q4_k_m --out smol-q4km
+      slimlm search MODEL_DIR --max-size 75MB --min-decode-tps 100 --threads 2 --out small   # needs llama.cpp
+      slimlm search --constraints phone.yaml --database ~/.cache/slimlm-db --out phone
+    """
+    from slimlm.api import search as search_job
+
+    constraints = _constraints(constraints_file, max_size=max_size, max_ram=max_ram, min_decode_tps=min_decode_tps, threads=threads if threads != Constraints.threads else None, max_kl=max_kl)
+    if constraints.max_size is None and constraints.min_decode_tps is None and constraints.max_ram is None:
+        constraints = dataclasses.replace(constraints, max_size=DEFAULT_CONSTRAINTS.max_size)
+    preset = FAST_SEARCH if fast else SEARCH
+    chosen = {
+        "statistics": _calibration(calib_data, calib_samples or preset.statistics.samples, calib_seqlen or preset.statistics.seqlen, preset.statistics.seed),
+        "target": target,
+        "types": tuple(t.strip() for t in types.split(",")) if types else None,
+        "methods": tuple(m.strip() for m in methods.split(",") if m.strip()),
+        "generations": generations,
+        "front_generations": front_generations,
+        "depth_candidates": depth_candidates,
+    }
+    values = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)} | {k: v for k, v in chosen.items() if v is not None or k == "types"}
+    settings = _build(SearchSettings, {"generations": "--generations", "front_generations": "--front-generations", "depth_candidates": "--depth-candidates"}, **values)
+    shape = FAST_SEARCH_EVALUATION if fast else SEARCH_EVALUATION
+    evaluation = _settings(eval_data, shape.split, seqlen or shape.seqlen, windows or shape.max_windows, windows or shape.kl_windows)
+    result = search_job(model=model, out_dir=out, constraints=constraints, settings=settings, evaluation=evaluation, database=database, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
+    _print_search(result, as_json)
+
+
+def _print_search(result, as_json: Path | None) -> None:
+    from slimlm.progress import console
+    from slimlm.search.report import print_table
+
+    data = json.loads((result.out / "front.json").read_text())
+    if as_json is not None:
+        _write_json(as_json, data)
+    if str(as_json) != "-":
+        print_table(data)
+        chosen = result.chosen
+        console.print(f"chosen: [bold]{chosen.name}[/bold] -> {result.out / 'model.gguf'} ({chosen.file_bytes / 1e6:.2f} MB); report: {result.out / 'report.html'}")
 
 
 def _print_engine_row(result: dict) -> None:

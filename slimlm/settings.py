@@ -98,3 +98,63 @@ SENSITIVITY_EVALUATION = EvalSettings(seqlen=512, max_windows=2)
 SENSITIVITY_CALIBRATION = CalibrationSettings(samples=16, seqlen=512)
 RUN_CALIBRATION = CalibrationSettings(samples=32, seqlen=512)  # 16k tokens: the main job's calibrated rows fit its time
 
+
+
+# --- search ------------------------------------------------------------------------------------------------------
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'92MB' (decimal, as file managers and llama.cpp's tables count), '87.5MiB', '96000000' -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in SIZE_UNITS:
+        raise SlimlmError(f"{flag} {text!r} is not a size", f"pass e.g. {flag} 92MB (units: {', '.join(u.upper() for u in SIZE_UNITS)})")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What the user's device allows; any subset. Sizes are file bytes, RAM the engine's peak resident memory."""
+
+    max_size: str | None = None  # "92MB", or a preset name ("q4_0"): the size of that llama.cpp preset for this model
+    max_ram: str | None = None
+    min_decode_tps: float | None = None  # measured in llama.cpp with `threads` threads
+    threads: int = 2
+    max_kl: float | None = None  # mean KL to the base on the held-out calibration windows, nats per token
+
+    def __post_init__(self) -> None:
+        _at_least(self, "threads", 1, "2")
+        _at_least(self, "min_decode_tps", 0, "100", optional=True)
+        _at_least(self, "max_kl", 0, "0.05", optional=True)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How hard the search looks. Defaults fit the main job (~10 minutes for SmolLM2-135M on 2 CPU cores)."""
+
+    target: str = "gguf"
+    methods: tuple[str, ...] = ("gptq", "ref")  # add "rtn" for importance-weighted rounding (slower)
+    types: tuple[str, ...] | None = None  # block-linear types searched; None: every type slimlm writes on each shape
+    statistics: CalibrationSettings = CalibrationSettings(samples=8, seqlen=512)  # Hessians, Fishers, GPTQ
+    rerank_windows: int = 4  # held-out calibration windows that score whole configurations (the first: the quick stage)
+    generations: int = 12  # re-ranking generations at the chosen budget (0: the knapsack's answer as it is)
+    front_generations: int = 4  # at each other budget of the front
+    offspring: int = 8
+    survivors: int = 2
+    depth_candidates: int = 3  # blocks that may be removed whole (those whose removal costs least KL)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("rerank_windows", 1), ("generations", 0), ("front_generations", 0), ("offspring", 1), ("survivors", 1), ("depth_candidates", 0)):
+            _at_least(self, name, low, "4")
+
+
+DEFAULT_SEARCH = SearchSettings()
+FAST_SEARCH = SearchSettings(statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=4, front_generations=0, offspring=6, depth_candidates=2)
+SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=8, kl_windows=8)  # held-out figures of every front point
+FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=4, kl_windows=4)
+DEFAULT_CONSTRAINTS = Constraints(max_size="q4_0")  # the main job: the best model at the size of llama.cpp's Q4_0

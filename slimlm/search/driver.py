@@ -1,0 +1,509 @@
+"""`slimlm search`: from a user's constraints to the best deployable file, with the measured front around it.
+
+    statistics (1 forward + backward)  ->  database of tensor variants (disk, resumable)  ->  depth candidates
+    ->  exact knapsack on the additive proxy, per number of removed blocks  ->  re-ranking by true KL (EvoPress)
+    ->  every front point and baseline measured on held-out text  ->  the chosen file written, its bytes checked
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.progress import plain_line, stage
+from slimlm.search.artifact import Layout, file_bytes, measure_layout, padded, write_configuration
+from slimlm.search.database import Database, build_database
+from slimlm.search.rerank import Configuration, LiveModel, Stage, live_copy, rerank, searchable_variants
+from slimlm.search.solver import knapsack
+from slimlm.search.space import Option, gguf_search_space
+from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
+
+PRESET_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # llama.cpp's uniform presets this search places on its front
+EMBEDDING_AT_8_BITS = ("q4_0", "q4_1", "q5_0", "q5_1")  # llama-quantize keeps the (tied) output at Q8_0 for these
+
+
+@dataclass
+class Point:
+    """One configuration on the front or among the baselines."""
+
+    name: str
+    kind: str  # "searched", "uniform" (slimlm's codes), "preset" (llama.cpp's reference quantizer), "base"
+    configuration: Configuration | None
+    file_bytes: int
+    proxy_kl: float | None = None  # the knapsack's additive estimate
+    rerank_kl: float | None = None  # true KL on the held-out calibration windows
+    metrics: dict = field(default_factory=dict)  # held-out evaluation: perplexity, kl_divergence, top1_agreement
+    budget: int | None = None
+    note: str = ""
+
+    def to_dict(self, database: Database | None) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "configuration"}
+        if self.configuration is not None and database is not None:
+            data["removed_blocks"] = list(self.configuration.removed)
+            data["tensors"] = describe_configuration(self.configuration, database)
+            counts: dict[str, int] = {}
+            for label in data["tensors"].values():
+                counts[label] = counts.get(label, 0) + 1
+            data["option_counts"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        return data
+
+
+def describe_configuration(configuration: Configuration, database: Database) -> dict[str, str]:
+    """GGUF tensor name (base numbering) -> "type/method", for the kept tensors."""
+    return {
+        knob.tensor: database.variants[knob.tensor][index].option.label
+        for knob, index in zip(database.space.knobs, configuration.choice)
+        if knob.block not in configuration.removed
+    }
+
+
+@dataclass
+class SearchResult:
+    out: Path
+    chosen: Point
+    points: list[Point]
+    database: dict
+    context: dict
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen.name, "context": self.context, "database": self.database}
+
+
+# --- sizes and baselines -----------------------------------------------------------------------------------------
+
+
+class Sizer:
+    """Exact file bytes of any configuration: layout (header + fixed tensors) per removal set + padded variants."""
+
+    def __init__(self, model: nn.Module, tokenizer, source_gguf: Path | None, database: Database):
+        self.model, self.tokenizer, self.source, self.database = model, tokenizer, source_gguf, database
+        self.layouts: dict[tuple[int, ...], Layout] = {}
+        self.searched = {k.tensor for k in database.space.knobs}
+
+    def layout(self, removed: tuple[int, ...]) -> Layout:
+        if removed not in self.layouts:
+            self.layouts[removed] = measure_layout(self.model, self.tokenizer, self.source, removed, self.searched)
+        return self.layouts[removed]
+
+    def __call__(self, configuration: Configuration) -> int:
+        layout = self.layout(configuration.removed)
+        variants = self.database.variants
+        return layout.header_bytes + layout.fixed_bytes + sum(
+            padded(variants[k.tensor][i].bytes) for k, i in zip(self.database.space.knobs, configuration.choice) if k.block not in configuration.removed
+        )
+
+
+def _index(database: Database, tensor: str, option: Option) -> int | None:
+    for i, variant in enumerate(database.variants[tensor]):
+        if variant.option == option:
+            return i
+    return None
+
+
+def uniform_configuration(database: Database, linear: Option, embedding: Option) -> Configuration | None:
+    """Every block linear at `linear`, the embedding (and untied head) at `embedding`; None if a tensor lacks it."""
+    choice = []
+    for knob in database.space.knobs:
+        index = _index(database, knob.tensor, linear if knob.role == "linear" else embedding)
+        if index is None:
+            return None
+        choice.append(index)
+    return Configuration(tuple(choice))
+
+
+MIXED_PRESETS = ("q4_k_m", "q5_k_m", "q6_k")  # llama.cpp's per-tensor mixes, placed by `gguf_presets`
+
+
+def preset_configuration(database: Database, tensor_types: dict[str, str]) -> Configuration | None:
+    """llama.cpp's per-tensor layout, each tensor by the reference quantizer where the gguf package has one, else
+    slimlm's rounding of that type (k-quants); None when the database lacks a tensor's type."""
+    choice = []
+    for knob in database.space.knobs:
+        type_ = tensor_types.get(knob.tensor)
+        index = next((i for method in ("ref", "rtn", "gptq") if (i := _index(database, knob.tensor, Option(type_, method))) is not None), None)
+        if index is None:
+            return None
+        choice.append(index)
+    return Configuration(tuple(choice))
+
+
+def baselines(database: Database, mixes: dict[str, dict[str, str]] | None = None) -> list[tuple[str, str, Configuration]]:
+    """slimlm's uniform codes (each type × method) and llama.cpp's presets (its reference quantizer, no imatrix;
+    the k-quant mixes in `mixes`: preset name -> GGUF tensor -> type)."""
+    found = []
+    for preset, tensor_types in (mixes or {}).items():
+        configuration = preset_configuration(database, tensor_types)
+        if configuration is not None:
+            found.append((f"llama.cpp {preset.upper()} layout", "preset", configuration))
+    methods = sorted({v.option.method for vs in database.variants.values() for v in vs})
+    for type_ in PRESET_TYPES:
+        embedding_type = "q8_0" if type_ in EMBEDDING_AT_8_BITS else type_
+        preset = uniform_configuration(database, Option(type_, "ref"), Option(embedding_type, "ref"))
+        if preset is not None:
+            found.append((f"llama.cpp {type_.upper()}", "preset", preset))
+        for method in ("gptq", "rtn"):
+            if method in methods:
+                uniform = uniform_configuration(database, Option(type_, method), Option(embedding_type, "rtn"))
+                uniform = uniform or uniform_configuration(database, Option(type_, method), Option(embedding_type, "ref"))
+                if uniform is not None:
+                    found.append((f"slimlm uniform {type_}/{method}", "uniform", uniform))
+    return found
+
+
+# --- depth candidates ---------------------------------------------------------------------------------------------
+
+
+def depth_candidates(model: nn.Module, calibration_ids: torch.Tensor, stage_: Stage, count: int, cache: Path) -> list[tuple[int, float]]:
+    """The `count` blocks whose removal alone costs the least KL (measured), as (block, KL), least first.
+
+    Candidates are the 2·count blocks of lowest Block Influence (ShortGPT; one forward), each then measured.
+    """
+    from slimlm.calibration.sequential import hooks_removed_after
+    from slimlm.evaluate.perplexity import evaluate_quality
+    from slimlm.models.adapters import decoder_blocks
+    from slimlm.prune.depth import _skip_block, block_influences
+
+    if count == 0:
+        return []
+    if cache.exists():
+        stored = json.loads(cache.read_text())
+        if len(stored) >= count:
+            return [tuple(item) for item in stored[:count]]
+    influences = block_influences(model, calibration_ids)
+    order = sorted(range(len(influences)), key=lambda i: influences[i])[: 2 * count]
+    blocks = decoder_blocks(model)
+    measured = []
+    for index in order:
+        with hooks_removed_after([blocks[index].register_forward_hook(_skip_block, with_kwargs=True)]):
+            quality, _ = evaluate_quality(model, stage_.windows, stage_.reference, progress=False)
+        measured.append((index, quality.kl_divergence))
+    measured.sort(key=lambda item: item[1])
+    cache.write_text(json.dumps(measured))
+    return measured[:count]
+
+
+# --- the search ---------------------------------------------------------------------------------------------------
+
+
+def _size_limit(constraints: Constraints, baseline_sizes: dict[str, int]) -> int | None:
+    if constraints.max_size is None:
+        return None
+    key = constraints.max_size.strip().lower()
+    if key in baseline_sizes:
+        return baseline_sizes[key]
+    return parse_bytes(constraints.max_size, "--max-size")
+
+
+class Searcher:
+    """Holds what every budget reuses: the database, the live model, the knapsack tables and the scoring stages."""
+
+    def __init__(self, database: Database, live: LiveModel, sizer: Sizer, stages: tuple[Stage, Stage], depth: list[tuple[int, float]], settings: SearchSettings, capacity: int, pricer=None):
+        self.database, self.live, self.sizer, self.stages, self.depth, self.settings = database, live, sizer, stages, depth, settings
+        self.space = database.space
+        self.capacity = capacity  # the largest budget asked: one knapsack table per removal set answers all below it
+        self.pricer = pricer  # speed / RAM constraints (None: bytes only)
+        self.tables: dict[tuple[int, ...], tuple] = {}
+
+    def priced_size(self, configuration: Configuration) -> float:
+        """File bytes, or infinity when the cost model says the configuration breaks a speed or RAM constraint."""
+        if self.pricer is not None and not self.pricer.fits(configuration):
+            return float("inf")
+        return self.sizer(configuration)
+
+    def removal_sets(self) -> list[tuple[int, ...]]:
+        blocks = [b for b, _ in self.depth]
+        return [tuple(sorted(blocks[:d])) for d in range(len(blocks) + 1)]
+
+    def table(self, removed: tuple[int, ...], capacity: int):
+        key = removed
+        if key not in self.tables or self.tables[key][1] < capacity:
+            kept = [i for i, k in enumerate(self.space.knobs) if k.block not in removed]
+            every = searchable_variants(self.database)
+            searchable = [every[i] for i in kept]
+            costs = [np.array([self.database.variants[self.space.knobs[i].tensor][j].proxy for j in options]) for i, options in zip(kept, searchable)]
+            sizes = [np.array([padded(self.database.variants[self.space.knobs[i].tensor][j].bytes) for j in options]) for i, options in zip(kept, searchable)]
+            self.tables[key] = (knapsack(costs, sizes, capacity), capacity, kept, searchable)
+        return self.tables[key]
+
+    def smallest(self) -> tuple[int, tuple[int, ...]]:
+        """The smallest reachable file and its removal set."""
+        best = None
+        for removed in self.removal_sets():
+            layout = self.sizer.layout(removed)
+            size = layout.header_bytes + layout.fixed_bytes + sum(
+                min(padded(v.bytes) for v in self.database.variants[k.tensor] if v.option in k.options) for k in self.space.knobs if k.block not in removed
+            )
+            if best is None or size < best[0]:
+                best = (size, removed)
+        return best
+
+    def knapsack_answers(self, budget: int) -> list[tuple[float, Configuration]]:
+        """The proxy optimum within `budget` for each removal set, best first."""
+        removal_kl = dict(self.depth)
+        answers = []
+        for removed in self.removal_sets():
+            layout = self.sizer.layout(removed)
+            capacity = budget - layout.header_bytes - layout.fixed_bytes
+            if capacity <= 0:
+                continue
+            table, _, kept, searchable = self.table(removed, max(capacity, self.capacity))
+            picks = table.solve(capacity)
+            if picks is None:
+                continue
+            choice = [0] * len(self.space.knobs)
+            proxy = sum(removal_kl[b] for b in removed)
+            for i, options, pick in zip(kept, searchable, picks):
+                choice[i] = options[pick]
+                proxy += self.database.variants[self.space.knobs[i].tensor][options[pick]].proxy
+            for i, knob in enumerate(self.space.knobs):  # removed blocks' tensors: any index (unused)
+                if knob.block in removed:
+                    choice[i] = 0
+            answers.append((proxy, Configuration(tuple(choice), removed)))
+        answers.sort(key=lambda item: item[0])
+        return answers
+
+    def search(self, budget: int, uniform: list[Configuration], generations: int) -> tuple[Configuration, float, float, float]:
+        """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL) within `budget`.
+
+        With speed / RAM constraints the knapsack runs on bytes and its answers are priced by the cost model; when
+        none fits, the byte budget tightens (4% a step) until one does."""
+        answers, tightened = [], budget
+        while not answers and tightened > 0:
+            answers = [(proxy, c) for proxy, c in self.knapsack_answers(tightened) if self.priced_size(c) <= budget]
+            tightened = int(tightened * 0.96) if self.pricer is not None else 0
+        seeds = [c for _, c in answers[:2]] + [c for c in uniform if self.priced_size(c) <= budget]
+        if not seeds:
+            raise SlimlmError(
+                f"nothing within {budget / 1e6:.2f} MB meets the speed / RAM constraints by the cost model"
+                if self.pricer is not None else f"nothing fits in {budget / 1e6:.2f} MB",
+                "relax --max-size or --min-decode-tps / --max-ram (they conflict here)" if self.pricer is not None else "raise --max-size",
+            )
+        result = rerank(self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring, self.settings.survivors, seed=self.settings.seed)
+        knapsack_kl = result.seed_kls[0] if answers else float("nan")
+        return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl
+
+
+def run_search(
+    model: str,
+    out: str | Path,
+    constraints: Constraints,
+    settings: SearchSettings,
+    evaluation: EvalSettings,
+    database_dir: str | Path | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str | None = None,
+    extra_budgets: tuple[str, ...] = (),
+    export_front: bool = False,
+) -> SearchResult:
+    """Search `model` under `constraints`; write DIR/{model.gguf, recipe.yaml, front.json, report.html, plots}.
+
+    The front is searched at every llama.cpp preset's size for this model and at `extra_budgets` (sizes or preset
+    names); `export_front` also writes each searched point's file to DIR/front/<MB>.gguf."""
+    from slimlm.data.calibration import ids_sha256, sample_calibration
+    from slimlm.data.text import load_text
+    from slimlm.evaluate.perplexity import evaluate_quality, make_windows
+    from slimlm.export import _source_gguf
+    from slimlm.models.load import load_model
+    from slimlm.models.save import check_output_dir
+    from slimlm.search.report import write_search_report
+    from slimlm.search.statistics import collect_statistics
+
+    started = time.perf_counter()
+    if settings.target != "gguf":
+        raise SlimlmError(f"search target '{settings.target}' is not built yet", "use --target gguf")
+    priced = constraints.min_decode_tps is not None or constraints.max_ram is not None
+    if priced:
+        from slimlm.search.speed import require_llama_cpp
+
+        require_llama_cpp()
+    max_ram = parse_bytes(constraints.max_ram, "--max-ram") if constraints.max_ram is not None else None
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    if constraints.max_size is not None and constraints.max_size.strip().lower() not in (*PRESET_TYPES, *MIXED_PRESETS):
+        parse_bytes(constraints.max_size, "--max-size")  # refuse a bad size before any work
+    base = load_model(model, allow_pickle=allow_pickle, device=device)
+    base.model.eval()
+    space = gguf_search_space(base.model, linear_types=settings.types, methods=settings.methods)
+    calibration_text = load_text(settings.statistics.data, "calibration")
+    stats = settings.statistics
+    drawn = sample_calibration(base.tokenizer, calibration_text, stats.samples + settings.rerank_windows, stats.seqlen, stats.seed)
+    statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
+    database_path = Path(database_dir) if database_dir else out.parent / f".{out.name}-database"
+    with stage("search: database of tensor variants"):
+        database = build_database(
+            database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), ids_sha256(statistics_ids),
+        )
+    from slimlm.search.database import describe as describe_database
+
+    db_info = describe_database(database)
+    plain_line(f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}")
+    stages = _stages(base.model, rerank_ids, base.tokenizer)
+    with stage("search: depth candidates"):
+        depth = depth_candidates(base.model, statistics_ids, stages[1], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
+    live = live_copy(base.model, database)
+    sizer = Sizer(base.model, base.tokenizer, _source_gguf(base), database)
+    searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
+    uniform = baselines(database, _preset_mixes(base.model))
+    preset_sizes = {name.split()[1].lower(): sizer(c) for name, kind, c in uniform if kind == "preset"}
+    limit = _size_limit(constraints, preset_sizes)
+    smallest, smallest_removed = searcher.smallest()
+    if limit is not None and limit < smallest:
+        raise SlimlmError(
+            f"--max-size {limit / 1e6:.2f} MB is below the smallest file this search reaches: {smallest / 1e6:.2f} MB "
+            f"(every tensor at its smallest type, blocks {list(smallest_removed)} removed)",
+            "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
+        )
+    extra = [_size_limit(dataclasses.replace(constraints, max_size=b), preset_sizes) for b in extra_budgets]
+    budgets = sorted({*preset_sizes.values(), *extra, *([limit] if limit else [])})
+    chosen_budget = limit if limit is not None else max(preset_sizes.values())
+    pricer = _pricer(base, database, sizer, constraints, max_ram, database_path) if priced else None
+    searcher.capacity = max(budgets)
+    points: list[Point] = []
+    uniform_configs = [c for _, _, c in uniform]
+    with stage("search: knapsack + re-ranking"):
+        for budget in budgets:
+            generations = settings.generations if budget == chosen_budget else settings.front_generations
+            searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
+            configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)
+            name = f"searched ≤ {budget / 1e6:.1f} MB"
+            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)")
+            points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
+    for name, kind, configuration in uniform:
+        points.append(Point(name, kind, configuration, sizer(configuration)))
+    with stage("search: held-out evaluation of every point"):
+        text = load_text(evaluation.data, evaluation.split)
+        windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+        base_quality, reference = evaluate_quality(base.model, windows, keep_reference=evaluation.kl_windows, progress=False)
+        for point in points:
+            live.apply(point.configuration)
+            point.metrics = _held_out(live, point.configuration, windows, reference)
+            if point.rerank_kl is None:
+                point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
+    chosen = _choose(points, chosen_budget, constraints)
+    with stage(f"search: writing {out / 'model.gguf'}"):
+        out.mkdir(parents=True, exist_ok=True)
+        packed = {t: (database.variants[t][i].option.type, database.payload(t, database.variants[t][i].option)) for t, i in _kept(chosen.configuration, database)}
+        summary = write_configuration(base.model, base.tokenizer, _source_gguf(base), chosen.configuration.removed, packed, out / "model.gguf", overwrite=overwrite)
+        written = file_bytes(summary.path)
+        if written != chosen.file_bytes:
+            raise SlimlmError(f"the written file has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's GGUF byte accounting")
+    if export_front:
+        for point in points:
+            if point.kind == "searched" and point is not chosen:
+                packed = {t: (database.variants[t][i].option.type, database.payload(t, database.variants[t][i].option)) for t, i in _kept(point.configuration, database)}
+                path = out / "front" / f"{point.budget / 1e6:.1f}MB.gguf"
+                write_configuration(base.model, base.tokenizer, _source_gguf(base), point.configuration.removed, packed, path, overwrite=overwrite)
+                point.note += f"; file {path.relative_to(out)}"
+    problems = []
+    if _llama_cpp_installed():
+        with stage("search: the chosen file measured in llama.cpp"):
+            chosen.metrics["llama.cpp"] = _in_llama_cpp(summary.path, windows, reference)
+            if pricer is not None:
+                measured = pricer.check_written(summary.path, constraints.threads)
+                problems = measured.pop("problems")
+                chosen.metrics["llama.cpp"]["cost_model"] = measured
+    base_point = Point("base (16-bit)", "base", None, sizer.layout(()).header_bytes + sizer.layout(()).fixed_bytes + sum(padded(2 * k.shape[0] * k.shape[1]) for k in space.knobs), metrics=_metrics(base_quality))
+    context = {
+        "model": {"source": base.source, "resolved": base.resolved},
+        "constraints": asdict(constraints),
+        "budget_bytes": chosen_budget,
+        "settings": asdict(settings),
+        "statistics": {"windows": int(statistics_ids.shape[0]), "seqlen": int(statistics_ids.shape[1]), "source": drawn.source, "sha256": ids_sha256(statistics_ids)},
+        "rerank": {"windows": int(rerank_ids.shape[0]), "seqlen": int(rerank_ids.shape[1]), "held_out_from": "the statistics windows (other offsets of the same calibration text)"},
+        "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
+        "depth": [{"block": b, "kl": kl} for b, kl in depth],
+        "sparsity": "not searched: neither GGUF nor llama.cpp stores or runs unstructured / 2:4 sparse weights smaller or faster",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    result = SearchResult(out, chosen, [base_point, *points], db_info, context)
+    write_search_report(result, database)
+    if problems:
+        raise SlimlmError(f"the chosen file {'; '.join(problems)}", f"the report is in {out}; tighten --max-size or rerun on an idle machine (the cost model is in {database_path})")
+    return result
+
+
+def _pricer(base, database: Database, sizer: Sizer, constraints: Constraints, max_ram: int | None, database_path: Path):
+    from slimlm.export.gguf import tensor_layout
+    from slimlm.search.speed import Pricer, cost_model_for
+
+    types = sorted({v.option.type for vs in database.variants.values() for v in vs} | {"f16"})
+    cost_model = cost_model_for(base, types, constraints.threads, database_path / f"costs-{constraints.threads}threads.json")
+    searched = {k.tensor for k in database.space.knobs}
+    extra = {name: ("f16", tuple(shape)) for name, shape in tensor_layout(base.model).items() if len(shape) == 2 and name not in searched}
+    return Pricer(cost_model, database, extra, constraints.min_decode_tps, max_ram)
+
+
+def _llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _in_llama_cpp(path: Path, windows, reference) -> dict:
+    """The chosen file's perplexity and KL to the base on the held-out windows, computed by llama.cpp itself."""
+    from slimlm.evaluate.llama_cpp import llama_cpp_quality
+
+    quality, _ = llama_cpp_quality(path, windows, reference)
+    return _metrics(quality)
+
+
+def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
+    from slimlm.export.gguf_presets import preset_tensor_types
+
+    return {preset: preset_tensor_types(model, preset, imatrix=True) for preset in MIXED_PRESETS}
+
+
+def _kept(configuration: Configuration, database: Database):
+    for knob, index in zip(database.space.knobs, configuration.choice):
+        if knob.block not in configuration.removed:
+            yield knob.tensor, index
+
+
+def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stage]:
+    """The quick stage (first window) and the full stage (every re-ranking window), each with the base's reference."""
+    from slimlm.evaluate.perplexity import EvalWindows, bos_token_id, evaluate_quality
+
+    made = []
+    for rows in (ids[:1], ids):
+        windows = EvalWindows(input_ids=rows, source="held-out calibration windows", seqlen=rows.shape[1], total_windows=rows.shape[0], bos_token_id=bos_token_id(tokenizer))
+        _, reference = evaluate_quality(model, windows, keep_reference=rows.shape[0], progress=False)
+        made.append(Stage(windows, reference))
+    return made[0], made[1]
+
+
+def _metrics(quality) -> dict:
+    return {"perplexity": quality.perplexity, "kl_divergence": quality.kl_divergence, "top1_agreement": quality.top1_agreement}
+
+
+def _held_out(live: LiveModel, configuration: Configuration, windows, reference) -> dict:
+    from slimlm.calibration.sequential import hooks_removed_after
+    from slimlm.evaluate.perplexity import evaluate_quality
+    from slimlm.models.adapters import decoder_blocks
+    from slimlm.prune.depth import _skip_block
+
+    live.apply(configuration)
+    blocks = decoder_blocks(live.model)
+    with hooks_removed_after([blocks[i].register_forward_hook(_skip_block, with_kwargs=True) for i in configuration.removed]):
+        quality, _ = evaluate_quality(live.model, windows, reference, progress=False)
+    return _metrics(quality)
+
+
+def _choose(points: list[Point], budget: int, constraints: Constraints) -> Point:
+    """The searched point at the user's budget (the least held-out-calibration KL among those within it)."""
+    within = [p for p in points if p.kind == "searched" and p.file_bytes <= budget]
+    best = min(within, key=lambda p: p.rerank_kl)
+    if constraints.max_kl is not None and best.rerank_kl > constraints.max_kl:
+        raise SlimlmError(
+            f"--max-kl {constraints.max_kl} and --max-size conflict: the best file within {budget / 1e6:.2f} MB has KL {best.rerank_kl:.4f}",
+            "raise --max-size or --max-kl",
+        )
+    return best

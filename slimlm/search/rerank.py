@@ -1,0 +1,160 @@
+"""True KL of whole configurations, and their re-ranking by an evolutionary search (EvoPress, Sieberling et al. 2024).
+
+Per-layer damage is not additive: the knapsack's answer is optimal for the proxy, not for the model. So whole
+configurations are scored by the mean KL(base ‖ configuration) on held-out calibration tokens, with the live model
+holding each tensor's *decoded database bytes* (what the file holds) and removed blocks skipped. Starting from the
+best of the seeds (the knapsack's answers, the uniform points within budget), each generation makes `offspring`
+budget-preserving mutations (one tensor changes option; if that breaks the budget, other tensors step down to a
+cheaper option until it fits), scores them on a few tokens, re-scores the best `survivors` on more tokens (EvoPress's
+staged token counts) and keeps the best if it beats the parent there.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimlm.calibration.sequential import hooks_removed_after
+from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, evaluate_quality
+from slimlm.models.adapters import decoder_blocks, set_linear_weight_
+from slimlm.prune.depth import _skip_block
+from slimlm.search.database import Database, decode
+from slimlm.search.space import Knob
+
+
+@dataclass(frozen=True)
+class Configuration:
+    choice: tuple[int, ...]  # per knob of the space, an index into the database's variants of that knob
+    removed: tuple[int, ...] = ()  # blocks removed whole, at the base model's numbering
+
+
+@dataclass
+class LiveModel:
+    """A copy of the base whose tensors are swapped to a configuration's decoded variants."""
+
+    model: nn.Module
+    database: Database
+    applied: dict[str, int] = field(default_factory=dict)  # tensor -> variant index in place
+    cache: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    cache_limit_bytes: int = 2 << 30
+
+    def weight(self, knob: Knob, index: int) -> torch.Tensor:
+        key = (knob.tensor, index)
+        if key not in self.cache:
+            variant = self.database.variants[knob.tensor][index]
+            decoded = decode(self.database.payload(knob.tensor, variant.option), variant.option, knob.shape)
+            while self.cache and sum(t.numel() * 4 for t in self.cache.values()) + decoded.numel() * 4 > self.cache_limit_bytes:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[key] = decoded
+        return self.cache[key]
+
+    def apply(self, configuration: Configuration) -> None:
+        for knob, index in zip(self.database.space.knobs, configuration.choice):
+            if knob.block in configuration.removed or self.applied.get(knob.tensor) == index:
+                continue
+            module = self.model.get_submodule(knob.module)
+            weight = self.weight(knob, index)
+            if knob.role == "linear":
+                set_linear_weight_(module, weight)
+            else:
+                with torch.no_grad():
+                    module.weight.copy_(weight.to(module.weight.dtype))
+            self.applied[knob.tensor] = index
+
+    def kl(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> float:
+        self.apply(configuration)
+        blocks = decoder_blocks(self.model)
+        hooks = [blocks[i].register_forward_hook(_skip_block, with_kwargs=True) for i in configuration.removed]
+        with hooks_removed_after(hooks):
+            quality, _ = evaluate_quality(self.model, windows, reference, progress=False)
+        return quality.kl_divergence
+
+
+def live_copy(model: nn.Module, database: Database) -> LiveModel:
+    import copy
+
+    return LiveModel(copy.deepcopy(model).eval(), database)
+
+
+def searchable_variants(database: Database) -> list[list[int]]:
+    """Per knob, the indices of the variants the search may choose (the rest encode baselines only)."""
+    return [[i for i, v in enumerate(database.variants[k.tensor]) if v.option in k.options] for k in database.space.knobs]
+
+
+@dataclass(frozen=True)
+class Stage:
+    windows: EvalWindows
+    reference: ReferenceLogits
+
+
+@dataclass
+class RerankResult:
+    best: Configuration
+    kl: float  # on the last stage's tokens
+    start_kl: float
+    evaluations: int
+    history: list[float]  # best KL after each generation (last stage's tokens)
+    seed_kls: list[float]  # each seed's KL on the last stage's tokens, in the order given
+
+
+def mutate(configuration: Configuration, database: Database, size_of: Callable[[Configuration], int], budget: int, rng: random.Random, searchable: list[list[int]], attempts: int = 20) -> Configuration | None:
+    """One tensor moves to another searched option; if the budget breaks, random others step down until it fits."""
+    knobs = database.space.knobs
+    alive = [i for i, k in enumerate(knobs) if k.block not in configuration.removed and len(searchable[i]) > 1]
+    if not alive:
+        return None
+    choice = list(configuration.choice)
+    a = rng.choice(alive)
+    choice[a] = rng.choice([o for o in searchable[a] if o != choice[a]])
+    candidate = Configuration(tuple(choice), configuration.removed)
+    for _ in range(attempts):
+        if size_of(candidate) <= budget:
+            return candidate
+        b = rng.choice([i for i in alive if i != a] or alive)
+        variants = database.variants[knobs[b].tensor]
+        cheaper = [o for o in searchable[b] if variants[o].bytes < variants[choice[b]].bytes]
+        if cheaper:
+            choice[b] = min(cheaper, key=lambda o: variants[o].proxy)
+            candidate = Configuration(tuple(choice), configuration.removed)
+    return candidate if size_of(candidate) <= budget else None
+
+
+def rerank(
+    live: LiveModel,
+    seeds: list[Configuration],
+    size_of: Callable[[Configuration], int],
+    budget: int,
+    stages: tuple[Stage, Stage],
+    generations: int,
+    offspring: int,
+    survivors: int,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> RerankResult:
+    """(1 + λ) evolution with staged token counts, from the best seed (scored on the large stage)."""
+    rng = random.Random(seed)
+    small, large = stages
+    database = live.database
+    searchable = searchable_variants(database)
+    scored = [(live.kl(s, large.windows, large.reference), s) for s in seeds]
+    evaluations = len(seeds)
+    parent_kl, parent = min(scored, key=lambda item: item[0])
+    start_kl, history = parent_kl, []
+    for generation in range(generations):
+        children = [c for c in (mutate(parent, database, size_of, budget, rng, searchable) for _ in range(offspring)) if c is not None]
+        if children:
+            quick = sorted(((live.kl(c, small.windows, small.reference), c) for c in children), key=lambda item: item[0])
+            evaluations += len(children)
+            for _, child in quick[:survivors]:
+                child_kl = live.kl(child, large.windows, large.reference)
+                evaluations += 1
+                if child_kl < parent_kl:
+                    parent_kl, parent = child_kl, child
+        history.append(parent_kl)
+        if progress is not None:
+            progress(generation, parent_kl)
+    return RerankResult(parent, parent_kl, start_kl, evaluations, history, [kl for kl, _ in scored])

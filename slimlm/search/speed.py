@@ -1,0 +1,96 @@
+"""Decode-speed and RAM constraints: priced by a cost model of llama.cpp's kernels measured on this machine
+(`evaluate.llama_cpp_costs`), and checked by measuring the written file in llama.cpp.
+
+A configuration's file holds every 2-D tensor at some type; the cost model predicts its decode tokens/s and peak RSS
+from bytes per type and the number of blocks. The search treats a configuration the model prices outside the
+constraints as not fitting (as if over the byte budget), and the chosen file is then measured: a constraint it does
+not meet when measured is an error, not a footnote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimlm.errors import SlimlmError
+from slimlm.search.artifact import renumber
+from slimlm.search.database import Database
+from slimlm.search.rerank import Configuration
+
+
+def require_llama_cpp() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SlimlmError(
+            "--min-decode-tps and --max-ram are measured in llama.cpp, which is not installed",
+            "pip install -e '.[engines]' (compiles llama.cpp: ~20 min on 2 cores), or drop them to search on file size alone",
+        ) from None
+
+
+def cost_model_for(base, types: list[str], threads: int, cache: Path):
+    """The cost model calibrated on this machine for `types` (cached beside the database: it takes minutes)."""
+    from slimlm.evaluate.llama_cpp_costs import CostModel, measure_type_costs
+    from slimlm.progress import stage
+
+    ordered = ["q8_0", *sorted(t for t in types if t != "q8_0")]
+    if cache.exists():
+        model = CostModel.load(cache)
+        if set(ordered) <= set(model.seconds_per_byte) and model.threads == threads:
+            return model
+    with stage(f"search: calibrating llama.cpp's decode costs for {', '.join(ordered)} ({threads} threads)"):
+        model = measure_type_costs(base, ordered, threads=threads)
+    model.save(cache)
+    return model
+
+
+@dataclass
+class Pricer:
+    """Predicted decode tokens/s and peak RSS of configurations, and whether they meet the constraints."""
+
+    cost_model: object
+    database: Database
+    extra: dict[str, tuple[str, tuple[int, int]]]  # 2-D tensors the search does not choose: name -> (type, shape)
+    min_decode_tps: float | None
+    max_ram_bytes: int | None
+
+    def tensor_types(self, configuration: Configuration) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
+        types, shapes = {}, {}
+        for knob, index in zip(self.database.space.knobs, configuration.choice):
+            if knob.block in configuration.removed:
+                continue
+            name = renumber(knob.tensor, configuration.removed)
+            types[name] = self.database.variants[knob.tensor][index].option.type
+            shapes[name] = knob.shape
+        for name, (type_, shape) in self.extra.items():
+            if not (name.startswith("blk.") and int(name.split(".")[1]) in configuration.removed):
+                types[renumber(name, configuration.removed)] = type_
+                shapes[renumber(name, configuration.removed)] = shape
+        return types, shapes
+
+    def predict(self, configuration: Configuration) -> dict:
+        types, shapes = self.tensor_types(configuration)
+        return {"decode_tokens_per_s": self.cost_model.predict_decode_tps(types, shapes), "peak_rss_bytes": self.cost_model.predict_ram_bytes(types, shapes)}
+
+    def fits(self, configuration: Configuration) -> bool:
+        predicted = self.predict(configuration)
+        if self.min_decode_tps is not None and predicted["decode_tokens_per_s"] < self.min_decode_tps:
+            return False
+        return self.max_ram_bytes is None or predicted["peak_rss_bytes"] <= self.max_ram_bytes
+
+    def check_written(self, path: Path, threads: int) -> dict:
+        """Measure the written file in llama.cpp; refuse it when a constraint is not met."""
+        measured = self.cost_model.check_file(path)
+        problems = []
+        if self.min_decode_tps is not None and measured["measured_decode_tokens_per_s"] < self.min_decode_tps:
+            problems.append(f"decodes at {measured['measured_decode_tokens_per_s']:.1f} tok/s measured ({threads} threads), below --min-decode-tps {self.min_decode_tps:g} "
+                            f"(the cost model predicted {measured['predicted_decode_tokens_per_s']:.1f})")
+        if self.max_ram_bytes is not None and measured["measured_ram_bytes"] > self.max_ram_bytes:
+            problems.append(f"peaks at {measured['measured_ram_bytes'] / 1e6:.1f} MB RSS measured, above --max-ram {self.max_ram_bytes / 1e6:.1f} MB")
+        measured["problems"] = problems
+        return measured
+
+
+def describe(measured: dict) -> str:
+    return json.dumps({k: v for k, v in measured.items() if k != "problems"})
