@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--presets", default=",".join(LLAMA_PRESETS))
     parser.add_argument("--extra-budgets", default="75MB")
     parser.add_argument("--fast", action="store_true", help="the fast search settings")
+    parser.add_argument("--types", default=None, help="block-linear types searched (comma-separated; default: all)")
+    parser.add_argument("--database", type=Path, default=None, help="reuse this variant database (default: --work/database)")
     parser.add_argument("--reuse", action="store_true", help="keep the base, imatrix, base logits and llama.cpp files in --work")
     args = parser.parse_args()
     bins = tools(args.llama_bin.expanduser())
@@ -58,7 +60,11 @@ def main() -> None:
     from slimlm.settings import DEFAULT_SEARCH, FAST_SEARCH, FAST_SEARCH_EVALUATION, SEARCH_EVALUATION, Constraints
 
     torch.set_num_threads(args.threads)
+    import dataclasses
+
     settings = FAST_SEARCH if args.fast else DEFAULT_SEARCH
+    if args.types:
+        settings = dataclasses.replace(settings, types=tuple(args.types.split(",")))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model, device="cpu")
@@ -84,7 +90,7 @@ def main() -> None:
     budgets = tuple(f"{p.stat().st_size}B" for p in llama_files.values()) + tuple(b for b in args.extra_budgets.split(",") if b)
     started = time.perf_counter()
     evaluation = FAST_SEARCH_EVALUATION if args.fast else SEARCH_EVALUATION
-    result = run_search(args.model, work / "search", Constraints(max_size=budgets[0]), settings, evaluation, database_dir=work / "database",
+    result = run_search(args.model, work / "search", Constraints(max_size=budgets[0]), settings, evaluation, database_dir=args.database or work / "database",
                         overwrite=True, extra_budgets=budgets[1:], export_front=True)
     search_seconds = time.perf_counter() - started
     searched = {p.budget: p for p in result.points if p.kind == "searched"}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.export.gguf import ARCHITECTURES, BLOCK_TENSORS, permute_rope_rows
+from slimlm.export.gguf import ARCHITECTURES, permute_rope_rows
 from slimlm.models.adapters import decoder_blocks
 
 ADAPTER_NAME = "default"  # peft's name for the one adapter slimlm trains
@@ -37,24 +37,22 @@ def lora_tensors(peft_model: nn.Module) -> tuple[str, float, list[tuple[str, tor
         raise SlimlmError("llama.cpp's LoRA adapters cannot hold DoRA's magnitudes", "use --method lora for a GGUF adapter, or --merge and export the merged model")
     if getattr(lora, "use_rslora", False):
         raise SlimlmError("llama.cpp scales adapters by α/r, not rsLoRA's α/√r", "train without rsLoRA for a GGUF adapter")
-    arch, permute = ARCHITECTURES[config.model_type]
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    arch = ARCHITECTURES[config.model_type]
     tensors = []
     for index, block in enumerate(decoder_blocks(model)):
-        for rel, base in BLOCK_TENSORS.items():
+        for rel, base in arch.block:
             module = block.get_submodule(rel)
             if not isinstance(module, LoraLayer) or ADAPTER_NAME not in module.lora_A:
                 continue
             a = module.lora_A[ADAPTER_NAME].weight.detach().float().cpu()  # (r, in)
             b = module.lora_B[ADAPTER_NAME].weight.detach().float().cpu()  # (out, r)
-            rows = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(rel) if permute else None
+            rows = arch.rope_rows(rel, config)
             if rows:
                 b = permute_rope_rows(b, rows)
             tensors += [(f"blk.{index}.{base}.weight.lora_a", a), (f"blk.{index}.{base}.weight.lora_b", b)]
     if not tensors:
         raise SlimlmError("the model holds no LoRA adapter on a block linear", "train with --method lora")
-    return arch, float(lora.lora_alpha), tensors
+    return arch.name, float(lora.lora_alpha), tensors
 
 
 def check_base_gguf(base_gguf: Path, model: nn.Module) -> None:
@@ -72,7 +70,7 @@ def check_base_gguf(base_gguf: Path, model: nn.Module) -> None:
 
     arch = field("general.architecture")
     config = model.config
-    wanted_arch = ARCHITECTURES.get(config.model_type, (config.model_type, False))[0]
+    wanted_arch = ARCHITECTURES[config.model_type].name if config.model_type in ARCHITECTURES else config.model_type
     theirs = (arch, field(f"{arch}.block_count"), field(f"{arch}.embedding_length"))
     ours = (wanted_arch, len(decoder_blocks(model)), config.hidden_size)
     if theirs != ours:

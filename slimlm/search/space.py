@@ -99,16 +99,15 @@ def gguf_options(shape: tuple[int, int], types: tuple[str, ...], methods: tuple[
 
 def gguf_tensor_name(model: nn.Module, module: str) -> str:
     """GGUF name of a block linear / the embedding / the head, in llama.cpp's LLM_TENSOR_* naming."""
-    from slimlm.export.gguf import BLOCK_TENSORS
+    from slimlm.export.gguf import linear_tensor_name
 
     adapter = adapter_for(model)
     if module == adapter.embed:
         return "token_embd.weight"
     if module == adapter.lm_head:
         return "output.weight"
-    prefix = adapter.blocks + "."
-    index, _, rel = module.removeprefix(prefix).partition(".")
-    return f"blk.{index}.{BLOCK_TENSORS[rel]}.weight"
+    index, _, rel = module.removeprefix(adapter.blocks + ".").partition(".")
+    return linear_tensor_name(model, int(index), rel)
 
 
 def tied_output(model: nn.Module) -> bool:
