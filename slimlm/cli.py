@@ -42,9 +42,10 @@ EVALUATION = EvalSettings()
 app = typer.Typer(
     name="slimlm",
     help="Turn language models into small language models, and measure what each step costs and buys.\n\n"
-    "Quick start: [bold]slimlm run[/bold] compresses the built-in SmolLM2-135M with the default recipes and prints a report.\n\n"
+    "Quick start: [bold]slimlm run[/bold] searches the built-in SmolLM2-135M for the best GGUF at llama.cpp Q4_0's size and prints the front.\n\n"
     "[bold]Examples[/bold]\n\n"
-    "  slimlm run --fast           # all default recipes, a quick report\n"
+    "  slimlm run --fast           # the search, quicker\n"
+    "  slimlm search --max-size 80MB --out smol-80   # your budget\n"
     "  slimlm recipes              # what each shipped recipe does\n"
     "  slimlm compress smollm2-135m --recipe rtn-w4-g64 --out smol-w4\n"
     "  slimlm eval smol-w4 --base smollm2-135m --windows 4",
