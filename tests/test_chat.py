@@ -57,7 +57,7 @@ class Terminal:
             os.execve(sys.executable, [sys.executable, "-m", "slimlm.cli", *args], env)
         self.seen = ""
 
-    def expect(self, pattern: str, timeout: float = 60) -> re.Match:
+    def expect(self, pattern: str, timeout: float = 180) -> re.Match:
         deadline = time.monotonic() + timeout
         while True:
             found = re.search(pattern, self.seen)
@@ -76,7 +76,7 @@ class Terminal:
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
-    def exit_code(self, timeout: float = 20) -> int:
+    def exit_code(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
