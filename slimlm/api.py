@@ -463,7 +463,8 @@ def search(
     """The best deployable file under `constraints`, with the measured front (`slimlm.search.driver.run_search`).
 
     Writes `out_dir/{model.gguf, recipe.yaml, front.json, front-size.png, report.html}` and returns the
-    SearchResult; the variant database (reused across budgets) goes to `database` (default: beside out_dir).
+    SearchResult; the variant database (reused across budgets) goes to `database` (default: a per-model cache, see
+    `slimlm.search.driver.default_database`).
     """
     from slimlm.search.driver import run_search
 

@@ -584,7 +584,7 @@ def search(
     threads: Annotated[int, typer.Option("--threads", help="llama.cpp threads for --min-decode-tps.")] = Constraints.threads,
     max_kl: Annotated[float | None, typer.Option("--max-kl", help="Largest mean KL to the base (nats per token, held-out calibration windows).")] = None,
     constraints_file: Annotated[Path | None, typer.Option("--constraints", help="YAML file with any of max_size, max_ram, min_decode_tps, threads, max_kl (flags override it).")] = None,
-    database: Annotated[Path | None, typer.Option("--database", help="Directory of the variant database (default: beside --out); reused across budgets and resumed when interrupted.")] = None,
+    database: Annotated[Path | None, typer.Option("--database", help="Directory of the variant database (default: $SLIMLM_CACHE or ~/.cache/slimlm, per model and calibration); reused across budgets and resumed when interrupted.")] = None,
     types: Annotated[str | None, typer.Option("--types", help="Block-linear GGUF types to search, comma-separated, or 'all' (default: q4_0,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k; --fast: q4_0,q5_0,q8_0).")] = None,
     methods: Annotated[str, typer.Option("--methods", help="gptq (error feedback on the type's grid), ref (llama.cpp's reference rounding), rtn (importance-weighted rounding, slower).")] = ",".join(SEARCH.methods),
     generations: Annotated[int | None, typer.Option("--generations", help="Re-ranking generations at the chosen budget (0: the knapsack's answer; default 12, --fast 4).")] = None,

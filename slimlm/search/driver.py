@@ -337,7 +337,7 @@ def run_search(
     stats = settings.statistics
     drawn = sample_calibration(base.tokenizer, calibration_text, stats.samples + settings.rerank_windows, stats.seqlen, stats.seed)
     statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
-    database_path = Path(database_dir) if database_dir else out.parent / f".{out.name}-database"
+    database_path = Path(database_dir) if database_dir else default_database(base.model, ids_sha256(statistics_ids))
     with stage("search: database of tensor variants"):
         database = build_database(
             database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), ids_sha256(statistics_ids),
@@ -454,6 +454,17 @@ def _in_llama_cpp(path: Path, windows, reference) -> dict:
 
     quality, _ = llama_cpp_quality(path, windows, reference)
     return _metrics(quality)
+
+
+def default_database(model: nn.Module, calibration_sha: str) -> Path:
+    """$SLIMLM_CACHE (default ~/.cache/slimlm)/search/<model>-<calibration>: every search of the same model and
+    calibration reuses one database, whatever its budget or output directory."""
+    import os
+
+    from slimlm.search.database import model_fingerprint
+
+    root = Path(os.environ.get("SLIMLM_CACHE", "~/.cache/slimlm")).expanduser()
+    return root / "search" / f"{model_fingerprint(model)[:16]}-{calibration_sha[:12]}"
 
 
 def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
