@@ -21,7 +21,7 @@ from slimlm.errors import SlimlmError
 from slimlm.progress import plain_line, stage
 from slimlm.search.artifact import Layout, file_bytes, measure_layout, padded, write_configuration
 from slimlm.search.database import Database, build_database
-from slimlm.search.rerank import Configuration, LiveModel, Stage, live_copy, rerank, searchable_variants
+from slimlm.search.rerank import Configuration, LiveModel, Stage, blocks_skipped, live_copy, rerank, searchable_variants
 from slimlm.search.solver import knapsack
 from slimlm.search.space import Option, gguf_search_space
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
@@ -166,10 +166,8 @@ def depth_candidates(model: nn.Module, calibration_ids: torch.Tensor, stage_: St
 
     Candidates are the 2·count blocks of lowest Block Influence (ShortGPT; one forward), each then measured.
     """
-    from slimlm.calibration.sequential import hooks_removed_after
     from slimlm.evaluate.perplexity import evaluate_quality
-    from slimlm.models.adapters import decoder_blocks
-    from slimlm.prune.depth import _skip_block, block_influences
+    from slimlm.prune.depth import block_influences
 
     if count == 0:
         return []
@@ -179,10 +177,9 @@ def depth_candidates(model: nn.Module, calibration_ids: torch.Tensor, stage_: St
             return [tuple(item) for item in stored[:count]]
     influences = block_influences(model, calibration_ids)
     order = sorted(range(len(influences)), key=lambda i: influences[i])[: 2 * count]
-    blocks = decoder_blocks(model)
     measured = []
     for index in order:
-        with hooks_removed_after([blocks[index].register_forward_hook(_skip_block, with_kwargs=True)]):
+        with blocks_skipped(model, (index,)):
             quality, _ = evaluate_quality(model, stage_.windows, stage_.reference, progress=False)
         measured.append((index, quality.kl_divergence))
     measured.sort(key=lambda item: item[1])
@@ -384,24 +381,21 @@ def run_search(
         windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
         base_quality, reference = evaluate_quality(base.model, windows, keep_reference=evaluation.kl_windows, progress=False)
         for point in points:
-            live.apply(point.configuration)
-            point.metrics = _held_out(live, point.configuration, windows, reference)
+            point.metrics = _metrics(live.quality(point.configuration, windows, reference))
             if point.rerank_kl is None:
                 point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
     chosen = _choose(points, chosen_budget, constraints)
     with stage(f"search: writing {out / 'model.gguf'}"):
         out.mkdir(parents=True, exist_ok=True)
-        packed = {t: (database.variants[t][i].option.type, database.payload(t, database.variants[t][i].option)) for t, i in _kept(chosen.configuration, database)}
-        summary = write_configuration(base.model, base.tokenizer, _source_gguf(base), chosen.configuration.removed, packed, out / "model.gguf", overwrite=overwrite)
+        summary = write_configuration(base.model, base.tokenizer, _source_gguf(base), chosen.configuration.removed, _packed(chosen.configuration, database), out / "model.gguf", overwrite=overwrite)
         written = file_bytes(summary.path)
         if written != chosen.file_bytes:
             raise SlimlmError(f"the written file has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's GGUF byte accounting")
     if export_front:
         for point in points:
             if point.kind == "searched" and point is not chosen:
-                packed = {t: (database.variants[t][i].option.type, database.payload(t, database.variants[t][i].option)) for t, i in _kept(point.configuration, database)}
                 path = out / "front" / f"{point.budget / 1e6:.1f}MB.gguf"
-                write_configuration(base.model, base.tokenizer, _source_gguf(base), point.configuration.removed, packed, path, overwrite=overwrite)
+                write_configuration(base.model, base.tokenizer, _source_gguf(base), point.configuration.removed, _packed(point.configuration, database), path, overwrite=overwrite)
                 point.note += f"; file {path.relative_to(out)}"
     problems = []
     if _llama_cpp_installed():
@@ -473,10 +467,14 @@ def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
     return {preset: preset_tensor_types(model, preset, imatrix=True) for preset in MIXED_PRESETS}
 
 
-def _kept(configuration: Configuration, database: Database):
+def _packed(configuration: Configuration, database: Database) -> dict[str, tuple[str, np.ndarray]]:
+    """GGUF name (base numbering) -> (type, database bytes) of every kept tensor: what the file will hold."""
+    packed = {}
     for knob, index in zip(database.space.knobs, configuration.choice):
         if knob.block not in configuration.removed:
-            yield knob.tensor, index
+            option = database.variants[knob.tensor][index].option
+            packed[knob.tensor] = (option.type, database.payload(knob.tensor, option))
+    return packed
 
 
 def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stage]:
@@ -493,19 +491,6 @@ def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stag
 
 def _metrics(quality) -> dict:
     return {"perplexity": quality.perplexity, "kl_divergence": quality.kl_divergence, "top1_agreement": quality.top1_agreement}
-
-
-def _held_out(live: LiveModel, configuration: Configuration, windows, reference) -> dict:
-    from slimlm.calibration.sequential import hooks_removed_after
-    from slimlm.evaluate.perplexity import evaluate_quality
-    from slimlm.models.adapters import decoder_blocks
-    from slimlm.prune.depth import _skip_block
-
-    live.apply(configuration)
-    blocks = decoder_blocks(live.model)
-    with hooks_removed_after([blocks[i].register_forward_hook(_skip_block, with_kwargs=True) for i in configuration.removed]):
-        quality, _ = evaluate_quality(live.model, windows, reference, progress=False)
-    return _metrics(quality)
 
 
 def _choose(points: list[Point], budget: int, constraints: Constraints) -> Point:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from slimlm.calibration.sequential import hooks_removed_after
-from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, evaluate_quality
+from slimlm.evaluate.perplexity import EvalWindows, QualityResult, ReferenceLogits, evaluate_quality
 from slimlm.models.adapters import decoder_blocks, set_linear_weight_
 from slimlm.prune.depth import _skip_block
 from slimlm.search.database import Database, decode
@@ -65,13 +65,21 @@ class LiveModel:
                     module.weight.copy_(weight.to(module.weight.dtype))
             self.applied[knob.tensor] = index
 
-    def kl(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> float:
+    def quality(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult:
+        """Perplexity, KL and top-1 of the configuration on `windows` against `reference`."""
         self.apply(configuration)
-        blocks = decoder_blocks(self.model)
-        hooks = [blocks[i].register_forward_hook(_skip_block, with_kwargs=True) for i in configuration.removed]
-        with hooks_removed_after(hooks):
+        with blocks_skipped(self.model, configuration.removed):
             quality, _ = evaluate_quality(self.model, windows, reference, progress=False)
-        return quality.kl_divergence
+        return quality
+
+    def kl(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> float:
+        return self.quality(configuration, windows, reference).kl_divergence
+
+
+def blocks_skipped(model: nn.Module, removed: tuple[int, ...]):
+    """Context in which the `removed` decoder blocks pass their input through (a removal, without copying the model)."""
+    blocks = decoder_blocks(model)
+    return hooks_removed_after([blocks[i].register_forward_hook(_skip_block, with_kwargs=True) for i in removed])
 
 
 def live_copy(model: nn.Module, database: Database) -> LiveModel:
