@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def _wikitext2(directory: Path, split: str) -> Text:
         raise SlimlmError(f"WikiText-2 file '{path}' does not exist", "point wikitext2:DIR at the folder holding the wiki.*.raw files")
     # Universal newlines, lines split at "\n" only (not str.splitlines' extra breaks) and blank lines -> "":
     # what the `datasets` wikitext builder does when it iterates over the open file.
-    rows = [line if line.strip() else "" for line in io.StringIO(_read_utf8(path))]
+    rows = [line if line.strip() else "" for line in io.StringIO(read_utf8(path))]
     note = ", used for calibration because wiki.train.raw is absent" if fallback else ""
     return Text("\n\n".join(rows), f"WikiText-2 raw {split} ({path}{note}), rows joined as in GPTQ")
 
@@ -110,28 +111,33 @@ def _local_path(path: Path, split: str) -> Text:
             return _wikitext2(path, split)
         raise SlimlmError(f"directory '{path}' holds no wiki.test.raw", f"pass one of: {ACCEPTED_SOURCES}")
     if path.suffix == ".txt":
-        return Text(_read_utf8(path), f"text file {path}")
+        return Text(read_utf8(path), f"text file {path}")
     if path.suffix == ".jsonl":
         return Text("\n\n".join(_jsonl_texts(path)), f"jsonl file {path} (\"text\" field)")
     raise SlimlmError(f"cannot read text from '{path}' (unknown extension '{path.suffix}')", f"pass one of: {ACCEPTED_SOURCES}")
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
-    for number, line in enumerate(_read_utf8(path).split("\n"), start=1):
+def jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a JSON-lines file; a bad line is a one-line error."""
+    for number, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise SlimlmError(f"{path} line {number} is not valid JSON ({err.msg})", "write one JSON object per line") from err
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, row in jsonl_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise SlimlmError(f"{path} line {number} has no string field \"text\"", 'write each line as {"text": "..."}')
         texts.append(row["text"])
     return texts
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

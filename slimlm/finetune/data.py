@@ -16,14 +16,13 @@ falls inside are the answer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from slimlm.data.calibration import ids_sha256, tokenize_text
-from slimlm.data.text import load_text
+from slimlm.data.text import jsonl_lines, load_text
 from slimlm.errors import SlimlmError
 
 IGNORE = -100  # labels no loss is taken on (torch's cross_entropy ignore_index)
@@ -119,24 +118,9 @@ def text_windows(text: str, tokenizer, seqlen: int, label: str) -> Rows:
     return Rows(windows, windows.clone(), torch.ones_like(windows), f"{label}: {n} windows x {seqlen} tokens")
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SlimlmError(f"'{path}' is not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
-    except OSError as err:
-        raise SlimlmError(f"cannot read '{path}': {err.strerror}", "check the path and its permissions") from None
-
-
 def _jsonl_rows(path: Path, tokenizer, seqlen: int) -> Rows:
     examples = []
-    for number, line in enumerate(_read(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SlimlmError(f"{path} line {number} is not valid JSON ({err.msg})", "write one JSON object per line") from None
+    for number, row in jsonl_lines(path):
         where = f"{path} line {number}"
         if isinstance(row, dict) and isinstance(row.get("text"), str):
             ids = tokenizer(row["text"], add_special_tokens=False, verbose=False)["input_ids"]
