@@ -135,6 +135,8 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
 
 
 def print_table(data: dict) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
@@ -143,4 +145,4 @@ def print_table(data: dict) -> None:
         table.add_column(h, justify="left" if h in ("point", "kind") else "right")
     for row in table_rows(data):
         table.add_row(*row)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log or pipe gets the whole row, as progress lines do
