@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.export.gguf_types import GGUF_GPTQ_DAMP
 
 METHODS = ("rtn", "imatrix", "gptq")
 
@@ -82,7 +83,7 @@ def calibrated_codes(
     calibration_ids: torch.Tensor | None,
     tensor_types: Mapping[str, str],
     method: str = "gptq",
-    damp: float = 0.01,
+    damp: float = GGUF_GPTQ_DAMP,
     statistics: tuple[Mapping[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """(packed bytes by GGUF name, importance by GGUF name) for `write_gguf(packed=..., importance=...)`.

@@ -451,14 +451,15 @@ def _in_llama_cpp(path: Path, windows, reference) -> dict:
 
 
 def default_database(model: nn.Module, calibration_sha: str) -> Path:
-    """$SLIMLM_CACHE (default ~/.cache/slimlm)/search/<model>-<calibration>: every search of the same model and
-    calibration reuses one database, whatever its budget or output directory."""
+    """$SLIMLM_CACHE (default ~/.cache/slimlm)/search/<model>-<calibration>-v<format>: every search of the same
+    model and calibration reuses one database, whatever its budget or output directory; a new database format gets
+    a new directory instead of refusing the old one."""
     import os
 
-    from slimlm.search.database import model_fingerprint
+    from slimlm.search.database import VERSION, model_fingerprint
 
     root = Path(os.environ.get("SLIMLM_CACHE", "~/.cache/slimlm")).expanduser()
-    return root / "search" / f"{model_fingerprint(model)[:16]}-{calibration_sha[:12]}"
+    return root / "search" / f"{model_fingerprint(model)[:16]}-{calibration_sha[:12]}-v{VERSION}"
 
 
 def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
