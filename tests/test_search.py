@@ -99,6 +99,25 @@ def _database(tmp_path, arch="llama", calibration_sha="calib", types=("q4_0", "q
     return model, build_database(tmp_path / "db", model, space, statistics_for, calibration_sha)
 
 
+def test_every_offered_option_encodes_on_k_quant_rows():
+    """The default methods (gptq, ref) on rows k-quants accept: a type without a reference quantizer gets slimlm's
+    rounding instead of `ref`, and every option offered writes the bytes its type declares."""
+    from slimlm.export.gguf_types import TYPES, tensor_bytes
+    from slimlm.search.database import encode
+    from slimlm.search.space import DEFAULT_METHODS, REFERENCE_TYPES, gguf_options
+
+    weight = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    hessian = torch.eye(256) + 0.1
+    options = gguf_options(tuple(weight.shape), ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k"), DEFAULT_METHODS)
+    assert {o.type for o in options} == {"q4_0", "q8_0", "q4_k", "q5_k", "q6_k"}
+    assert all(o.method != "ref" or o.type in REFERENCE_TYPES for o in options)
+    assert Option("q4_k", "gptq") in options and Option("q4_k", "rtn") in options
+    for option in options:
+        data = encode(weight, option, hessian, None)
+        assert data.nbytes == tensor_bytes(option.type, (4, 256)), option.label
+        assert TYPES[option.type].packed
+
+
 def test_database_resumes_and_refuses_another_calibration(tmp_path):
     calls = []
     model, database = _database(tmp_path, statistics_calls=calls)

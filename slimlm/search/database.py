@@ -24,12 +24,11 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
-from slimlm.search.space import Knob, Option, SearchSpace
+from slimlm.search.space import REFERENCE_TYPES, Knob, Option, SearchSpace
 from slimlm.search.statistics import SearchStatistics, embedding_shaped_proxy, projection_proxy, shaped_proxy
 
 VERSION = 2  # 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01)
 BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: always encoded (the presets use it)
-REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")  # the types the gguf package quantizes itself
 
 
 @dataclass(frozen=True)

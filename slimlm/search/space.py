@@ -32,7 +32,7 @@ GGUF_EMBEDDING_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 GPTQ_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k")  # where error feedback pays
 METHODS = ("rtn", "gptq", "ref")
 DEFAULT_METHODS = ("gptq", "ref")  # GPTQ on 4/5-bit blocks, the reference quantizer for Q8_0 and the embedding
-REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
+REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")  # the types the gguf package quantizes itself
 
 
 @dataclass(frozen=True, order=True)
@@ -88,12 +88,12 @@ def gguf_options(shape: tuple[int, int], types: tuple[str, ...], methods: tuple[
     for type_ in types:
         if not _writable(type_) or shape[1] % TYPES[type_].block:
             continue
-        chosen = [m for m in methods if m != "gptq" or type_ in GPTQ_TYPES]
-        if not chosen or (chosen == ["ref"] and type_ not in REFERENCE_TYPES):
-            chosen = ["rtn"]  # k-quants: the gguf package has no reference quantizer for them
-        if chosen == ["rtn"] and "rtn" not in methods and type_ in REFERENCE_TYPES:
-            chosen = ["ref"]
-        options.extend(Option(type_, m) for m in chosen)
+        chosen = {m for m in methods if m != "gptq" or type_ in GPTQ_TYPES}
+        if "ref" in chosen and type_ not in REFERENCE_TYPES:
+            chosen = (chosen - {"ref"}) | {"rtn"}  # k-quants: the gguf package has no reference quantizer for them
+        if not chosen:
+            chosen = {"ref" if type_ in REFERENCE_TYPES else "rtn"}
+        options.extend(Option(type_, m) for m in METHODS if m in chosen)
     return tuple(options)
 
 
