@@ -577,7 +577,7 @@ def _constraints(file: Path | None, **flags: object) -> Constraints:
 def search(
     model: Annotated[str, typer.Argument(help="Alias, directory, .gguf or hub id.")] = DEFAULT_MODEL,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for model.gguf, recipe.yaml, front.json, plots and report.html (default: slimlm-runs/search-<timestamp>).")] = None,
-    target: Annotated[str, typer.Option("--target", help="Format the artifact is searched for: gguf.")] = SEARCH.target,
+    target: Annotated[str, typer.Option("--target", help="Format the artifact is searched for: gguf (DIR/model.gguf, llama.cpp) or compressed-tensors (DIR is the checkpoint: transformers + compressed-tensors, vLLM; --max-size counts model.safetensors).")] = SEARCH.target,
     max_size: Annotated[str | None, typer.Option("--max-size", help="Largest file: 92MB, 87.5MiB, or a llama.cpp preset name (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k_m, q5_k_m, q6_k) for its size on this model.")] = None,
     max_ram: Annotated[str | None, typer.Option("--max-ram", help="Largest peak RAM of llama.cpp running the file (needs llama.cpp).")] = None,
     min_decode_tps: Annotated[float | None, typer.Option("--min-decode-tps", help="Slowest acceptable decode, tokens/s in llama.cpp on this machine (needs llama.cpp).")] = None,
@@ -585,7 +585,7 @@ def search(
     max_kl: Annotated[float | None, typer.Option("--max-kl", help="Largest mean KL to the base (nats per token, held-out calibration windows).")] = None,
     constraints_file: Annotated[Path | None, typer.Option("--constraints", help="YAML file with any of max_size, max_ram, min_decode_tps, threads, max_kl (flags override it).")] = None,
     database: Annotated[Path | None, typer.Option("--database", help="Directory of the variant database (default: $SLIMLM_CACHE or ~/.cache/slimlm, per model and calibration); reused across budgets and resumed when interrupted.")] = None,
-    types: Annotated[str | None, typer.Option("--types", help="Block-linear GGUF types to search, comma-separated, or 'all' (default: q4_0,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k; --fast: q4_0,q5_0,q8_0).")] = None,
+    types: Annotated[str | None, typer.Option("--types", help="Block-linear types to search, comma-separated, or 'all'. GGUF default: q4_0,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k (--fast: q4_0,q5_0,q5_1,q8_0); compressed-tensors: int4-g32,int4-g64,int4-g128,int4-g32-asym,int8-g128,int8-channel,dense (--fast: int4-g32,int4-g64,int8-channel,dense).")] = None,
     methods: Annotated[str, typer.Option("--methods", help="gptq (error feedback on the type's grid), ref (llama.cpp's reference rounding), rtn (importance-weighted rounding, slower).")] = ",".join(SEARCH.methods),
     generations: Annotated[int | None, typer.Option("--generations", help="Re-ranking generations at the chosen budget (0: the knapsack's answer; default 12, --fast 4).")] = None,
     front_generations: Annotated[int | None, typer.Option("--front-generations", help="Re-ranking generations at each other budget of the front (default 4, --fast 0).")] = None,
@@ -614,7 +614,7 @@ def search(
     from slimlm.api import search as search_job
 
     constraints = _constraints(constraints_file, max_size=max_size, max_ram=max_ram, min_decode_tps=min_decode_tps, threads=threads if threads != Constraints.threads else None, max_kl=max_kl)
-    if constraints.max_size is None and constraints.min_decode_tps is None and constraints.max_ram is None:
+    if constraints.max_size is None and constraints.min_decode_tps is None and constraints.max_ram is None and target == "gguf":
         constraints = dataclasses.replace(constraints, max_size=DEFAULT_CONSTRAINTS.max_size)
     preset = FAST_SEARCH if fast else SEARCH
     chosen = {
@@ -644,7 +644,8 @@ def _print_search(result, as_json: Path | None) -> None:
     if str(as_json) != "-":
         print_table(data)
         chosen = result.chosen
-        console.print(f"chosen: [bold]{chosen.name}[/bold] -> {result.out / 'model.gguf'} ({chosen.file_bytes / 1e6:.2f} MB); report: {result.out / 'report.html'}")
+        artifact = result.out / "model.gguf" if result.context.get("target", "gguf") == "gguf" else result.out
+        console.print(f"chosen: [bold]{chosen.name}[/bold] -> {artifact} ({chosen.file_bytes / 1e6:.2f} MB); report: {result.out / 'report.html'}")
 
 
 def _print_engine_row(result: dict) -> None:

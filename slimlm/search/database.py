@@ -51,8 +51,13 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def encode(weight: torch.Tensor, option: Option, hessian: torch.Tensor | None, importance: torch.Tensor | None) -> np.ndarray:
-    """weight (out, in) -> the GGUF bytes (out, row bytes) uint8 that `option` writes for it."""
+    """weight (out, in) -> the GGUF bytes (out, row bytes) uint8 that `option` writes for it (for a
+    compressed-tensors type, `search.compressed_tensors.ct_encode`'s payload)."""
     from slimlm.export.gguf_types import quantize_tensor
+    from slimlm.search.compressed_tensors import ct_encode, is_ct_type
+
+    if is_ct_type(option.type):
+        return ct_encode(weight, option, hessian)
 
     w = weight.detach().float().cpu()
     if option.method == BASELINE_METHOD:
@@ -87,8 +92,20 @@ def gptq_encode(weight: torch.Tensor, hessian: torch.Tensor, type_: str, importa
 
 def decode(data: np.ndarray, option: Option, shape: tuple[int, int]) -> torch.Tensor:
     from slimlm.export.gguf_types import dequantize_tensor
+    from slimlm.search.compressed_tensors import ct_decode, is_ct_type
+
+    if is_ct_type(option.type):
+        return ct_decode(data, option, shape)
 
     return dequantize_tensor(data, option.type, shape)
+
+
+def stored_bytes(knob: Knob, option: Option, data: np.ndarray) -> int:
+    """What the variant adds to the file: GGUF stores the payload as it is; compressed-tensors packs it (an upper
+    bound with its header entries, `search.compressed_tensors.variant_bytes`)."""
+    from slimlm.search.compressed_tensors import is_ct_type, variant_bytes
+
+    return variant_bytes(knob.module, option, knob.shape) if is_ct_type(option.type) else int(data.nbytes)
 
 
 def proxy_terms(knob: Knob, delta: torch.Tensor, statistics: SearchStatistics, embed: str, head: str | None) -> tuple[float, float]:
@@ -261,7 +278,7 @@ def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatist
     for position, (knob, weight) in enumerate(zip(group, weights)):
         payloads, terms = {}, {}
         for option in (*knob.options, *baseline_options(knob)):
-            if option.method == "gptq" and len(group) > 1:
+            if option.method == "gptq" and len(group) > 1 and space_target(option) == "gguf":
                 if option.type not in stacked:
                     rows = np.cumsum([w.shape[0] for w in weights])[:-1]
                     stacked[option.type] = np.split(gptq_encode(torch.cat(weights), hessian, option.type, importance), rows)
@@ -271,9 +288,15 @@ def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatist
             payloads[option.label] = np.ascontiguousarray(data)
             terms[option.label] = proxy_terms(knob, decode(data, option, knob.shape) - weight, statistics, embed, head)
         proxies = scaled_proxies(terms)
-        meta = {label: {"bytes": int(payloads[label].nbytes), "proxy": proxies[label], "shaped": sh, "projection": pr} for label, (sh, pr) in terms.items()}
+        meta = {label: {"bytes": stored_bytes(knob, Option.parse(label), payloads[label]), "proxy": proxies[label], "shaped": sh, "projection": pr} for label, (sh, pr) in terms.items()}
         _atomic_write(_knob_file(path, knob.tensor), lambda p, d=payloads, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}))
         yield knob, meta
+
+
+def space_target(option: Option) -> str:
+    from slimlm.search.compressed_tensors import TARGET, is_ct_type
+
+    return TARGET if is_ct_type(option.type) else "gguf"
 
 
 def _wait_for_others(path: Path, space: SearchSpace, variants: dict[str, list[Variant]], timeout_s: float = 86400) -> None:

@@ -315,8 +315,12 @@ def run_search(
     from slimlm.search.statistics import collect_statistics
 
     started = time.perf_counter()
+    if settings.target == "compressed-tensors":
+        from slimlm.search.compressed_tensors import run_ct_search
+
+        return run_ct_search(model, out, constraints, settings, evaluation, database_dir, overwrite, allow_pickle, device, extra_budgets)
     if settings.target != "gguf":
-        raise SlimlmError(f"search target '{settings.target}' is not built yet", "use --target gguf")
+        raise SlimlmError(f"unknown search target '{settings.target}'", "use --target gguf or --target compressed-tensors")
     priced = constraints.min_decode_tps is not None or constraints.max_ram is not None
     if priced:
         from slimlm.search.speed import require_llama_cpp

@@ -39,7 +39,7 @@ def recipe_dict(point, database) -> dict:
     return {
         "description": f"slimlm search: {point.name}, {point.file_bytes / 1e6:.2f} MB",
         "stages": [{"method": "depth", "remove": list(point.configuration.removed)}] if point.configuration.removed else [],
-        "export": {"format": "gguf", "tensors": tensors},
+        "export": {"format": database.space.target, "tensors": tensors},
     }
 
 
@@ -102,7 +102,7 @@ def write_search_report(result, database) -> None:
     (out / "front.json").write_text(json.dumps(data, indent=1))
     chosen = next(p for p in result.points if p.name == result.chosen.name)
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(chosen, database), sort_keys=False))
-    figure = plot_front(data["points"], "file_bytes", "GGUF file size (bytes)", f"{data['context']['model']['source']}: held-out KL against file size")
+    figure = plot_front(data["points"], "file_bytes", "GGUF file size (bytes)" if data["context"].get("target", "gguf") == "gguf" else "model.safetensors size (bytes)", f"{data['context']['model']['source']}: held-out KL against file size")
     figures = {}
     if figure is not None:
         (out / "front-size.png").write_bytes(figure)
@@ -120,7 +120,7 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
     images = "".join(f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>' for n, png in figures.items())
     context = data["context"]
     notes = [
-        f"model: {context['model']['source']}; chosen: {data['chosen']} (written to model.gguf)",
+        f"model: {context['model']['source']}; chosen: {data['chosen']} (written to {'model.gguf' if context.get('target', 'gguf') == 'gguf' else 'this directory, a compressed-tensors checkpoint'})",
         f"held-out evaluation: {context['evaluation']['protocol']}",
         f"search: {context['seconds']} s; database {data['database']['knobs']} tensors, {data['database']['bytes'] / 1e6:.1f} MB on disk",
         f"sparsity: {context['sparsity']}",

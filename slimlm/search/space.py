@@ -24,7 +24,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 
-TARGETS = ("gguf",)
+TARGETS = ("gguf", "compressed-tensors")  # the second: slimlm.search.compressed_tensors
 # Block-linear types searched by default, cheapest first; k-quants join where slimlm packs them and rows allow.
 GGUF_LINEAR_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 GGUF_KQUANT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
