@@ -462,7 +462,8 @@ def search(
 ):
     """The best deployable file under `constraints`, with the measured front (`slimlm.search.driver.run_search`).
 
-    Writes `out_dir/{model.gguf, recipe.yaml, front.json, front-size.png, report.html}` and returns the
+    Writes `out_dir/{model.gguf, recipe.yaml, front.json, front-size.png, report.html}` (with
+    `settings.target="compressed-tensors"`, out_dir is the checkpoint itself, beside the same report) and returns the
     SearchResult; the variant database (reused across budgets) goes to `database` (default: a per-model cache, see
     `slimlm.search.driver.default_database`).
     """
