@@ -138,9 +138,9 @@ class SearchSettings:
 
     target: str = "gguf"
     methods: tuple[str, ...] = ("gptq", "ref")  # add "rtn" for importance-weighted rounding (slower)
-    # Block-linear types searched (None: every type slimlm writes). The default leaves out Q4_1 (GPTQ's codes make
-    # Q4_0 nearly as good at 10% fewer bytes) so the main job's database fits its time; Q5_1 stays for Q5_K_M's fallback.
-    types: tuple[str, ...] | None = ("q4_0", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+    # Block-linear types searched (None: every type slimlm writes, Q2_K/Q3_K included). Q4_1 stays in: a model
+    # shipped as Q4_1 (the embedded SmolLM2 is) gets its own codes back from Q4_1's reference rounding, losslessly.
+    types: tuple[str, ...] | None = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
     statistics: CalibrationSettings = CalibrationSettings(samples=8, seqlen=512)  # Hessians, Fishers, GPTQ
     rerank_windows: int = 4  # held-out calibration windows that score whole configurations (the first: the quick stage)
     generations: int = 12  # re-ranking generations at the chosen budget (0: the knapsack's answer as it is)

@@ -77,17 +77,7 @@ def gptq_encode(weight: torch.Tensor, hessian: torch.Tensor, type_: str, importa
     """GPTQ on the GGUF type's grid; the codes it commits are the file's codes."""
     from slimlm.export import gguf_types
 
-    if hasattr(gguf_types, "gptq_for_type"):  # the type's own block search inside the error-feedback loop
-        return np.ascontiguousarray(gguf_types.gptq_for_type(weight, hessian, type_, importance=importance))
-    from slimlm.export.gguf import CODE_BITS, pack_codes
-    from slimlm.quantize.gptq import gptq_quantize
-    from slimlm.quantize.grid import QuantGrid, shrink_ratios
-
-    if type_ not in CODE_BITS:
-        raise SlimlmError(f"GPTQ codes cannot be written as GGUF {type_} yet", "search it with method rtn")
-    grid = QuantGrid(CODE_BITS[type_], 32, symmetric=type_ in ("q4_0", "q5_0", "q8_0"))
-    codes, scale, zero_point = gptq_quantize(weight, hessian, grid, clip_ratios=shrink_ratios())
-    return np.ascontiguousarray(pack_codes(codes, scale, zero_point, type_))
+    return np.ascontiguousarray(gguf_types.gptq_for_type(weight, hessian, type_, importance=importance))
 
 
 def decode(data: np.ndarray, option: Option, shape: tuple[int, int]) -> torch.Tensor:
