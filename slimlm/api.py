@@ -181,9 +181,28 @@ def compress(
     if parsed.export is not None:  # from the model in memory, not read back from disk
         target = Path(f"{path}.gguf") if parsed.export.format == "gguf" else Path(f"{path}-{parsed.export.format}")
         in_memory = LoadedModel(compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir")
-        saved["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite,
-                                        gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None)
+        if parsed.export.tensors:
+            saved["export"] = _replay_search(in_memory, parsed.export, target, overwrite)
+        else:
+            saved["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite,
+                                            gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None)
     return saved
+
+
+def _replay_search(loaded: LoadedModel, step, out: Path, overwrite: bool) -> dict:
+    """The export step of a `slimlm search` recipe: the searched artifact rebuilt (`slimlm.search.replay`)."""
+    from slimlm.export import source_gguf
+    from slimlm.search.replay import replay
+
+    settings = step.calibration
+    drawn = sample_calibration(loaded.tokenizer, load_text(settings.data, split="calibration"), settings.samples, settings.seqlen, settings.seed)
+    result = {"model": loaded.source, "format": step.format, "path": str(out), "replayed_tensors": len(step.tensors), "calibration": drawn.describe()}
+    with stage(f"replaying the searched {step.format} artifact ({len(step.tensors)} tensors)"):
+        written = replay(loaded.model, loaded.tokenizer, step.format, dict(step.tensors), step.remove_blocks, drawn.input_ids, out,
+                         source_gguf=source_gguf(loaded), manifest={"replayed_from": "a slimlm search recipe"}, overwrite=overwrite)
+    if step.format == "gguf":
+        return result | {key: value for key, value in asdict(written).items() if key != "path"}
+    return result | {"bytes": (out / "model.safetensors").stat().st_size}
 
 
 def load_tasks(evaluation: EvalSettings) -> list:

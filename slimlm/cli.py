@@ -16,8 +16,10 @@ import typer
 from slimlm.errors import SlimlmError
 from slimlm.settings import (
     COMPRESS_EVALUATION,
+    CT_SEARCH_TYPES,
     DEFAULT_CONSTRAINTS,
     DEFAULT_MODEL,
+    FAST_CT_SEARCH_TYPES,
     FAST_EVALUATION,
     FAST_SEARCH,
     FAST_SEARCH_EVALUATION,
@@ -585,7 +587,7 @@ def search(
     max_kl: Annotated[float | None, typer.Option("--max-kl", help="Largest mean KL to the base (nats per token, held-out calibration windows).")] = None,
     constraints_file: Annotated[Path | None, typer.Option("--constraints", help="YAML file with any of max_size, max_ram, min_decode_tps, threads, max_kl (flags override it).")] = None,
     database: Annotated[Path | None, typer.Option("--database", help="Directory of the variant database (default: $SLIMLM_CACHE or ~/.cache/slimlm, per model and calibration); reused across budgets and resumed when interrupted.")] = None,
-    types: Annotated[str | None, typer.Option("--types", help="Block-linear types to search, comma-separated, or 'all'. GGUF default: q4_0,q5_0,q5_1,q8_0,q4_k,q5_k,q6_k (--fast: q4_0,q5_0,q5_1,q8_0); compressed-tensors: int4-g32,int4-g64,int4-g128,int4-g32-asym,int8-g128,int8-channel,dense (--fast: int4-g32,int4-g64,int8-channel,dense).")] = None,
+    types: Annotated[str | None, typer.Option("--types", help=f"Block-linear types to search, comma-separated, or 'all'. GGUF default: {','.join(SEARCH.types)} (--fast: {','.join(FAST_SEARCH.types)}); compressed-tensors: {','.join(CT_SEARCH_TYPES)} (--fast: {','.join(FAST_CT_SEARCH_TYPES)}; '-asym' types, e.g. int4-g32-asym, only when named).")] = None,
     methods: Annotated[str, typer.Option("--methods", help="gptq (error feedback on the type's grid), ref (llama.cpp's reference rounding), rtn (importance-weighted rounding, slower).")] = ",".join(SEARCH.methods),
     generations: Annotated[int | None, typer.Option("--generations", help="Re-ranking generations at the chosen budget (0: the knapsack's answer; default 12, --fast 4).")] = None,
     front_generations: Annotated[int | None, typer.Option("--front-generations", help="Re-ranking generations at each other budget of the front (default 4, --fast 0).")] = None,

@@ -155,6 +155,9 @@ class SearchSettings:
             _at_least(self, name, low, "4")
 
 
+# Types of `slimlm search --target compressed-tensors` (slimlm.search.compressed_tensors); "-asym" types only when asked.
+CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int4-g128", "int8-g128", "int8-channel", "dense")
+FAST_CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
 DEFAULT_SEARCH = SearchSettings()
 FAST_SEARCH = SearchSettings(types=("q4_0", "q5_0", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=4, front_generations=0, offspring=6, depth_candidates=2)
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=8, kl_windows=8)  # held-out figures of every front point

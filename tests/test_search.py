@@ -274,3 +274,42 @@ def test_speed_constraints_without_llama_cpp_say_how_to_install_it(tmp_path, mon
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
     with pytest.raises(SlimlmError, match=r"llama.cpp, which is not installed.*\.\[engines\]"):
         run_search("unused", tmp_path / "o", Constraints(max_size="92MB", min_decode_tps=100), TINY_SEARCH, TINY_EVALUATION)
+
+
+def _gguf_tensors(path) -> dict[str, tuple[str, bytes]]:
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in GGUFReader(str(path)).tensors}
+
+
+def test_compress_replays_the_recipe_into_the_same_file(searched, tmp_path):
+    """recipe.yaml reproduces the chosen file with `slimlm compress`: every tensor's type and bytes (the file's name
+    metadata differs: the replay names its own output)."""
+    from slimlm.api import compress
+
+    result, directory = searched
+    manifest = compress(str(directory / "tiny"), recipe=str(result.out / "recipe.yaml"), out=tmp_path / "replayed", evaluation=None)
+    assert manifest["export"]["replayed_tensors"] == sum(1 for name in _gguf_tensors(result.out / "model.gguf") if not name.endswith("norm.weight"))
+    assert _gguf_tensors(tmp_path / "replayed.gguf") == _gguf_tensors(result.out / "model.gguf")
+
+
+def test_replay_recipes_refuse_what_they_cannot_rebuild(searched, tmp_path):
+    import yaml
+
+    from slimlm.api import compress
+
+    result, directory = searched
+    recipe = yaml.safe_load((result.out / "recipe.yaml").read_text())
+    tensors = recipe["export"]["tensors"]
+    first = next(iter(tensors))
+    cases = [
+        ({**tensors, first: "q4_0/fancy"}, "is not TYPE/METHOD"),
+        ({**tensors, "blk.99.attn_q.weight": "q4_0/gptq"}, "not a searchable tensor"),
+        ({first: tensors[first]}, "no type for"),
+        ({**tensors, first: "q6_k/gptq"}, "cannot be q6_k/gptq"),
+    ]
+    for changed, message in cases:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**recipe, "export": {**recipe["export"], "tensors": changed}}))
+        with pytest.raises(SlimlmError, match=message):
+            compress(str(directory / "tiny"), recipe=str(path), out=tmp_path / "o", evaluation=None, overwrite=True)

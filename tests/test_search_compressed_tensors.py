@@ -173,3 +173,18 @@ def test_search_refuses_gguf_types_and_llama_cpp_constraints(tmp_path):
         from slimlm.search.compressed_tensors import _ct_types
 
         _ct_types(dataclasses.replace(TINY_SEARCH, types=("q4_0",)))
+
+
+def test_compress_replays_the_recipe_into_the_same_checkpoint(searched, tmp_path):
+    from safetensors.torch import load_file
+
+    from slimlm.api import compress
+
+    result, directory = searched
+    manifest = compress(str(directory / "tiny"), recipe=str(result.out / "recipe.yaml"), out=tmp_path / "replayed", evaluation=None)
+    replayed = load_file(str(tmp_path / "replayed-compressed-tensors" / "model.safetensors"))
+    searched_file = load_file(str(result.out / "model.safetensors"))
+    assert replayed.keys() == searched_file.keys()
+    for name, array in searched_file.items():
+        assert torch.equal(replayed[name], array), name
+    assert manifest["export"]["bytes"] == result.chosen.file_bytes

@@ -94,7 +94,7 @@ def _check_gguf_source_config(model: str) -> None:
     check_gguf_config(config)
 
 
-def _source_gguf(loaded) -> Path | None:
+def source_gguf(loaded) -> Path | None:
     """The GGUF file the model came from (directly, or as the base of a slimlm directory), if it still exists."""
     from slimlm.models.save import read_manifest
 
@@ -198,13 +198,13 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
         name = f"{Path(loaded.resolved).stem}" + (f" ({recipe})" if recipe else "")
         options = gguf or GGUFOptions()
         if options.default and chosen not in ("q4_k", "q5_k", "q6_k"):  # k-quants: llama.cpp's fallbacks, listed
-            summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, _source_gguf(loaded), name=name, overwrite=overwrite)
+            summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, source_gguf(loaded), name=name, overwrite=overwrite)
             why = {}
         else:
             choices = gguf_mixture(loaded.model, chosen, options)
             types = {tensor: choice.type for tensor, choice in choices.items()}
             packed, importance = _calibrated(loaded, types, options)
-            summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, _source_gguf(loaded), name=name,
+            summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, source_gguf(loaded), name=name,
                                  overwrite=overwrite, tensor_types=types, importance=importance, packed=packed,
                                  file_type=options.preset)
             why = {tensor: choice.why for tensor, choice in choices.items()}

@@ -39,6 +39,11 @@ class ExportStep:
     embedding_type: str | None = None  # gguf only: token_embd.weight's type
     output_type: str | None = None  # gguf only: output.weight's type
     method: str = "rtn"  # gguf only: rtn, imatrix or gptq (codes chosen on the recipe's default calibration data)
+    # what `slimlm search` writes (gguf, compressed-tensors): every tensor's TYPE/METHOD (base numbering), the blocks removed and the
+    # calibration windows of its statistics; replayed by `slimlm.search.replay`, the same bytes as the searched file
+    tensors: tuple[tuple[str, str], ...] = ()
+    remove_blocks: tuple[int, ...] = ()
+    calibration: object = None  # CalibrationSettings of the replay's statistics (with `tensors`)
 
     def gguf_options(self):
         """The `export.GGUFOptions` this step asks for."""
@@ -183,7 +188,12 @@ def parse_export(raw: object, name: str) -> ExportStep:
     if not isinstance(raw, dict) or "format" not in raw:
         raise SlimlmError(f"{where}: expected a format name or a mapping with 'format'", f"write e.g. 'export: gguf' or 'export: {{format: gguf, gguf_type: q4_0}}' (formats: {', '.join(FORMATS)})")
     gguf_keys = ("preset", "tensor_types", "embedding_type", "output_type", "method")
-    _unknown_keys(where, raw, ("format", "gguf_type", *gguf_keys))
+    replay_keys = ("tensors", "remove_blocks", "calibration")
+    _unknown_keys(where, raw, ("format", "gguf_type", *gguf_keys, *replay_keys))
+    if "tensors" in raw:
+        return _parse_replay(raw, where, gguf_keys)
+    if any(key in raw for key in replay_keys):
+        raise SlimlmError(f"{where}: {', '.join(k for k in replay_keys if k in raw)} go with 'tensors' (a searched file's recipe)", "add tensors: {GGUF name: TYPE/METHOD}, or drop them")
     tensor_types = raw.get("tensor_types") or {}
     if not isinstance(tensor_types, dict):
         raise SlimlmError(f"{where}: tensor_types must map regexes to types", r"write e.g. tensor_types: {'blk\.\d+\.ffn_down\.weight': q6_k}")
@@ -206,6 +216,34 @@ def parse_export(raw: object, name: str) -> ExportStep:
     return step
 
 
+def _parse_replay(raw: dict, where: str, gguf_keys: tuple[str, ...]) -> ExportStep:
+    """The export step of a `slimlm search` recipe: every tensor's TYPE/METHOD, removed blocks, calibration."""
+    from slimlm.search.space import METHODS
+    from slimlm.settings import CalibrationSettings
+
+    if raw["format"] not in ("gguf", "compressed-tensors") or any(key in raw for key in (*gguf_keys, "gguf_type")):
+        raise SlimlmError(f"{where}: 'tensors' (a searched file) goes with format gguf or compressed-tensors alone, without {', '.join(gguf_keys)} or gguf_type", "keep the export step slimlm search wrote")
+    tensors = raw["tensors"]
+    if not isinstance(tensors, dict) or not tensors:
+        raise SlimlmError(f"{where}: tensors must map GGUF tensor names to TYPE/METHOD", "write e.g. tensors: {blk.0.attn_q.weight: q4_0/gptq, ...}")
+    for tensor, label in tensors.items():
+        type_, _, method = str(label).partition("/")
+        if not type_ or method not in METHODS:
+            raise SlimlmError(f"{where}: tensors: {tensor}: '{label}' is not TYPE/METHOD", f"write e.g. q4_0/gptq (methods: {', '.join(METHODS)})")
+    removed = raw.get("remove_blocks") or []
+    if not isinstance(removed, list) or not all(isinstance(b, int) and b >= 0 for b in removed):
+        raise SlimlmError(f"{where}: remove_blocks must be a list of block indices", "write e.g. remove_blocks: [27, 12]")
+    calibration = raw.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise SlimlmError(f"{where}: calibration must be a mapping", "write e.g. calibration: {samples: 8, seqlen: 512, seed: 0}")
+    _unknown_keys(f"{where}, calibration", calibration, ("data", "samples", "seqlen", "seed"))
+    try:
+        settings = CalibrationSettings(**calibration)
+    except (TypeError, ValueError) as err:
+        raise SlimlmError(f"{where}, calibration: {err}", "write e.g. calibration: {samples: 8, seqlen: 512, seed: 0}") from None
+    return ExportStep(str(raw["format"]), tensors=tuple((str(t), str(o)) for t, o in tensors.items()), remove_blocks=tuple(removed), calibration=settings)
+
+
 def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
     export = None
     if isinstance(data, dict):
@@ -214,6 +252,8 @@ def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
         description = data.get("description", description)
         export = parse_export(data["export"], name) if data.get("export") is not None else None
         data = data.get("stages")
+        if export is not None and data in (None, []):
+            return Recipe(name, description, (), export)  # export alone: the model as it is, in the export's format
     if not isinstance(data, list) or not data:
         raise SlimlmError(f"recipe '{name}' has no stages", "write a YAML list of stages, e.g. '- method: magnitude'")
     stages = tuple(parse_stage(raw, f"recipe '{name}', stage {i + 1}") for i, raw in enumerate(data))

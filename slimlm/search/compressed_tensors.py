@@ -37,12 +37,12 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.quantize.grid import QuantGrid
 from slimlm.search.space import Knob, Option, SearchSpace
+from slimlm.settings import CT_SEARCH_TYPES as CT_TYPES
+from slimlm.settings import FAST_CT_SEARCH_TYPES as FAST_CT_TYPES
 
 TARGET = "compressed-tensors"
 DENSE = "dense"
 STORAGE_DTYPE = torch.bfloat16  # of every dense tensor in the written checkpoint
-CT_TYPES = ("int4-g32", "int4-g64", "int4-g128", "int8-g128", "int8-channel", DENSE)  # "-asym": only when asked (below)
-FAST_CT_TYPES = ("int4-g32", "int4-g64", "int8-channel", DENSE)
 CT_METHODS = ("gptq", "rtn")
 # safetensors writes tensors by dtype (its enum, largest first), then by name; offsets follow that order.
 _DTYPE_RANK = {"I64": 18, "F32": 15, "I32": 13, "BF16": 12, "F16": 11, "I8": 5, "U8": 4, "BOOL": 0}
@@ -277,36 +277,46 @@ def ct_live_copy(model: nn.Module, database):
     return LiveModel(live, database)
 
 
-def checkpoint_model(model: nn.Module, configuration, database) -> nn.Module:
-    """The model the checkpoint holds: `removed` blocks gone, dense tensors bfloat16, each quantized knob a
-    QuantizedLinear of the database's codes (so the file holds exactly the codes the search scored)."""
+def chosen_payloads(configuration, database) -> dict[str, tuple[Option, np.ndarray]]:
+    """HF module -> (option, database bytes) of each kept knob of `configuration`."""
+    return {
+        knob.module: (database.variants[knob.tensor][index].option, database.payload(knob.tensor, database.variants[knob.tensor][index].option))
+        for knob, index in zip(database.space.knobs, configuration.choice)
+        if knob.block not in configuration.removed
+    }
+
+
+def checkpoint_model(model: nn.Module, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]]) -> nn.Module:
+    """The model the checkpoint holds: `removed` blocks gone, dense tensors bfloat16, each searched linear (HF module
+    at the base's numbering -> option, payload) a QuantizedLinear of those codes (the file holds what was scored)."""
     from slimlm.models.adapters import adapter_for, linear_weight, set_linear_weight_
     from slimlm.models.swap import replace_module_
     from slimlm.quantize.linear import QuantizedLinear
     from slimlm.search.artifact import pruned_copy
 
     blocks = adapter_for(model).blocks
-    pruned = pruned_copy(model, configuration.removed).to(STORAGE_DTYPE).eval()
-    for knob, index in zip(database.space.knobs, configuration.choice):
-        if knob.block in configuration.removed:
-            continue
-        option = database.variants[knob.tensor][index].option
-        name = renamed(knob.module, configuration.removed, blocks)
-        data = database.payload(knob.tensor, option)
+    pruned = pruned_copy(model, removed).to(STORAGE_DTYPE).eval()
+    for module_name, (option, data) in payloads.items():
+        name = renamed(module_name, removed, blocks)
         module = pruned.get_submodule(name)
+        shape = tuple(linear_weight(module).shape)
         if option.type == DENSE:
-            set_linear_weight_(module, ct_decode(data, option, knob.shape).to(linear_weight(module).dtype))
+            set_linear_weight_(module, ct_decode(data, option, shape).to(linear_weight(module).dtype))
             continue
-        codes, scale, zero_point = ct_unpack(data, option, knob.shape)
+        codes, scale, zero_point = ct_unpack(data, option, shape)
         bias = module.bias.detach() if module.bias is not None else None
         replace_module_(pruned, name, QuantizedLinear(codes, scale, zero_point, ct_grid(option.type), bias, STORAGE_DTYPE))
     return pruned
 
 
-def write_ct_configuration(model: nn.Module, tokenizer, configuration, database, out: Path, manifest: dict, overwrite: bool = False) -> Path:
+def write_ct_checkpoint(model: nn.Module, tokenizer, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]], out: Path, manifest: dict, overwrite: bool = False) -> Path:
     from slimlm.models.save import save_model
 
-    return save_model(checkpoint_model(model, configuration, database), tokenizer, out, manifest, overwrite=overwrite)
+    return save_model(checkpoint_model(model, removed, payloads), tokenizer, out, manifest, overwrite=overwrite)
+
+
+def write_ct_configuration(model: nn.Module, tokenizer, configuration, database, out: Path, manifest: dict, overwrite: bool = False) -> Path:
+    return write_ct_checkpoint(model, tokenizer, configuration.removed, chosen_payloads(configuration, database), out, manifest, overwrite)
 
 
 def default_ct_database(model: nn.Module, calibration_sha: str) -> Path:
@@ -363,7 +373,16 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
     from slimlm.progress import plain_line, stage
     from slimlm.search.database import build_database
     from slimlm.search.database import describe as describe_database
-    from slimlm.search.driver import Point, Searcher, SearchResult, _choose, _metrics, _stages, depth_candidates
+    from slimlm.search.driver import (
+        Point,
+        Searcher,
+        SearchResult,
+        _choose,
+        _metrics,
+        _stages,
+        depth_candidates,
+        searched_name,
+    )
     from slimlm.search.report import write_search_report
     from slimlm.search.statistics import collect_statistics
     from slimlm.settings import parse_bytes
@@ -406,7 +425,7 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
         for budget in budgets:
             generations = settings.generations if budget == limit else settings.front_generations
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, [c for _, _, c in uniform], generations)
-            name = f"searched ≤ {budget / 1e6:.1f} MB"
+            name = searched_name(budget)
             plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)")
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)

@@ -226,7 +226,7 @@ def build_database(
     head = adapter.lm_head if tied_output(model) else None
     variants: dict[str, list[Variant]] = {}
     todo = []
-    for number, group in enumerate(_groups(space)):
+    for number, group in enumerate(shared_input_groups(space)):
         for knob in group:
             stored = _read_variants(path, knob)
             if stored is not None:
@@ -246,7 +246,7 @@ def build_database(
     return Database(path, space, variants)
 
 
-def _groups(space: SearchSpace) -> list[list[Knob]]:
+def shared_input_groups(space: SearchSpace) -> list[list[Knob]]:
     """Knobs that read the same input (q/k/v, gate/up of one block) together: GPTQ runs once on their stacked rows
     (rows are independent given H, so this equals one run each, with one factorization and one column loop)."""
     groups: dict[tuple, list[Knob]] = {}
@@ -256,19 +256,24 @@ def _groups(space: SearchSpace) -> list[list[Knob]]:
     return list(groups.values())
 
 
-def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatistics, embed: str, head: str | None, path: Path):
-    """Encode each knob of `group` in every option, write its file, yield (knob, its variants' metadata)."""
-    from safetensors.numpy import save_file
-
+def group_inputs(model: nn.Module, group: list[Knob], statistics: SearchStatistics, head: str | None) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """(each knob's float32 weight, the Hessian and importance of the input the group reads)."""
     weights = [_weight(model, knob).detach().float().cpu() for knob in group]
     module = head if group[0].role == "embedding" else group[0].module
     hessian = statistics.hessians.get(module) if module else None
     importance = statistics.importance(module) if module in statistics.hessians else None
+    return weights, hessian, importance
+
+
+def encode_group(weights: list[torch.Tensor], options: list[tuple[Option, ...]], hessian: torch.Tensor | None, importance: torch.Tensor | None) -> list[dict[str, np.ndarray]]:
+    """Each weight's payload by option label. GPTQ runs once per type on the group's stacked rows; the database
+    and a recipe's replay (`search.replay`) both encode through here, so they write the same bytes."""
     stacked: dict[str, list[np.ndarray]] = {}  # GPTQ type -> each knob's rows
-    for position, (knob, weight) in enumerate(zip(group, weights)):
-        payloads, terms = {}, {}
-        for option in (*knob.options, *baseline_options(knob)):
-            if option.method == "gptq" and len(group) > 1 and space_target(option) == "gguf":
+    encoded = []
+    for position, (weight, wanted) in enumerate(zip(weights, options)):
+        payloads = {}
+        for option in wanted:
+            if option.method == "gptq" and len(weights) > 1 and space_target(option) == "gguf":
                 if option.type not in stacked:
                     rows = np.cumsum([w.shape[0] for w in weights])[:-1]
                     stacked[option.type] = np.split(gptq_encode(torch.cat(weights), hessian, option.type, importance), rows)
@@ -276,7 +281,18 @@ def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatist
             else:
                 data = encode(weight, option, hessian, importance)
             payloads[option.label] = np.ascontiguousarray(data)
-            terms[option.label] = proxy_terms(knob, decode(data, option, knob.shape) - weight, statistics, embed, head)
+        encoded.append(payloads)
+    return encoded
+
+
+def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatistics, embed: str, head: str | None, path: Path):
+    """Encode each knob of `group` in every option, write its file, yield (knob, its variants' metadata)."""
+    from safetensors.numpy import save_file
+
+    weights, hessian, importance = group_inputs(model, group, statistics, head)
+    encoded = encode_group(weights, [(*k.options, *baseline_options(k)) for k in group], hessian, importance)
+    for knob, weight, payloads in zip(group, weights, encoded):
+        terms = {label: proxy_terms(knob, decode(data, Option.parse(label), knob.shape) - weight, statistics, embed, head) for label, data in payloads.items()}
         proxies = scaled_proxies(terms)
         meta = {label: {"bytes": stored_bytes(knob, Option.parse(label), payloads[label]), "proxy": proxies[label], "shaped": sh, "projection": pr} for label, (sh, pr) in terms.items()}
         _atomic_write(_knob_file(path, knob.tensor), lambda p, d=payloads, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}))

@@ -56,6 +56,11 @@ class Point:
         return data
 
 
+def searched_name(budget: int) -> str:
+    """A searched point's name: its budget, with the digits that tell a front's budgets apart."""
+    return f"searched ≤ {budget / 1e6:.1f} MB" if budget >= 1e7 else f"searched ≤ {budget / 1e3:.1f} kB"
+
+
 def describe_configuration(configuration: Configuration, database: Database) -> dict[str, str]:
     """GGUF tensor name (base numbering) -> "type/method", for the kept tensors."""
     return {
@@ -308,7 +313,7 @@ def run_search(
     from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
-    from slimlm.export import _source_gguf
+    from slimlm.export import source_gguf
     from slimlm.models.load import load_model
     from slimlm.models.save import check_output_dir
     from slimlm.search.report import write_search_report
@@ -351,7 +356,7 @@ def run_search(
     with stage("search: depth candidates"):
         depth = depth_candidates(base.model, statistics_ids, stages[1], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
     live = live_copy(base.model, database)
-    sizer = Sizer(base.model, base.tokenizer, _source_gguf(base), database)
+    sizer = Sizer(base.model, base.tokenizer, source_gguf(base), database)
     searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
     uniform = baselines(database, _preset_mixes(base.model))
     preset_sizes = {name.split()[1].lower(): sizer(c) for name, kind, c in uniform if kind == "preset"}
@@ -375,7 +380,7 @@ def run_search(
             generations = settings.generations if budget == chosen_budget else settings.front_generations
             searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)
-            name = f"searched ≤ {budget / 1e6:.1f} MB"
+            name = searched_name(budget)
             plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)")
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     for name, kind, configuration in uniform:
@@ -391,7 +396,7 @@ def run_search(
     chosen = _choose(points, chosen_budget, constraints)
     with stage(f"search: writing {out / 'model.gguf'}"):
         out.mkdir(parents=True, exist_ok=True)
-        summary = write_configuration(base.model, base.tokenizer, _source_gguf(base), chosen.configuration.removed, _packed(chosen.configuration, database), out / "model.gguf", overwrite=overwrite)
+        summary = write_configuration(base.model, base.tokenizer, source_gguf(base), chosen.configuration.removed, _packed(chosen.configuration, database), out / "model.gguf", overwrite=overwrite)
         written = file_bytes(summary.path)
         if written != chosen.file_bytes:
             raise SlimlmError(f"the written file has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's GGUF byte accounting")
@@ -399,7 +404,7 @@ def run_search(
         for point in points:
             if point.kind == "searched" and point is not chosen:
                 path = out / "front" / f"{point.budget / 1e6:.1f}MB.gguf"
-                write_configuration(base.model, base.tokenizer, _source_gguf(base), point.configuration.removed, _packed(point.configuration, database), path, overwrite=overwrite)
+                write_configuration(base.model, base.tokenizer, source_gguf(base), point.configuration.removed, _packed(point.configuration, database), path, overwrite=overwrite)
                 point.note += f"; file {path.relative_to(out)}"
     problems = []
     if _llama_cpp_installed():

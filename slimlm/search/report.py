@@ -31,16 +31,16 @@ def front_dict(result, database) -> dict:
     return {**result.to_dict(), "points": rows}
 
 
-def recipe_dict(point, database) -> dict:
-    """A recipe that names what the chosen file holds, tensor by tensor (`slimlm export ... --tensor-type` form)."""
+def recipe_dict(point, database, statistics: dict) -> dict:
+    """A recipe `slimlm compress` replays into the same file (`search.replay`): every kept tensor's TYPE/METHOD,
+    the blocks removed and the calibration windows of the search's statistics (`statistics`: CalibrationSettings)."""
     from slimlm.search.driver import describe_configuration
 
-    tensors = describe_configuration(point.configuration, database)
-    return {
-        "description": f"slimlm search: {point.name}, {point.file_bytes / 1e6:.2f} MB",
-        "stages": [{"method": "depth", "remove": list(point.configuration.removed)}] if point.configuration.removed else [],
-        "export": {"format": database.space.target, "tensors": tensors},
-    }
+    export = {"format": database.space.target, "tensors": describe_configuration(point.configuration, database)}
+    if point.configuration.removed:
+        export["remove_blocks"] = list(point.configuration.removed)
+    export["calibration"] = {key: statistics[key] for key in ("data", "samples", "seqlen", "seed")}
+    return {"description": f"slimlm search: {point.name}, {point.file_bytes / 1e6:.2f} MB", "stages": [], "export": export}
 
 
 def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes | None:
@@ -100,8 +100,7 @@ def write_search_report(result, database) -> None:
     out: Path = result.out
     data = front_dict(result, database)
     (out / "front.json").write_text(json.dumps(data, indent=1))
-    chosen = next(p for p in result.points if p.name == result.chosen.name)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(chosen, database), sort_keys=False))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(result.chosen, database, result.context["settings"]["statistics"]), sort_keys=False))
     figure = plot_front(data["points"], "file_bytes", "GGUF file size (bytes)" if data["context"].get("target", "gguf") == "gguf" else "model.safetensors size (bytes)", f"{data['context']['model']['source']}: held-out KL against file size")
     figures = {}
     if figure is not None:

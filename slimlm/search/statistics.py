@@ -68,16 +68,17 @@ def tracked_linears(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0, progress: bool = True) -> SearchStatistics:
+def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0, progress: bool = True, gradients: bool = True) -> SearchStatistics:
     """Hessians, output Fishers and per-window gradients of every tracked linear and of the embedding, from
-    `input_ids` (N, T); one window per forward + backward, the model itself unchanged."""
+    `input_ids` (N, T); one window per forward + backward, the model itself unchanged. `gradients=False`: the
+    Hessians alone (forward only; the same Hessians, what encoding needs), the rest left empty."""
     adapter = adapter_for(model)
     linears = tracked_linears(model)
     device = next(model.parameters()).device
     keys = {name: _shared_key(model, name) for name in linears}
     hessians: dict[str, torch.Tensor] = {}
     fisher = {name: torch.zeros(linear_weight(m).shape[0], device=device) for name, m in linears.items()}
-    gradients: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+    window_gradients: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
     embedding = model.get_submodule(adapter.embed)
     embedding_fisher = torch.zeros_like(embedding.weight, dtype=torch.float32)
     embedding_gradients: list[torch.Tensor] = []
@@ -99,7 +100,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
 
     def _on_output_gradient(name: str, g: torch.Tensor, x: torch.Tensor) -> None:
         fisher[name].add_(g.pow(2).sum(0))
-        gradients[name].append((g.t() @ x).half().cpu())  # (out, in): this window's gradient of W
+        window_gradients[name].append((g.t() @ x).half().cpu())  # (out, in): this window's gradient of W
 
     def on_embedding(_module, _args, output):
         output = output.detach().requires_grad_()  # the graph starts here: no weight gets a gradient
@@ -128,6 +129,11 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
                 ids = row[None].to(device)
                 current_ids[:] = [ids]
                 seen_inputs.clear()
+                if not gradients:
+                    with torch.no_grad():
+                        model(ids, use_cache=False)
+                    advance()
+                    continue
                 with torch.enable_grad():
                     logits = model(ids, use_cache=False).logits[0].float()  # (T, V)
                     log_p = torch.log_softmax(logits, dim=-1)
@@ -141,9 +147,9 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
         model.train(was_training)
     tokens = input_ids.numel()
     mean_hessians = {key: h / tokens for key, h in hessians.items()}
-    stacked = {name: torch.stack(g) for name, g in gradients.items()}
-    embedding_name = adapter.embed
-    stacked[embedding_name] = torch.stack(embedding_gradients)
+    stacked = {name: torch.stack(g) for name, g in window_gradients.items() if g}
+    if embedding_gradients:
+        stacked[adapter.embed] = torch.stack(embedding_gradients)
     return SearchStatistics(
         hessians={name: mean_hessians[keys[name]] for name in linears},
         output_fisher={name: f / tokens for name, f in fisher.items()},
