@@ -159,7 +159,7 @@ class SearchSettings:
 CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int4-g128", "int8-g128", "int8-channel", "dense")
 FAST_CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
 DEFAULT_SEARCH = SearchSettings()
-FAST_SEARCH = SearchSettings(types=("q4_0", "q5_0", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=4, front_generations=0, offspring=6, depth_candidates=2)
+FAST_SEARCH = SearchSettings(types=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=4, front_generations=0, offspring=6, depth_candidates=2)
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=8, kl_windows=8)  # held-out figures of every front point
 FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=4, kl_windows=4)
 DEFAULT_CONSTRAINTS = Constraints(max_size="q4_0")  # the main job: the best model at the size of llama.cpp's Q4_0

@@ -41,6 +41,7 @@ class LiveModel:
     applied: dict[str, int] = field(default_factory=dict)  # tensor -> variant index in place
     cache: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     cache_limit_bytes: int = 2 << 30
+    scores: dict[tuple, tuple] = field(default_factory=dict)  # (configuration, windows id) -> (windows, reference, quality)
 
     def weight(self, knob: Knob, index: int) -> torch.Tensor:
         key = (knob.tensor, index)
@@ -66,10 +67,15 @@ class LiveModel:
             self.applied[knob.tensor] = index
 
     def quality(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult:
-        """Perplexity, KL and top-1 of the configuration on `windows` against `reference`."""
+        """Perplexity, KL and top-1 of the configuration on `windows` against `reference`; each configuration is
+        scored once per token set (the uniform seeds recur at every budget, the front's points share answers)."""
+        key = (configuration, id(windows), id(reference))
+        if key in self.scores and self.scores[key][0] is windows and self.scores[key][1] is reference:
+            return self.scores[key][2]
         self.apply(configuration)
         with blocks_skipped(self.model, configuration.removed):
             quality, _ = evaluate_quality(self.model, windows, reference, progress=False)
+        self.scores[key] = (windows, reference, quality)
         return quality
 
     def kl(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> float:
@@ -106,7 +112,7 @@ class RerankResult:
     start_kl: float
     evaluations: int
     history: list[float]  # best KL after each generation (last stage's tokens)
-    seed_kls: list[float]  # each seed's KL on the last stage's tokens, in the order given
+    seed_kls: list[float]  # the seeds' KLs on the last stage's tokens, in the order given, up to the first at KL 0
 
 
 def mutate(configuration: Configuration, database: Database, size_of: Callable[[Configuration], int], budget: int, rng: random.Random, searchable: list[list[int]], attempts: int = 20) -> Configuration | None:
@@ -143,16 +149,23 @@ def rerank(
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> RerankResult:
-    """(1 + λ) evolution with staged token counts, from the best seed (scored on the large stage)."""
+    """(1 + λ) evolution with staged token counts, from the best seed (scored on the large stage). A KL of exactly 0
+    (the base's own logits: e.g. a model shipped quantized, given its codes back) cannot be beaten: the search stops."""
     rng = random.Random(seed)
     small, large = stages
     database = live.database
     searchable = searchable_variants(database)
-    scored = [(live.kl(s, large.windows, large.reference), s) for s in seeds]
-    evaluations = len(seeds)
+    scored = []
+    for s in seeds:
+        scored.append((live.kl(s, large.windows, large.reference), s))
+        if scored[-1][0] <= 0.0:
+            break
+    evaluations = len(scored)
     parent_kl, parent = min(scored, key=lambda item: item[0])
     start_kl, history = parent_kl, []
     for generation in range(generations):
+        if parent_kl <= 0.0:
+            break
         children = [c for c in (mutate(parent, database, size_of, budget, rng, searchable) for _ in range(offspring)) if c is not None]
         if children:
             quick = sorted(((live.kl(c, small.windows, small.reference), c) for c in children), key=lambda item: item[0])
