@@ -426,7 +426,7 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
             generations = settings.generations if budget == limit else settings.front_generations
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, [c for _, _, c in uniform], generations)
             name = searched_name(budget)
-            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)")
+            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)" if reranked_kl > 0 else f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)")
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)
     with stage("search: held-out evaluation of every point"):

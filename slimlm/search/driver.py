@@ -381,7 +381,7 @@ def run_search(
             searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)
             name = searched_name(budget)
-            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)")
+            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)" if reranked_kl > 0 else f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)")
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     for name, kind, configuration in uniform:
         points.append(Point(name, kind, configuration, sizer(configuration)))
