@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
+from test_search import TINY_EVALUATION
+from test_search import TINY_SEARCH as GGUF_TINY_SEARCH
 
 from slimlm.errors import SlimlmError
 from slimlm.search.compressed_tensors import (
@@ -24,20 +26,10 @@ from slimlm.search.driver import run_search
 from slimlm.search.rerank import Configuration, blocks_skipped, searchable_variants
 from slimlm.search.space import Option
 from slimlm.search.statistics import collect_statistics
-from slimlm.settings import Constraints, EvalSettings, SearchSettings
+from slimlm.settings import Constraints
 
 TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
-TINY_SEARCH = SearchSettings(
-    target="compressed-tensors",
-    types=TYPES,
-    statistics=dataclasses.replace(SearchSettings().statistics, samples=4, seqlen=32),
-    rerank_windows=2,
-    generations=3,
-    front_generations=1,
-    offspring=3,
-    depth_candidates=1,
-)
-TINY_EVALUATION = EvalSettings(seqlen=32, max_windows=4, kl_windows=4)
+TINY_SEARCH = dataclasses.replace(GGUF_TINY_SEARCH, target="compressed-tensors", types=TYPES)
 
 
 def test_types_parse_to_grids_and_bad_ones_are_refused():

@@ -67,6 +67,7 @@ def run_chat(
         say("--system is ignored: this model has no chat template\n", dim=True)
     say(f"{mode} · {HELP}\n", dim=True)
     conversations = [Conversation(b, system) for b in ((backend, compare) if compare is not None else (backend,))]
+    _ctrl_c_interrupts()
     while True:
         try:
             text = read("> ")
@@ -92,6 +93,16 @@ def run_chat(
             say(f"error: {err}\n", dim=True)
         except KeyboardInterrupt:  # between the line and the first token (rendering, prefill)
             say("\n[stopped]\n", dim=True)
+
+
+def _ctrl_c_interrupts() -> None:
+    """Ctrl-C in the chat's own terminal stops an answer, even when the process was started with SIGINT ignored (a
+    shell's background job passes that on to what it runs): at a terminal, the user pressing it means it."""
+    import signal
+    import threading
+
+    if sys.stdin.isatty() and threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _writer(out: TextIO) -> Callable[..., None]:
