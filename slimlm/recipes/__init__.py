@@ -218,7 +218,7 @@ def parse_export(raw: object, name: str) -> ExportStep:
 
 def _parse_replay(raw: dict, where: str, gguf_keys: tuple[str, ...]) -> ExportStep:
     """The export step of a `slimlm search` recipe: every tensor's TYPE/METHOD, removed blocks, calibration."""
-    from slimlm.search.space import METHODS
+    from slimlm.search.space import Option
     from slimlm.settings import CalibrationSettings
 
     if raw["format"] not in ("gguf", "compressed-tensors") or any(key in raw for key in (*gguf_keys, "gguf_type")):
@@ -227,9 +227,10 @@ def _parse_replay(raw: dict, where: str, gguf_keys: tuple[str, ...]) -> ExportSt
     if not isinstance(tensors, dict) or not tensors:
         raise SlimlmError(f"{where}: tensors must map GGUF tensor names to TYPE/METHOD", "write e.g. tensors: {blk.0.attn_q.weight: q4_0/gptq, ...}")
     for tensor, label in tensors.items():
-        type_, _, method = str(label).partition("/")
-        if not type_ or method not in METHODS:
-            raise SlimlmError(f"{where}: tensors: {tensor}: '{label}' is not TYPE/METHOD", f"write e.g. q4_0/gptq (methods: {', '.join(METHODS)})")
+        try:
+            Option.parse(str(label))
+        except SlimlmError as err:
+            raise SlimlmError(f"{where}: tensors: {tensor}: '{label}' is not TYPE/METHOD", err.fix) from None
     removed = raw.get("remove_blocks") or []
     if not isinstance(removed, list) or not all(isinstance(b, int) and b >= 0 for b in removed):
         raise SlimlmError(f"{where}: remove_blocks must be a list of block indices", "write e.g. remove_blocks: [27, 12]")

@@ -277,15 +277,6 @@ def ct_live_copy(model: nn.Module, database):
     return LiveModel(live, database)
 
 
-def chosen_payloads(configuration, database) -> dict[str, tuple[Option, np.ndarray]]:
-    """HF module -> (option, database bytes) of each kept knob of `configuration`."""
-    return {
-        knob.module: (database.variants[knob.tensor][index].option, database.payload(knob.tensor, database.variants[knob.tensor][index].option))
-        for knob, index in zip(database.space.knobs, configuration.choice)
-        if knob.block not in configuration.removed
-    }
-
-
 def checkpoint_model(model: nn.Module, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]]) -> nn.Module:
     """The model the checkpoint holds: `removed` blocks gone, dense tensors bfloat16, each searched linear (HF module
     at the base's numbering -> option, payload) a QuantizedLinear of those codes (the file holds what was scored)."""
@@ -316,7 +307,7 @@ def write_ct_checkpoint(model: nn.Module, tokenizer, removed: tuple[int, ...], p
 
 
 def write_ct_configuration(model: nn.Module, tokenizer, configuration, database, out: Path, manifest: dict, overwrite: bool = False) -> Path:
-    return write_ct_checkpoint(model, tokenizer, configuration.removed, chosen_payloads(configuration, database), out, manifest, overwrite)
+    return write_ct_checkpoint(model, tokenizer, configuration.removed, database.chosen(configuration), out, manifest, overwrite)
 
 
 def default_ct_database(model: nn.Module, calibration_sha: str) -> Path:
@@ -381,6 +372,7 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
         _metrics,
         _stages,
         depth_candidates,
+        searched_line,
         searched_name,
     )
     from slimlm.search.report import write_search_report
@@ -426,7 +418,7 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
             generations = settings.generations if budget == limit else settings.front_generations
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, [c for _, _, c in uniform], generations)
             name = searched_name(budget)
-            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)" if reranked_kl > 0 else f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)")
+            plain_line(searched_line(name, knapsack_kl, reranked_kl, generations))
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)
     with stage("search: held-out evaluation of every point"):

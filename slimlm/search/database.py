@@ -135,6 +135,15 @@ class Database:
 
         return load_file(str(_knob_file(self.path, tensor)))[option.label]
 
+    def chosen(self, configuration) -> dict[str, tuple[Option, np.ndarray]]:
+        """Tensor (base numbering) -> (option, stored bytes) of every knob `configuration` keeps: what its file holds."""
+        kept = {}
+        for knob, index in zip(self.space.knobs, configuration.choice):
+            if knob.block not in configuration.removed:
+                option = self.variants[knob.tensor][index].option
+                kept[knob.tensor] = (option, self.payload(knob.tensor, option))
+        return kept
+
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.path / "tensors").iterdir())
 

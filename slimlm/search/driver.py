@@ -61,6 +61,13 @@ def searched_name(budget: int) -> str:
     return f"searched ≤ {budget / 1e6:.1f} MB" if budget >= 1e7 else f"searched ≤ {budget / 1e3:.1f} kB"
 
 
+def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations: int) -> str:
+    """The plain progress line of one searched budget."""
+    if reranked_kl > 0:
+        return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)"
+    return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)"
+
+
 def describe_configuration(configuration: Configuration, database: Database) -> dict[str, str]:
     """GGUF tensor name (base numbering) -> "type/method", for the kept tensors."""
     return {
@@ -381,7 +388,7 @@ def run_search(
             searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
             configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)
             name = searched_name(budget)
-            plain_line(f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)" if reranked_kl > 0 else f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)")
+            plain_line(searched_line(name, knapsack_kl, reranked_kl, generations))
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     for name, kind, configuration in uniform:
         points.append(Point(name, kind, configuration, sizer(configuration)))
@@ -479,12 +486,7 @@ def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
 
 def _packed(configuration: Configuration, database: Database) -> dict[str, tuple[str, np.ndarray]]:
     """GGUF name (base numbering) -> (type, database bytes) of every kept tensor: what the file will hold."""
-    packed = {}
-    for knob, index in zip(database.space.knobs, configuration.choice):
-        if knob.block not in configuration.removed:
-            option = database.variants[knob.tensor][index].option
-            packed[knob.tensor] = (option.type, database.payload(knob.tensor, option))
-    return packed
+    return {tensor: (option.type, data) for tensor, (option, data) in database.chosen(configuration).items()}
 
 
 def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stage]:

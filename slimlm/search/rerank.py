@@ -41,7 +41,9 @@ class LiveModel:
     applied: dict[str, int] = field(default_factory=dict)  # tensor -> variant index in place
     cache: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     cache_limit_bytes: int = 2 << 30
-    scores: dict[tuple, tuple] = field(default_factory=dict)  # (configuration, windows id) -> (windows, reference, quality)
+    # (configuration, id(windows), id(reference)) -> (windows, reference, quality): the value keeps both token sets
+    # alive, so their ids stay theirs
+    scores: dict[tuple, tuple] = field(default_factory=dict)
 
     def weight(self, knob: Knob, index: int) -> torch.Tensor:
         key = (knob.tensor, index)
@@ -70,7 +72,7 @@ class LiveModel:
         """Perplexity, KL and top-1 of the configuration on `windows` against `reference`; each configuration is
         scored once per token set (the uniform seeds recur at every budget, the front's points share answers)."""
         key = (configuration, id(windows), id(reference))
-        if key in self.scores and self.scores[key][0] is windows and self.scores[key][1] is reference:
+        if key in self.scores:
             return self.scores[key][2]
         self.apply(configuration)
         with blocks_skipped(self.model, configuration.removed):

@@ -47,8 +47,8 @@ class Option:
     @classmethod
     def parse(cls, label: str) -> Option:
         type_, _, method = label.partition("/")
-        if method not in METHODS:
-            raise SlimlmError(f"'{label}' is not a search option", "write TYPE/METHOD, e.g. q4_0/gptq (methods: rtn, gptq, ref)")
+        if not type_ or method not in METHODS:
+            raise SlimlmError(f"'{label}' is not a search option", f"write TYPE/METHOD, e.g. q4_0/gptq (methods: {', '.join(METHODS)})")
         return cls(type_, method)
 
 

@@ -124,7 +124,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with hooks_removed_after(handles), progress_bar("search: statistics (forward + backward)", len(input_ids), unit="windows", show=progress) as advance:
+        with hooks_removed_after(handles), progress_bar(f"search: statistics ({'forward + backward' if gradients else 'forward'})", len(input_ids), unit="windows", show=progress) as advance:
             for row in input_ids:
                 ids = row[None].to(device)
                 current_ids[:] = [ids]
