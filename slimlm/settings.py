@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimlm.errors import SlimlmError
@@ -163,3 +164,11 @@ FAST_SEARCH = SearchSettings(types=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), sta
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=8, kl_windows=8)  # held-out figures of every front point
 FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=4, kl_windows=4)
 DEFAULT_CONSTRAINTS = Constraints(max_size="q4_0")  # the main job: the best model at the size of llama.cpp's Q4_0
+
+
+def cache_root() -> Path:
+    """$SLIMLM_CACHE (default ~/.cache/slimlm): the search databases and the embedded model's dense copy."""
+    import os
+
+    return Path(os.environ.get("SLIMLM_CACHE", "~/.cache/slimlm")).expanduser()
+

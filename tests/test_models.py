@@ -104,3 +104,38 @@ def test_int4_packed_bytes_are_a_quarter_of_fp16_plus_scales(tmp_path):
         scales_and_zeros = out_features * (in_features // 64) * 2 + out_features * (in_features // 64) // 2
         assert by_module[name] == codes + scales_and_zeros + 16  # + weight_shape (2 x int64)
     assert manifest["storage"]["quantized_share_of_fp16"] < 0.30
+
+
+def _tiny_alias(tmp_path, monkeypatch) -> torch.nn.Module:
+    """A tiny llama written as GGUF and registered as the alias 'tiny-alias', the cache under tmp_path."""
+    from slimlm.export.gguf import write_gguf
+    from slimlm.models import load
+
+    model = tiny_model("llama").eval()
+    package = tmp_path / "pkg"
+    package.mkdir()
+    write_gguf(model, tiny_tokenizer(), package / "tiny.gguf", "f32")
+    monkeypatch.setitem(load.ALIASES, "tiny-alias", ("unused", "tiny.gguf"))
+    monkeypatch.setattr(load, "resolve_alias", lambda name: package / "tiny.gguf")
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    return model
+
+
+def test_embedded_model_loads_from_its_dense_copy_with_the_same_logits(tmp_path, monkeypatch):
+    _tiny_alias(tmp_path, monkeypatch)
+    first = load_model("tiny-alias")
+    copies = list((tmp_path / "cache" / "models").iterdir())
+    assert len(copies) == 1 and (copies[0] / "model.safetensors").is_file()
+    again = load_model("tiny-alias")
+    assert torch.equal(_logits(first.model), _logits(again.model))
+    assert again.tokenizer("small models") == first.tokenizer("small models")
+    assert again.kind == "alias-gguf" and again.resolved == first.resolved  # still the GGUF, for the GGUF writers
+    (copies[0] / "model.safetensors").write_bytes(b"")  # a copy that no longer matches would fail loudly ...
+    (tmp_path / "pkg" / "tiny.gguf").touch()  # ... but a changed file gets a new key, so the stale copy is unused
+    assert torch.equal(_logits(load_model("tiny-alias").model), _logits(first.model))
+
+
+def test_embedded_model_loads_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    _tiny_alias(tmp_path, monkeypatch)
+    (tmp_path / "cache").write_text("a file where the cache directory would go")
+    assert torch.equal(_logits(load_model("tiny-alias").model), _logits(load_model("tiny-alias").model))

@@ -202,7 +202,9 @@ def _load_model(source: str, dtype: torch.dtype, device: str | None, allow_pickl
             )
 
     target = pick_device(device)
-    if kind in ("gguf", "alias-gguf"):
+    if kind == "alias-gguf":
+        model, tokenizer = _load_embedded(path, dtype)
+    elif kind == "gguf":
         model, tokenizer = _load_gguf(path, dtype)
     elif kind in ("slimlm-dir", "hf-dir"):
         model, tokenizer = _load_directory(path, kind, dtype, allow_pickle)
@@ -269,6 +271,39 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
+
+
+def _load_embedded(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    """The embedded model through a dense copy kept in the cache: transformers parses a GGUF's metadata once for
+    its config, once for the tokenizer and once for the weights (~20 s of every command on SmolLM2); the copy
+    (float32 safetensors, the dequantized weights exactly) loads in about a second. Keyed by the file's path, size
+    and time and transformers' version; a cache that cannot be written is skipped."""
+    import hashlib
+    import shutil
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimlm.settings import cache_root
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    copy = cache_root() / "models" / f"{path.stem}-{key}"
+    if (copy / "config.json").is_file():
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(copy, dtype=dtype), AutoTokenizer.from_pretrained(copy)
+        model.config._name_or_path = tokenizer.name_or_path = str(path.parent)  # as if read from the GGUF
+        return model, tokenizer
+    model, tokenizer = _load_gguf(path, torch.float32)
+    partial = copy.with_name(f".{copy.name}.partial-{os.getpid()}")
+    try:
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, copy)
+    except OSError:  # a read-only or full cache: load from the GGUF every time
+        pass
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return model.to(dtype), tokenizer
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, object]:

@@ -98,18 +98,25 @@ def stored_bytes(knob: Knob, option: Option, data: np.ndarray) -> int:
     return variant_bytes(knob.module, option, knob.shape) if is_ct_type(option.type) else int(data.nbytes)
 
 
-def proxy_terms(knob: Knob, delta: torch.Tensor, statistics: SearchStatistics, embed: str, head: str | None) -> tuple[float, float]:
-    """(shaped, projection) estimates of one tensor's KL (see `search.statistics`); `head` names the output head a
-    tied embedding also is."""
+def proxy_terms(knob: Knob, delta: torch.Tensor, statistics: SearchStatistics, gradients: torch.Tensor, head: str | None) -> tuple[float, float]:
+    """(shaped, projection) estimates of one tensor's KL (see `search.statistics`), `gradients` its
+    `knob_gradients`; `head` names the output head a tied embedding also is."""
     if knob.role in ("linear", "output"):
         shaped = shaped_proxy(delta, statistics.hessians[knob.module], statistics.output_fisher[knob.module])
-        return shaped, projection_proxy(delta, statistics.gradients[knob.module], statistics.tokens)
-    shaped = embedding_shaped_proxy(delta, statistics)
-    gradients = statistics.gradients[embed]
-    if head is not None:
-        shaped += shaped_proxy(delta, statistics.hessians[head], statistics.output_fisher[head])
-        gradients = gradients.float() + statistics.gradients[head].float()
+    else:
+        shaped = embedding_shaped_proxy(delta, statistics)
+        if head is not None:
+            shaped += shaped_proxy(delta, statistics.hessians[head], statistics.output_fisher[head])
     return shaped, projection_proxy(delta, gradients, statistics.tokens)
+
+
+def knob_gradients(knob: Knob, statistics: SearchStatistics, embed: str, head: str | None) -> torch.Tensor:
+    """Each window's gradient with respect to the knob's tensor, float32 (a tied embedding: both roles summed),
+    made once per knob: converting the embedding's per option cost more than its proxies."""
+    if knob.role in ("linear", "output"):
+        return statistics.gradients[knob.module].float()
+    gradients = statistics.gradients[embed].float()
+    return gradients + statistics.gradients[head].float() if head is not None else gradients
 
 
 def scaled_proxies(terms: dict[str, tuple[float, float]]) -> dict[str, float]:
@@ -301,7 +308,8 @@ def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatist
     weights, hessian, importance = group_inputs(model, group, statistics, head)
     encoded = encode_group(weights, [(*k.options, *baseline_options(k)) for k in group], hessian, importance)
     for knob, weight, payloads in zip(group, weights, encoded):
-        terms = {label: proxy_terms(knob, decode(data, Option.parse(label), knob.shape) - weight, statistics, embed, head) for label, data in payloads.items()}
+        gradients = knob_gradients(knob, statistics, embed, head)
+        terms = {label: proxy_terms(knob, decode(data, Option.parse(label), knob.shape) - weight, statistics, gradients, head) for label, data in payloads.items()}
         proxies = scaled_proxies(terms)
         meta = {label: {"bytes": stored_bytes(knob, Option.parse(label), payloads[label]), "proxy": proxies[label], "shaped": sh, "projection": pr} for label, (sh, pr) in terms.items()}
         _atomic_write(_knob_file(path, knob.tensor), lambda p, d=payloads, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}))

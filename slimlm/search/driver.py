@@ -470,12 +470,10 @@ def default_database(model: nn.Module, calibration_sha: str) -> Path:
     """$SLIMLM_CACHE (default ~/.cache/slimlm)/search/<model>-<calibration>-v<format>: every search of the same
     model and calibration reuses one database, whatever its budget or output directory; a new database format gets
     a new directory instead of refusing the old one."""
-    import os
-
     from slimlm.search.database import VERSION, model_fingerprint
+    from slimlm.settings import cache_root
 
-    root = Path(os.environ.get("SLIMLM_CACHE", "~/.cache/slimlm")).expanduser()
-    return root / "search" / f"{model_fingerprint(model)[:16]}-{calibration_sha[:12]}-v{VERSION}"
+    return cache_root() / "search" / f"{model_fingerprint(model)[:16]}-{calibration_sha[:12]}-v{VERSION}"
 
 
 def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
