@@ -25,6 +25,14 @@ from slimlm.evaluate.perplexity import (
     evaluate_quality,
     make_windows,
 )
+from slimlm.evaluate.speculative import (
+    ACCEPTANCE,
+    SPECULATIVE,
+    SpeculativeSettings,
+    TokensOf,
+    greedy_acceptance,
+    greedy_answers,
+)
 from slimlm.export import export_loaded, export_model
 from slimlm.models.load import ALIASES, LoadedModel, load_model, resolve_alias
 from slimlm.models.save import check_output_dir, read_manifest, save_model
@@ -236,13 +244,32 @@ def evaluate(
     device: str | None = None,
     engine: str | None = None,
     threads: int = 2,
+    draft: str | None = None,
+    speculative: SpeculativeSettings = SPECULATIVE,
+    acceptance: SpeculativeSettings | None = ACCEPTANCE,
 ) -> dict:
     """Perplexity of `model` (and KL/top-1 against `base` when given), its parameters and bytes on disk; zero-shot
     task scores (with each example's, under "per_example") and speed when `evaluation` asks for them.
 
+    With `base`, also the greedy acceptance of `model` drafting for `base` at each k of `acceptance` ("draft_acceptance",
+    `slimlm.evaluate.speculative.greedy_acceptance`): how often the model's next token is its parent's, on the
+    parent's own greedy answers. On by default because it is cheap beside the perplexity windows: prompts ×
+    (new_tokens + k) decode steps of the base (72 with ACCEPTANCE) and one forward per answer of the model, a few
+    seconds for SmolLM2-135M on 2 CPU cores; None skips it.
+
     With `engine` ("transformers" or "llama.cpp") instead: one row of the engine comparison, the same figures from
     either engine (perplexity, KL and top-1 to `base`, prefill/decode tok/s and peak RSS on `threads` threads, file
-    bytes); see `evaluate_on_engine`."""
+    bytes); see `evaluate_on_engine`.
+
+    With `draft` instead: speculative decoding of `model` drafted by `draft`, measured on the real path at each k of
+    `speculative` (identical to the target's greedy text, acceptance, tokens per target forward, decode tok/s against
+    the target alone, on `threads` threads); see `slimlm.evaluate.speculative.speculative_table`."""
+    if draft is not None:
+        from slimlm.evaluate.speculative import evaluate_speculative
+
+        if engine is not None or base is not None:
+            raise SlimlmError("a draft measures speculative decoding against the model itself", "drop base and engine, or drop draft")
+        return evaluate_speculative(model, [draft], speculative, device=device, threads=threads, allow_pickle=allow_pickle)
     if engine is not None:
         return evaluate_on_engine(model, engine, evaluation, base, threads, allow_pickle, device)
     tasks = load_tasks(evaluation)
@@ -251,15 +278,23 @@ def evaluate(
     result: dict = {"model": model}
     if text is not None:
         windows = make_windows(loaded.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-        reference = None
+        reference = answers = None
         if base is not None:
             base_loaded = load_model(base, allow_pickle=allow_pickle, device=device)
+            if acceptance is not None:
+                _check_acceptance_tokenizers(base_loaded, loaded)  # before the slow evaluation
             with stage(f"evaluating the base {base}"):
                 result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+            if acceptance is not None:
+                with stage(f"greedy answers of {base} for the draft acceptance ({acceptance.describe()})"):
+                    answers = greedy_answers(base_loaded.model, base_loaded.tokenizer, acceptance, TokensOf.of(base_loaded).end_ids)
             result["base_dense_bytes"] = dense_bytes(base_loaded.model)
             del base_loaded
         with stage(f"evaluating {model}"):
             result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
+        if answers is not None:
+            with stage(f"draft acceptance of {model} for {base}"):
+                result["draft_acceptance"] = [asdict(figure) for figure in greedy_acceptance(loaded.model, answers)]
         kv_cache = evaluation.kv_cache or kv_cache_setting(loaded.model)
         if kv_cache is not None:
             result["kv_cache"] = kv_cache_metrics(loaded.model, windows, kv_cache, evaluation.chunk_size)
@@ -269,6 +304,16 @@ def evaluate(
     if loaded.kind == "slimlm-dir":
         result["storage"] = read_manifest(loaded.resolved)["storage"]
     return result
+
+
+def _check_acceptance_tokenizers(base: LoadedModel, model: LoadedModel) -> None:
+    """The draft acceptance feeds the base's token ids to the model: refuse a model with another tokenizer."""
+    from slimlm.serve.backends import check_draft
+
+    try:
+        check_draft(TokensOf.of(base), TokensOf.of(model))
+    except SlimlmError as err:
+        raise SlimlmError(err.problem, "pass --no-acceptance (acceptance=None) to evaluate against this base without it") from None
 
 
 ENGINES = ("transformers", "llama.cpp")
@@ -409,11 +454,15 @@ def run(
     overwrite: bool = False,
     allow_pickle: bool = False,
     device: str | None = None,
+    acceptance: SpeculativeSettings | None = ACCEPTANCE,
 ) -> Path:
     """The main job: evaluate the base, compress it with each recipe, evaluate and save each, write one report.
 
     Writes `out_dir/report.{json,md,html}`, the quality-vs-cost plots and `out_dir/models/<recipe>/`; returns
-    `out_dir`. Zero-shot tasks and speed are measured on every variant when `evaluation` asks for them.
+    `out_dir`. Zero-shot tasks and speed are measured on every variant when `evaluation` asks for them. Each
+    compressed row carries its greedy draft acceptance for the base at each k of `acceptance` (None: not measured):
+    the base's answers are decoded once (prompts × (new_tokens + k) decode steps, ~3 s for SmolLM2-135M on 2 CPU
+    cores with ACCEPTANCE), then each row costs one forward per answer (~80 tokens each, well under a second).
     """
     from slimlm.report import write_report
 
@@ -428,6 +477,10 @@ def run(
     windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
     with stage("evaluating the base model"):
         base_quality, reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+    answers = None
+    if acceptance is not None:  # every variant shares the base's tokenizer: nothing to check
+        with stage(f"greedy answers of the base for the draft acceptance ({acceptance.describe()})"):
+            answers = greedy_answers(base.model, base.tokenizer, acceptance, TokensOf.of(base).end_ids)
     base_bytes = shipped_bytes(base.model)  # as a user would ship it (16-bit), not as loaded (fp32)
     variants = [
         Variant(
@@ -451,6 +504,8 @@ def run(
         with stage(f"evaluating {recipe.name} ({number}/{len(parsed)})"):
             quality, _ = quality_metrics(compressed, windows, reference)
         metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
+        if answers is not None:
+            metrics["draft_acceptance"] = [asdict(figure) for figure in greedy_acceptance(compressed, answers)]
         metrics.update(task_and_speed_metrics(compressed, base.tokenizer, tasks, evaluation))
         path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
         storage = read_manifest(path)["storage"]
@@ -459,7 +514,8 @@ def run(
         del compressed
     context = {
         "model": {"source": base.source, "resolved": base.resolved, "dtype": str(next(base.model.parameters()).dtype)},
-        "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0]), "kl": reference.describe() if reference else None},
+        "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0]), "kl": reference.describe() if reference else None,
+                       "draft_acceptance": acceptance.describe() + ", exact greedy acceptance of each variant drafting for the base" if acceptance else None},
         "device": str(base.model.device),
         "peak_memory": peak_memory(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

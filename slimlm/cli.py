@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from slimlm.errors import SlimlmError
+from slimlm.evaluate.speculative import ACCEPTANCE, SPECULATIVE
 from slimlm.settings import (
     COMPRESS_EVALUATION,
     CT_SEARCH_TYPES,
@@ -230,12 +231,18 @@ def eval_(
     perplexity: Annotated[bool | None, typer.Option("--perplexity/--no-perplexity", help="Measure perplexity (default: yes, unless --tasks is given).")] = None,
     speed: SpeedFlag = False,
     engine: Annotated[str | None, typer.Option("--engine", help="Compare engines: run the model in 'llama.cpp' (a .gguf) or 'transformers' and print one row: perplexity, KL and top-1 to --base, prompt/decode tok/s, peak RSS, file bytes.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="With --engine: CPU threads for the evaluation and the speed runs.")] = 2,
+    threads: Annotated[int, typer.Option("--threads", help="With --engine or --draft: CPU threads for the evaluation and the speed runs.")] = 2,
+    draft: Annotated[str | None, typer.Option("--draft", help="Measure speculative decoding instead: DRAFT (same tokenizer, e.g. a slimlm-compressed copy) drafts for MODEL; one row per k: identical to MODEL's greedy text (checked), acceptance, tokens per target forward, decode tok/s alone vs speculative.")] = None,
+    draft_tokens: Annotated[str | None, typer.Option("--draft-tokens", help=f"With --draft: comma-separated k, tokens drafted per target forward (default {','.join(map(str, SPECULATIVE.draft_tokens))}).")] = None,
+    prompts: Annotated[int | None, typer.Option("--prompts", help=f"With --draft: answer the first N fixed chat questions (default {SPECULATIVE.prompts}).")] = None,
+    new_tokens: Annotated[int | None, typer.Option("--new-tokens", help=f"With --draft: greedy tokens per answer at most (default {SPECULATIVE.new_tokens}).")] = None,
+    acceptance: Annotated[bool | None, typer.Option("--acceptance/--no-acceptance", help=f"With --base: also the greedy acceptance of MODEL drafting for BASE, a fidelity figure ({ACCEPTANCE.describe()}; default: yes, a few seconds).")] = None,
     allow_pickle: AllowPickle = False,
     device: Device = None,
 ) -> None:
-    """Perplexity (GPTQ protocol), KL/top-1 against a base, zero-shot tasks (lm-eval's prompts and scoring), speed,
-    parameters and bytes on disk of one model; with --engine, the same figures from llama.cpp or transformers.
+    """Perplexity (GPTQ protocol), KL/top-1 and draft acceptance against a base, zero-shot tasks (lm-eval's prompts
+    and scoring), speed, parameters and bytes on disk of one model; with --engine, the same figures from llama.cpp
+    or transformers; with --draft, speculative decoding measured (it combines with none of the quality options).
 
     [bold]Examples[/bold]
 
@@ -247,11 +254,26 @@ def eval_(
       slimlm eval smol-w4 --tasks piqa:../shared/data/piqa/valid.jsonl --speed
       slimlm eval smol-q4_0.gguf --engine llama.cpp --base smollm2-135m --windows 4 --threads 2 --json -
       slimlm eval smol-w4 --engine transformers --base smollm2-135m --windows 4   # the same row from transformers
+      slimlm eval smollm2-135m --draft smol-w4 --draft-tokens 2,4 --prompts 2 --new-tokens 32 --json -
     """
     from slimlm.api import evaluate
     from slimlm.progress import console
     from slimlm.quantize.kv_cache import KVCacheConfig
 
+    speculative_flags = {"--draft-tokens": draft_tokens, "--prompts": prompts, "--new-tokens": new_tokens}
+    if draft is not None:
+        quality_flags = {"--base": base, "--engine": engine, "--kv-bits": kv_bits, "--kv-group-size": kv_group_size, "--kv-residual": kv_residual,
+                         "--chunk-size": chunk_size, "--tasks": tasks, "--limit": limit, "--task-data": task_data, "--windows": windows,
+                         "--perplexity/--no-perplexity": perplexity, "--acceptance/--no-acceptance": acceptance, "--speed": speed or None,
+                         "--data": None if data == EVALUATION.data else data, "--split": None if split == EVALUATION.split else split,
+                         "--seqlen": None if seqlen == EVALUATION.seqlen else seqlen, "--seed": None if seed == EVALUATION.task_seed else seed}
+        _eval_draft(model, draft, draft_tokens, prompts, new_tokens, [flag for flag, value in quality_flags.items() if value is not None], threads, allow_pickle, device, json_out)
+        return
+    given = [flag for flag, value in speculative_flags.items() if value is not None]
+    if given:
+        raise SlimlmError(f"{given[0]} shapes the speculative-decoding measurement, but --draft is not given", "add --draft DRAFT, or drop it")
+    if acceptance is not None and (base is None or engine is not None):
+        raise SlimlmError("--acceptance/--no-acceptance is the draft acceptance of MODEL for --base", "add --base BASE (without --engine), or drop it")
     kv_cache = None
     if kv_bits is not None:
         given = {"group_size": kv_group_size, "residual": kv_residual}
@@ -276,12 +298,14 @@ def eval_(
         if json_out:
             _write_json(json_out, result)
         return
-    result = evaluate(model=model, evaluation=settings, base=base, allow_pickle=allow_pickle, device=device)
+    result = evaluate(model=model, evaluation=settings, base=base, allow_pickle=allow_pickle, device=device, acceptance=ACCEPTANCE if acceptance is not False else None)
     if "quality" in result:
         quality = result["quality"]
         line = f"perplexity {quality['perplexity']:.3f}"
         if quality["kl_divergence"] is not None:
             line += f" · KL {quality['kl_divergence']:.4f} · top-1 agreement {quality['top1_agreement']:.1%} (base ppl {result['base']['perplexity']:.3f})"
+        for figure in result.get("draft_acceptance", []):
+            line += f" · draft acceptance {figure['acceptance']:.1%} at k={figure['draft_tokens']} ({figure['accepted_per_round']:.2f} per target step)"
         console.print(line)
         console.print(f"[dim]{quality['protocol']}[/dim]")
     _print_tasks_and_speed(result)
@@ -296,6 +320,42 @@ def eval_(
         console.print(f"weights on disk {result['storage']['weight_bytes'] / 1e6:.1f} MB")
     if json_out:
         _write_json(json_out, result)
+
+
+def _eval_draft(model: str, draft: str, draft_tokens: str | None, prompts: int | None, new_tokens: int | None, refused: list[str],
+                threads: int, allow_pickle: bool, device: str | None, json_out: Path | None) -> None:
+    """`slimlm eval MODEL --draft DRAFT`: the speculative-decoding table (`slimlm.evaluate.speculative`)."""
+    from rich.table import Table
+
+    from slimlm.api import evaluate
+    from slimlm.evaluate.speculative import SpeculativeSettings, describe, table_rows
+    from slimlm.progress import console
+
+    if refused:
+        raise SlimlmError(f"--draft measures speculative decoding and does not combine with {', '.join(refused)}", "drop them, or drop --draft for the quality evaluation")
+    ks = SPECULATIVE.draft_tokens
+    if draft_tokens is not None:
+        try:
+            ks = tuple(int(k) for k in draft_tokens.split(","))
+        except ValueError:
+            raise SlimlmError(f"--draft-tokens {draft_tokens!r} is not a comma-separated list of whole numbers", "pass e.g. --draft-tokens 2,4") from None
+    flags = {"draft_tokens": "--draft-tokens", "prompts": "--prompts", "new_tokens": "--new-tokens"}
+    given = {"draft_tokens": ks, "prompts": prompts, "new_tokens": new_tokens}
+    settings = _build(SpeculativeSettings, flags, **{key: value for key, value in given.items() if value is not None})
+    result = evaluate(model=model, draft=draft, speculative=settings, threads=threads, allow_pickle=allow_pickle, device=device)
+    headers, rows = table_rows(result)
+    table = Table(title=f"speculative decoding: {draft} drafting for {model} (greedy)")
+    for header in headers:
+        table.add_column(header, justify="left" if header == "draft" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"[dim]{describe(result)}[/dim]")
+    if json_out:
+        _write_json(json_out, result)
+    if not all(row["identical"] for row in result["rows"] if row["draft"] is not None):  # the method's guarantee failed
+        console.print("[bold red]error:[/bold red] the speculative answers differ from the target's own greedy answers (see 'identical to target')")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -363,7 +423,7 @@ def export(
     model: ModelArg,
     format: Annotated[str, typer.Option("--format", "-f", help="hf (dense), compressed-tensors (transformers, vLLM) or gguf (llama.cpp).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf, compressed-tensors) or .gguf file; written atomically.")],
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="auto (keep the model's 4/8-bit codes, else f16), f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k.")] = "auto",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="auto (keep the model's 4/8-bit codes, else f16), f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k.")] = "auto",
     preset: Annotated[str | None, typer.Option("--preset", help="llama.cpp's per-tensor mix: q4_0 q4_1 q5_0 q5_1 q8_0 q4_k_m q5_k_m q6_k (shape fallbacks resolved and listed).")] = None,
     tensor_type: Annotated[list[str] | None, typer.Option("--tensor-type", help="REGEX=TYPE over GGUF tensor names, e.g. 'blk\\.\\d+\\.ffn_down\\.weight=q6_k' (repeatable; first match wins).")] = None,
     embedding_type: Annotated[str | None, typer.Option("--embedding-type", help="Type of token_embd.weight.")] = None,
@@ -589,10 +649,10 @@ def search(
     database: Annotated[Path | None, typer.Option("--database", help="Directory of the variant database (default: $SLIMLM_CACHE or ~/.cache/slimlm, per model and calibration); reused across budgets and resumed when interrupted.")] = None,
     types: Annotated[str | None, typer.Option("--types", help=f"Block-linear types to search, comma-separated, or 'all'. GGUF default: {','.join(SEARCH.types)} (--fast: {','.join(FAST_SEARCH.types)}); compressed-tensors: {','.join(CT_SEARCH_TYPES)} (--fast: {','.join(FAST_CT_SEARCH_TYPES)}; '-asym' types, e.g. int4-g32-asym, only when named).")] = None,
     methods: Annotated[str, typer.Option("--methods", help="gptq (error feedback on the type's grid), ref (llama.cpp's reference rounding), rtn (importance-weighted rounding, slower).")] = ",".join(SEARCH.methods),
-    generations: Annotated[int | None, typer.Option("--generations", help="Re-ranking generations at the chosen budget (0: the knapsack's answer; default 12, --fast 4).")] = None,
-    front_generations: Annotated[int | None, typer.Option("--front-generations", help="Re-ranking generations at each other budget of the front (default 4, --fast 0).")] = None,
-    depth_candidates: Annotated[int | None, typer.Option("--depth-candidates", help="Blocks that may be removed whole (0: none; default 3, --fast 2).")] = None,
-    fast: Annotated[bool, typer.Option("--fast", help="Smaller statistics, re-ranking and evaluation: about a fifth of the time.")] = False,
+    generations: Annotated[int | None, typer.Option("--generations", help=f"Re-ranking generations at the chosen budget (0: the knapsack's answer; default {SEARCH.generations}, --fast {FAST_SEARCH.generations}).")] = None,
+    front_generations: Annotated[int | None, typer.Option("--front-generations", help=f"Re-ranking generations at each other budget of the front (default {SEARCH.front_generations}, --fast {FAST_SEARCH.front_generations}).")] = None,
+    depth_candidates: Annotated[int | None, typer.Option("--depth-candidates", help=f"Blocks that may be removed whole (0: none; default {SEARCH.depth_candidates}, --fast {FAST_SEARCH.depth_candidates}).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), re-ranking and held-out evaluation ({FAST_SEARCH_EVALUATION.max_windows} windows): about a third of the time.")] = False,
     eval_data: EvalData = SEARCH_EVALUATION.data,
     windows: Annotated[int | None, typer.Option("--windows", help="Held-out evaluation windows per point.")] = None,
     calib_data: CalibData = SEARCH.statistics.data,

@@ -146,13 +146,14 @@ class SearchSettings:
     rerank_windows: int = 4  # held-out calibration windows that score whole configurations (the first: the quick stage)
     generations: int = 12  # re-ranking generations at the chosen budget (0: the knapsack's answer as it is)
     front_generations: int = 4  # at each other budget of the front
+    patience: int = 4  # re-ranking stops after this many generations in a row without a better child
     offspring: int = 8
     survivors: int = 2
     depth_candidates: int = 3  # blocks that may be removed whole (those whose removal costs least KL)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("rerank_windows", 1), ("generations", 0), ("front_generations", 0), ("offspring", 1), ("survivors", 1), ("depth_candidates", 0)):
+        for name, low in (("rerank_windows", 1), ("generations", 0), ("front_generations", 0), ("patience", 1), ("offspring", 1), ("survivors", 1), ("depth_candidates", 0)):
             _at_least(self, name, low, "4")
 
 
@@ -160,9 +161,10 @@ class SearchSettings:
 CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int4-g128", "int8-g128", "int8-channel", "dense")
 FAST_CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
 DEFAULT_SEARCH = SearchSettings()
-FAST_SEARCH = SearchSettings(types=("q4_0", "q4_1", "q5_0", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=4, front_generations=0, offspring=6, depth_candidates=2)
+# `--fast`: one 5-bit type, GPTQ on fewer windows, a short re-ranking, half the held-out tokens
+FAST_SEARCH = SearchSettings(types=("q4_0", "q4_1", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=3, front_generations=0, offspring=6, depth_candidates=2)
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=8, kl_windows=8)  # held-out figures of every front point
-FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=4, kl_windows=4)
+FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=2, kl_windows=2)
 DEFAULT_CONSTRAINTS = Constraints(max_size="q4_0")  # the main job: the best model at the size of llama.cpp's Q4_0
 
 

@@ -15,7 +15,7 @@ from slimlm.export.gguf_types import (
     quantize_tensor,
 )
 
-TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 def _layer(seed: int, out: int = 24, cols: int = 256):
@@ -30,7 +30,7 @@ def _output_error(approx: torch.Tensor, weight: torch.Tensor, hessian: torch.Ten
     return float(torch.trace(delta @ hessian @ delta.t()))
 
 
-@pytest.mark.parametrize("name", ("q4_0", "q4_1", "q5_0", "q4_k", "q6_k"))
+@pytest.mark.parametrize("name", ("q4_0", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q6_k"))
 def test_gptq_output_error_below_round_to_nearest(name):
     weight, hessian = _layer(0)
     gptq = dequantize_tensor(gptq_for_type(weight, hessian, name, damp=0.01), name, weight.shape)  # in-sample: GPTQ's own dampening
@@ -49,7 +49,7 @@ def test_file_holds_the_codes_the_loop_committed(name):
     torch.testing.assert_close(dequantize_tensor(raw, name, weight.shape), grid_values(codes, grid), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ("q4_0", "q4_1", "q5_k"))
+@pytest.mark.parametrize("name", ("q4_0", "q4_1", "q3_k", "q5_k"))
 def test_diagonal_hessian_is_round_to_nearest(name):
     """With a diagonal H no column informs another: GPTQ's codes are the nearest ones, bytes equal quantize_tensor's."""
     weight, _ = _layer(2)

@@ -16,7 +16,7 @@ from conftest import IDS as CONFIG_IDS
 from conftest import run_cli, tiny_tokenizer
 
 from slimlm.errors import SlimlmError
-from slimlm.export import GGUFOptions, gguf_mixture
+from slimlm.export import GGUFOptions, export_model, gguf_mixture
 from slimlm.export.gguf import check_gguf_model, tensor_layout, write_gguf
 from slimlm.export.gguf_calibrated import calibrated_codes, collect_statistics, head_importance
 from slimlm.export.gguf_presets import PRESETS, preset_tensor_types, resolve_tensor_types
@@ -220,3 +220,32 @@ def test_recipe_export_key_takes_the_same_options():
                             ({"format": "gguf", "tensor_types": {"x": "q9"}}, "unknown GGUF type 'q9'")]:
         with pytest.raises(SlimlmError, match=message):
             parse_recipe({"stages": stages, "export": export}, "r")
+
+
+@pytest.mark.parametrize("name", ("q2_k", "q3_k"))
+def test_low_bit_k_quants_export_and_read_back(name, tmp_path):
+    """`slimlm export --format gguf --tensor-type ffn_down=q3_k` on a tiny llama whose ffn_down rows are 256:
+    transformers' GGUF loader reads back exactly slimlm's dequantized ffn_down, and llama.cpp (when installed)
+    computes the logits transformers does from the same file."""
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, **CONFIG_IDS)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    save_model(model, tiny_tokenizer(), tmp_path / "in", {"recipe": {"name": "test"}})
+    path = tmp_path / "m.gguf"
+    export_model(str(tmp_path / "in"), "gguf", path, gguf=GGUFOptions(tensor_types=(f"ffn_down={name}",)))
+    kinds = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors}
+    assert kinds["blk.0.ffn_down.weight"] == name and kinds["blk.1.ffn_down.weight"] == name
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    for ours, theirs in zip(model.model.layers, loaded.model.layers):
+        weight = ours.mlp.down_proj.weight.detach()
+        expected = dequantize_tensor(quantize_tensor(weight, name), name, weight.shape)
+        torch.testing.assert_close(theirs.mlp.down_proj.weight, expected, rtol=0, atol=0)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 64, 200, 31]])
+    with torch.no_grad():
+        logits = loaded(ids, use_cache=False).logits[0].numpy()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids[0].tolist())
+    assert np.abs(np.asarray(llm.scores[: ids.shape[1]]) - logits).max() < 3e-2 * np.abs(logits).max()

@@ -19,7 +19,7 @@ from slimlm.export.gguf_types import (
 
 BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}
-K_TYPES = ("q4_k", "q5_k", "q6_k")
+K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
 def _naive_dequant(raw: np.ndarray, name: str) -> np.ndarray:
@@ -104,25 +104,27 @@ def test_shape_rules_and_errors():
 
 def _rtn_kquant(weight: torch.Tensor, name: str) -> torch.Tensor:
     """Plain round-to-nearest on a k-quant grid, written from ggml's block layout: each sub-block's scale (and
-    minimum) from its min/max, quantized to 6/8-bit integers by the largest one, codes rounded to the result."""
-    g, levels = (16, 63) if name == "q6_k" else (32, {"q4_k": 15, "q5_k": 31}[name])
+    minimum) from its min/max, quantized to 4/6/8-bit integers by the largest one, codes rounded to the result."""
+    # sub-block size, code range, integer scale range (the symmetric ones: signed, the extreme at its low end)
+    g, qmin, qmax, slo, shi = {"q2_k": (16, 0, 3, 0, 15), "q3_k": (16, -4, 3, -32, 31), "q4_k": (32, 0, 15, 0, 63),
+                               "q5_k": (32, 0, 31, 0, 63), "q6_k": (16, -32, 31, -128, 127)}[name]
     x = weight.reshape(-1, 256 // g, g)
-    if name == "q6_k":
+    if qmin < 0:
         extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        s = extreme / -32
+        s = extreme / qmin
         top = s.gather(-1, s.abs().argmax(-1, keepdim=True))
-        d = (top / -128).half().float()
-        sc = torch.round(s / d).clamp(-128, 127)
+        d = (top / slo).half().float()
+        sc = torch.round(s / d).clamp(slo, shi)
         step = (d * sc)[..., None]
-        q = torch.round(x / step).clamp(-32, 31)
+        q = torch.round(x / step).clamp(qmin, qmax)
         return (q * step).reshape(weight.shape)
     low = x.amin(-1).clamp(max=0)
-    s, mn = (x.amax(-1) - low) / levels, -low
-    d = (s.amax(-1, keepdim=True) / 63).half().float()
-    dmin = (mn.amax(-1, keepdim=True) / 63).half().float()
-    step = (d * torch.round(s / d).clamp(0, 63))[..., None]
-    offset = (dmin * torch.round(mn / dmin).clamp(0, 63))[..., None]
-    q = torch.round((x + offset) / step).clamp(0, levels)
+    s, mn = (x.amax(-1) - low) / qmax, -low
+    d = (s.amax(-1, keepdim=True) / shi).half().float()
+    dmin = (mn.amax(-1, keepdim=True) / shi).half().float()
+    step = (d * torch.round(s / d).clamp(0, shi))[..., None]
+    offset = (dmin * torch.round(mn / dmin).clamp(0, shi))[..., None]
+    q = torch.round((x + offset) / step).clamp(0, qmax)
     return (q * step - offset).reshape(weight.shape)
 
 

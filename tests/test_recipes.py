@@ -110,7 +110,7 @@ def test_export_key_parses_and_bad_values_are_named():
     assert parse_recipe({"stages": stages, "export": "gguf"}, "r").export.format == "gguf"
     step = parse_recipe({"stages": stages, "export": {"format": "gguf", "gguf_type": "q4_0"}}, "r").export
     assert (step.format, step.gguf_type) == ("gguf", "q4_0")
-    for export, message in [("onnx", "unknown format 'onnx'"), ({"format": "gguf", "gguf_type": "q2_k"}, "gguf_type 'q2_k'"),
+    for export, message in [("onnx", "unknown format 'onnx'"), ({"format": "gguf", "gguf_type": "iq2_xxs"}, "gguf_type 'iq2_xxs'"),
                             ({"format": "hf", "gguf_type": "q4_0"}, "gguf_type 'q4_0'"), ({"format": "gguf", "bits": 4}, "unknown key 'bits'"), (3, "expected a format")]:
         with pytest.raises(SlimlmError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_recipe({"stages": stages, "export": export}, "r")

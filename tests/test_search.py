@@ -118,6 +118,73 @@ def test_every_offered_option_encodes_on_k_quant_rows():
         assert TYPES[option.type].packed
 
 
+def test_weights_already_on_a_grid_reuse_its_exact_codes(monkeypatch):
+    """A group whose weights the reference Q4_1 rounding reproduces exactly (a model shipped as Q4_1) gets those
+    codes for q4_1/gptq and q4_1/rtn without running either; other types, and weights off the grid, still run GPTQ."""
+    import slimlm.search.database as db
+
+    generator = torch.Generator().manual_seed(0)
+    on_grid = [db.decode(db.encode(torch.randn(rows, 64, generator=generator), Option("q4_1", "ref"), None, None), Option("q4_1", "ref"), (rows, 64)) for rows in (8, 4)]
+    hessian = torch.eye(64) + 0.1
+    options = [(Option("q4_1", "gptq"), Option("q4_1", "rtn"), Option("q4_0", "gptq"), Option("q4_1", "ref"))] * 2
+    ran = []
+    real = db.gptq_encode
+    monkeypatch.setattr(db, "gptq_encode", lambda w, h, type_, importance=None: ran.append(type_) or real(w, h, type_, importance))
+    encoded = db.encode_group(on_grid, options, hessian, None)
+    assert ran == ["q4_0"]
+    for weight, payloads in zip(on_grid, encoded):
+        assert np.array_equal(payloads["q4_1/gptq"], payloads["q4_1/ref"]) and np.array_equal(payloads["q4_1/rtn"], payloads["q4_1/ref"])
+        assert torch.equal(db.decode(payloads["q4_1/gptq"], Option("q4_1", "gptq"), tuple(weight.shape)), weight)
+    off_grid = [on_grid[0], on_grid[1] + 1e-3]  # one weight off the grid: the group runs GPTQ as usual
+    ran.clear()
+    db.encode_group(off_grid, options, hessian, None)
+    assert sorted(ran) == ["q4_0", "q4_1"]
+
+
+def test_a_model_shipped_on_a_grid_stores_and_scores_its_codes_once(tmp_path):
+    """Weights already on Q4_1's grid: q4_1/gptq is the reference codes (KL proxy 0), stored once, searched once,
+    and a configuration naming either option gets one canonical key (so it is scored once)."""
+    from safetensors import safe_open
+
+    from slimlm.search.database import decode, encode
+    from slimlm.search.rerank import searchable_variants
+
+    model = tiny_model("llama")
+    space = gguf_search_space(model, linear_types=("q4_0", "q4_1"), methods=("gptq", "ref"))
+    ref = Option("q4_1", "ref")
+    with torch.no_grad():
+        for knob in space.knobs:
+            if knob.role == "linear":
+                weight = model.get_submodule(knob.module).weight
+                weight.copy_(decode(encode(weight, ref, None, None), ref, tuple(weight.shape)))
+    database = build_database(tmp_path / "db", model, space, lambda: collect_statistics(model, _ids(2, 32, 0), progress=False), "calib")
+    searchable = searchable_variants(database)
+    for knob, indices in zip(space.knobs, searchable):
+        if knob.role != "linear":
+            continue
+        variants = {v.option.label: v for v in database.variants[knob.tensor]}
+        assert variants["q4_1/gptq"].same_as == "q4_1/ref" and variants["q4_1/gptq"].proxy == 0.0
+        assert variants["q4_0/gptq"].same_as is None and variants["q4_0/gptq"].proxy > 0
+        assert np.array_equal(database.payload(knob.tensor, Option("q4_1", "gptq")), database.payload(knob.tensor, ref))
+        with safe_open(str(tmp_path / "db" / "tensors" / f"{knob.tensor}.safetensors"), "np") as f:
+            assert "q4_1/gptq" not in f.keys() and "q4_1/ref" in f.keys()
+        assert [database.variants[knob.tensor][i].option.label for i in indices].count("q4_1/gptq") == 0
+    as_gptq = uniform_configuration(database, Option("q4_1", "gptq"), Option("q8_0", "ref"))
+    as_ref = uniform_configuration(database, ref, Option("q8_0", "ref"))
+    assert as_gptq != as_ref and database.canonical(as_gptq) == database.canonical(as_ref) == as_ref
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    """The Fisher identity needs ŷ drawn from the model itself: frequencies match, a zero-probability token never comes."""
+    from slimlm.search.statistics import sample_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    drawn = sample_tokens(probs.log().expand(40000, 5), torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn.reshape(-1), minlength=5)
+    assert drawn.shape == (40000, 1) and counts[4] == 0
+    assert torch.allclose(counts / 40000, probs, atol=0.01)
+
+
 def test_database_resumes_and_refuses_another_calibration(tmp_path):
     calls = []
     model, database = _database(tmp_path, statistics_calls=calls)
@@ -137,6 +204,55 @@ def test_database_resumes_and_refuses_another_calibration(tmp_path):
     assert calls == [1, 1]  # complete: no statistics pass at all
     with pytest.raises(SlimlmError, match="other calibration tokens"):
         _database(tmp_path, calibration_sha="other")
+
+
+def _all_bytes(database) -> dict:
+    return {(k.tensor, v.option.label): (database.payload(k.tensor, v.option).tobytes(), v.proxy) for k in database.space.knobs for v in database.variants[k.tensor]}
+
+
+def test_database_workers_write_what_one_process_writes(tmp_path, monkeypatch):
+    """Forked workers (one per core here) give the bytes and proxies of a single-process build; a worker that dies
+    leaves its share to the parent, which encodes it."""
+    import os
+
+    import slimlm.search.database as db
+
+    _, forked = _database(tmp_path / "forked", types=("q4_0", "q4_1"))
+    monkeypatch.setattr(db, "_worker_count", lambda groups: 1)
+    _, alone = _database(tmp_path / "alone", types=("q4_0", "q4_1"))
+    assert _all_bytes(forked) == _all_bytes(alone)
+
+    def dead_worker(run):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(1)
+        return pid
+
+    monkeypatch.setattr(db, "_worker_count", lambda groups: 2)
+    monkeypatch.setattr(db, "_fork", dead_worker)
+    _, rescued = _database(tmp_path / "rescued", types=("q4_0", "q4_1"))
+    assert _all_bytes(rescued) == _all_bytes(alone)
+
+
+def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):
+    from slimlm.search.rerank import Stage, rerank
+
+    _, database = _database(tmp_path, types=("q4_0", "q4_1"))
+
+    class Scored:  # the live model's scoring, without a model: a KL per call
+        def __init__(self, kl):
+            self.database, self.calls, self.next_kl = database, 0, kl
+
+        def kl(self, configuration, windows, reference):
+            self.calls += 1
+            return self.next_kl(self.calls)
+
+    seed = uniform_configuration(database, Option("q4_0", "gptq"), Option("q8_0", "rtn"))
+    stages = (Stage(None, None), Stage(None, None))
+    flat = rerank(Scored(lambda calls: 1.0), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
+    assert len(flat.history) == 2 and flat.kl == 1.0
+    better = rerank(Scored(lambda calls: 1.0 / calls), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
+    assert len(better.history) == 10 and better.kl < 1.0
 
 
 def test_gptq_variants_beat_rtn_on_the_proxy(tmp_path):

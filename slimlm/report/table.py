@@ -49,12 +49,14 @@ def columns(variants: list[dict]) -> list[tuple[str, Callable[[dict], object], s
     tasks = task_names(variants)
     base_ppl = get(variants[0]["metrics"], "quality", "perplexity") if variants else None
     batches = sorted({int(b) for v in variants for b in (get(v["metrics"], "speed", "throughput_tokens_per_s") or {})})
+    ks = sorted({figure["draft_tokens"] for v in variants for figure in v["metrics"].get("draft_acceptance") or []})
     candidates: list[tuple[str, Callable[[dict], object], str]] = [
         ("variant", lambda v: v["name"], "{}"),
         ("ppl", lambda v: get(v["metrics"], "quality", "perplexity"), "{:.2f}"),
         ("Δppl", lambda v: (get(v["metrics"], "quality", "perplexity") / base_ppl - 1) if base_ppl and get(v["metrics"], "quality", "perplexity") and v is not variants[0] else None, "{:+.1%}"),
         ("KL", lambda v: get(v["metrics"], "quality", "kl_divergence"), "{:.4f}"),
         ("top-1", lambda v: get(v["metrics"], "quality", "top1_agreement"), "{:.1%}"),
+        *[(f"accept k={k}", lambda v, k=k: draft_acceptance(v["metrics"], k), "{:.1%}") for k in ks],
         *[(f"{t} {TASK_METRIC.get(t, 'acc')}", lambda v, t=t: task_score(v["metrics"], t), "{:.1%}") for t in tasks],
         ("0-shot avg", lambda v: zero_shot_average(v["metrics"], tasks), "{:.1%}"),
         ("sparsity", lambda v: v["metrics"].get("sparsity"), "{:.1%}"),
@@ -70,6 +72,11 @@ def columns(variants: list[dict]) -> list[tuple[str, Callable[[dict], object], s
         ("time s", lambda v: v["metrics"].get("compress_seconds"), "{:.1f}"),
     ]
     return [c for c in candidates if c[0] == "variant" or any(c[1](v) is not None for v in variants)]
+
+
+def draft_acceptance(metrics: dict, draft_tokens: int) -> float | None:
+    """Greedy acceptance of the variant drafting `draft_tokens` per round for the base (`slimlm.evaluate.speculative`)."""
+    return next((f["acceptance"] for f in metrics.get("draft_acceptance") or [] if f["draft_tokens"] == draft_tokens), None)
 
 
 def _throughput(metrics: dict, batch: int) -> float | None:

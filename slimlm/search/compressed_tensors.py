@@ -416,9 +416,9 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
     with stage("search: knapsack + re-ranking"):
         for budget in budgets:
             generations = settings.generations if budget == limit else settings.front_generations
-            configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, [c for _, _, c in uniform], generations)
+            configuration, proxy, knapsack_kl, reranked_kl, ran = searcher.search(budget, [c for _, _, c in uniform], generations)
             name = searched_name(budget)
-            plain_line(searched_line(name, knapsack_kl, reranked_kl, generations))
+            plain_line(searched_line(name, knapsack_kl, reranked_kl, ran, generations, settings.patience))
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)
     with stage("search: held-out evaluation of every point"):

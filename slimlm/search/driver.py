@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.progress import plain_line, stage
+from slimlm.progress import plain_line, progress_bar, stage
 from slimlm.search.artifact import Layout, file_bytes, measure_layout, padded, write_configuration
 from slimlm.search.database import Database, build_database
 from slimlm.search.rerank import Configuration, LiveModel, Stage, blocks_skipped, live_copy, rerank, searchable_variants
@@ -61,10 +62,11 @@ def searched_name(budget: int) -> str:
     return f"searched ≤ {budget / 1e6:.1f} MB" if budget >= 1e7 else f"searched ≤ {budget / 1e3:.1f} kB"
 
 
-def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations: int) -> str:
-    """The plain progress line of one searched budget."""
+def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations: int, asked: int, patience: int) -> str:
+    """The plain progress line of one searched budget (`generations` run of the `asked`)."""
     if reranked_kl > 0:
-        return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations} generations)"
+        stopped = f" of {asked} generations: the last {patience} found nothing better" if generations < asked else " generations"
+        return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations}{stopped})"
     return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)"
 
 
@@ -279,8 +281,9 @@ class Searcher:
         answers.sort(key=lambda item: item[0])
         return answers
 
-    def search(self, budget: int, uniform: list[Configuration], generations: int) -> tuple[Configuration, float, float, float]:
-        """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL) within `budget`.
+    def search(self, budget: int, uniform: list[Configuration], generations: int) -> tuple[Configuration, float, float, float, int]:
+        """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL, generations run)
+        within `budget`.
 
         With speed / RAM constraints the knapsack runs on bytes and its answers are priced by the cost model; when
         none fits, the byte budget tightens (4% a step) until one does."""
@@ -295,9 +298,18 @@ class Searcher:
                 if self.pricer is not None else f"nothing fits in {budget / 1e6:.2f} MB",
                 "relax --max-size or --min-decode-tps / --max-ram (they conflict here)" if self.pricer is not None else "raise --max-size",
             )
-        result = rerank(self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring, self.settings.survivors, seed=self.settings.seed)
+        with ExitStack() as bar:  # opened by the first generation: none for a budget whose seeds end the search
+            advance = []
+
+            def on_generation(generation: int, kl: float) -> None:
+                if not advance:
+                    advance.append(bar.enter_context(progress_bar(f"search: re-ranking at {budget / 1e6:.1f} MB", generations, unit="generations")))
+                advance[0]()
+
+            result = rerank(self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring, self.settings.survivors,
+                            seed=self.settings.seed, progress=on_generation, patience=self.settings.patience)
         knapsack_kl = result.seed_kls[0] if answers else float("nan")
-        return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl
+        return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl, len(result.history)
 
 
 def run_search(
@@ -386,9 +398,9 @@ def run_search(
         for budget in budgets:
             generations = settings.generations if budget == chosen_budget else settings.front_generations
             searcher.pricer = pricer if budget == chosen_budget else None  # the front itself is on bytes
-            configuration, proxy, knapsack_kl, reranked_kl = searcher.search(budget, uniform_configs, generations)
+            configuration, proxy, knapsack_kl, reranked_kl, ran = searcher.search(budget, uniform_configs, generations)
             name = searched_name(budget)
-            plain_line(searched_line(name, knapsack_kl, reranked_kl, generations))
+            plain_line(searched_line(name, knapsack_kl, reranked_kl, ran, generations, settings.patience))
             points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
     for name, kind, configuration in uniform:
         points.append(Point(name, kind, configuration, sizer(configuration)))

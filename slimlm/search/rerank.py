@@ -71,7 +71,7 @@ class LiveModel:
     def quality(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult:
         """Perplexity, KL and top-1 of the configuration on `windows` against `reference`; each configuration is
         scored once per token set (the uniform seeds recur at every budget, the front's points share answers)."""
-        key = (configuration, id(windows), id(reference))
+        key = (self.database.canonical(configuration), id(windows), id(reference))
         if key in self.scores:
             return self.scores[key][2]
         self.apply(configuration)
@@ -97,8 +97,15 @@ def live_copy(model: nn.Module, database: Database) -> LiveModel:
 
 
 def searchable_variants(database: Database) -> list[list[int]]:
-    """Per knob, the indices of the variants the search may choose (the rest encode baselines only)."""
-    return [[i for i, v in enumerate(database.variants[k.tensor]) if v.option in k.options] for k in database.space.knobs]
+    """Per knob, the indices of the variants the search may choose (the rest encode baselines only), each distinct
+    encoding once (the first option holding it)."""
+    found = []
+    for knob in database.space.knobs:
+        variants = database.variants[knob.tensor]
+        searchable = [i for i, v in enumerate(variants) if v.option in knob.options]
+        labels = {variants[i].option.label for i in searchable}
+        found.append([i for i in searchable if variants[i].same_as not in labels])
+    return found
 
 
 @dataclass(frozen=True)
@@ -150,9 +157,11 @@ def rerank(
     survivors: int,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    patience: int | None = None,
 ) -> RerankResult:
     """(1 + λ) evolution with staged token counts, from the best seed (scored on the large stage). A KL of exactly 0
-    (the base's own logits: e.g. a model shipped quantized, given its codes back) cannot be beaten: the search stops."""
+    (the base's own logits: e.g. a model shipped quantized, given its codes back) cannot be beaten: the search stops;
+    so it does after `patience` generations in a row without a better child (None: never)."""
     rng = random.Random(seed)
     small, large = stages
     database = live.database
@@ -164,10 +173,11 @@ def rerank(
             break
     evaluations = len(scored)
     parent_kl, parent = min(scored, key=lambda item: item[0])
-    start_kl, history = parent_kl, []
+    start_kl, history, stale = parent_kl, [], 0
     for generation in range(generations):
-        if parent_kl <= 0.0:
+        if parent_kl <= 0.0 or (patience is not None and stale >= patience):
             break
+        stale += 1
         children = [c for c in (mutate(parent, database, size_of, budget, rng, searchable) for _ in range(offspring)) if c is not None]
         if children:
             quick = sorted(((live.kl(c, small.windows, small.reference), c) for c in children), key=lambda item: item[0])
@@ -176,7 +186,7 @@ def rerank(
                 child_kl = live.kl(child, large.windows, large.reference)
                 evaluations += 1
                 if child_kl < parent_kl:
-                    parent_kl, parent = child_kl, child
+                    parent_kl, parent, stale = child_kl, child, 0
         history.append(parent_kl)
         if progress is not None:
             progress(generation, parent_kl)

@@ -6,8 +6,9 @@ A *knob* is one tensor of the exported file (a block linear, the token embedding
     type    GGUF block types (q4_0, q4_1, q5_0, q5_1, q8_0, the k-quants where rows allow them, f16)
     method  rtn   importance-weighted round-to-nearest (the block search of `export.gguf_types`: llama.cpp's
                   imatrix weighting, from slimlm's calibration statistics)
-            gptq  GPTQ's error feedback on the type's own grid (32-weight blocks, fp16 scale, the type's code
-                  range and zero-point convention), so the codes GPTQ chose are the codes the file holds
+            gptq  GPTQ's error feedback on the type's own grid (its 32-weight blocks or k-quant sub-blocks of
+                  16/32, the scales as the file stores them, the type's code range and zero-point convention),
+                  so the codes GPTQ chose are the codes the file holds
             ref   llama.cpp's reference quantizer without importance (what `llama-quantize` does without an
                   imatrix): searched where nothing better pays (Q8_0, F16, by default the embedding), and the
                   encoding of llama.cpp's presets on the front

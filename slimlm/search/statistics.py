@@ -78,10 +78,11 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
     keys = {name: _shared_key(model, name) for name in linears}
     hessians: dict[str, torch.Tensor] = {}
     fisher = {name: torch.zeros(linear_weight(m).shape[0], device=device) for name, m in linears.items()}
-    window_gradients: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+    # (windows, out, in) float16 each, filled window by window (stacking lists of them took a seventh of the pass)
+    window_gradients: dict[str, torch.Tensor] = {}
     embedding = model.get_submodule(adapter.embed)
     embedding_fisher = torch.zeros_like(embedding.weight, dtype=torch.float32)
-    embedding_gradients: list[torch.Tensor] = []
+    window = [0]
     generator = torch.Generator(device="cpu").manual_seed(seed)
     current_ids: list[torch.Tensor] = []
     seen_inputs: set[str] = set()
@@ -98,9 +99,14 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
 
         return hook
 
+    def _store(name: str, gradient: torch.Tensor) -> None:
+        if name not in window_gradients:
+            window_gradients[name] = torch.empty((len(input_ids), *gradient.shape), dtype=torch.float16)
+        window_gradients[name][window[0]].copy_(gradient)
+
     def _on_output_gradient(name: str, g: torch.Tensor, x: torch.Tensor) -> None:
         fisher[name].add_(g.pow(2).sum(0))
-        window_gradients[name].append((g.t() @ x).half().cpu())  # (out, in): this window's gradient of W
+        _store(name, g.t() @ x)  # (out, in): this window's gradient of W
 
     def on_embedding(_module, _args, output):
         output = output.detach().requires_grad_()  # the graph starts here: no weight gets a gradient
@@ -111,7 +117,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
             embedding_fisher.index_add_(0, ids, g.pow(2))
             rows = torch.zeros_like(embedding_fisher)
             rows.index_add_(0, ids, g)
-            embedding_gradients.append(rows.half().cpu())
+            _store(adapter.embed, rows)
 
         output.register_hook(grad_hook)
         return output
@@ -125,7 +131,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
         p.requires_grad_(False)
     try:
         with hooks_removed_after(handles), progress_bar(f"search: statistics ({'forward + backward' if gradients else 'forward'})", len(input_ids), unit="windows", show=progress) as advance:
-            for row in input_ids:
+            for window[0], row in enumerate(input_ids):
                 ids = row[None].to(device)
                 current_ids[:] = [ids]
                 seen_inputs.clear()
@@ -137,7 +143,7 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
                 with torch.enable_grad():
                     logits = model(ids, use_cache=False).logits[0].float()  # (T, V)
                     log_p = torch.log_softmax(logits, dim=-1)
-                    sampled = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).to(device)  # (T, 1)
+                    sampled = sample_tokens(log_p.detach(), generator)  # (T, 1)
                     log_p.gather(-1, sampled).sum().backward()
                 del logits, log_p
                 advance()
@@ -147,17 +153,22 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
         model.train(was_training)
     tokens = input_ids.numel()
     mean_hessians = {key: h / tokens for key, h in hessians.items()}
-    stacked = {name: torch.stack(g) for name, g in window_gradients.items() if g}
-    if embedding_gradients:
-        stacked[adapter.embed] = torch.stack(embedding_gradients)
     return SearchStatistics(
         hessians={name: mean_hessians[keys[name]] for name in linears},
         output_fisher={name: f / tokens for name, f in fisher.items()},
-        gradients=stacked,
+        gradients=window_gradients,
         embedding_fisher=embedding_fisher,
         tokens=tokens,
         windows=len(input_ids),
     )
+
+
+def sample_tokens(log_p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per position from exp(log_p) (T, V), by inverting the cumulative distribution with uniforms from
+    `generator` (CPU): the same distribution as torch.multinomial at a twentieth of its time on a 49k vocabulary."""
+    cdf = log_p.exp().cumsum(-1)  # (T, V)
+    uniform = torch.rand((cdf.shape[0], 1), generator=generator).to(cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, uniform).clamp_(max=cdf.shape[-1] - 1)  # (T, 1)
 
 
 def shaped_proxy(delta: torch.Tensor, hessian: torch.Tensor, output_fisher: torch.Tensor) -> float:

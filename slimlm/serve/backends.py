@@ -176,7 +176,7 @@ class TransformersBackend:
         config = self.model.config.get_text_config(decoder=True)
         self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
         self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
-        self.end_ids = _end_ids(self.model, self.tokenizer)
+        self.end_ids = turn_end_ids(self.model, self.tokenizer)
         self.draft: TransformersBackend | None = None  # set by `with_draft`
         self.draft_tokens = DRAFT_TOKENS
 
@@ -263,7 +263,7 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _end_ids(model, tokenizer) -> set[int]:
+def turn_end_ids(model, tokenizer) -> set[int]:
     """Tokens that end a turn: the generation config's eos ids (SmolLM2: <|im_end|>) and the tokenizer's eos."""
     ends = getattr(model.generation_config, "eos_token_id", None)
     ends = set(ends if isinstance(ends, list) else [] if ends is None else [ends])

@@ -13,7 +13,8 @@ layers record their past (`activate_past_recording`) so they can roll back too. 
 back (its old tokens are quantized in place): `load_backend` refuses `--kv-bits` with `--draft`.
 
 The acceptance rate of a compressed model drafting for its own parent measures how often the two agree on the
-next token under the target's own sampling: a fidelity figure that needs no data set.
+next token under the target's own sampling: a fidelity figure that needs no data set. `slimlm.evaluate.speculative`
+measures it (this loop, timed, for `slimlm eval --draft`; and exactly, without the loop, for greedy decoding).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def speculative_tokens(
 
     generator = make_generator(settings.seed)
     target_cache, draft_cache = _recording_cache(target), _recording_cache(draft)
-    limit = context_length or _positions(target)
+    limit = context_length or context_positions(target)
     stats.update(drafted=0, accepted=0, rounds=0, target_forwards=1, draft_tokens=draft_tokens)
 
     def pick(probs) -> int:
@@ -105,6 +106,7 @@ def speculative_tokens(
             yield token
 
 
-def _positions(model: nn.Module) -> int:
+def context_positions(model: nn.Module) -> int:
+    """Positions the model holds (what `TransformersBackend.context_length` reads)."""
     config = model.config.get_text_config(decoder=True)
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
