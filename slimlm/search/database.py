@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimlm.calibration.hessian import single_threaded
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.search.space import REFERENCE_TYPES, Knob, Option, SearchSpace
@@ -277,19 +277,6 @@ def build_database(
 
 
 MAX_WORKERS = 8  # forked encoders at most (each holds its own temporaries beside the shared statistics)
-
-
-@contextmanager
-def single_threaded():
-    """torch ops on one thread inside: GPTQ's codes then do not depend on the machine's thread count (its
-    matrix products round differently on 1 and 2 threads), and worker processes do not oversubscribe the cores
-    (a 2-thread block sweep sharing a core ran 40x slower, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _encode_all(model: nn.Module, groups: list[list[Knob]], statistics: SearchStatistics, embed: str, head: str | None, path: Path):
