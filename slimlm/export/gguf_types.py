@@ -451,10 +451,10 @@ def _element_weights(importance: torch.Tensor | None, x: torch.Tensor) -> torch.
     if importance is None:
         return torch.ones_like(x)
     imp = importance.detach().float().cpu().clamp(min=0)
-    if imp.shape != x.shape[-1:]:
+    if imp.shape != x.shape[-1:] and imp.shape != x.shape:
         raise SlimlmError(
-            f"importance of shape {tuple(imp.shape)} does not match rows of {x.shape[-1]}",
-            "pass one value per input column",
+            f"importance of shape {tuple(imp.shape)} does not match rows of {x.shape[-1]} (or the weight's {tuple(x.shape)})",
+            "pass one value per input column, or one per weight",
         )
     return (imp + 1e-12 * imp.mean().clamp(min=1e-30)).expand_as(x)
 
@@ -525,7 +525,8 @@ def pack(q: torch.Tensor, grid: BlockGrid) -> np.ndarray:
 def quantize_tensor(weight: torch.Tensor, name: str, importance: torch.Tensor | None = None) -> np.ndarray:
     """weight (..., in) -> the raw bytes the file holds, uint8 (..., in/block · block bytes).
 
-    `importance` (in,) weights each input column's squared error (e.g. the calibration Hessian's diagonal).
+    `importance` (in,) weights each input column's squared error (e.g. the calibration Hessian's diagonal), or
+    (..., in) each weight's (the search's embedding: `search.statistics.embedding_importance`).
     """
     x = weight.detach().float().cpu()
     check_shape(name, x.shape)

@@ -30,9 +30,16 @@ from slimlm.calibration.hessian import single_threaded
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.search.space import REFERENCE_TYPES, Knob, Option, SearchSpace
-from slimlm.search.statistics import SearchStatistics, embedding_shaped_proxy, projection_proxy, shaped_proxy
+from slimlm.search.statistics import (
+    SearchStatistics,
+    embedding_importance,
+    embedding_shaped_proxy,
+    projection_proxy,
+    shaped_proxy,
+)
 
-VERSION = 3  # 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01); 3: exact reference codes reused, one thread
+VERSION = 4  # 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01); 3: exact reference codes reused, one thread;
+# 4: the embedding's rounding weighted per element
 BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: always encoded (the presets use it)
 
 
@@ -284,8 +291,12 @@ def _encode_all(model: nn.Module, groups: list[list[Knob]], statistics: SearchSt
     one per core, each single-threaded (1.9x one process on 2 cores, measured). The workers share the
     statistics copy-on-write and write their knobs' files; whatever a worker leaves undone, this process encodes."""
     workers = _worker_count(len(groups))
-    by_cost = sorted(groups, key=lambda g: -sum(k.shape[0] * k.shape[1] for k in g))
-    shares = [by_cost[w::workers] for w in range(workers)]
+    shares: list[list[list[Knob]]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for group in sorted(groups, key=_cost, reverse=True):  # the largest first, each to the least loaded share
+        least = loads.index(min(loads))
+        shares[least].append(group)
+        loads[least] += _cost(group)
     def encode_share(share: list[list[Knob]]) -> None:
         for group in share:
             for _ in _encode_group(model, group, statistics, embed, head, path):
@@ -340,6 +351,11 @@ def _variants(meta: dict) -> list[Variant]:
     return [Variant(Option.parse(label), m["bytes"], m["proxy"], m.get("same_as")) for label, m in meta.items()]
 
 
+def _cost(group: list[Knob]) -> int:
+    """Work of encoding a group, roughly: weights × options that search (the reference rounding is cheap)."""
+    return sum(k.shape[0] * k.shape[1] * max(1, sum(o.method != BASELINE_METHOD for o in k.options)) for k in group)
+
+
 def _worker_count(groups: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, MAX_WORKERS, groups))
@@ -379,6 +395,8 @@ def group_inputs(model: nn.Module, group: list[Knob], statistics: SearchStatisti
     weights = [_weight(model, knob).detach().float().cpu() for knob in group]
     module = head if group[0].role == "embedding" else group[0].module
     hessian = statistics.hessians.get(module) if module else None
+    if group[0].role == "embedding":
+        return weights, hessian, embedding_importance(statistics, head)
     importance = statistics.importance(module) if module in statistics.hessians else None
     return weights, hessian, importance
 

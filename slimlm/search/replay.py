@@ -2,7 +2,8 @@
 
 The search's recipe.yaml names each kept tensor's TYPE/METHOD (GGUF tensor names, or HF module names for
 compressed-tensors, at the base's block numbering), the blocks removed and the calibration windows its statistics
-came from. The replay draws those windows, collects the same Hessians on the same base, encodes each tensor through
+came from. The replay draws those windows, collects the same Hessians (and, for an importance-weighted embedding,
+the same Fishers) on the same base, encodes each tensor through
 the database's own encoder (`search.database.encode_group`: GPTQ once per shared-input group on its stacked rows)
 and writes the artifact as the search did: tensor for tensor the same bytes.
 """
@@ -69,7 +70,9 @@ def replay(model: nn.Module, tokenizer, target: str, tensors: Mapping[str, str],
 
     removed = tuple(removed)
     knobs = check_replay(model, target, tensors, removed)
-    statistics = collect_statistics(model, calibration_ids, gradients=False)
+    # the embedding's importance-weighted rounding needs the Fisher of a backward pass; everything else, Hessians
+    embedding_rounded = any(k.role == "embedding" and Option.parse(tensors[k.tensor]).method == "rtn" for k in knobs)
+    statistics = collect_statistics(model, calibration_ids, gradients=embedding_rounded)
     head = adapter_for(model).lm_head if tied_output(model) else None
     payloads = {}
     with progress_bar("replay: encoding tensors", len(knobs), unit="tensors") as advance:

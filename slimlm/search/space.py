@@ -5,12 +5,13 @@ A *knob* is one tensor of the exported file (a block linear, the token embedding
 
     type    GGUF block types (q4_0, q4_1, q5_0, q5_1, q8_0, the k-quants where rows allow them, f16)
     method  rtn   importance-weighted round-to-nearest (the block search of `export.gguf_types`: llama.cpp's
-                  imatrix weighting, from slimlm's calibration statistics)
+                  imatrix weighting, from slimlm's calibration statistics; for the embedding, one weight per
+                  element, and what it gets where GPTQ is asked)
             gptq  GPTQ's error feedback on the type's own grid (its 32-weight blocks or k-quant sub-blocks of
                   16/32, the scales as the file stores them, the type's code range and zero-point convention),
                   so the codes GPTQ chose are the codes the file holds
             ref   llama.cpp's reference quantizer without importance (what `llama-quantize` does without an
-                  imatrix): searched where nothing better pays (Q8_0, F16, by default the embedding), and the
+                  imatrix): searched where nothing better pays (Q8_0, F16), and the
                   encoding of llama.cpp's presets on the front
 
 Blocks may also be removed whole (depth pruning); that choice lives beside the knobs (`SearchSpace.depth`).
@@ -32,7 +33,7 @@ GGUF_KQUANT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GGUF_EMBEDDING_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 GPTQ_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k")  # where error feedback pays
 METHODS = ("rtn", "gptq", "ref")
-DEFAULT_METHODS = ("gptq", "ref")  # GPTQ on 4/5-bit blocks, the reference quantizer for Q8_0 and the embedding
+DEFAULT_METHODS = ("gptq", "ref")  # GPTQ on 4/5-bit blocks (the embedding: importance-weighted rounding), the reference quantizer for Q8_0
 REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")  # the types the gguf package quantizes itself
 
 
@@ -138,7 +139,9 @@ def gguf_search_space(
         roles.append(("output", adapter.lm_head, model.get_submodule(adapter.lm_head).weight))
     for role, module, weight in roles:
         shape = tuple(weight.shape)
-        options = gguf_options(shape, embedding_types, tuple(m for m in methods if m != "gptq") or ("ref",))
+        # GPTQ has no input to feed errors forward through in a lookup table: the embedding gets importance-weighted
+        # rounding in its place (per weight, `search.statistics.embedding_importance`; 2.7x less KL at Q4_0's size)
+        options = gguf_options(shape, embedding_types, tuple(dict.fromkeys("rtn" if m == "gptq" else m for m in methods)))
         knobs.append(Knob(module, gguf_tensor_name(model, module), None, shape, options, role))
     for index in range(len(decoder_blocks(model))):
         for rel in adapter.linears():

@@ -171,6 +171,16 @@ def sample_tokens(log_p: torch.Tensor, generator: torch.Generator) -> torch.Tens
     return torch.searchsorted(cdf, uniform).clamp_(max=cdf.shape[-1] - 1)  # (T, 1)
 
 
+def embedding_importance(statistics: SearchStatistics, head: str | None) -> torch.Tensor:
+    """(vocab, hidden): each embedding weight's share of the shaped proxy, the diagonal of its quadratic form: the
+    input role's Fisher of the positions reading that token, plus, when the embedding is also the output head, the
+    head's F_r · H_cc. A rare token's row costs little as an input; llama.cpp's imatrix weights columns only."""
+    importance = statistics.embedding_fisher / statistics.tokens
+    if head is not None:
+        importance = importance + statistics.output_fisher[head][:, None] * statistics.hessians[head].diagonal()[None, :]
+    return importance
+
+
 def shaped_proxy(delta: torch.Tensor, hessian: torch.Tensor, output_fisher: torch.Tensor) -> float:
     """½ Σ_r F_r ΔW_r H ΔW_rᵀ for ΔW (out, in)."""
     per_row = ((delta @ hessian) * delta).sum(dim=1)  # (out,)
