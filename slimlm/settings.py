@@ -147,7 +147,7 @@ class SearchSettings:
     rerank_windows: int = 4  # held-out calibration windows that score whole configurations (the first: the quick stage)
     generations: int = 12  # re-ranking generations at the chosen budget (0: the knapsack's answer as it is)
     front_generations: int = 4  # at each other budget of the front
-    patience: int = 4  # re-ranking stops after this many generations in a row without a better child
+    patience: int = 4  # re-ranking stops after this many generations in a row without a 1% better child
     offspring: int = 8
     survivors: int = 2
     depth_candidates: int = 3  # blocks that may be removed whole (those whose removal costs least KL)

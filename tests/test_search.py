@@ -281,6 +281,8 @@ def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):
     assert len(flat.history) == 2 and flat.kl == 1.0
     better = rerank(Scored(lambda calls: 1.0 / calls), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
     assert len(better.history) == 10 and better.kl < 1.0
+    creeping = rerank(Scored(lambda calls: 1.0 - 1e-4 * calls), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
+    assert len(creeping.history) == 2 and creeping.kl < 1.0  # better children are kept, but gains under 1% run out the patience
 
 
 def test_gptq_variants_beat_rtn_on_the_proxy(tmp_path):

@@ -108,6 +108,9 @@ def searchable_variants(database: Database) -> list[list[int]]:
     return found
 
 
+MIN_GAIN = 0.01  # a generation that lowers the KL by less than 1% counts towards the re-ranking's patience
+
+
 @dataclass(frozen=True)
 class Stage:
     windows: EvalWindows
@@ -161,7 +164,7 @@ def rerank(
 ) -> RerankResult:
     """(1 + λ) evolution with staged token counts, from the best seed (scored on the large stage). A KL of exactly 0
     (the base's own logits: e.g. a model shipped quantized, given its codes back) cannot be beaten: the search stops;
-    so it does after `patience` generations in a row without a better child (None: never)."""
+    so it does after `patience` generations in a row that bettered the KL by less than MIN_GAIN (None: never)."""
     rng = random.Random(seed)
     small, large = stages
     database = live.database
@@ -186,7 +189,9 @@ def rerank(
                 child_kl = live.kl(child, large.windows, large.reference)
                 evaluations += 1
                 if child_kl < parent_kl:
-                    parent_kl, parent, stale = child_kl, child, 0
+                    if child_kl < parent_kl * (1 - MIN_GAIN):
+                        stale = 0
+                    parent_kl, parent = child_kl, child
         history.append(parent_kl)
         if progress is not None:
             progress(generation, parent_kl)
