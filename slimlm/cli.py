@@ -339,6 +339,8 @@ def _eval_draft(model: str, draft: str, draft_tokens: str | None, prompts: int |
             ks = tuple(int(k) for k in draft_tokens.split(","))
         except ValueError:
             raise SlimlmError(f"--draft-tokens {draft_tokens!r} is not a comma-separated list of whole numbers", "pass e.g. --draft-tokens 2,4") from None
+        if any(k < 1 for k in ks):
+            raise SlimlmError(f"--draft-tokens {draft_tokens}: each k must be at least 1", "pass e.g. --draft-tokens 2,4")
     flags = {"draft_tokens": "--draft-tokens", "prompts": "--prompts", "new_tokens": "--new-tokens"}
     given = {"draft_tokens": ks, "prompts": prompts, "new_tokens": new_tokens}
     settings = _build(SpeculativeSettings, flags, **{key: value for key, value in given.items() if value is not None})

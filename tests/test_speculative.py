@@ -246,6 +246,8 @@ def test_draft_refuses_quality_options_and_other_tokenizers(hf_dir, draft_dir, t
     assert isinstance(refused.exception, SlimlmError) and "does not combine with --base, --windows" in str(refused.exception)
     alone = CliRunner().invoke(app, ["eval", str(hf_dir), "--prompts", "2"])
     assert isinstance(alone.exception, SlimlmError) and "--draft is not given" in str(alone.exception)
+    zero = CliRunner().invoke(app, ["eval", str(hf_dir), "--draft", str(draft_dir), "--draft-tokens", "0,2"])
+    assert isinstance(zero.exception, SlimlmError) and "--draft-tokens 0,2: each k must be at least 1" in str(zero.exception)
     other = tmp_path / "other"
     tiny_model("llama", 1).save_pretrained(other)
     tiny_tokenizer(vocab_size=300).save_pretrained(other)
