@@ -297,6 +297,7 @@ def _encode_all(model: nn.Module, groups: list[list[Knob]], statistics: SearchSt
         least = loads.index(min(loads))
         shares[least].append(group)
         loads[least] += _cost(group)
+
     def encode_share(share: list[list[Knob]]) -> None:
         for group in share:
             for _ in _encode_group(model, group, statistics, embed, head, path):
@@ -318,29 +319,27 @@ def _encode_all(model: nn.Module, groups: list[list[Knob]], statistics: SearchSt
                 pending.remove(knob)
                 yield knob, found
 
+    def encoded():  # every knob once: this process's share, the workers' files as they appear, a dead worker's rest
+        for group in shares[0]:
+            for knob, meta in _encode_group(model, group, statistics, embed, head, path):
+                yield knob, _variants(meta)
+                yield from finished_by_workers()
+        while children:
+            for pid in [pid for pid in children if os.waitpid(pid, os.WNOHANG)[0]]:
+                del children[pid]
+            yield from finished_by_workers()
+            time.sleep(0.2)
+        yield from finished_by_workers()
+        left = [[k for k in group if k in pending] for group in groups]
+        for group in (g for g in left if g):
+            for knob, meta in _encode_group(model, group, statistics, embed, head, path):
+                yield knob, _variants(meta)
+
     try:
         with progress_bar("search: encoding tensor variants", sum(map(len, groups)), unit="tensors") as advance, single_threaded():
-            for group in shares[0]:
-                for knob, meta in _encode_group(model, group, statistics, embed, head, path):
-                    advance()
-                    yield knob, _variants(meta)
-                    for done, found in finished_by_workers():
-                        advance()
-                        yield done, found
-            while children:
-                children = {pid: knobs for pid, knobs in children.items() if not os.waitpid(pid, os.WNOHANG)[0]}
-                for knob, found in finished_by_workers():
-                    advance()
-                    yield knob, found
-                time.sleep(0.2)
-            for knob, found in finished_by_workers():
+            for knob, found in encoded():
                 advance()
                 yield knob, found
-            left = [[k for k in group if k in pending] for group in groups]  # a worker died: its knobs here
-            for group in (g for g in left if g):
-                for knob, meta in _encode_group(model, group, statistics, embed, head, path):
-                    advance()
-                    yield knob, _variants(meta)
     finally:
         for pid in children:  # interrupted: stop the workers too (their finished files stay for the resume)
             os.kill(pid, signal.SIGTERM)

@@ -22,7 +22,16 @@ from slimlm.errors import SlimlmError
 from slimlm.progress import plain_line, progress_bar, stage
 from slimlm.search.artifact import Layout, file_bytes, measure_layout, padded, write_configuration
 from slimlm.search.database import Database, build_database
-from slimlm.search.rerank import Configuration, LiveModel, Stage, blocks_skipped, live_copy, rerank, searchable_variants
+from slimlm.search.rerank import (
+    MIN_GAIN,
+    Configuration,
+    LiveModel,
+    Stage,
+    blocks_skipped,
+    live_copy,
+    rerank,
+    searchable_variants,
+)
 from slimlm.search.solver import knapsack
 from slimlm.search.space import Option, gguf_search_space
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
@@ -65,7 +74,7 @@ def searched_name(budget: int) -> str:
 def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations: int, asked: int, patience: int) -> str:
     """The plain progress line of one searched budget (`generations` run of the `asked`)."""
     if reranked_kl > 0:
-        stopped = f" of {asked} generations: the last {patience} gained less than 1%" if generations < asked else " generations"
+        stopped = f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}" if generations < asked else " generations"
         return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations}{stopped})"
     return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)"
 
