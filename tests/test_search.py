@@ -6,6 +6,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
+import re
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -241,8 +245,6 @@ def _all_bytes(database) -> dict:
 def test_database_workers_write_what_one_process_writes(tmp_path, monkeypatch):
     """Forked workers (one per core here) give the bytes and proxies of a single-process build; a worker that dies
     leaves its share to the parent, which encodes it."""
-    import os
-
     import slimlm.search.database as db
 
     _, forked = _database(tmp_path / "forked", types=("q4_0", "q4_1"))
@@ -260,6 +262,66 @@ def test_database_workers_write_what_one_process_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(db, "_fork", dead_worker)
     _, rescued = _database(tmp_path / "rescued", types=("q4_0", "q4_1"))
     assert _all_bytes(rescued) == _all_bytes(alone)
+
+
+def test_encoding_counts_the_workers_files_while_the_parent_is_on_a_long_knob(tmp_path, monkeypatch, capsys):
+    """Off a terminal the bar counts the workers' knobs as their files appear, while this process is still on its
+    first knob (the embedding: 47 s on SmolLM2, with a log at 0 all that time); each knob is counted once."""
+    import slimlm.search.database as db
+    from slimlm import progress
+
+    monkeypatch.delenv("SLIMLM_QUIET", raising=False)
+    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.0)  # a line per knob counted
+    monkeypatch.setattr(db, "_worker_count", lambda groups: 2)
+    parent, real, slowed = os.getpid(), db._encode_group, []
+
+    def long_first_knob(model, group, statistics, embed, head, path):
+        if os.getpid() == parent and not slowed:  # this process's first: on until a worker's file is seen
+            slowed.append(group)
+            deadline = time.monotonic() + 30
+            while not any((path / "tensors").glob("*.safetensors")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(3 * db.WATCH_EVERY_S)
+            print("parent: first knob encoded", file=sys.stderr)
+        yield from real(model, group, statistics, embed, head, path)
+
+    monkeypatch.setattr(db, "_encode_group", long_first_knob)
+    _, database = _database(tmp_path)
+    lines = [re.sub(r"^\[slimlm [\d:]+\] ", "", line) for line in capsys.readouterr().err.splitlines()]
+    knobs = len(database.space.knobs)
+    assert slowed and len(database.variants) == knobs
+    before = lines[: lines.index("parent: first knob encoded")]
+    assert any(re.fullmatch(rf"search: encoding tensor variants: [1-9]\d*/{knobs} tensors, \d+s elapsed", line) for line in before), lines
+    counted = [int(m.group(1)) for m in map(re.compile(r"search: encoding tensor variants: (\d+)/").match, lines) if m]
+    assert counted == list(range(knobs + 1)), lines  # the start line, one per knob but the last, the end line
+
+
+def test_reranking_says_so_before_it_scores_the_seeds(tmp_path, monkeypatch, capsys):
+    """The re-ranking's line comes before its seeds are scored (half a minute on SmolLM2), not after the first
+    generation."""
+    from slimlm.search.driver import Searcher
+    from slimlm.search.rerank import Stage
+
+    model, database = _database(tmp_path, types=("q4_0", "q4_1"))
+    monkeypatch.delenv("SLIMLM_QUIET", raising=False)
+    capsys.readouterr()
+
+    class Scored:  # the live model's scoring, without a model: says when it scores
+        def __init__(self):
+            self.database = database
+
+        def kl(self, configuration, windows, reference):
+            print("scored", file=sys.stderr)
+            return 1.0
+
+    sizer = Sizer(model, tiny_tokenizer(), None, database)
+    uniform = [c for _, _, c in baselines(database)]
+    budget = max(sizer(c) for c in uniform)
+    searcher = Searcher(database, Scored(), sizer, (Stage(None, None), Stage(None, None)), [], TINY_SEARCH, capacity=budget)
+    searcher.search(budget, uniform, generations=2)
+    lines = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\[slimlm [\d:]+\] search: re-ranking \d+ seeds at [\d.]+ MB: 0/2 generations", lines[0]), lines
+    assert lines[1] == "scored" and re.search(r"re-ranking \d+ seeds at [\d.]+ MB: 2/2 generations in", lines[-1]), lines
 
 
 def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):

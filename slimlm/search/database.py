@@ -18,7 +18,10 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,14 +339,56 @@ def _encode_all(model: nn.Module, groups: list[list[Knob]], statistics: SearchSt
                 yield knob, _variants(meta)
 
     try:
-        with progress_bar("search: encoding tensor variants", sum(map(len, groups)), unit="tensors") as advance, single_threaded():
+        with (
+            progress_bar("search: encoding tensor variants", sum(map(len, groups)), unit="tensors") as advance,
+            _counting(list(pending), path, advance) as count,
+            single_threaded(),
+        ):
             for knob, found in encoded():
-                advance()
+                count(knob)
                 yield knob, found
     finally:
         for pid in children:  # interrupted: stop the workers too (their finished files stay for the resume)
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
+
+
+WATCH_EVERY_S = 0.5  # how often the encoding bar looks for the workers' finished files
+
+
+@contextmanager
+def _counting(watched: list[Knob], path: Path, advance: Callable[[], None]) -> Iterator[Callable[[Knob], None]]:
+    """Yield `count(knob)`, which advances the bar once per knob, and meanwhile count the `watched` (the workers')
+    knobs from a thread as their files appear: this process hands them over only between its own knobs, and its
+    first, the embedding, takes 47 s on SmolLM2, which left a piped log at 0 that long. The lock also makes one
+    `advance` at a time (a plain-line bar's count is not thread-safe). Enter it after forking the workers: a child
+    forked while the thread holds a lock would wait on it forever."""
+    counted: set[str] = set()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def count(knob: Knob) -> None:
+        with lock:
+            if knob.tensor not in counted:
+                counted.add(knob.tensor)
+                advance()
+
+    def watch() -> None:
+        while not stop.wait(WATCH_EVERY_S):
+            left = [k for k in watched if k.tensor not in counted]
+            if not left:
+                return
+            for knob in left:
+                if _read_variants(path, knob) is not None:
+                    count(knob)
+
+    thread = threading.Thread(target=watch, name="slimlm-encoding-progress", daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _variants(meta: dict) -> list[Variant]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -307,16 +306,15 @@ class Searcher:
                 if self.pricer is not None else f"nothing fits in {budget / 1e6:.2f} MB",
                 "relax --max-size or --min-decode-tps / --max-ram (they conflict here)" if self.pricer is not None else "raise --max-size",
             )
-        with ExitStack() as bar:  # opened by the first generation: none for a budget whose seeds end the search
-            advance = []
-
-            def on_generation(generation: int, kl: float) -> None:
-                if not advance:
-                    advance.append(bar.enter_context(progress_bar(f"search: re-ranking at {budget / 1e6:.1f} MB", generations, unit="generations")))
-                advance[0]()
-
-            result = rerank(self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring, self.settings.survivors,
-                            seed=self.settings.seed, progress=on_generation, patience=self.settings.patience)
+        # opened before the seeds are scored, with or without generations to follow: the first budget's seeds take
+        # half a minute on SmolLM2, which a piped log showed as silence
+        description = f"search: re-ranking {len(seeds)} seeds at {budget / 1e6:.1f} MB"
+        with progress_bar(description, generations, unit="generations") as advance:
+            result = rerank(
+                self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring,
+                self.settings.survivors, seed=self.settings.seed, progress=lambda generation, kl: advance(),
+                patience=self.settings.patience,
+            )
         knapsack_kl = result.seed_kls[0] if answers else float("nan")
         return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl, len(result.history)
 
