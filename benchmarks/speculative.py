@@ -1,14 +1,14 @@
-"""Speculative decoding with slimlm-made drafts for their parent (transformers engine, greedy).
+"""Speculative decoding with slimlm-made drafts for their parent (the target in transformers, greedy).
 
-    python benchmarks/speculative.py --target smollm2-135m --drafts smol-gptq,smol-depth33 \
+    python benchmarks/speculative.py --target smollm2-135m --drafts smol-q4_0.gguf,smol-rtn \
         [--draft-tokens 2,4] [--prompts 4] [--new-tokens 64] [--threads 2] [--json out.json]
 
 A thin caller of `slimlm.evaluate.speculative` (what `slimlm eval TARGET --draft DRAFT` prints for one draft), for
-several drafts in one table: what each column means is in that module's docstring. A same-size draft (a 4-bit copy
-unpacked to dense weights costs the target's FLOPs on CPU) can only slow decoding down: its figure of merit is the
-acceptance rate, a fidelity measure (how often the compressed model picks the parent's next token). A depth-pruned
-draft is cheaper per token and can speed decoding up. Speed is wall time on a shared machine: the load average is
-printed with each run.
+several drafts in one table: what each column means is in that module's docstring. A .gguf draft runs in llama.cpp
+(when llama-cpp-python is installed), where a token costs a fraction of a transformers forward: the draft that
+speeds the target up. A same-size draft in transformers (a 4-bit copy unpacked to dense weights costs the target's
+FLOPs on CPU) can only slow decoding down: its figure of merit is the acceptance rate, a fidelity measure (how often
+the compressed model picks the parent's next token). Speed is wall time: the load average is printed with each run.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def eval_(
     speed: SpeedFlag = False,
     engine: Annotated[str | None, typer.Option("--engine", help="Compare engines: run the model in 'llama.cpp' (a .gguf) or 'transformers' and print one row: perplexity, KL and top-1 to --base, prompt/decode tok/s, peak RSS, file bytes.")] = None,
     threads: Annotated[int, typer.Option("--threads", help="With --engine or --draft: CPU threads for the evaluation and the speed runs.")] = 2,
-    draft: Annotated[str | None, typer.Option("--draft", help="Measure speculative decoding instead: DRAFT (same tokenizer, e.g. a slimlm-compressed copy) drafts for MODEL; one row per k: identical to MODEL's greedy text (checked), acceptance, tokens per target forward, decode tok/s alone vs speculative.")] = None,
+    draft: Annotated[str | None, typer.Option("--draft", help="Measure speculative decoding instead: DRAFT (same tokenizer, e.g. a slimlm-compressed copy; a .gguf runs in llama.cpp when installed) drafts for MODEL in transformers; one row per k: identical to MODEL's greedy text (checked), acceptance, tokens per target forward, decode tok/s alone vs speculative.")] = None,
     draft_tokens: Annotated[str | None, typer.Option("--draft-tokens", help=f"With --draft: comma-separated k, tokens drafted per target forward (default {','.join(map(str, SPECULATIVE.draft_tokens))}).")] = None,
     prompts: Annotated[int | None, typer.Option("--prompts", help=f"With --draft: answer the first N fixed chat questions (default {SPECULATIVE.prompts}).")] = None,
     new_tokens: Annotated[int | None, typer.Option("--new-tokens", help=f"With --draft: greedy tokens per answer at most (default {SPECULATIVE.new_tokens}).")] = None,
@@ -255,6 +255,7 @@ def eval_(
       slimlm eval smol-q4_0.gguf --engine llama.cpp --base smollm2-135m --windows 4 --threads 2 --json -
       slimlm eval smol-w4 --engine transformers --base smollm2-135m --windows 4   # the same row from transformers
       slimlm eval smollm2-135m --draft smol-w4 --draft-tokens 2,4 --prompts 2 --new-tokens 32 --json -
+      slimlm eval smollm2-135m --draft smol-q4_0.gguf --draft-tokens 4,6   # a GGUF drafting in llama.cpp
     """
     from slimlm.api import evaluate
     from slimlm.progress import console
@@ -740,7 +741,7 @@ from slimlm.serve.settings import DEFAULT_HOST, DEFAULT_PORT, DRAFT_TOKENS  # no
 
 SAMPLING = _Sampling()
 Engine = Annotated[str, typer.Option("--engine", help="auto: llama.cpp for .gguf files when llama-cpp-python is installed (pip install 'slimlm\\[engines]'), else transformers; or force transformers / llama.cpp.")]
-Draft = Annotated[str | None, typer.Option("--draft", help="Speculative decoding: this model (same tokenizer, e.g. a slimlm-compressed copy) drafts tokens the target verifies; greedy output is the target's own.")]
+Draft = Annotated[str | None, typer.Option("--draft", help="Speculative decoding: this model (same tokenizer, e.g. a slimlm-compressed copy) drafts tokens the target verifies in transformers; greedy output is the target's own. A .gguf draft runs in llama.cpp when llama-cpp-python is installed (unless --engine transformers), the draft that speeds decoding up on CPU.")]
 DraftTokens = Annotated[int, typer.Option("--draft-tokens", help="Tokens the draft proposes per target forward.")]
 Threads = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads (llama.cpp default: every core, as llama-cli; transformers: torch's default).")]
 KVBits = Annotated[int | None, typer.Option("--kv-bits", help="Generate through slimlm's KIVI-quantized KV cache of 2, 4 or 8 bits (transformers engine).")]
@@ -789,7 +790,7 @@ def chat(
       slimlm chat smollm2-135m                                  # the built-in GGUF (llama.cpp when installed)
       slimlm chat smol-w4 --system "You are terse." --temp 0    # a slimlm-compressed directory
       slimlm chat smol.gguf -n 128 --stop "\\n\\n"
-      slimlm chat smollm2-135m --draft smol-w4 --temp 0          # speculative decoding, acceptance shown
+      slimlm chat smollm2-135m --draft smol-q4_0.gguf --temp 0   # speculative: a GGUF drafts in llama.cpp, acceptance shown
       slimlm chat smollm2-135m --compare smol-w4 --temp 0       # base and compressed side by side, KL per token
     """
     from slimlm.serve.chat import run_chat
@@ -825,7 +826,7 @@ def serve(
 
       slimlm serve smollm2-135m                        # http://127.0.0.1:8080/v1
       slimlm serve smol-w4 --port 8081 --api-key secret
-      slimlm serve smollm2-135m --draft smol-w4        # speculative decoding; timings carry draft_n_accepted
+      slimlm serve smollm2-135m --draft smol-q4_0.gguf  # speculative decoding; timings carry draft_n_accepted
       (then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none").chat.completions.create(...))
     """
     import importlib.util

@@ -35,8 +35,9 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def tiny_tokenizer(vocab_size: int = 256, model_max_length: int = 64):
-    """A byte-level BPE trained in memory on part of the default corpus: real HF tokenizer code, no download."""
+def tiny_tokenizer(vocab_size: int = 256, model_max_length: int = 64, every_byte: bool = False):
+    """A byte-level BPE trained in memory on part of the default corpus: real HF tokenizer code, no download.
+    `every_byte`: all 256 bytes in the vocabulary (any text encodes without <unk>, as llama.cpp's BPE encodes it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from slimlm.data.text import load_text
@@ -44,7 +45,8 @@ def tiny_tokenizer(vocab_size: int = 256, model_max_length: int = 64):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if every_byte else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], initial_alphabet=alphabet, show_progress=False)
     tokenizer.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", model_max_length=model_max_length

@@ -103,8 +103,15 @@ class TokensOf:
 
         return cls(loaded.source, loaded.tokenizer, frozenset(turn_end_ids(loaded.model, loaded.tokenizer)))
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
 
 @dataclass(frozen=True)
@@ -265,6 +272,7 @@ def speculative_table(target, drafts: Sequence, settings: SpeculativeSettings = 
         "cores": os.cpu_count(),
         "load": [load_before, load_average()],
         "seconds": time.perf_counter() - started,
+        "drafts": [f"{draft.source} in {draft.engine}" for draft in drafts],
         "rows": [asdict(row) for row in rows],
     }
 
@@ -290,13 +298,14 @@ def _row(draft: str | None, k: int, runs: list, alone: list | None = None, base:
 
 def evaluate_speculative(target: str, drafts: Sequence[str], settings: SpeculativeSettings = SPECULATIVE, device: str | None = None,
                          threads: int | None = None, progress: Callable[[str], None] | None = None, allow_pickle: bool = False) -> dict:
-    """`speculative_table` for models named as `slimlm chat` names them (transformers engine), on `threads` torch
-    threads (restored after). A draft with another tokenizer is refused before any timing."""
+    """`speculative_table` for models named as `slimlm chat` names them: the target in transformers on `threads` torch
+    threads (restored after), each draft where `serve.backends.load_draft` puts it (a .gguf in llama.cpp on as many
+    threads). A draft with another tokenizer is refused before any timing."""
     import torch
 
     from slimlm.models.load import load_model
     from slimlm.progress import stage
-    from slimlm.serve.backends import TransformersBackend
+    from slimlm.serve.backends import TransformersBackend, load_draft
 
     if threads is not None and threads < 1:
         raise SlimlmError(f"threads must be at least 1, got {threads}", "pass e.g. --threads 2")
@@ -306,7 +315,7 @@ def evaluate_speculative(target: str, drafts: Sequence[str], settings: Speculati
             torch.set_num_threads(threads)
         with stage(f"loading {target} and {', '.join(drafts)}"):
             target_backend = TransformersBackend(load_model(target, allow_pickle=allow_pickle, device=device))
-            draft_backends = [TransformersBackend(load_model(draft, allow_pickle=allow_pickle, device=device)) for draft in drafts]
+            draft_backends = [load_draft(draft, device=device, threads=threads, allow_pickle=allow_pickle) for draft in drafts]
         with stage(f"speculative decoding: {settings.describe()}"):
             return speculative_table(target_backend, draft_backends, settings, progress)
     finally:
@@ -333,6 +342,6 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 def describe(result: dict) -> str:
     """The line printed with every table: what was run, and how loaded the shared machine was."""
     settings = result["settings"]
-    return (f"target {result['target']} (transformers, {result['threads']} threads), {len(result['prompt_tokens'])} prompts × ≤{settings['new_tokens']} "
+    return (f"target {result['target']} (transformers, {result['threads']} threads; drafts: {', '.join(result['drafts'])}), {len(result['prompt_tokens'])} prompts × ≤{settings['new_tokens']} "
             f"greedy tokens; decode tok/s = tokens after the first / seconds from first token to last; load average {result['load'][0]} → "
             f"{result['load'][1]} on {result['cores']} cores")

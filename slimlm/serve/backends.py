@@ -2,7 +2,8 @@
 
 - `TransformersBackend`: every form slimlm reads (alias, HF directory, slimlm / compressed-tensors directory,
   .gguf through transformers' GGUF loader). A token loop over a KV cache (slimlm's KIVI cache with `kv_bits`),
-  sampled by `slimlm.serve.sampling` with llama.cpp's chain; speculative decoding with a draft model.
+  sampled by `slimlm.serve.sampling` with llama.cpp's chain; speculative decoding with a draft from either engine
+  (a GGUF drafting in llama.cpp costs a fraction of a transformers forward per token, so it is the draft that pays).
   Packed int4 linears are unpacked once at load (`dequantize_linears_`), the same values the packed module computes
   on every call, so decode is as fast as the dense model, at the dense model's memory.
 - `LlamaCppBackend`: a .gguf file run by llama.cpp through llama-cpp-python (the `engines` extra): its own
@@ -85,6 +86,7 @@ class Backend(Protocol):
     context_length: int
     chat_template: str | None
     end_ids: set[int]  # tokens that end a turn
+    vocab_size: int  # token ids it knows
 
     def render_chat(self, messages: list[dict]) -> list[int]: ...
 
@@ -97,6 +99,8 @@ class Backend(Protocol):
     def decoder(self) -> Callable[[int], str]: ...
 
     def tokens(self, prompt_ids: list[int], settings: SamplingSettings, stats: dict) -> Iterator[int]: ...
+
+    def drafter(self): ...  # a fresh `serve.speculative.Drafter` over this model
 
     def log_probs(self, ids: list[int], start: int): ...
 
@@ -177,16 +181,22 @@ class TransformersBackend:
         self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
         self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
         self.end_ids = turn_end_ids(self.model, self.tokenizer)
-        self.draft: TransformersBackend | None = None  # set by `with_draft`
+        self.vocab_size = len(self.tokenizer)
+        self.draft: Backend | None = None  # set by `with_draft`
         self.draft_tokens = DRAFT_TOKENS
 
-    def with_draft(self, draft: TransformersBackend, draft_tokens: int = DRAFT_TOKENS) -> TransformersBackend:
-        """The same model (shared, not copied) decoding speculatively with `draft`."""
+    def with_draft(self, draft: Backend, draft_tokens: int = DRAFT_TOKENS) -> TransformersBackend:
+        """The same model (shared, not copied) decoding speculatively with `draft` (either engine)."""
         check_draft(self, draft)
         other = copy.copy(self)
         other.draft, other.draft_tokens = draft, draft_tokens
-        other.description = f"{self.description} · speculative: {draft_tokens} tokens drafted by {draft.source}"
+        other.description = f"{self.description} · speculative: {draft_tokens} tokens drafted by {draft.source} in {draft.engine}"
         return other
+
+    def drafter(self):
+        from slimlm.serve.speculative import ModuleDrafter
+
+        return ModuleDrafter(self.model)
 
     def render_chat(self, messages: list[dict]) -> list[int]:
         """The conversation through the model's own chat template, ending where the assistant speaks."""
@@ -227,7 +237,8 @@ class TransformersBackend:
         if self.draft is not None:
             from slimlm.serve.speculative import speculative_tokens
 
-            return speculative_tokens(self.model, self.draft.model, prompt_ids, settings, self.draft_tokens, stats, self.context_length)
+            context = min(self.context_length, self.draft.context_length)
+            return speculative_tokens(self.model, self.draft.drafter(), prompt_ids, settings, self.draft_tokens, stats, context)
         return self._plain_tokens(prompt_ids, settings)
 
     def _plain_tokens(self, prompt_ids: list[int], settings: SamplingSettings) -> Iterator[int]:
@@ -273,9 +284,12 @@ def turn_end_ids(model, tokenizer) -> set[int]:
 
 
 def check_draft(target: Backend, draft: Backend) -> None:
-    """Refuse a draft whose tokens mean something else: its ids are fed to the target as they are."""
-    probe = "Speculative decoding: the draft's token ids must mean the target's. 1234 ünïcode <|im_end|>"
-    if target.encode(probe) != draft.encode(probe) or target.end_ids != draft.end_ids:
+    """Refuse a draft whose tokens mean something else: its ids are fed to the target as they are. Compared across
+    engines: the same text gives the same ids, and the target's end-of-turn ids are the same tokens in the draft
+    (llama.cpp counts more tokens as ends of generation than a transformers config lists)."""
+    probe = "Speculative decoding: the draft's token ids must mean the target's. 1234 ünïcode"
+    same_ends = all(end < draft.vocab_size and draft.detokenize([end]) == target.detokenize([end]) for end in target.end_ids)
+    if target.encode(probe) != draft.encode(probe) or not same_ends:
         raise SlimlmError(
             f"the draft {draft.source} does not share the tokenizer of {target.source} (the same text gives other token ids)",
             "draft with a model of the same family and tokenizer, e.g. a slimlm-compressed copy of the target",
@@ -318,7 +332,8 @@ class LlamaCppBackend:
         self.chat_template = self.llm.metadata.get("tokenizer.chat_template") or None
         vocab = self.llm._model.vocab
         self._is_eog = lambda token: bool(llama_cpp.llama_vocab_is_eog(vocab, token))
-        self.end_ids = {t for t in range(self.llm.n_vocab()) if self._is_eog(t)}
+        self.vocab_size = self.llm.n_vocab()
+        self.end_ids = {t for t in range(self.vocab_size) if self._is_eog(t)}
         self.add_bos = self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self.description = f"{path} · llama.cpp {getattr(llama_cpp, '__version__', '')} via llama-cpp-python · {self.llm.n_threads} threads · context {self.context_length}"
 
@@ -365,6 +380,9 @@ class LlamaCppBackend:
             reset=True,
         )
 
+    def drafter(self) -> LlamaCppDrafter:
+        return LlamaCppDrafter(self.llm)
+
     def log_probs(self, ids: list[int], start: int):
         import torch
 
@@ -374,6 +392,31 @@ class LlamaCppBackend:
         self.llm.eval(ids)
         scores = torch.from_numpy(self.llm.scores[start - 1 : len(ids) - 1].copy())
         return scores.float().log_softmax(-1)
+
+
+class LlamaCppDrafter:
+    """llama.cpp's context as a speculative draft: `eval` appends tokens, and a rollback only lowers the count of
+    tokens held (llama-cpp-python's next `eval` drops the cache past it before decoding)."""
+
+    def __init__(self, llm):
+        llm.reset()  # a fresh context: one answer's drafts never see another's
+        self.llm = llm
+
+    @property
+    def length(self) -> int:
+        return self.llm.n_tokens
+
+    def extend(self, ids: list[int]):
+        import llama_cpp
+        import numpy as np
+        import torch
+
+        self.llm.eval(ids)
+        last = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)  # the last token's logits (the only ones computed)
+        return torch.from_numpy(np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).copy())
+
+    def rollback(self, length: int) -> None:
+        self.llm.n_tokens = length
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -398,17 +441,13 @@ def load_backend(
 ) -> Backend:
     """The backend for what the user named. engine "auto": llama.cpp for a .gguf (or the alias) when
     llama-cpp-python is installed and nothing needs transformers (`kv_bits`, `draft`), else transformers.
+    A `draft` runs where `load_draft` puts it (a .gguf in llama.cpp unless engine is "transformers").
     `threads`: llama.cpp's threads (default: every core, as llama-cli) or torch's (default: torch's own).
     `reuse_prompt`: llama.cpp reuses the cached prefix of the previous prompt (chat); False for a server, whose
     answers must not depend on the requests before them."""
-    from slimlm.models.load import ALIASES, resolve_alias
-
     if engine not in ("auto", "transformers", "llama.cpp"):
         raise SlimlmError(f"unknown engine {engine!r}", "pass --engine auto, transformers or llama.cpp")
-    path = resolve_alias(source) if source in ALIASES else Path(source).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1:
-        path = next(path.glob("*.gguf"))
-    is_gguf = path.suffix == ".gguf" and path.is_file()
+    path, is_gguf = _model_path(source)
     needs_transformers = [flag for flag, value in (("--kv-bits", kv_bits), ("--draft", draft)) if value is not None]
     if engine == "llama.cpp":
         if not is_gguf:
@@ -435,7 +474,7 @@ def load_backend(
                 "--kv-bits with --draft: slimlm's quantized KV cache cannot be rolled back, and speculative decoding drops the rejected draft tokens from the cache",
                 "use one of the two (re-reading the whole context after every rejection would cost more than the draft saves)",
             )
-        draft_backend = TransformersBackend(load_model(draft, device=device))
+        draft_backend = load_draft(draft, engine, device, threads)
     target = TransformersBackend(load_model(source, device=device), kv_cache=kv_cache)
     if draft_backend is not None:
         if target.kv_cache is not None:
@@ -444,3 +483,25 @@ def load_backend(
     if is_gguf and not llama_cpp_available():
         target.description += " (llama-cpp-python is not installed: pip install 'slimlm[engines]' to run it in llama.cpp)"
     return target
+
+
+def load_draft(source: str, engine: str = "auto", device: str | None = None, threads: int | None = None, allow_pickle: bool = False) -> Backend:
+    """A speculative draft: a .gguf (or the alias) in llama.cpp when llama-cpp-python is installed and engine is not
+    "transformers" (its decode costs a fraction of a transformers forward: the draft that speeds the target up),
+    else the model in transformers. Drafting and verifying alternate, so llama.cpp may take every core."""
+    from slimlm.models.load import load_model
+
+    path, is_gguf = _model_path(source)
+    if is_gguf and engine != "transformers" and llama_cpp_available():
+        return LlamaCppBackend(path, source, threads=threads or os.cpu_count(), reuse_prompt=False)
+    return TransformersBackend(load_model(source, device=device, allow_pickle=allow_pickle))
+
+
+def _model_path(source: str) -> tuple[Path, bool]:
+    """Where `source` lives, and whether it is a .gguf file (a directory holding exactly one counts)."""
+    from slimlm.models.load import ALIASES, resolve_alias
+
+    path = resolve_alias(source) if source in ALIASES else Path(source).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1:
+        path = next(path.glob("*.gguf"))
+    return path, path.suffix == ".gguf" and path.is_file()

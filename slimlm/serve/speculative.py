@@ -20,10 +20,40 @@ measures it (this loop, timed, for `slimlm eval --draft`; and exactly, without t
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from torch import nn
 
 from slimlm.serve.sampling import SamplingSettings, draw, make_generator, probabilities
+
+
+class Drafter(Protocol):
+    """What proposes tokens: a context it extends and rolls back (transformers' `ModuleDrafter`, llama.cpp's
+    `serve.backends.LlamaCppDrafter`, so a GGUF in llama.cpp can draft for a model in transformers)."""
+
+    length: int  # tokens of context it holds
+
+    def extend(self, ids: list[int]): ...  # next-token logits (V,) after appending `ids`
+
+    def rollback(self, length: int) -> None: ...  # keep the first `length` tokens
+
+
+class ModuleDrafter:
+    """A transformers model drafting over its own KV cache, cropped on rejection."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.cache, self.length = model, _recording_cache(model), 0
+
+    def extend(self, ids: list[int]):
+        from slimlm.serve.backends import forward
+
+        logits = forward(self.model, ids, self.cache)[-1]
+        self.length += len(ids)
+        return logits
+
+    def rollback(self, length: int) -> None:
+        self.cache.crop(-(self.length - length))  # crop(0) still trims sliding-window layers back to their window
+        self.length = length
 
 
 def _recording_cache(model: nn.Module):
@@ -36,21 +66,21 @@ def _recording_cache(model: nn.Module):
 
 def speculative_tokens(
     target: nn.Module,
-    draft: nn.Module,
+    draft: Drafter,
     prompt_ids: list[int],
     settings: SamplingSettings,
     draft_tokens: int,
     stats: dict,
     context_length: int | None = None,
 ) -> Iterator[int]:
-    """Token ids of the target's answer, `draft_tokens` proposed per round by `draft`. `stats` is filled as it
-    runs: drafted, accepted, rounds, target_forwards."""
+    """Token ids of the target's answer, `draft_tokens` proposed per round by `draft` (a fresh context). `stats` is
+    filled as it runs: drafted, accepted, rounds, target_forwards."""
     import torch
 
     from slimlm.serve.backends import forward
 
     generator = make_generator(settings.seed)
-    target_cache, draft_cache = _recording_cache(target), _recording_cache(draft)
+    target_cache = _recording_cache(target)
     limit = context_length or context_positions(target)
     stats.update(drafted=0, accepted=0, rounds=0, target_forwards=1, draft_tokens=draft_tokens)
 
@@ -58,23 +88,22 @@ def speculative_tokens(
         return int(probs.argmax()) if settings.greedy else draw(probs, generator)
 
     ids = list(prompt_ids)
-    target_len = len(ids)  # tokens each cache holds; ids[-1] is never in them at a round's start
-    token = pick(probabilities(forward(target, ids, target_cache)[-1], settings))
+    target_len = len(ids)  # tokens the target's cache holds; ids[-1] is never in it at a round's start
+    first = forward(target, ids, target_cache)[-1]
+    vocab = first.shape[-1]
+    token = pick(probabilities(first, settings))
     ids.append(token)
     yield token
-    draft_len = 0
     while True:
         k = max(0, min(draft_tokens, limit - len(ids) - 1))  # the verify forward must fit the positions
         drafts, q = [], []
         if k:
-            logits = forward(draft, ids[draft_len:], draft_cache)[-1]
-            draft_len = len(ids)
+            logits = draft.extend(ids[draft.length :])
             for i in range(k):
-                q.append(probabilities(logits, settings))
+                q.append(probabilities(_fit(logits, vocab), settings))
                 drafts.append(pick(q[-1]))
                 if i < k - 1:
-                    logits = forward(draft, drafts[-1:], draft_cache)[-1]
-                    draft_len += 1
+                    logits = draft.extend(drafts[-1:])
         # (k + 1, V): the target's prediction after `last` and after each draft token, in one forward
         rows = forward(target, ids[target_len:] + drafts, target_cache)[-(k + 1) :]
         target_len = len(ids) + k
@@ -95,15 +124,25 @@ def speculative_tokens(
         target_cache.crop(-(k - accepted))  # crop(0) still trims sliding-window layers back to their window
         target_len -= k - accepted
         if k:
-            drop = max(0, draft_len - (len(ids) + accepted))
-            draft_cache.crop(-drop)
-            draft_len -= drop
+            draft.rollback(min(draft.length, len(ids) + accepted))
             stats["rounds"] += 1
             stats["drafted"] += k
             stats["accepted"] += accepted
         for token in [*drafts[:accepted], next_token]:
             ids.append(token)
             yield token
+
+
+def _fit(logits, vocab: int):
+    """The draft's logits over the target's `vocab` ids: an embedding padded past the tokenizer (or not) must not
+    change which ids exist; ids the draft lacks get probability 0."""
+    import torch
+
+    if logits.shape[-1] == vocab:
+        return logits
+    if logits.shape[-1] > vocab:
+        return logits[:vocab]
+    return torch.cat([logits, logits.new_full((vocab - logits.shape[-1],), float("-inf"))])
 
 
 def context_positions(model: nn.Module) -> int:
