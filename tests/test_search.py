@@ -347,6 +347,31 @@ def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):
     assert len(creeping.history) == 2 and creeping.kl < 1.0  # better children are kept, but gains under 1% run out the patience
 
 
+def test_reranking_scores_the_first_seed_and_the_best_other_on_the_large_stage(tmp_path):
+    from slimlm.search.rerank import Stage, rerank
+
+    _, database = _database(tmp_path, types=("q4_0", "q4_1"))
+    seeds = [uniform_configuration(database, Option(t, m), Option("q8_0", "rtn")) for t, m in
+             (("q4_0", "gptq"), ("q4_1", "gptq"), ("q4_0", "rtn"), ("q4_1", "rtn"))]
+    quick_kl = {seeds[1]: 0.3, seeds[2]: 0.1, seeds[3]: 0.2}
+    large_kl = {seeds[0]: 0.5, seeds[1]: 0.01, seeds[2]: 0.2, seeds[3]: 0.01}
+    small, large = Stage("small", None), Stage("large", None)
+
+    class Scored:
+        def __init__(self):
+            self.database, self.calls = database, []
+
+        def kl(self, configuration, windows, reference):
+            self.calls.append((seeds.index(configuration), windows))
+            return (quick_kl if windows == "small" else large_kl)[configuration]
+
+    scored = Scored()
+    result = rerank(scored, seeds, lambda c: 0, 1, (small, large), generations=0, offspring=3, survivors=1)
+    assert scored.calls == [(0, "large"), (1, "small"), (2, "small"), (3, "small"), (2, "large")]
+    assert result.first_seed_kl == 0.5 and result.best == seeds[2] and result.kl == 0.2  # seed 3 lost on the quick stage
+    assert result.evaluations == 5
+
+
 def test_gptq_variants_beat_rtn_on_the_proxy(tmp_path):
     _, database = _database(tmp_path, types=("q4_0",))
     wins = [

@@ -186,7 +186,9 @@ def baselines(database: Database, mixes: dict[str, dict[str, str]] | None = None
 def depth_candidates(model: nn.Module, calibration_ids: torch.Tensor, stage_: Stage, count: int, cache: Path) -> list[tuple[int, float]]:
     """The `count` blocks whose removal alone costs the least KL (measured), as (block, KL), least first.
 
-    Candidates are the 2·count blocks of lowest Block Influence (ShortGPT; one forward), each then measured.
+    Candidates are the 2·count blocks of lowest Block Influence (ShortGPT; one forward), each then measured on
+    `stage_` (the re-ranking's quick stage: a block's removal costs KL of 0.1 or more on SmolLM2, which one window
+    ranks; re-ranking scores every configuration with removed blocks on the large stage anyway).
     """
     from slimlm.evaluate.perplexity import evaluate_quality
     from slimlm.prune.depth import block_influences
@@ -315,7 +317,7 @@ class Searcher:
                 self.settings.survivors, seed=self.settings.seed, progress=lambda generation, kl: advance(),
                 patience=self.settings.patience,
             )
-        knapsack_kl = result.seed_kls[0] if answers else float("nan")
+        knapsack_kl = result.first_seed_kl if answers else float("nan")
         return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl, len(result.history)
 
 
@@ -380,7 +382,7 @@ def run_search(
     plain_line(f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}")
     stages = _stages(base.model, rerank_ids, base.tokenizer)
     with stage("search: depth candidates"):
-        depth = depth_candidates(base.model, statistics_ids, stages[1], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
+        depth = depth_candidates(base.model, statistics_ids, stages[0], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
     live = live_copy(base.model, database)
     sizer = Sizer(base.model, base.tokenizer, source_gguf(base), database)
     searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
