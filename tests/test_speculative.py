@@ -200,6 +200,26 @@ def test_llama_cpp_drafter_rolls_back_to_a_fresh_contexts_logits(gguf_draft):
 
 
 @needs_llama_cpp
+def test_served_with_a_gguf_draft_answers_as_the_target_alone(gguf_draft):
+    """`slimlm serve MODEL --draft FILE.gguf`: the HTTP answer is the target's own greedy text, and its llama-server
+    `timings` carry the draft's counts."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from test_serve import Running
+
+    from slimlm.serve.backends import generate, load_backend
+
+    target = load_backend(str(gguf_draft / "hf"))
+    expected = "".join(generate(target, target.encode("the quick brown fox"), SamplingSettings(temp=0.0, max_tokens=24)))
+    speculative = load_backend(str(gguf_draft / "hf"), draft=str(gguf_draft / "draft.gguf"), reuse_prompt=False)
+    with Running(speculative) as server:
+        body = {"prompt": "the quick brown fox", "max_tokens": 24, "temperature": 0}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    assert answer["choices"][0]["text"] == expected
+    assert answer["timings"]["draft_n"] > 0 and answer["timings"]["draft_n_accepted"] > 0
+
+
+@needs_llama_cpp
 def test_eval_draft_table_with_a_gguf_draft(gguf_draft):
     from slimlm.evaluate.speculative import evaluate_speculative
 
