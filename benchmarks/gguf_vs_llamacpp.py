@@ -99,7 +99,7 @@ def main() -> None:
 
     from slimlm.data.calibration import sample_calibration
     from slimlm.data.text import load_text
-    from slimlm.export import _source_gguf
+    from slimlm.export import source_gguf
     from slimlm.export.gguf import write_gguf
     from slimlm.export.gguf_calibrated import calibrated_codes, collect_statistics
     from slimlm.export.gguf_presets import preset_tensor_types
@@ -109,7 +109,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.model, device="cpu")
-    source = _source_gguf(loaded)
+    source = source_gguf(loaded)
     base = work / "base-f16.gguf"
     if not (args.reuse and base.is_file()):
         write_gguf(loaded.model, loaded.tokenizer, base, "f16", source, name=args.model, overwrite=True)

@@ -53,7 +53,7 @@ def main() -> None:
 
     from slimlm.data.calibration import sample_calibration
     from slimlm.data.text import load_text
-    from slimlm.export import _source_gguf
+    from slimlm.export import source_gguf
     from slimlm.export.gguf import write_gguf
     from slimlm.models.load import load_model
     from slimlm.search.driver import run_search
@@ -70,7 +70,7 @@ def main() -> None:
     loaded = load_model(args.model, device="cpu")
     base = work / "base-f16.gguf"
     if not (args.reuse and base.is_file()):
-        write_gguf(loaded.model, loaded.tokenizer, base, "f16", _source_gguf(loaded), name=args.model, overwrite=True)
+        write_gguf(loaded.model, loaded.tokenizer, base, "f16", source_gguf(loaded), name=args.model, overwrite=True)
     stats = settings.statistics
     calibration = sample_calibration(loaded.tokenizer, load_text(stats.data, "calibration"), stats.samples, stats.seqlen, stats.seed)
     calib_text = work / "calibration.txt"
