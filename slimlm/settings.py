@@ -163,7 +163,7 @@ CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int4-g128", "int8-g128", "int8-chann
 FAST_CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
 DEFAULT_SEARCH = SearchSettings()
 # `--fast`: one 5-bit type, GPTQ on fewer windows, one re-ranking generation (on SmolLM2 the knapsack's answer has
-# not been bettered in --fast's generations), a quarter of the held-out tokens
+# not been bettered in --fast's generations), a third of the held-out tokens
 FAST_SEARCH = SearchSettings(types=("q4_0", "q4_1", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=1, front_generations=0, offspring=6, depth_candidates=2)
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=6, kl_windows=6)  # held-out figures of every front point
 FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=2, kl_windows=2)

@@ -166,8 +166,9 @@ def rerank(
     """(1 + λ) evolution with staged token counts, from the best seed. The seeds are staged as the children are: the
     first (the knapsack's answer, whose KL the caller reports) and the best of the others on the small stage go to
     the large stage (the uniform seeds rarely win, and scoring every seed on the large stage took 45 s of the main
-    job). A KL of exactly 0 (the base's own logits: e.g. a model shipped quantized, given its codes back) cannot be beaten: the search stops;
-    so it does after `patience` generations in a row that bettered the KL by less than MIN_GAIN (None: never)."""
+    job). A KL of exactly 0 (the base's own logits: e.g. a model shipped quantized, given its codes back) cannot be
+    beaten: the search stops; so it does after `patience` generations in a row that bettered the KL by less than
+    MIN_GAIN (None: never)."""
     rng = random.Random(seed)
     small, large = stages
     database = live.database

@@ -401,10 +401,11 @@ def _llama(path: Path, context_length: int | None, threads: int | None, logits_a
     660 -> 843 tok/s, decode 162 -> 177). Without it where this llama.cpp cannot run it for the model."""
     import llama_cpp
 
+    options = dict(model_path=str(path), n_ctx=context_length or 0, n_threads=threads, logits_all=logits_all, verbose=False)
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads, logits_all=logits_all, flash_attn=True, verbose=False)
+        return llama_cpp.Llama(**options, flash_attn=True)
     except (ValueError, RuntimeError):
-        return llama_cpp.Llama(model_path=str(path), n_ctx=context_length or 0, n_threads=threads, logits_all=logits_all, verbose=False)
+        return llama_cpp.Llama(**options)
 
 
 class LlamaCppDrafter:
