@@ -546,3 +546,11 @@ def test_replay_recipes_refuse_what_they_cannot_rebuild(searched, tmp_path):
         path.write_text(yaml.safe_dump({**recipe, "export": {**recipe["export"], "tensors": changed}}))
         with pytest.raises(SlimlmError, match=message):
             compress(str(directory / "tiny"), recipe=str(path), out=tmp_path / "o", evaluation=None, overwrite=True)
+
+
+def test_searched_line_counts_generations_in_words():
+    from slimlm.search.driver import searched_line
+
+    assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0051, 1, 1, 4).endswith("re-ranked 0.0051 (1 generation)")
+    assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 3, 3, 4).endswith("(3 generations)")
+    assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 4, 12, 4).endswith("(4 of 12 generations: the last 4 gained less than 1%)")

@@ -73,7 +73,7 @@ def searched_name(budget: int) -> str:
 def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations: int, asked: int, patience: int) -> str:
     """The plain progress line of one searched budget (`generations` run of the `asked`)."""
     if reranked_kl > 0:
-        stopped = f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}" if generations < asked else " generations"
+        stopped = f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}" if generations < asked else " generation" + "s" * (generations != 1)
         return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations}{stopped})"
     return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)"
 
