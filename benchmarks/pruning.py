@@ -38,13 +38,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/pruning")
     args = parser.parse_args()
 
+    from slimlm.checkpoint.save import save_model
     from slimlm.data.calibration import sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.footprint import linear_sparsity, parameter_count
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.evaluate.speed import measure_speed
     from slimlm.models.load import load_model
-    from slimlm.models.save import save_model
 
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def packed_footprint(packed_dir: Path, base_model: torch.nn.Module) -> dict:
     """Weight bytes of an llm-compressor checkpoint, and its quantized linears' bytes against fp16."""
     from safetensors import safe_open
 
-    from slimlm.evaluate.footprint import tensor_bytes_by_module
+    from slimlm.checkpoint.sizes import tensor_bytes_by_module
 
     by_module = tensor_bytes_by_module(packed_dir)
     quantized = set()
@@ -97,11 +97,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quantization")
     args = parser.parse_args()
 
+    from slimlm.checkpoint.save import save_model
     from slimlm.data.calibration import sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.models.load import load_model
-    from slimlm.models.save import save_model
 
     out = Path(args.out)
     (out / "models").mkdir(parents=True, exist_ok=True)

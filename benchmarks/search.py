@@ -56,7 +56,7 @@ def main() -> None:
     from slimlm.export import source_gguf
     from slimlm.export.gguf import write_gguf
     from slimlm.models.load import load_model
-    from slimlm.search.driver import run_search
+    from slimlm.search.run import run_search
     from slimlm.settings import DEFAULT_SEARCH, FAST_SEARCH, FAST_SEARCH_EVALUATION, SEARCH_EVALUATION, Constraints
 
     torch.set_num_threads(args.threads)

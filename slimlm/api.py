@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimlm.checkpoint.atomic import check_output_dir
+from slimlm.checkpoint.save import WEIGHTS, save_model
 from slimlm.data.calibration import CalibrationSet, sample_calibration
 from slimlm.data.text import load_text
 from slimlm.errors import SlimlmError
@@ -35,7 +37,6 @@ from slimlm.evaluate.speculative import (
 )
 from slimlm.export import export_loaded, export_model
 from slimlm.models.load import ALIASES, LoadedModel, load_model, resolve_alias
-from slimlm.models.save import check_output_dir, read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_, recipe_needs
 from slimlm.progress import stage
 from slimlm.quantize.kv_cache import (
@@ -184,17 +185,18 @@ def compress(
     manifest = _manifest(base, parsed, info, metrics)
     if not main_process:
         return manifest
-    path = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
-    saved = read_manifest(path)  # what save_model added: storage bytes, quantized linears, versions
-    if parsed.export is not None:  # from the model in memory, not read back from disk
+    saved = save_model(compressed, base.tokenizer, out, manifest, overwrite=overwrite)
+    written = dict(saved.manifest)
+    if parsed.export is not None:  # from the model in memory and the manifest just written: nothing read back
+        path = saved.path
         target = Path(f"{path}.gguf") if parsed.export.format == "gguf" else Path(f"{path}-{parsed.export.format}")
-        in_memory = LoadedModel(compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir")
+        in_memory = LoadedModel(compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir", saved.manifest)
         if parsed.export.tensors:
-            saved["export"] = _replay_search(in_memory, parsed.export, target, overwrite)
+            written["export"] = _replay_search(in_memory, parsed.export, target, overwrite)
         else:
-            saved["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite,
-                                            gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None)
-    return saved
+            written["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite,
+                                              gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None)
+    return written
 
 
 def _replay_search(loaded: LoadedModel, step, out: Path, overwrite: bool) -> dict:
@@ -210,7 +212,7 @@ def _replay_search(loaded: LoadedModel, step, out: Path, overwrite: bool) -> dic
                          source_gguf=source_gguf(loaded), manifest={"replayed_from": "a slimlm search recipe"}, overwrite=overwrite)
     if step.format == "gguf":
         return result | {key: value for key, value in asdict(written).items() if key != "path"}
-    return result | {"bytes": (out / "model.safetensors").stat().st_size}
+    return result | {"bytes": (out / WEIGHTS).stat().st_size}
 
 
 def load_tasks(evaluation: EvalSettings) -> list:
@@ -302,7 +304,7 @@ def evaluate(
     result["parameters"] = parameter_count(loaded.model)
     result["sparsity"] = linear_sparsity(loaded.model)
     if loaded.kind == "slimlm-dir":
-        result["storage"] = read_manifest(loaded.resolved)["storage"]
+        result["storage"] = loaded.manifest["storage"]
     return result
 
 
@@ -507,10 +509,10 @@ def run(
         if answers is not None:
             metrics["draft_acceptance"] = [asdict(figure) for figure in greedy_acceptance(compressed, answers)]
         metrics.update(task_and_speed_metrics(compressed, base.tokenizer, tasks, evaluation))
-        path = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
-        storage = read_manifest(path)["storage"]
+        saved = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
+        storage = saved.manifest["storage"]
         metrics.update(storage, compression_ratio=base_bytes / storage["weight_bytes"], compress_seconds=info["compress_seconds"], peak_memory=peak_memory())
-        variants.append(Variant(recipe.name, recipe.to_list(), metrics, str(path), DEFAULT_RUN_RECIPES.get(recipe.name, recipe.description)))
+        variants.append(Variant(recipe.name, recipe.to_list(), metrics, str(saved.path), DEFAULT_RUN_RECIPES.get(recipe.name, recipe.description)))
         del compressed
     context = {
         "model": {"source": base.source, "resolved": base.resolved, "dtype": str(next(base.model.parameters()).dtype)},
@@ -535,14 +537,14 @@ def search(
     allow_pickle: bool = False,
     device: str | None = None,
 ):
-    """The best deployable file under `constraints`, with the measured front (`slimlm.search.driver.run_search`).
+    """The best deployable file under `constraints`, with the measured front (`slimlm.search.run.run_search`).
 
     Writes `out_dir/{model.gguf, recipe.yaml, front.json, front-size.png, report.html}` (with
     `settings.target="compressed-tensors"`, out_dir is the checkpoint itself, beside the same report) and returns the
     SearchResult; the variant database (reused across budgets) goes to `database` (default: a per-model cache, see
     `slimlm.search.driver.default_database`).
     """
-    from slimlm.search.driver import run_search
+    from slimlm.search.run import run_search
 
     out = Path(out_dir or Path("slimlm-runs") / datetime.now().strftime("search-%Y%m%d-%H%M%S"))
     return run_search(model, out, constraints, settings, evaluation, database_dir=database, overwrite=overwrite, allow_pickle=allow_pickle, device=device)

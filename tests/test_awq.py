@@ -10,11 +10,11 @@ from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from test_quantize import naive_rtn
 
 from slimlm.calibration.stats import InputStats
+from slimlm.checkpoint.save import save_model
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, block_linears, decoder_blocks
 from slimlm.models.load import load_model
-from slimlm.models.save import save_model
 from slimlm.pipeline import check_recipe, compress_
 from slimlm.quantize.awq import (
     AWQConfig,

@@ -19,10 +19,10 @@ import torch
 from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
 
 from slimlm.api import EvalSettings, compress, evaluate
+from slimlm.checkpoint.save import save_model
 from slimlm.data.text import load_text
 from slimlm.errors import SlimlmError
 from slimlm.models.load import load_model
-from slimlm.models.save import save_model
 from slimlm.recipes import load_recipe
 from slimlm.recipes.registry import METHODS
 
@@ -191,7 +191,7 @@ def test_corrupt_safetensors(hf_dir, tmp_path, corrupt):
 
 def test_cli_truncated_safetensors_of_a_slimlm_dir(model_and_tokenizer, tmp_path, text_file):
     model, tokenizer = model_and_tokenizer
-    saved = save_model(model, tokenizer, tmp_path / "saved", {})
+    saved = save_model(model, tokenizer, tmp_path / "saved", {}).path
     weights = saved / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     result = run_cli("eval", saved, "--data", text_file, "--seqlen", "32", "--windows", "1")
@@ -440,12 +440,12 @@ def test_interrupted_save_leaves_nothing(model_and_tokenizer, tmp_path, monkeypa
 
 def test_interrupted_compress_keeps_the_old_output(hf_dir, tmp_path, monkeypatch):
     """With --overwrite, a run that dies while saving must leave the previous result untouched."""
-    import slimlm.models.save
+    import slimlm.checkpoint.manifest
 
     out = tmp_path / "out"
     compress(str(hf_dir), "magnitude-2of4", out, evaluation=None)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(slimlm.models.save, "library_versions", _boom)  # the last step before the manifest
+    monkeypatch.setattr(slimlm.checkpoint.manifest, "library_versions", _boom)  # the last step before the manifest
     with pytest.raises(Interrupted):
         compress(str(hf_dir), "rtn-w8", out, evaluation=None, overwrite=True)
     assert leftovers(out) == ["out"]

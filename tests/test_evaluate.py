@@ -10,16 +10,10 @@ import torch
 from conftest import tiny_tokenizer
 from torch import nn
 
+from slimlm.checkpoint.sizes import directory_bytes, tensor_bytes_by_module, weight_file_bytes
 from slimlm.data.text import Text, load_text
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.footprint import (
-    directory_bytes,
-    parameter_count,
-    peak_memory,
-    sparsity,
-    tensor_bytes_by_module,
-    weight_file_bytes,
-)
+from slimlm.evaluate.footprint import parameter_count, peak_memory, sparsity
 from slimlm.evaluate.perplexity import evaluate_quality, make_windows
 
 SEQLEN = 32

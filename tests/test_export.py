@@ -20,10 +20,11 @@ from conftest import WIKITEXT, run_cli, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
+from slimlm.checkpoint.save import save_model
+from slimlm.checkpoint.sparsity import follows_pattern, sparsity_config
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.export import auto_gguf_type, export_model
-from slimlm.export.compressed_tensors import follows_pattern, sparsity_config
 from slimlm.export.gguf import (
     code_layout_problem,
     pack_codes,
@@ -31,7 +32,6 @@ from slimlm.export.gguf import (
     write_gguf,
 )
 from slimlm.models.adapters import decoder_blocks
-from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
 from slimlm.prune.depth import DepthConfig, prune_depth_
 from slimlm.prune.width import WidthConfig, prune_width_

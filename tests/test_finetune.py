@@ -175,9 +175,9 @@ def test_qlora_trains_adapters_on_the_packed_codes():
 
 
 def test_qlora_adapter_of_a_saved_quantized_model_loads_back(tmp_path):
+    from slimlm.checkpoint.save import save_model
     from slimlm.finetune.api import finetune, load_adapter
     from slimlm.models.load import load_model
-    from slimlm.models.save import save_model
 
     save_model(quantized(), tokenizer(), tmp_path / "int4", {"recipe": {"name": "rtn-w4-g32"}})
     (tmp_path / "d.txt").write_text(TEXT)

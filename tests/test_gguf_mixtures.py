@@ -15,13 +15,13 @@ import transformers
 from conftest import IDS as CONFIG_IDS
 from conftest import run_cli, tiny_tokenizer
 
+from slimlm.checkpoint.save import save_model
 from slimlm.errors import SlimlmError
 from slimlm.export import GGUFOptions, export_model, gguf_mixture
 from slimlm.export.gguf import check_gguf_model, tensor_layout, write_gguf
 from slimlm.export.gguf_calibrated import calibrated_codes, collect_statistics, head_importance
 from slimlm.export.gguf_presets import PRESETS, preset_tensor_types, resolve_tensor_types
 from slimlm.export.gguf_types import dequantize_tensor, quantize_tensor
-from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
 from slimlm.recipes import parse_recipe
 

@@ -10,6 +10,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from slimlm.calibration.sequential import calibrate_sequentially, execution_groups
 from slimlm.calibration.stats import InputStats
+from slimlm.checkpoint.save import save_model
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import (
@@ -19,7 +20,6 @@ from slimlm.models.adapters import (
     linear_weight,
 )
 from slimlm.models.load import load_model
-from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
 from slimlm.quantize.gptq import GPTQConfig, gptq_quantize, quantize_gptq_
 from slimlm.quantize.grid import (

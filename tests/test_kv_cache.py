@@ -11,10 +11,11 @@ import transformers
 from conftest import TEXT, TINY, run_cli, tiny_model, tiny_tokenizer
 from transformers import DynamicCache
 
+from slimlm.checkpoint.manifest import read_manifest
+from slimlm.checkpoint.save import save_model
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.perplexity import EvalWindows, evaluate_quality
 from slimlm.models.load import load_model
-from slimlm.models.save import read_manifest, save_model
 from slimlm.pipeline import check_recipe, compress_
 from slimlm.quantize.kv_cache import (
     KIVICache,

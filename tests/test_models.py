@@ -7,10 +7,11 @@ import torch
 from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from slimlm.checkpoint.manifest import MANIFEST
+from slimlm.checkpoint.save import save_model
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import ADAPTERS, adapter_for, block_linears, decoder_blocks, linear_weight
 from slimlm.models.load import load_model
-from slimlm.models.save import MANIFEST, save_model
 from slimlm.pipeline import compress_
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.recipes import load_recipe
@@ -92,7 +93,7 @@ def test_symmetric_quantized_result_loads_in_transformers_with_compressed_tensor
 
 
 def test_int4_packed_bytes_are_a_quarter_of_fp16_plus_scales(tmp_path):
-    from slimlm.evaluate.footprint import tensor_bytes_by_module
+    from slimlm.checkpoint.sizes import tensor_bytes_by_module
 
     model = tiny_model("llama")
     compress_(model, load_recipe("rtn-w4-g64"))

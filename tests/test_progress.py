@@ -7,7 +7,7 @@ import re
 from conftest import TEXT, run_cli, tiny_model, tiny_tokenizer
 
 from slimlm import progress
-from slimlm.models.save import save_model
+from slimlm.checkpoint.save import save_model
 
 
 def test_plain_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+from slimlm.checkpoint.save import save_model
 from slimlm.data.calibration import CalibrationSet
 from slimlm.data.text import load_text
 from slimlm.distill.data import TokenWindows
@@ -18,7 +19,6 @@ from slimlm.distill.stage import Base
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import block_linears, decoder_blocks
 from slimlm.models.load import load_model
-from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
 from slimlm.quantize.grid import QuantGrid, choose_qparams, dequantize, quantize_with
 from slimlm.quantize.linear import QuantizedLinear

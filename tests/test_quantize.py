@@ -73,8 +73,8 @@ def test_packed_layout_round_trips_through_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    from slimlm.checkpoint.layout import pack_quantized_linear
     from slimlm.quantize.linear import QuantizedLinear
-    from slimlm.quantize.storage import pack_quantized_linear
 
     torch.manual_seed(0)
     weight = torch.randn(32, 128) * 0.02

@@ -119,8 +119,8 @@ def test_run_puts_tasks_and_speed_into_the_report(tmp_path):
     from conftest import TEXT, tiny_model, tiny_tokenizer
 
     from slimlm.api import EvalSettings, run
+    from slimlm.checkpoint.save import save_model
     from slimlm.evaluate.speed import SpeedSettings
-    from slimlm.models.save import save_model
 
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny", {})
     (tmp_path / "text.txt").write_text(TEXT)

@@ -145,7 +145,7 @@ def test_rotate_after_quantization_and_bad_keys_are_refused():
 
 
 def test_rotate_then_rtn_runs_and_the_saved_model_loads_in_plain_transformers(tmp_path):
-    from slimlm.models.save import save_model
+    from slimlm.checkpoint.save import save_model
 
     model = build("llama", tie=True)
     ids = torch.randint(3, 300, (1, 16))

@@ -6,8 +6,8 @@ import pytest
 from conftest import TEXT, tiny_model, tiny_tokenizer
 
 from slimlm.api import EvalSettings, evaluate, run
+from slimlm.checkpoint.save import save_model
 from slimlm.errors import SlimlmError
-from slimlm.models.save import save_model
 
 
 @pytest.fixture

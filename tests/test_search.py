@@ -19,8 +19,9 @@ from conftest import tiny_model, tiny_tokenizer
 from slimlm.errors import SlimlmError
 from slimlm.search.artifact import write_configuration
 from slimlm.search.database import build_database
-from slimlm.search.driver import Sizer, baselines, run_search, uniform_configuration
+from slimlm.search.driver import Sizer, baselines, uniform_configuration
 from slimlm.search.rerank import Configuration
+from slimlm.search.run import run_search
 from slimlm.search.solver import knapsack
 from slimlm.search.space import Option, gguf_search_space
 from slimlm.search.statistics import collect_statistics, projection_proxy, shaped_proxy
@@ -306,22 +307,32 @@ def test_reranking_says_so_before_it_scores_the_seeds(tmp_path, monkeypatch, cap
     monkeypatch.delenv("SLIMLM_QUIET", raising=False)
     capsys.readouterr()
 
-    class Scored:  # the live model's scoring, without a model: says when it scores
+    class Scored:  # the live model's scoring, without a model: says when it scores, and remembers what it scored
         def __init__(self):
-            self.database = database
+            self.database, self.seen = database, set()
 
         def kl(self, configuration, windows, reference):
-            print("scored", file=sys.stderr)
+            if (configuration, id(windows)) not in self.seen:
+                print("scored", file=sys.stderr)
+                self.seen.add((configuration, id(windows)))
             return 1.0
+
+        def scored(self, configuration, windows, reference):
+            return (configuration, id(windows)) in self.seen
 
     sizer = Sizer(model, tiny_tokenizer(), None, database)
     uniform = [c for _, _, c in baselines(database)]
     budget = max(sizer(c) for c in uniform)
-    searcher = Searcher(database, Scored(), sizer, (Stage(None, None), Stage(None, None)), [], TINY_SEARCH, capacity=budget)
+    small, large = Stage(None, None), Stage(object(), None)  # two token sets (the fake tells them apart by id)
+    searcher = Searcher(database, Scored(), sizer, (small, large), [], TINY_SEARCH, capacity=budget)
     searcher.search(budget, uniform, generations=2)
     lines = capsys.readouterr().err.splitlines()
     assert re.fullmatch(r"\[slimlm [\d:]+\] search: re-ranking \d+ seeds at [\d.]+ MB: 0/2 generations", lines[0]), lines
     assert lines[1] == "scored" and re.search(r"re-ranking \d+ seeds at [\d.]+ MB: 2/2 generations in", lines[-1]), lines
+
+    # the next budget: the same seeds, already scored, and no generations (a front point): nothing to say
+    searcher.search(budget, uniform, generations=0)
+    assert capsys.readouterr().err == ""
 
 
 def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):

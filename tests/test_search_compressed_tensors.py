@@ -22,8 +22,8 @@ from slimlm.search.compressed_tensors import (
     write_ct_configuration,
 )
 from slimlm.search.database import build_database
-from slimlm.search.driver import run_search
 from slimlm.search.rerank import Configuration, blocks_skipped, searchable_variants
+from slimlm.search.run import run_search
 from slimlm.search.space import Option
 from slimlm.search.statistics import collect_statistics
 from slimlm.settings import Constraints
@@ -128,7 +128,7 @@ def test_search_beats_every_uniform_point_it_could_afford(searched):
 
 def _live_logits(result, directory, ids):
     """The searched model as the search scored it: the base with the chosen codes, removed blocks skipped."""
-    from slimlm.search.compressed_tensors import ct_live_copy
+    from slimlm.search.ct_search import ct_live_copy
     from slimlm.search.database import Database, _read_variants
 
     base = tiny_model("llama")
@@ -162,7 +162,7 @@ def test_search_refuses_gguf_types_and_llama_cpp_constraints(tmp_path):
     with pytest.raises(SlimlmError, match="llama.cpp"):
         run_search("unused", tmp_path / "o", Constraints(max_size="1MB", min_decode_tps=10), TINY_SEARCH, TINY_EVALUATION)
     with pytest.raises(SlimlmError, match="not compressed-tensors types"):
-        from slimlm.search.compressed_tensors import _ct_types
+        from slimlm.search.ct_search import _ct_types
 
         _ct_types(dataclasses.replace(TINY_SEARCH, types=("q4_0",)))
 

@@ -129,13 +129,13 @@ def test_magnitude_2of4_reloads_in_plain_transformers_with_the_same_perplexity(s
 
 
 def test_rtn_w4_g64_is_small_on_disk_and_reloads_exactly(smol, prompt_ids, tmp_path):
-    from slimlm.evaluate.footprint import tensor_bytes_by_module
+    from slimlm.checkpoint.save import save_model
+    from slimlm.checkpoint.sizes import tensor_bytes_by_module
     from slimlm.models.load import load_model
-    from slimlm.models.save import save_model
     from slimlm.quantize.linear import QuantizedLinear
 
     model = compressed_copy(smol, "rtn-w4-g64")
-    out = save_model(model, smol.tokenizer, tmp_path / "smol-w4", {"recipe": "rtn-w4-g64"})
+    out = save_model(model, smol.tokenizer, tmp_path / "smol-w4", {"recipe": "rtn-w4-g64"}).path
 
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     expected = {f"model.layers.{i}.{p}" for i in range(30) for p in PROJECTIONS}
@@ -153,11 +153,11 @@ def test_rtn_w4_g64_is_small_on_disk_and_reloads_exactly(smol, prompt_ids, tmp_p
 def test_rtn_w8_loads_in_plain_transformers_with_compressed_tensors(smol, prompt_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from slimlm.checkpoint.save import save_model
     from slimlm.models.load import load_model
-    from slimlm.models.save import save_model
 
     model = compressed_copy(smol, "rtn-w8")
-    out = save_model(model, smol.tokenizer, tmp_path / "smol-w8", {"recipe": "rtn-w8"})
+    out = save_model(model, smol.tokenizer, tmp_path / "smol-w8", {"recipe": "rtn-w8"}).path
     expected = logits(model, prompt_ids)
 
     reloaded = load_model(str(out), device="cpu")

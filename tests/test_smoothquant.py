@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+from slimlm.checkpoint.manifest import MANIFEST
+from slimlm.checkpoint.save import save_model
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks
 from slimlm.models.load import load_model
-from slimlm.models.save import MANIFEST, save_model
 from slimlm.pipeline import check_recipe, compress_
 from slimlm.quantize.smoothquant import smoothing_scales
 from slimlm.quantize.w8a8 import Int8Linear, quantize_per_token, w8a8_linear

@@ -133,6 +133,62 @@ def test_recipes_json_lists_recipes_and_methods():
     assert one["stages"] == load_recipe("rtn-w8").to_list()
 
 
-def test_the_saved_format_does_not_import_the_loader():
-    """models/load.py (where a model comes from) calls into models/save.py (the format); never the other way."""
-    assert not any(name.startswith("slimlm.models.load") for name in imported_modules(PACKAGE / "models" / "save.py"))
+def module_graph() -> dict[str, set[str]]:
+    """slimlm module -> the slimlm modules it imports, at the top or inside functions (type-checking-only imports
+    left out: they never run)."""
+    modules = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        type_only = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+                     for statement in branch.body for node in ast.walk(statement)}
+        imported = set()
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_no_import_loop_anywhere():
+    """Not even one held shut by an import inside a function: every room can be read from the bottom up."""
+    graph = module_graph()
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for imported in sorted(graph[module]):
+            assert state.get(imported) != 1, "import loop: " + " -> ".join(path[path.index(imported) :] + [imported])
+            if imported not in state:
+                visit(imported, path + [imported])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_saved_format_is_one_room_above_the_quantizers():
+    """slimlm/checkpoint/ writes and reads the format and counts its bytes; the methods below it never import it, and
+    it never imports the rooms above it (the loader, export, search, the API)."""
+    graph = module_graph()
+    below = ("slimlm.quantize", "slimlm.prune", "slimlm.distill", "slimlm.calibration", "slimlm.train", "slimlm.stage", "slimlm.data")
+    for module, imported in graph.items():
+        if module.startswith(below):
+            assert not any(name.startswith("slimlm.checkpoint") for name in imported), f"{module} imports the saved format"
+    above = ("slimlm.models.load", "slimlm.export", "slimlm.search", "slimlm.api", "slimlm.cli", "slimlm.recipes", "slimlm.pipeline", "slimlm.finetune", "slimlm.serve")
+    for module, imported in graph.items():
+        if module.startswith("slimlm.checkpoint"):
+            assert not any(name.startswith(above) for name in imported), f"{module} imports {sorted(n for n in imported if n.startswith(above))}"
+
+
+def test_only_the_saved_format_names_its_files():
+    """The manifest's and the weights' file names are declared in slimlm/checkpoint/ and used through its constants."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name != "checkpoint":
+            text = path.read_text()
+            assert '"slimlm.json"' not in text and '"model.safetensors"' not in text, path.relative_to(PACKAGE)

@@ -13,10 +13,10 @@ import transformers
 from conftest import TINY_CONFIGS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+from slimlm.checkpoint.save import save_model
 from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
-from slimlm.models.save import save_model
 from slimlm.pipeline import compress_
 from slimlm.prune.depth import (
     DepthConfig,

@@ -386,7 +386,7 @@ def test_lm_eval_scores_the_same_requests_and_metrics(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from slimlm.models.save import save_model
+    from slimlm.checkpoint.save import save_model
 
     root = tmp_path_factory.mktemp("cli")
     save_model(tiny_model("qwen2"), tiny_tokenizer(), root / "tiny", {})

@@ -1,13 +1,10 @@
-"""What a model costs to keep: parameters, sparsity, bytes on disk (per module too), and peak memory."""
+"""What a model in memory costs to keep: parameters, sparsity, shipped bytes and peak memory (a saved model's bytes on
+disk are the saved format's: `slimlm.checkpoint.sizes`)."""
 
 from __future__ import annotations
 
-import json
-import struct
 import sys
-from collections import defaultdict
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,32 +62,6 @@ def linear_sparsity(model: nn.Module) -> float:
     return zeros / total
 
 
-def directory_bytes(path: str | Path) -> int:
-    """Bytes of every file under `path`, recursively: what a user downloads."""
-    return sum(file.stat().st_size for file in _directory(path).rglob("*") if file.is_file())
-
-
-def weight_file_bytes(path: str | Path) -> int:
-    """Bytes of the `*.safetensors` files directly in `path`: the weights without tokenizer and configs."""
-    return sum(file.stat().st_size for file in _directory(path).glob("*.safetensors"))
-
-
-def tensor_bytes_by_module(path: str | Path) -> dict[str, int]:
-    """Bytes per module (tensor name minus its last component, e.g. `model.layers.0.mlp.down_proj`), summed over
-    shards, read from the safetensors headers only: an 8-byte little-endian header length, then JSON mapping each
-    tensor to its dtype, shape and `data_offsets` [begin, end)."""
-    files = sorted(_directory(path).glob("*.safetensors"))
-    if not files:
-        raise SlimlmError(f"'{path}' holds no .safetensors files", "pass the directory a model was saved to")
-    sizes: dict[str, int] = defaultdict(int)
-    for file in files:
-        for name, entry in _safetensors_header(file).items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                sizes[name.rpartition(".")[0] or name] += end - begin
-    return dict(sizes)
-
-
 def peak_memory() -> dict:
     """Process-wide peak memory since start: resident set size (CPU) and, with CUDA, the allocator's peak."""
     import resource  # POSIX only, so imported where used
@@ -99,24 +70,3 @@ def peak_memory() -> dict:
     rss_mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
     cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"cpu_peak_rss_mb": rss_mb, "cuda_max_allocated_mb": cuda_mb, "note": "process-wide peak since start"}
-
-
-def _directory(path: str | Path) -> Path:
-    directory = Path(path)
-    if not directory.is_dir():
-        raise SlimlmError(f"'{directory}' is not a directory", "pass the directory a model was saved to")
-    return directory
-
-
-def _safetensors_header(file: Path) -> dict:
-    with file.open("rb") as handle:
-        prefix = handle.read(8)
-        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        raw = handle.read(length) if 0 < length <= 100_000_000 else b""  # the format caps headers at 100 MB
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None  # reported below, with the non-dict case
-    if not isinstance(header, dict):
-        raise SlimlmError(f"'{file}' has no readable safetensors header", "the file is truncated or not safetensors; save the model again")
-    return header

@@ -144,7 +144,7 @@ def greedy_answers(model, tokenizer, settings: SpeculativeSettings = ACCEPTANCE,
     """Decode the target `model` greedily on the settings' prompts (one token per forward over a KV cache, as
     `slimlm chat` does), `max(draft_tokens)` tokens past each answer's stop (an `end_ids` token or new_tokens)."""
     from slimlm.quantize.kv_cache import make_cache
-    from slimlm.serve.backends import forward
+    from slimlm.serve.forward import forward
     from slimlm.serve.speculative import context_positions
 
     context, k_max = context_positions(model), max(settings.draft_tokens)
@@ -173,7 +173,7 @@ def greedy_acceptance(draft, answers: GreedyAnswers) -> list[Acceptance]:
     `answers.settings`: one teacher-forced draft forward per answer, the rounds replayed exactly (module docstring)."""
     import torch
 
-    from slimlm.serve.backends import forward
+    from slimlm.serve.forward import forward
 
     matches = []
     for prompt, tokens in zip(answers.prompts, answers.continuations):

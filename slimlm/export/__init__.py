@@ -1,7 +1,8 @@
 """Hand a (compressed) model to the engines people run: one file per format.
 
     hf                  dense Hugging Face checkpoint (quantized linears dequantized)        export/hf.py
-    compressed-tensors  transformers + compressed-tensors, vLLM: packed int codes, sparsity   export/compressed_tensors.py
+    compressed-tensors  transformers + compressed-tensors, vLLM: packed int codes, sparsity   slimlm's own saved format
+                                                                                 (slimlm/checkpoint/) with its sparsity_config
     gguf                llama.cpp: F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K, llama.cpp's presets and per-tensor
                         mixtures, 4/5/8-bit codes kept, GPTQ / imatrix codes    export/gguf.py, gguf_types.py, gguf_presets.py,
                                                                                  gguf_calibrated.py
@@ -96,12 +97,10 @@ def _check_gguf_source_config(model: str) -> None:
 
 def source_gguf(loaded) -> Path | None:
     """The GGUF file the model came from (directly, or as the base of a slimlm directory), if it still exists."""
-    from slimlm.models.save import read_manifest
-
     if loaded.kind in ("gguf", "alias-gguf"):
         return Path(loaded.resolved)
     if loaded.kind == "slimlm-dir":
-        base = read_manifest(loaded.resolved).get("base_model", {})
+        base = loaded.manifest.get("base_model", {})
         if base.get("kind") in ("gguf", "alias-gguf") and Path(base.get("resolved", "")).is_file():
             return Path(base["resolved"])
     return None
@@ -124,8 +123,8 @@ def export_model(
     (`GGUFOptions`). Returns what was written (path, bytes, tensor types and a per-tensor table, codes kept /
     re-quantized).
     """
+    from slimlm.checkpoint.atomic import check_output_dir, check_writable
     from slimlm.models.load import load_model
-    from slimlm.models.save import check_output_dir, check_writable
 
     if format not in FORMATS:
         raise SlimlmError(f"unknown export format '{format}'", f"use one of: {', '.join(FORMATS)}")
@@ -186,15 +185,14 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
                   gguf: GGUFOptions | None = None) -> dict:
     """`export_model` for a model already in memory (a `LoadedModel` on the CPU; `compress` hands over the model it
     just saved instead of reading it back). Quantized linears may be dequantized in place (hf)."""
-    from slimlm.models.save import read_manifest
+    from slimlm.checkpoint.manifest import callers_part
 
-    source_manifest = read_manifest(loaded.resolved) if loaded.kind == "slimlm-dir" else {}
     result: dict = {"model": loaded.source, "format": format, "path": str(out)}
     if format == "gguf":
         from slimlm.export.gguf import K_QUANTS, write_gguf
 
         chosen = auto_gguf_type(loaded.model) if gguf_type == "auto" else gguf_type
-        recipe = source_manifest.get("recipe", {}).get("name")
+        recipe = loaded.manifest.get("recipe", {}).get("name")
         name = f"{Path(loaded.resolved).stem}" + (f" ({recipe})" if recipe else "")
         options = gguf or GGUFOptions()
         if options.default and chosen not in K_QUANTS:  # k-quants: llama.cpp's fallbacks, listed
@@ -213,16 +211,16 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
             tensor["why"] = why.get(tensor["name"], "")
         result.update({key: value for key, value in asdict(summary).items() if key != "path"})
         return result
-    manifest = {key: value for key, value in source_manifest.items() if key not in ("quantized_linears", "storage", "versions", "slimlm_manifest_version")}
+    manifest = callers_part(loaded.manifest)
     manifest["export"] = {"format": format, "from": {"source": loaded.source, "resolved": loaded.resolved, "kind": loaded.kind}}
     if format == "hf":
         from slimlm.export.hf import write_hf
 
-        write_hf(loaded.model, loaded.tokenizer, out, manifest, overwrite)
+        saved = write_hf(loaded.model, loaded.tokenizer, out, manifest, overwrite)
     else:
-        from slimlm.export.compressed_tensors import write_compressed_tensors
+        from slimlm.checkpoint.save import save_model
+        from slimlm.checkpoint.sparsity import sparsity_config
 
-        write_compressed_tensors(loaded.model, loaded.tokenizer, out, manifest, overwrite)
-    written = read_manifest(out)
-    result.update(bytes=written["storage"]["weight_bytes"], quantized_linears=len(written["quantized_linears"]))
+        saved = save_model(loaded.model, loaded.tokenizer, out, manifest, overwrite=overwrite, sparsity=sparsity_config(loaded.model))
+    result.update(bytes=saved.manifest["storage"]["weight_bytes"], quantized_linears=len(saved.manifest["quantized_linears"]))
     return result

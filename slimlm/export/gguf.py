@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimlm.checkpoint.atomic import check_writable, disk_error, remove_stale_partials
 from slimlm.errors import SlimlmError
 from slimlm.export.gguf_arch import ARCHITECTURES, add_arch_keys, arch_for, norm_data, query_scale, rope_tensors
 from slimlm.export.gguf_types import (
@@ -54,7 +55,6 @@ from slimlm.export.gguf_types import (
 )
 from slimlm.export.gguf_vocab import copy_tokenizer_metadata, hf_tokenizer_metadata
 from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
-from slimlm.models.save import check_writable, disk_error, remove_stale_partials
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 

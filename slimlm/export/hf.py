@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from slimlm.models.save import save_model
+from slimlm.checkpoint.save import Saved, save_model
 from slimlm.models.swap import replace_module_
 from slimlm.quantize.linear import QuantizedLinear
 
@@ -27,7 +27,7 @@ def dequantize_linears_(model: nn.Module) -> int:
     return len(quantized)
 
 
-def write_hf(model: nn.Module, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False) -> Path:
+def write_hf(model: nn.Module, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False) -> Saved:
     """Save `model` (dequantized in place) as a dense Hugging Face checkpoint, atomically."""
     dequantize_linears_(model)
     return save_model(model, tokenizer, out, manifest, overwrite=overwrite)

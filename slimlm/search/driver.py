@@ -27,6 +27,7 @@ from slimlm.search.rerank import (
     LiveModel,
     Stage,
     blocks_skipped,
+    describe_configuration,
     live_copy,
     rerank,
     searchable_variants,
@@ -76,15 +77,6 @@ def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations
         stopped = f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}" if generations < asked else " generation" + "s" * (generations != 1)
         return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations}{stopped})"
     return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)"
-
-
-def describe_configuration(configuration: Configuration, database: Database) -> dict[str, str]:
-    """GGUF tensor name (base numbering) -> "type/method", for the kept tensors."""
-    return {
-        knob.tensor: database.variants[knob.tensor][index].option.label
-        for knob, index in zip(database.space.knobs, configuration.choice)
-        if knob.block not in configuration.removed
-    }
 
 
 @dataclass
@@ -309,9 +301,14 @@ class Searcher:
                 "relax --max-size or --min-decode-tps / --max-ram (they conflict here)" if self.pricer is not None else "raise --max-size",
             )
         # opened before the seeds are scored, with or without generations to follow: the first budget's seeds take
-        # half a minute on SmolLM2, which a piped log showed as silence
+        # half a minute on SmolLM2, which a piped log showed as silence; a budget with nothing left to measure
+        # (its seeds scored at an earlier budget, no generations) prints nothing
+        small, large = self.stages
+        first = self.live.scored(seeds[0], large.windows, large.reference)
+        others = first and (self.live.kl(seeds[0], large.windows, large.reference) <= 0.0 or all(self.live.scored(s, small.windows, small.reference) for s in seeds[1:]))
+        measured = first and others  # rerank stops at a KL of 0 without scoring the others
         description = f"search: re-ranking {len(seeds)} seeds at {budget / 1e6:.1f} MB"
-        with progress_bar(description, generations, unit="generations") as advance:
+        with progress_bar(description, generations, unit="generations", show=generations > 0 or not measured) as advance:
             result = rerank(
                 self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring,
                 self.settings.survivors, seed=self.settings.seed, progress=lambda generation, kl: advance(),
@@ -321,7 +318,7 @@ class Searcher:
         return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl, len(result.history)
 
 
-def run_search(
+def run_gguf_search(
     model: str,
     out: str | Path,
     constraints: Constraints,
@@ -338,22 +335,16 @@ def run_search(
 
     The front is searched at every llama.cpp preset's size for this model and at `extra_budgets` (sizes or preset
     names); `export_front` also writes each searched point's file to DIR/front/<MB>.gguf."""
+    from slimlm.checkpoint.atomic import check_output_dir
     from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.export import source_gguf
     from slimlm.models.load import load_model
-    from slimlm.models.save import check_output_dir
     from slimlm.search.report import write_search_report
     from slimlm.search.statistics import collect_statistics
 
     started = time.perf_counter()
-    if settings.target == "compressed-tensors":
-        from slimlm.search.compressed_tensors import run_ct_search
-
-        return run_ct_search(model, out, constraints, settings, evaluation, database_dir, overwrite, allow_pickle, device, extra_budgets)
-    if settings.target != "gguf":
-        raise SlimlmError(f"unknown search target '{settings.target}'", "use --target gguf or --target compressed-tensors")
     priced = constraints.min_decode_tps is not None or constraints.max_ram is not None
     if priced:
         from slimlm.search.speed import require_llama_cpp

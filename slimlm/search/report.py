@@ -34,7 +34,7 @@ def front_dict(result, database) -> dict:
 def recipe_dict(point, database, statistics: dict) -> dict:
     """A recipe `slimlm compress` replays into the same file (`search.replay`): every kept tensor's TYPE/METHOD,
     the blocks removed and the calibration windows of the search's statistics (`statistics`: CalibrationSettings)."""
-    from slimlm.search.driver import describe_configuration
+    from slimlm.search.rerank import describe_configuration
 
     export = {"format": database.space.target, "tensors": describe_configuration(point.configuration, database)}
     if point.configuration.removed:

@@ -33,6 +33,15 @@ class Configuration:
     removed: tuple[int, ...] = ()  # blocks removed whole, at the base model's numbering
 
 
+def describe_configuration(configuration: Configuration, database: Database) -> dict[str, str]:
+    """GGUF tensor name (base numbering) -> "type/method", for the kept tensors."""
+    return {
+        knob.tensor: database.variants[knob.tensor][index].option.label
+        for knob, index in zip(database.space.knobs, configuration.choice)
+        if knob.block not in configuration.removed
+    }
+
+
 @dataclass
 class LiveModel:
     """A copy of the base whose tensors are swapped to a configuration's decoded variants."""
@@ -83,6 +92,10 @@ class LiveModel:
 
     def kl(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> float:
         return self.quality(configuration, windows, reference).kl_divergence
+
+    def scored(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> bool:
+        """Whether `quality` would answer from what it has already measured."""
+        return (self.database.canonical(configuration), id(windows), id(reference)) in self.scores
 
 
 def blocks_skipped(model: nn.Module, removed: tuple[int, ...]):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import codecs
 import copy
-import functools
-import inspect
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from slimlm.errors import SlimlmError
+from slimlm.serve.forward import forward
 from slimlm.serve.sampling import SamplingSettings, StopStrings, draw, make_generator, probabilities
 from slimlm.serve.settings import DRAFT_TOKENS
 
@@ -257,21 +256,6 @@ class TransformersBackend:
         ids[start + i] (teacher forcing, one forward)."""
         logits = forward(self.model, ids, None)
         return logits[start - 1 : len(ids) - 1].float().log_softmax(-1)
-
-
-def forward(model, ids: list[int], cache) -> object:
-    """Logits (len(ids), V) of `ids` appended to what `cache` holds (a fresh context when `cache` is None)."""
-    import torch
-
-    with torch.inference_mode():
-        input_ids = torch.tensor([ids], device=model.device)
-        return model(input_ids, **{_cache_keyword(type(model)): cache}, use_cache=cache is not None).logits[0]
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.23 knows only the old one."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def turn_end_ids(model, tokenizer) -> set[int]:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from torch import nn
 
+from slimlm.serve.forward import forward
 from slimlm.serve.sampling import SamplingSettings, draw, make_generator, probabilities
 
 
@@ -45,8 +46,6 @@ class ModuleDrafter:
         self.model, self.cache, self.length = model, _recording_cache(model), 0
 
     def extend(self, ids: list[int]):
-        from slimlm.serve.backends import forward
-
         logits = forward(self.model, ids, self.cache)[-1]
         self.length += len(ids)
         return logits
@@ -76,8 +75,6 @@ def speculative_tokens(
     """Token ids of the target's answer, `draft_tokens` proposed per round by `draft` (a fresh context). `stats` is
     filled as it runs: drafted, accepted, rounds, target_forwards."""
     import torch
-
-    from slimlm.serve.backends import forward
 
     generator = make_generator(settings.seed)
     target_cache = _recording_cache(target)

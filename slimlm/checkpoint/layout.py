@@ -1,23 +1,41 @@
-"""Quantized linears on disk in compressed-tensors' pack-quantized layout (read by transformers and vLLM).
+"""Quantized linears on disk in compressed-tensors' layouts (read by transformers + compressed-tensors and vLLM).
 
-Per quantized module `m`: `m.weight_packed` (int32, codes packed densely along the input dim),
-`m.weight_scale` (float16, (out, groups)), `m.weight_shape` ((2,) int64), and for asymmetric grids
-`m.weight_zero_point` (int32, zero points packed along the output dim). `config.json` carries a
-`quantization_config` with one config group per distinct grid, targeting modules by exact name.
-
-W8A8 linears (`Int8Linear`) use the `int-quantized` layout instead: `m.weight` (int8, (out, in)) and
-`m.weight_scale` (float16, (out, 1)); their config group also quantizes `input_activations` (int8 per token,
-dynamic, symmetric), which transformers + compressed-tensors and vLLM read as W8A8.
+Per quantized module `m` (`pack-quantized`, W4A16 / W8A16):
+    m.weight_packed      int32 (out, ceil(in * bits / 32))   codes packed densely along the input dim
+    m.weight_scale       float16 (out, groups)
+    m.weight_shape       int64 (2,)
+    m.weight_zero_point  int32 (ceil(out * bits / 32), groups)   asymmetric grids only, packed along the output dim
+W8A8 linears (`Int8Linear`, `int-quantized`): `m.weight` int8 (out, in) and `m.weight_scale` float16 (out, 1);
+their config group also quantizes `input_activations` (int8 per token, dynamic, symmetric).
+`config.json` carries a `quantization_config` with one config group per distinct grid, targeting modules by name.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from slimlm.checkpoint.sizes import Entry
 from slimlm.quantize.grid import QuantGrid
 from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.w8a8 import Int8Linear
+
+
+def packed_entries(module: str, grid: QuantGrid, shape: tuple[int, int]) -> list[Entry]:
+    """(name, dtype, shape) of what the file holds for one pack-quantized linear's weight (its bias is separate):
+    the layout's one declaration, which the writer follows and the search's sizer counts."""
+    out_features, in_features = shape
+    groups = grid.group_count(in_features)
+    entries = [
+        (f"{module}.weight_packed", "I32", (out_features, math.ceil(in_features * grid.bits / 32))),
+        (f"{module}.weight_scale", "F16", (out_features, groups)),
+        (f"{module}.weight_shape", "I64", (2,)),
+    ]
+    if not grid.symmetric:
+        entries.append((f"{module}.weight_zero_point", "I32", (math.ceil(out_features * grid.bits / 32), groups)))
+    return entries
 
 
 def pack_quantized_linear(name: str, module: QuantizedLinear) -> dict[str, torch.Tensor]:

@@ -1,8 +1,4 @@
-"""compressed-tensors checkpoints (read by transformers + compressed-tensors and by vLLM).
-
-Quantized linears keep slimlm's own layout, which already is compressed-tensors' (`pack-quantized` W4A16/W8A16,
-`int-quantized` W8A8: see slimlm/quantize/storage.py); dense layers stay dense. What export adds is the
-`sparsity_config` of a pruned model, found from the weights themselves:
+"""The `sparsity_config` a pruned model's config.json carries, found from the weights themselves:
 
     structure "2:4" / "4:8"  every decoder-block linear has at most n non-zeros in each m consecutive inputs
     "unstructured"           otherwise, when at least MIN_UNSTRUCTURED of the block weights are exactly zero
@@ -15,13 +11,10 @@ dense layout loads everywhere and the config still tells tools what the zeros ar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from slimlm.models.adapters import block_linears, decoder_blocks, linear_weight
-from slimlm.models.save import save_model
 from slimlm.quantize.linear import QuantizedLinear
 
 PATTERNS = ((2, 4), (4, 8))  # n:m structures checked, most restrictive first
@@ -57,8 +50,3 @@ def sparsity_config(model: nn.Module) -> dict | None:
         return None
     config = DenseSparsityConfig(global_sparsity=zeros / total, sparsity_structure=structure or "unstructured", targets=sorted(weights))
     return config.model_dump()
-
-
-def write_compressed_tensors(model: nn.Module, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False) -> Path:
-    """Save `model` as a compressed-tensors checkpoint (atomically), with its sparsity_config if it is pruned."""
-    return save_model(model, tokenizer, out, manifest, overwrite=overwrite, sparsity=sparsity_config(model))
