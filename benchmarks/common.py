@@ -22,5 +22,10 @@ def run_child(command: list[str], log: Path) -> tuple[float, float, int]:
     rss_file = log.with_suffix(".maxrss")
     start = time.perf_counter()
     with log.open("w") as handle:
-        status = subprocess.call(["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *command], stdout=handle, stderr=subprocess.STDOUT, env={**USER_ENVIRONMENT, "SLIMLM_QUIET": "1"})
+        status = subprocess.call(
+            ["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *command],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**USER_ENVIRONMENT, "SLIMLM_QUIET": "1"},
+        )
     return time.perf_counter() - start, int(rss_file.read_text().split()[-1]) / 1024, status

@@ -41,7 +41,14 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-cor
 
 def training_flops_per_token(model, seqlen: int) -> float:
     config = model.config
-    return 6 * parameter_count(model) + 12 * config.num_hidden_layers * config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads) * seqlen
+    return (
+        6 * parameter_count(model)
+        + 12
+        * config.num_hidden_layers
+        * config.num_attention_heads
+        * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+        * seqlen
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -49,7 +56,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_mfu(student, teacher, config: DistillConfig, batch: int, seqlen: int, device: torch.device, repeats: int = 5, compile_: bool = False) -> dict:
+def measure_mfu(
+    student,
+    teacher,
+    config: DistillConfig,
+    batch: int,
+    seqlen: int,
+    device: torch.device,
+    repeats: int = 5,
+    compile_: bool = False,
+) -> dict:
     """Median time of full distillation steps (teacher forward, student forward/backward, AdamW) in bf16 autocast."""
     student, teacher = copy.deepcopy(student).to(device).train(), teacher.to(device).eval()
     loss_fn = distillation_loss_fn(config, teacher, None, [])
@@ -73,12 +89,23 @@ def measure_mfu(student, teacher, config: DistillConfig, batch: int, seqlen: int
             times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
     tokens = batch * seqlen
-    result = {"batch": batch, "seqlen": seqlen, "step_seconds": seconds, "tokens_per_second": tokens / seconds, "compiled": compile_}
+    result = {
+        "batch": batch,
+        "seqlen": seqlen,
+        "step_seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "compiled": compile_,
+    }
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         achieved = training_flops_per_token(student, seqlen) * tokens / seconds
-        result.update(device=name, achieved_tflops=achieved / 1e12, mfu=achieved / peak if peak else None, peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9)
+        result.update(
+            device=name,
+            achieved_tflops=achieved / 1e12,
+            mfu=achieved / peak if peak else None,
+            peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9,
+        )
     return result
 
 
@@ -94,13 +121,21 @@ def measure_generation(model, batch: int, prompt: int, new_tokens: int, device: 
     generate(model, prompts, new_tokens, SamplingSettings(), seed=1)
     sync(device)
     seconds = time.perf_counter() - start
-    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "seconds": seconds, "generated_tokens_per_second": batch * new_tokens / seconds}
+    return {
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "generated_tokens_per_second": batch * new_tokens / seconds,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prune", default="width-25pct", help="a structured pruning recipe: width-25pct or depth-25pct")
+    parser.add_argument(
+        "--prune", default="width-25pct", help="a structured pruning recipe: width-25pct or depth-25pct"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)
@@ -108,14 +143,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--loss", default="forward_kl")
     parser.add_argument("--lora", type=int, default=None)
-    parser.add_argument("--data", default=f"wikitext2:{WIKITEXT}", help="training text (its calibration split: WikiText-2 valid when train is absent)")
+    parser.add_argument(
+        "--data",
+        default=f"wikitext2:{WIKITEXT}",
+        help="training text (its calibration split: WikiText-2 valid when train is absent)",
+    )
     parser.add_argument("--eval-windows", type=int, default=None, help="WikiText-2 test windows (default: all)")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=2048)
     parser.add_argument("--checkpoint-dir", default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--mfu", action="store_true", help="also time distillation steps at --mfu-batch x --mfu-seqlen (bf16 on CUDA)")
+    parser.add_argument(
+        "--mfu", action="store_true", help="also time distillation steps at --mfu-batch x --mfu-seqlen (bf16 on CUDA)"
+    )
     parser.add_argument("--mfu-batch", type=int, default=16)
     parser.add_argument("--mfu-seqlen", type=int, default=2048)
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and teacher for --mfu")
@@ -128,12 +169,21 @@ def main() -> None:
     base, tokenizer, device = loaded.model, loaded.tokenizer, loaded.model.device
     windows = make_windows(tokenizer, load_text(f"wikitext2:{WIKITEXT}", "test"), args.eval_seqlen, args.eval_windows)
     report: dict = {"model": args.model, "prune": args.prune, "protocol": windows.protocol(), "device": str(device)}
-    report["base"] = {"perplexity": evaluate_quality(base, windows)[0].perplexity, "parameters": parameter_count(base), "dense_bytes": dense_bytes(base)}
+    report["base"] = {
+        "perplexity": evaluate_quality(base, windows)[0].perplexity,
+        "parameters": parameter_count(base),
+        "dense_bytes": dense_bytes(base),
+    }
 
     student = copy.deepcopy(base)
-    calibration = sample_calibration(tokenizer, load_text(f"wikitext2:{WIKITEXT}", "calibration"), args.calib_samples, args.calib_seqlen)
+    calibration = sample_calibration(
+        tokenizer, load_text(f"wikitext2:{WIKITEXT}", "calibration"), args.calib_samples, args.calib_seqlen
+    )
     compress_(student, load_recipe(args.prune), calibration, device)
-    report["pruned"] = {"perplexity": evaluate_quality(student, windows)[0].perplexity, "parameters": parameter_count(student)}
+    report["pruned"] = {
+        "perplexity": evaluate_quality(student, windows)[0].perplexity,
+        "parameters": parameter_count(student),
+    }
     report["pruned"]["parameter_share"] = report["pruned"]["parameters"] / report["base"]["parameters"]
 
     config = DistillConfig(
@@ -151,10 +201,15 @@ def main() -> None:
         "first_losses": result.losses[:3],
         "last_losses": result.losses[-3:],
     }
-    report["distilled"] = {"perplexity": evaluate_quality(student, windows)[0].perplexity, "parameters": parameter_count(student)}
+    report["distilled"] = {
+        "perplexity": evaluate_quality(student, windows)[0].perplexity,
+        "parameters": parameter_count(student),
+    }
     report["distilled"]["ratio_to_base"] = report["distilled"]["perplexity"] / report["base"]["perplexity"]
     if args.mfu:
-        report["mfu"] = measure_mfu(student, teacher, config, args.mfu_batch, args.mfu_seqlen, device, compile_=args.compile)
+        report["mfu"] = measure_mfu(
+            student, teacher, config, args.mfu_batch, args.mfu_seqlen, device, compile_=args.compile
+        )
     if args.generate:
         report["generation"] = measure_generation(copy.deepcopy(student), args.generate_batch, 64, 256, device)
 
@@ -164,12 +219,18 @@ def main() -> None:
     b, p, d = report["base"], report["pruned"], report["distilled"]
     print(f"{report['protocol']}")
     print(f"base       ppl {b['perplexity']:8.3f}   params {b['parameters'] / 1e6:6.1f}M")
-    print(f"pruned     ppl {p['perplexity']:8.3f}   params {p['parameters'] / 1e6:6.1f}M ({p['parameter_share']:.1%} of base)")
-    print(f"distilled  ppl {d['perplexity']:8.3f}   ({d['ratio_to_base']:.3f} x base) after {report['distill']['tokens']:,} tokens in {report['distill']['seconds']:.0f} s, {report['distill']['train_tokens_per_second']:,.0f} train tok/s")
+    print(
+        f"pruned     ppl {p['perplexity']:8.3f}   params {p['parameters'] / 1e6:6.1f}M ({p['parameter_share']:.1%} of base)"
+    )
+    print(
+        f"distilled  ppl {d['perplexity']:8.3f}   ({d['ratio_to_base']:.3f} x base) after {report['distill']['tokens']:,} tokens in {report['distill']['seconds']:.0f} s, {report['distill']['train_tokens_per_second']:,.0f} train tok/s"
+    )
     if "mfu" in report:
         m = report["mfu"]
         mfu = f", MFU {m['mfu']:.1%}" if m.get("mfu") is not None else ""
-        print(f"step at {m['batch']} x {m['seqlen']}: {m['step_seconds'] * 1e3:.1f} ms, {m['tokens_per_second']:,.0f} tok/s{mfu}")
+        print(
+            f"step at {m['batch']} x {m['seqlen']}: {m['step_seconds'] * 1e3:.1f} ms, {m['tokens_per_second']:,.0f} tok/s{mfu}"
+        )
     if "generation" in report:
         g = report["generation"]
         print(f"generation batch {g['batch']}: {g['generated_tokens_per_second']:,.0f} generated tok/s")

@@ -43,7 +43,16 @@ DEFAULT_WIKITEXT = HERE.parents[2] / "shared" / "data" / "wikitext-2-raw"
 def _llama(path: str | Path, n_ctx: int, threads: int, logits_all: bool = False):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, logits_all=logits_all, verbose=False)
+    return Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+    )
 
 
 def eval_token_ids(path: str | Path, windows: int, seqlen: int, wikitext: Path = DEFAULT_WIKITEXT) -> np.ndarray:
@@ -58,7 +67,9 @@ def eval_token_ids(path: str | Path, windows: int, seqlen: int, wikitext: Path =
     return make_windows(tokenizer, load_text(f"wikitext2:{wikitext}", "test"), seqlen, windows).input_ids.numpy()
 
 
-def llama_cpp_perplexity(path: str | Path, windows: int = 8, seqlen: int = 512, threads: int = 2, wikitext: Path = DEFAULT_WIKITEXT) -> float:
+def llama_cpp_perplexity(
+    path: str | Path, windows: int = 8, seqlen: int = 512, threads: int = 2, wikitext: Path = DEFAULT_WIKITEXT
+) -> float:
     """exp(mean NLL) of llama.cpp's next-token logits over the windows (no BOS added: the same ids as slimlm),
     scored by slimlm's own code in a child process (slimlm.evaluate.llama_cpp)."""
     import torch
@@ -71,7 +82,9 @@ def llama_cpp_perplexity(path: str | Path, windows: int = 8, seqlen: int = 512, 
     return quality.perplexity
 
 
-def slimlm_perplexity(path: str | Path, windows: int = 8, seqlen: int = 512, wikitext: Path = DEFAULT_WIKITEXT) -> float:
+def slimlm_perplexity(
+    path: str | Path, windows: int = 8, seqlen: int = 512, wikitext: Path = DEFAULT_WIKITEXT
+) -> float:
     """slimlm's GPTQ-protocol perplexity of the same GGUF weights (transformers dequantizes the file)."""
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
@@ -129,26 +142,51 @@ def gguf_bytes(path: Path) -> tuple[int, dict]:
 def ensure_compressed(recipe: str, out: Path, wikitext: Path, calib_samples: int, calib_seqlen: int) -> Path:
     target = out / "models" / recipe
     if not target.exists():
-        command = [sys.executable, "-m", "slimlm.cli", "compress", "smollm2-135m", "--recipe", recipe, "--out", str(target), "--no-eval",
-                   "--calib-data", f"wikitext2:{wikitext}", "--calib-samples", str(calib_samples), "--calib-seqlen", str(calib_seqlen)]
+        command = [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "compress",
+            "smollm2-135m",
+            "--recipe",
+            recipe,
+            "--out",
+            str(target),
+            "--no-eval",
+            "--calib-data",
+            f"wikitext2:{wikitext}",
+            "--calib-samples",
+            str(calib_samples),
+            "--calib-seqlen",
+            str(calib_seqlen),
+        ]
         subprocess.run(command, check=True, env={**os.environ, "SLIMLM_QUIET": "1"})
     return target
 
 
 def markdown(rows: list[dict], bandwidth: float) -> str:
-    lines = [f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)", "",
-             "| model | GGUF | file MB | prompt tok/s | decode tok/s | roofline tok/s | % of roofline | peak RSS MiB | ppl llama.cpp |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)",
+        "",
+        "| model | GGUF | file MB | prompt tok/s | decode tok/s | roofline tok/s | % of roofline | peak RSS MiB | ppl llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['gguf_type']}{' (codes kept)' if row['codes_kept'] else ''} | {row['file_bytes'] / 1e6:.1f} | {row['prompt_tok_s']:.0f} | "
-                     f"{row['decode_tok_s']:.1f} | {row['roofline_tok_s']:.0f} | {row['roofline_share']:.0%} | {row['peak_rss_mib']:.0f} | {row['perplexity']:.3f} |")
+        lines.append(
+            f"| {row['model']} | {row['gguf_type']}{' (codes kept)' if row['codes_kept'] else ''} | {row['file_bytes'] / 1e6:.1f} | {row['prompt_tok_s']:.0f} | "
+            f"{row['decode_tok_s']:.1f} | {row['roofline_tok_s']:.0f} | {row['roofline_share']:.0%} | {row['peak_rss_mib']:.0f} | {row['perplexity']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--wikitext", default=str(DEFAULT_WIKITEXT))
-    parser.add_argument("--recipes", default="depth-25pct,gptq-w4-g64", help="recipes whose outputs are measured besides the base ('' for none)")
+    parser.add_argument(
+        "--recipes",
+        default="depth-25pct,gptq-w4-g64",
+        help="recipes whose outputs are measured besides the base ('' for none)",
+    )
     parser.add_argument("--dense-types", default="f16,q8_0,q4_0", help="GGUF types for dense models (base, pruned)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -177,21 +215,43 @@ def main() -> None:
         for gguf_type in ["auto"] if quantized else args.dense_types.split(","):
             path = out / "gguf" / f"{label}-{gguf_type}.gguf"
             export = export_model(source, "gguf", path, gguf_type=gguf_type, overwrite=True)
-            measured = llama_cpp_speed(path, args.threads, args.prompt_tokens, args.decode_tokens, args.repeats)  # in a child
-            speed = {"prompt_tok_s": measured.prefill_tokens_per_s, "decode_tok_s": measured.decode_tokens_per_s, "load": measured.load}
+            measured = llama_cpp_speed(
+                path, args.threads, args.prompt_tokens, args.decode_tokens, args.repeats
+            )  # in a child
+            speed = {
+                "prompt_tok_s": measured.prefill_tokens_per_s,
+                "decode_tok_s": measured.decode_tokens_per_s,
+                "load": measured.load,
+            }
             rss = measured.peak_rss_bytes / 2**20
             quality = {"perplexity": llama_cpp_perplexity(path, args.windows, args.seqlen, args.threads, wikitext)}
             weight_bytes, kv = gguf_bytes(path)
             mean_position = args.prompt_tokens + args.decode_tokens / 2
             kv_bytes = 2 * kv["layers"] * kv["kv_heads"] * kv["head_dim"] * 2 * mean_position  # K and V, f16 cache
             roofline = bandwidth / (weight_bytes + kv_bytes)
-            row = {"model": label, "gguf_type": export["gguf_type"], "codes_kept": export["codes_kept"], "file_bytes": path.stat().st_size,
-                   "tensor_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes, **speed, "peak_rss_mib": rss, **quality,
-                   "roofline_tok_s": roofline, "roofline_share": speed["decode_tok_s"] / roofline}
+            row = {
+                "model": label,
+                "gguf_type": export["gguf_type"],
+                "codes_kept": export["codes_kept"],
+                "file_bytes": path.stat().st_size,
+                "tensor_bytes": weight_bytes,
+                "kv_bytes_per_token": kv_bytes,
+                **speed,
+                "peak_rss_mib": rss,
+                **quality,
+                "roofline_tok_s": roofline,
+                "roofline_share": speed["decode_tok_s"] / roofline,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    context = {"threads": args.threads, "copy_bandwidth_bytes_s": bandwidth, "perplexity": f"{args.windows} windows x {args.seqlen} tokens of WikiText-2 test",
-               "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "repeats": args.repeats}
+    context = {
+        "threads": args.threads,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "perplexity": f"{args.windows} windows x {args.seqlen} tokens of WikiText-2 test",
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+    }
     (out / "engines.json").write_text(json.dumps({"context": context, "rows": rows}, indent=2) + "\n")
     print(markdown(rows, bandwidth))
 

@@ -33,7 +33,14 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=KL_TOP_K)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = torch.randint(0, args.vocab, (args.windows, args.seqlen))
     windows = EvalWindows(ids, "random ids", args.seqlen, args.windows)

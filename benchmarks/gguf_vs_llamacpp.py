@@ -33,8 +33,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M",
-           "q6_k": "Q6_K", "q8_0": "Q8_0"}
+PRESETS = {
+    "q4_0": "Q4_0",
+    "q4_1": "Q4_1",
+    "q5_0": "Q5_0",
+    "q5_1": "Q5_1",
+    "q4_k_m": "Q4_K_M",
+    "q5_k_m": "Q5_K_M",
+    "q6_k": "Q6_K",
+    "q8_0": "Q8_0",
+}
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 
 
@@ -42,8 +50,10 @@ def tools(directory: Path) -> dict[str, Path]:
     found = {tool: directory / tool for tool in TOOLS}
     missing = [tool for tool, path in found.items() if not path.is_file()]
     if missing:
-        sys.exit(f"llama.cpp's {', '.join(missing)} not found in {directory}: build them as this script's docstring "
-                 "says (about 20 min on 2 cores) and pass --llama-bin DIR")
+        sys.exit(
+            f"llama.cpp's {', '.join(missing)} not found in {directory}: build them as this script's docstring "
+            "says (about 20 min on 2 cores) and pass --llama-bin DIR"
+        )
     return found
 
 
@@ -60,8 +70,25 @@ def run(command: list, log: Path) -> str:
 
 
 def measure(perplexity: Path, gguf: Path, base_kld: Path, text: Path, args, log: Path) -> dict:
-    out = run([perplexity, "-m", gguf, "-f", text, "-c", args.ctx, "--chunks", args.chunks, "-t", args.threads,
-               "--kl-divergence-base", base_kld, "--kl-divergence"], log)
+    out = run(
+        [
+            perplexity,
+            "-m",
+            gguf,
+            "-f",
+            text,
+            "-c",
+            args.ctx,
+            "--chunks",
+            args.chunks,
+            "-t",
+            args.threads,
+            "--kl-divergence-base",
+            base_kld,
+            "--kl-divergence",
+        ],
+        log,
+    )
 
     def number(pattern: str) -> float:
         match = re.search(pattern, out)
@@ -69,13 +96,19 @@ def measure(perplexity: Path, gguf: Path, base_kld: Path, text: Path, args, log:
             sys.exit(f"could not read '{pattern}' from {log}")
         return float(match.group(1))
 
-    return {"bytes": gguf.stat().st_size, "kld": number(r"Mean\s+KLD:\s+([-\d.]+)"),
-            "ppl": number(r"Mean PPL\(Q\)\s+:\s+([-\d.]+)"), "same_top": number(r"Same top p:\s+([-\d.]+)")}
+    return {
+        "bytes": gguf.stat().st_size,
+        "kld": number(r"Mean\s+KLD:\s+([-\d.]+)"),
+        "ppl": number(r"Mean PPL\(Q\)\s+:\s+([-\d.]+)"),
+        "same_top": number(r"Same top p:\s+([-\d.]+)"),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-bin", type=Path, default=Path(os.environ.get("LLAMA_BIN", "/work/llama-cache/build/bin")))
+    parser.add_argument(
+        "--llama-bin", type=Path, default=Path(os.environ.get("LLAMA_BIN", "/work/llama-cache/build/bin"))
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gguf-vs-llamacpp"))
@@ -115,17 +148,52 @@ def main() -> None:
         write_gguf(loaded.model, loaded.tokenizer, base, "f16", source, name=args.model, overwrite=True)
 
     # one set of calibration windows for both: slimlm's own draw, written out as text for llama-imatrix
-    calibration = sample_calibration(loaded.tokenizer, load_text("default", split="calibration"), args.calib_samples, args.calib_seqlen)
+    calibration = sample_calibration(
+        loaded.tokenizer, load_text("default", split="calibration"), args.calib_samples, args.calib_seqlen
+    )
     calib_text = work / "calibration.txt"
     calib_text.write_text("".join(loaded.tokenizer.decode(window) for window in calibration.input_ids))
     imatrix = work / "imatrix.gguf"
     if not (args.reuse and imatrix.is_file()):
-        run([bins["llama-imatrix"], "-m", base, "-f", calib_text, "-o", imatrix, "-c", args.calib_seqlen,
-             "--chunks", args.calib_samples, "-t", args.threads, "--no-ppl"], work / "imatrix.log")
+        run(
+            [
+                bins["llama-imatrix"],
+                "-m",
+                base,
+                "-f",
+                calib_text,
+                "-o",
+                imatrix,
+                "-c",
+                args.calib_seqlen,
+                "--chunks",
+                args.calib_samples,
+                "-t",
+                args.threads,
+                "--no-ppl",
+            ],
+            work / "imatrix.log",
+        )
     base_kld = work / "base.kld"
     if not (args.reuse and base_kld.is_file()):
-        run([bins["llama-perplexity"], "-m", base, "-f", args.data, "-c", args.ctx, "--chunks", args.chunks, "-t", args.threads,
-             "--kl-divergence-base", base_kld], work / "base.log")
+        run(
+            [
+                bins["llama-perplexity"],
+                "-m",
+                base,
+                "-f",
+                args.data,
+                "-c",
+                args.ctx,
+                "--chunks",
+                args.chunks,
+                "-t",
+                args.threads,
+                "--kl-divergence-base",
+                base_kld,
+            ],
+            work / "base.log",
+        )
     started = time.perf_counter()
     cached = work / "statistics.pt"
     if args.reuse and cached.is_file():
@@ -139,30 +207,64 @@ def main() -> None:
     for preset in presets:
         print(f"{preset}:", file=sys.stderr, flush=True)
         theirs = work / f"llama.cpp-{preset}.gguf"
-        run([bins["llama-quantize"], "--imatrix", imatrix, base, theirs, PRESETS[preset], args.threads], work / f"quantize-{preset}.log")
+        run(
+            [bins["llama-quantize"], "--imatrix", imatrix, base, theirs, PRESETS[preset], args.threads],
+            work / f"quantize-{preset}.log",
+        )
         ours = work / f"slimlm-{preset}.gguf"
         started = time.perf_counter()
         model = copy.deepcopy(loaded.model)
         types = preset_tensor_types(model, preset, imatrix=True)
         packed, importance = calibrated_codes(model, None, types, "gptq", statistics=statistics)
-        write_gguf(model, loaded.tokenizer, ours, "q8_0", source, name=args.model, overwrite=True,
-                   tensor_types=types, importance=importance, packed=packed, file_type=preset)
+        write_gguf(
+            model,
+            loaded.tokenizer,
+            ours,
+            "q8_0",
+            source,
+            name=args.model,
+            overwrite=True,
+            tensor_types=types,
+            importance=importance,
+            packed=packed,
+            file_type=preset,
+        )
         print(f"  slimlm GPTQ + write {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         for who, path in (("llama.cpp imatrix", theirs), ("slimlm GPTQ", ours)):
-            rows.append({"preset": preset, "who": who, **measure(bins["llama-perplexity"], path, base_kld, args.data, args, work / f"ppl-{path.stem}.log")})
+            rows.append(
+                {
+                    "preset": preset,
+                    "who": who,
+                    **measure(bins["llama-perplexity"], path, base_kld, args.data, args, work / f"ppl-{path.stem}.log"),
+                }
+            )
         a, b = rows[-2], rows[-1]
-        print(f"  {preset}: llama.cpp KLD {a['kld']:.5f} ppl {a['ppl']:.3f} | slimlm KLD {b['kld']:.5f} ppl {b['ppl']:.3f}", file=sys.stderr, flush=True)
+        print(
+            f"  {preset}: llama.cpp KLD {a['kld']:.5f} ppl {a['ppl']:.3f} | slimlm KLD {b['kld']:.5f} ppl {b['ppl']:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     base_ppl = re.search(r"Final estimate: PPL = ([\d.]+)", (work / "base.log").read_text())
-    print(f"\nF16 base: {base.stat().st_size / 1e6:.1f} MB, ppl {base_ppl.group(1) if base_ppl else '?'}; "
-          f"WikiText-2 test, {args.chunks} windows of {args.ctx} tokens; calibration {args.calib_samples} × {args.calib_seqlen} tokens\n")
+    print(
+        f"\nF16 base: {base.stat().st_size / 1e6:.1f} MB, ppl {base_ppl.group(1) if base_ppl else '?'}; "
+        f"WikiText-2 test, {args.chunks} windows of {args.ctx} tokens; calibration {args.calib_samples} × {args.calib_seqlen} tokens\n"
+    )
     print("| preset | quantizer | file MB | KLD mean | ppl | same top p % |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['preset']} | {row['who']} | {row['bytes'] / 1e6:.2f} | {row['kld']:.5f} | {row['ppl']:.3f} | {row['same_top']:.2f} |")
-    wins = [p for p in presets if all(
-        [r for r in rows if r["preset"] == p and r["who"] == "slimlm GPTQ"][0][k] < [r for r in rows if r["preset"] == p and r["who"] != "slimlm GPTQ"][0][k]
-        for k in ("kld", "ppl"))]
+        print(
+            f"| {row['preset']} | {row['who']} | {row['bytes'] / 1e6:.2f} | {row['kld']:.5f} | {row['ppl']:.3f} | {row['same_top']:.2f} |"
+        )
+    wins = [
+        p
+        for p in presets
+        if all(
+            [r for r in rows if r["preset"] == p and r["who"] == "slimlm GPTQ"][0][k]
+            < [r for r in rows if r["preset"] == p and r["who"] != "slimlm GPTQ"][0][k]
+            for k in ("kld", "ppl")
+        )
+    ]
     print(f"\nslimlm lower KLD and ppl at {len(wins)}/{len(presets)} presets: {', '.join(wins) or 'none'}")
 
 

@@ -27,6 +27,7 @@ DEFAULT_BENCH = Path("/work/llama-cache/build/bin/llama-bench")
 
 def held_out(shapes: dict, reference: str = "q8_0") -> dict[str, dict[str, str]]:
     """Mixtures the calibration never saw (each from llama.cpp's or a search's playbook)."""
+
     def blocks(rule):
         return {name: (rule(name) if name.startswith("blk.") else reference) for name in shapes}
 
@@ -38,7 +39,23 @@ def held_out(shapes: dict, reference: str = "q8_0") -> dict[str, dict[str, str]]
 
 
 def llama_bench(binary: Path, path: Path, threads: int, prompt: int, new: int, repeats: int) -> dict:
-    command = [str(binary), "-m", str(path), "-t", str(threads), "-p", str(prompt), "-n", str(new), "-d", f"0,{prompt}", "-r", str(repeats), "-o", "json"]
+    command = [
+        str(binary),
+        "-m",
+        str(path),
+        "-t",
+        str(threads),
+        "-p",
+        str(prompt),
+        "-n",
+        str(new),
+        "-d",
+        f"0,{prompt}",
+        "-r",
+        str(repeats),
+        "-o",
+        "json",
+    ]
     rows = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     found = {}
     for row in rows:
@@ -60,10 +77,16 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--statistic", default="median", help="decode figure fitted: median (of repeats), p10 (of token latencies) or cpu (CPU time; with OMP_WAIT_POLICY=passive)")
+    parser.add_argument(
+        "--statistic",
+        default="median",
+        help="decode figure fitted: median (of repeats), p10 (of token latencies) or cpu (CPU time; with OMP_WAIT_POLICY=passive)",
+    )
     parser.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
     parser.add_argument("--out", default="benchmarks/results/llama_cpp_costs", help="costs.json, validation.json")
-    parser.add_argument("--work-dir", default="/tmp/slimlm-llama-costs", help="the GGUF files measured (kept for re-measuring)")
+    parser.add_argument(
+        "--work-dir", default="/tmp/slimlm-llama-costs", help="the GGUF files measured (kept for re-measuring)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,41 +96,83 @@ def main() -> None:
 
     loaded = load_model(args.model, device="cpu")
     start_load = load_average()
-    costs = measure_type_costs(loaded, types, args.threads, args.prompt_tokens, args.new_tokens, args.repeats, work_dir=work, statistic=args.statistic)
+    costs = measure_type_costs(
+        loaded,
+        types,
+        args.threads,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.repeats,
+        work_dir=work,
+        statistic=args.statistic,
+    )
     costs.save(out / "costs.json")
     print(f"calibrated on {costs.model} ({costs.machine}; {costs.llama_cpp}); load at start {start_load}")
-    print(f"fixed {costs.fixed_seconds * 1e3:.2f} ms/token + {costs.seconds_per_block * 1e3:.3f} ms/block; "
-          + ", ".join(f"{t} {1 / s / 1e9:.2f} GB/s" if s > 0 else f"{t} {s:.2e} s/B" for t, s in costs.seconds_per_byte.items()))
-    lines = ["| file | kind | MB (2-D tensors) | measured tok/s | fitted tok/s | error | measured RSS MiB | fitted RSS MiB | load |", "|---|---|---|---|---|---|---|---|---|"]
+    print(
+        f"fixed {costs.fixed_seconds * 1e3:.2f} ms/token + {costs.seconds_per_block * 1e3:.3f} ms/block; "
+        + ", ".join(
+            f"{t} {1 / s / 1e9:.2f} GB/s" if s > 0 else f"{t} {s:.2e} s/B" for t, s in costs.seconds_per_byte.items()
+        )
+    )
+    lines = [
+        "| file | kind | MB (2-D tensors) | measured tok/s | fitted tok/s | error | measured RSS MiB | fitted RSS MiB | load |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in costs.measurements:
-        fitted = 1 / (costs.fixed_seconds + m.blocks * costs.seconds_per_block + sum(b * costs.seconds_per_byte[t] for t, b in m.bytes_by_type.items()))
-        ram = costs.ram_fixed_bytes + m.blocks * costs.ram_per_block + sum(b * costs.ram_per_byte[t] for t, b in m.bytes_by_type.items())
-        lines.append(f"| {m.label} | calibration | {sum(m.bytes_by_type.values()) / 1e6:.1f} | {decode_rate(m, costs.statistic):.1f} | {fitted:.1f} | "
-                     f"{fitted / decode_rate(m, costs.statistic) - 1:+.1%} | {m.peak_rss_bytes / 2**20:.0f} | {ram / 2**20:.0f} | {m.load} |")
+        fitted = 1 / (
+            costs.fixed_seconds
+            + m.blocks * costs.seconds_per_block
+            + sum(b * costs.seconds_per_byte[t] for t, b in m.bytes_by_type.items())
+        )
+        ram = (
+            costs.ram_fixed_bytes
+            + m.blocks * costs.ram_per_block
+            + sum(b * costs.ram_per_byte[t] for t, b in m.bytes_by_type.items())
+        )
+        lines.append(
+            f"| {m.label} | calibration | {sum(m.bytes_by_type.values()) / 1e6:.1f} | {decode_rate(m, costs.statistic):.1f} | {fitted:.1f} | "
+            f"{fitted / decode_rate(m, costs.statistic) - 1:+.1%} | {m.peak_rss_bytes / 2**20:.0f} | {ram / 2**20:.0f} | {m.load} |"
+        )
     checks = []
     for label, tensor_types in held_out(costs.shapes).items():
         path = work / f"{label.replace(' ', '_').replace(',', '')}.gguf"
         write_gguf(loaded.model, loaded.tokenizer, path, types[0], overwrite=True, tensor_types=tensor_types)
         check = {"label": label, **costs.check_file(path)}
         checks.append(check)
-        lines.append(f"| {label} | held out | {path.stat().st_size / 1e6:.1f} (file) | {check['measured_decode_tokens_per_s']:.1f} | "
-                     f"{check['predicted_decode_tokens_per_s']:.1f} | {check['decode_error']:+.1%} | {check['measured_ram_bytes'] / 2**20:.0f} | "
-                     f"{check['predicted_ram_bytes'] / 2**20:.0f} | {check['load']} |")
+        lines.append(
+            f"| {label} | held out | {path.stat().st_size / 1e6:.1f} (file) | {check['measured_decode_tokens_per_s']:.1f} | "
+            f"{check['predicted_decode_tokens_per_s']:.1f} | {check['decode_error']:+.1%} | {check['measured_ram_bytes'] / 2**20:.0f} | "
+            f"{check['predicted_ram_bytes'] / 2**20:.0f} | {check['load']} |"
+        )
     overhead = None
     if Path(args.llama_bench).is_file() and checks:
         path = Path(checks[0]["file"])
         ours = llama_cpp_speed(path, args.threads, args.prompt_tokens, args.new_tokens, args.repeats)
-        bench = llama_bench(Path(args.llama_bench), path, args.threads, args.prompt_tokens, args.new_tokens, args.repeats)
-        overhead = {"file": str(path), "llama_cpp_speed": {"prefill": ours.prefill_tokens_per_s, "decode": ours.decode_tokens_per_s, "load": ours.load},
-                    "llama_bench": bench, "load_after": load_average()}
-    (out / "validation.json").write_text(json.dumps({"held_out": checks, "llama_bench_overhead": overhead}, indent=2) + "\n")
+        bench = llama_bench(
+            Path(args.llama_bench), path, args.threads, args.prompt_tokens, args.new_tokens, args.repeats
+        )
+        overhead = {
+            "file": str(path),
+            "llama_cpp_speed": {
+                "prefill": ours.prefill_tokens_per_s,
+                "decode": ours.decode_tokens_per_s,
+                "load": ours.load,
+            },
+            "llama_bench": bench,
+            "load_after": load_average(),
+        }
+    (out / "validation.json").write_text(
+        json.dumps({"held_out": checks, "llama_bench_overhead": overhead}, indent=2) + "\n"
+    )
     print("\n".join(lines))
     if overhead:
         bench = overhead["llama_bench"]["tokens_per_s"]
-        print(f"\nllama-cpp-python vs llama-bench on {Path(overhead['file']).name}: prefill {overhead['llama_cpp_speed']['prefill']:.0f} vs "
-              f"pp{args.prompt_tokens} {bench.get(f'pp{args.prompt_tokens}@d0', float('nan')):.0f} tok/s; decode {overhead['llama_cpp_speed']['decode']:.1f} vs "
-              f"tg{args.new_tokens}@d{args.prompt_tokens} {bench.get(f'tg{args.new_tokens}@d{args.prompt_tokens}', float('nan')):.1f} tok/s "
-              f"(tg{args.new_tokens}@d0 {bench.get(f'tg{args.new_tokens}@d0', float('nan')):.1f}); load {overhead['load_after']}")
+        print(
+            f"\nllama-cpp-python vs llama-bench on {Path(overhead['file']).name}: prefill {overhead['llama_cpp_speed']['prefill']:.0f} vs "
+            f"pp{args.prompt_tokens} {bench.get(f'pp{args.prompt_tokens}@d0', float('nan')):.0f} tok/s; decode {overhead['llama_cpp_speed']['decode']:.1f} vs "
+            f"tg{args.new_tokens}@d{args.prompt_tokens} {bench.get(f'tg{args.new_tokens}@d{args.prompt_tokens}', float('nan')):.1f} tok/s "
+            f"(tg{args.new_tokens}@d0 {bench.get(f'tg{args.new_tokens}@d0', float('nan')):.1f}); load {overhead['load_after']}"
+        )
 
 
 if __name__ == "__main__":

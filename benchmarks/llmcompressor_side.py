@@ -16,6 +16,7 @@ OUT_DIR-packed in llm-compressor's own compressed format (its size on disk). Met
 activations (W8A8) cannot be evaluated from dense weights: with EVAL.pt ((W, L) token ids) the perplexity is
 measured here, in llm-compressor's process, where compressed-tensors quantizes the activations on the fly.
 """
+
 import json
 import sys
 import time
@@ -44,7 +45,10 @@ def quantization_recipe(method: str) -> list:
         "gptq-w4-g64": lambda: [GPTQModifier(config_groups=w4_asym, ignore=["lm_head"])],
         "gptq-w4-g64-sym": lambda: [GPTQModifier(config_groups=w4_sym, ignore=["lm_head"])],
         "awq-w4-g64": lambda: [AWQModifier(), QuantizationModifier(config_groups=w4_asym, ignore=["lm_head"])],
-        "smoothquant-gptq-w8a8": lambda: [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(targets=LINEARS, scheme="W8A8", ignore=["lm_head"])],
+        "smoothquant-gptq-w8a8": lambda: [
+            SmoothQuantModifier(smoothing_strength=0.8),
+            GPTQModifier(targets=LINEARS, scheme="W8A8", ignore=["lm_head"]),
+        ],
     }[method]()
 
 
@@ -58,7 +62,9 @@ def dequantized_copy(model, base_dir: str):
 
     plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     wanted = plain.state_dict().keys()
-    plain.load_state_dict({key: value for key, value in model.state_dict().items() if key in wanted})  # smoothed norms too (AWQ, SmoothQuant)
+    plain.load_state_dict(
+        {key: value for key, value in model.state_dict().items() if key in wanted}
+    )  # smoothed norms too (AWQ, SmoothQuant)
     with torch.no_grad():
         for name, module in model.named_modules():
             scheme = getattr(module, "quantization_scheme", None)

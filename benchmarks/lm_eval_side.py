@@ -56,7 +56,8 @@ def main() -> None:
             theirs = score_with_lm_eval(lm, data, indices, Path(workdir))
             same = sum(a == b for a, b in zip(theirs.requests, (data.task.requests(data.examples[i]) for i in indices)))
             disagree = sum(
-                any(abs(a.get(k, 0) - b.get(k, 0)) > 1e-9 for k in ("acc", "acc_norm")) for a, b in zip(ours.per_example, theirs.per_example)
+                any(abs(a.get(k, 0) - b.get(k, 0)) > 1e-9 for k in ("acc", "acc_norm"))
+                for a, b in zip(ours.per_example, theirs.per_example)
             )
             row = {
                 "task": data.task.name,
@@ -72,7 +73,9 @@ def main() -> None:
                 "speedup": ours.examples_per_s / theirs.examples_per_s,
             }
             rows.append(row)
-            metrics = ", ".join(f"{k} {ours.metrics[k]:.4f} vs {theirs.metrics.get(k, float('nan')):.4f}" for k in ours.metrics)
+            metrics = ", ".join(
+                f"{k} {ours.metrics[k]:.4f} vs {theirs.metrics.get(k, float('nan')):.4f}" for k in ours.metrics
+            )
             print(
                 f"{row['task']:<14} n={row['examples']:<5} {metrics} | requests identical {row['identical_requests']}, "
                 f"examples disagreeing {disagree} | ex/s slimlm {ours.examples_per_s:.1f} lm-eval {theirs.examples_per_s:.1f} ({row['speedup']:.2f}x)",
@@ -80,9 +83,20 @@ def main() -> None:
             )
     total_ours = sum(r["examples"] / r["slimlm_examples_per_s"] for r in rows)
     total_theirs = sum(r["examples"] / r["lm_eval_examples_per_s"] for r in rows)
-    summary = {"model": args.model, "threads": args.threads, "lm_eval_batch_size": batch_size, "limit": limit, "seed": args.seed,
-               "slimlm_seconds": total_ours, "lm_eval_seconds": total_theirs, "speedup": total_theirs / total_ours, "tasks": rows}
-    print(f"scoring time: slimlm {total_ours:.1f} s, lm-eval {total_theirs:.1f} s ({summary['speedup']:.2f}x), {args.threads} threads, lm-eval batch {batch_size}")
+    summary = {
+        "model": args.model,
+        "threads": args.threads,
+        "lm_eval_batch_size": batch_size,
+        "limit": limit,
+        "seed": args.seed,
+        "slimlm_seconds": total_ours,
+        "lm_eval_seconds": total_theirs,
+        "speedup": total_theirs / total_ours,
+        "tasks": rows,
+    }
+    print(
+        f"scoring time: slimlm {total_ours:.1f} s, lm-eval {total_theirs:.1f} s ({summary['speedup']:.2f}x), {args.threads} threads, lm-eval batch {batch_size}"
+    )
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 

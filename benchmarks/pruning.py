@@ -21,7 +21,18 @@ from pathlib import Path
 import torch
 from common import run_child
 
-SLIMLM_METHODS = ("magnitude-50", "magnitude-2of4", "wanda-50", "wanda-2of4", "sparsegpt-50", "sparsegpt-2of4", "owl-wanda-70", "magnitude-70", "depth-25pct", "width-25pct")
+SLIMLM_METHODS = (
+    "magnitude-50",
+    "magnitude-2of4",
+    "wanda-50",
+    "wanda-2of4",
+    "sparsegpt-50",
+    "sparsegpt-2of4",
+    "owl-wanda-70",
+    "magnitude-70",
+    "depth-25pct",
+    "width-25pct",
+)
 LLMCOMPRESSOR_METHODS = ("sparsegpt-50", "wanda-50", "sparsegpt-2of4", "wanda-2of4")
 STRUCTURED = ("depth-25pct", "width-25pct")
 
@@ -50,7 +61,9 @@ def main() -> None:
     (out / "models").mkdir(parents=True, exist_ok=True)
     wikitext = f"wikitext2:{Path(args.wikitext).resolve()}"
     base = load_model("smollm2-135m")
-    calibration = sample_calibration(base.tokenizer, load_text(wikitext, "valid"), args.calib_samples, args.calib_seqlen, seed=0)
+    calibration = sample_calibration(
+        base.tokenizer, load_text(wikitext, "valid"), args.calib_samples, args.calib_seqlen, seed=0
+    )
     calib_ids = out / "calibration_ids.pt"
     torch.save(calibration.input_ids, calib_ids)
     base_dir = out / "models" / "base"
@@ -61,7 +74,17 @@ def main() -> None:
 
     base_quality, reference = evaluate_quality(base.model, windows, keep_reference=4, progress=False)
     base_params = parameter_count(base.model)
-    rows = [{"method": "base", "tool": "—", "perplexity": base_quality.perplexity, "kl": None, "top1": None, "sparsity": 0.0, "parameters": base_params}]
+    rows = [
+        {
+            "method": "base",
+            "tool": "—",
+            "perplexity": base_quality.perplexity,
+            "kl": None,
+            "top1": None,
+            "sparsity": 0.0,
+            "parameters": base_params,
+        }
+    ]
 
     jobs = [("slimlm", m) for m in args.methods.split(",") if m]
     if args.llmcompressor:
@@ -73,11 +96,37 @@ def main() -> None:
             continue
         model_dir = out / "models" / f"{tool}-{method}"
         if tool == "slimlm":
-            command = [sys.executable, "-m", "slimlm.cli", "compress", str(base_dir), "--recipe", method, "--out", str(model_dir), "--no-eval", "--overwrite",
-                       "--calib-data", wikitext, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
+            command = [
+                sys.executable,
+                "-m",
+                "slimlm.cli",
+                "compress",
+                str(base_dir),
+                "--recipe",
+                method,
+                "--out",
+                str(model_dir),
+                "--no-eval",
+                "--overwrite",
+                "--calib-data",
+                wikitext,
+                "--calib-samples",
+                str(args.calib_samples),
+                "--calib-seqlen",
+                str(args.calib_seqlen),
+            ]
         else:
-            command = [args.llmcompressor, str(Path(__file__).with_name("llmcompressor_side.py")), str(base_dir), str(calib_ids), method, str(model_dir)]
-        if model_dir.exists() and (out / f"{tool}-{method}.maxrss").exists():  # compressed by an earlier, interrupted run: evaluate it
+            command = [
+                args.llmcompressor,
+                str(Path(__file__).with_name("llmcompressor_side.py")),
+                str(base_dir),
+                str(calib_ids),
+                method,
+                str(model_dir),
+            ]
+        if (
+            model_dir.exists() and (out / f"{tool}-{method}.maxrss").exists()
+        ):  # compressed by an earlier, interrupted run: evaluate it
             wall, peak_mib, status = None, int((out / f"{tool}-{method}.maxrss").read_text().split()[-1]) / 1024, 0
         else:
             wall, peak_mib, status = run_child(command, out / f"{tool}-{method}.log")
@@ -86,14 +135,27 @@ def main() -> None:
             continue
         if tool == "slimlm":
             manifest = json.loads((model_dir / "slimlm.json").read_text())
-            assert manifest["calibration"] == "none: every stage of this recipe is data-free" or manifest["calibration"]["sha256"] == calibration.sha256
+            assert (
+                manifest["calibration"] == "none: every stage of this recipe is data-free"
+                or manifest["calibration"]["sha256"] == calibration.sha256
+            )
             seconds = manifest["compress_seconds"]
         else:
             seconds = json.loads((out / f"{tool}-{method}.log").read_text().strip().splitlines()[-1])["oneshot_seconds"]
         model = load_model(str(model_dir)).model
         quality, _ = evaluate_quality(model, windows, reference=reference, progress=False)
-        row = {"method": method, "tool": tool, "perplexity": quality.perplexity, "kl": quality.kl_divergence, "top1": quality.top1_agreement,
-               "sparsity": linear_sparsity(model), "parameters": parameter_count(model), "compress_s": seconds, "process_wall_s": wall, "peak_rss_mib": peak_mib}
+        row = {
+            "method": method,
+            "tool": tool,
+            "perplexity": quality.perplexity,
+            "kl": quality.kl_divergence,
+            "top1": quality.top1_agreement,
+            "sparsity": linear_sparsity(model),
+            "parameters": parameter_count(model),
+            "compress_s": seconds,
+            "process_wall_s": wall,
+            "peak_rss_mib": peak_mib,
+        }
         result_file.write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -102,18 +164,27 @@ def main() -> None:
     # Speed last, side by side in one process, so no compression job competes for the cores while it is measured.
     for row in rows:
         if row["method"] == "base" or (row["tool"] == "slimlm" and row["method"] in STRUCTURED):
-            model = base.model if row["method"] == "base" else load_model(str(out / "models" / f"slimlm-{row['method']}")).model
+            model = (
+                base.model
+                if row["method"] == "base"
+                else load_model(str(out / "models" / f"slimlm-{row['method']}")).model
+            )
             speed = measure_speed(model)
             row.update(prefill_tok_s=speed.prefill_tokens_per_s, decode_tok_s=speed.decode_tokens_per_s)
     print(markdown_table(rows, base_params))
-    (out / "summary.json").write_text(json.dumps({"calibration": calibration.describe(), "evaluation": windows.protocol(), "rows": rows}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps({"calibration": calibration.describe(), "evaluation": windows.protocol(), "rows": rows}, indent=2)
+    )
 
 
 def markdown_table(rows: list[dict], base_params: int) -> str:
     def fmt(value, spec):
         return "—" if value is None else format(value, spec)
 
-    lines = ["| method | tool | WikiText-2 ppl | KL | top-1 | sparsity | params | compress s | peak RSS MiB | prefill tok/s | decode tok/s |", "|" + "---|" * 11]
+    lines = [
+        "| method | tool | WikiText-2 ppl | KL | top-1 | sparsity | params | compress s | peak RSS MiB | prefill tok/s | decode tok/s |",
+        "|" + "---|" * 11,
+    ]
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['tool']} | {row['perplexity']:.2f} | {fmt(row.get('kl'), '.4f')} | {fmt(row.get('top1'), '.1%')} | "

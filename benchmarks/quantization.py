@@ -89,11 +89,22 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
     parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows of 2048 tokens")
-    parser.add_argument("--kl-windows", type=int, default=4, help="windows KL / top-1 against the base cover (~400 MB each)")
-    parser.add_argument("--recipes", default=None, help="comma-separated slimlm recipes (default: RTN and GPTQ W4 g64, plus every shipped awq*/smoothquant*/rotate* recipe)")
+    parser.add_argument(
+        "--kl-windows", type=int, default=4, help="windows KL / top-1 against the base cover (~400 MB each)"
+    )
+    parser.add_argument(
+        "--recipes",
+        default=None,
+        help="comma-separated slimlm recipes (default: RTN and GPTQ W4 g64, plus every shipped awq*/smoothquant*/rotate* recipe)",
+    )
     parser.add_argument("--llmcompressor", help="a Python with llmcompressor 0.14 installed (its own venv)")
     parser.add_argument("--llmcompressor-methods", default=",".join(LLMCOMPRESSOR_METHODS))
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of compressions to run (median time reported; slimlm and llm-compressor alternate)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of compressions to run (median time reported; slimlm and llm-compressor alternate)",
+    )
     parser.add_argument("--out", default="benchmarks/results/quantization")
     args = parser.parse_args()
 
@@ -107,7 +118,9 @@ def main() -> None:
     (out / "models").mkdir(parents=True, exist_ok=True)
     wikitext = f"wikitext2:{Path(args.wikitext).resolve()}"
     base = load_model("smollm2-135m")
-    calibration = sample_calibration(base.tokenizer, load_text(wikitext, "valid"), args.calib_samples, args.calib_seqlen, seed=args.seed)
+    calibration = sample_calibration(
+        base.tokenizer, load_text(wikitext, "valid"), args.calib_samples, args.calib_seqlen, seed=args.seed
+    )
     calib_ids = out / "calibration_ids.pt"
     torch.save(calibration.input_ids, calib_ids)
     base_dir = out / "models" / "base"
@@ -116,11 +129,17 @@ def main() -> None:
     windows = make_windows(base.tokenizer, load_text(wikitext, "test"), 2048, args.eval_windows)
     eval_ids = out / "eval_ids.pt"
     torch.save(windows.input_ids, eval_ids)
-    settings = {"calibration_sha256": calibration.sha256, "evaluation": windows.protocol(), "kl_windows": args.kl_windows}
+    settings = {
+        "calibration_sha256": calibration.sha256,
+        "evaluation": windows.protocol(),
+        "kl_windows": args.kl_windows,
+    }
     print(f"calibration: {calibration.describe()}\nevaluation: {windows.protocol()}", flush=True)
 
     base_quality, reference = evaluate_quality(base.model, windows, keep_reference=args.kl_windows, progress=False)
-    rows = [{"method": "base", "tool": "—", "scheme": "fp32 (dequantized Q4_1 GGUF)", "perplexity": base_quality.perplexity}]
+    rows = [
+        {"method": "base", "tool": "—", "scheme": "fp32 (dequantized Q4_1 GGUF)", "perplexity": base_quality.perplexity}
+    ]
 
     recipes = args.recipes.split(",") if args.recipes else default_recipes()
     jobs = [("slimlm", r) for r in recipes if r]
@@ -146,7 +165,10 @@ def main() -> None:
                 continue
             if tool == "slimlm":
                 calibrated = run["manifest"]["calibration"]
-                assert calibrated == "none: every stage of this recipe is data-free" or calibrated["sha256"] == calibration.sha256
+                assert (
+                    calibrated == "none: every stage of this recipe is data-free"
+                    or calibrated["sha256"] == calibration.sha256
+                )
             runs[tool, method].append(run)
             print(f"round {round_index + 1}/{args.repeat}: {tool} {method} {run['compress_s']:.1f} s", flush=True)
     for (tool, method), measured in runs.items():
@@ -154,16 +176,33 @@ def main() -> None:
             continue
         model_dir = out / "models" / f"{tool}-{method}"
         seconds = [run["compress_s"] for run in measured]
-        row = {"method": method, "tool": tool, "settings": settings, "compress_s": statistics.median(seconds), "compress_s_runs": seconds,
-               "process_wall_s": statistics.median(run["process_wall_s"] for run in measured), "peak_rss_mib": max(run["peak_rss_mib"] for run in measured)}
+        row = {
+            "method": method,
+            "tool": tool,
+            "settings": settings,
+            "compress_s": statistics.median(seconds),
+            "compress_s_runs": seconds,
+            "process_wall_s": statistics.median(run["process_wall_s"] for run in measured),
+            "peak_rss_mib": max(run["peak_rss_mib"] for run in measured),
+        }
         if tool == "slimlm":
             manifest = measured[-1]["manifest"]
-            row.update(scheme=scheme_of(manifest["recipe"]["stages"]), weight_bytes=manifest["storage"]["weight_bytes"],
-                       quantized_share_of_fp16=manifest["storage"].get("quantized_share_of_fp16"))
+            row.update(
+                scheme=scheme_of(manifest["recipe"]["stages"]),
+                weight_bytes=manifest["storage"]["weight_bytes"],
+                quantized_share_of_fp16=manifest["storage"].get("quantized_share_of_fp16"),
+            )
         else:
-            row.update(scheme=LLMCOMPRESSOR_SCHEMES[method], **packed_footprint(Path(f"{model_dir}-packed"), base.model))
+            row.update(
+                scheme=LLMCOMPRESSOR_SCHEMES[method], **packed_footprint(Path(f"{model_dir}-packed"), base.model)
+            )
         if tool == "llm-compressor" and method in LLMCOMPRESSOR_ACTIVATIONS:
-            row.update(perplexity=measured[-1]["perplexity_in_process"], kl=None, top1=None, note="perplexity measured in llm-compressor's process (activations quantized there)")
+            row.update(
+                perplexity=measured[-1]["perplexity_in_process"],
+                kl=None,
+                top1=None,
+                note="perplexity measured in llm-compressor's process (activations quantized there)",
+            )
         else:
             model = load_model(str(model_dir)).model
             quality, _ = evaluate_quality(model, windows, reference=reference, progress=False)
@@ -175,23 +214,66 @@ def main() -> None:
 
     side_by_side = time_ratios(runs)
     for method, ratios in side_by_side.items():
-        print(f"{method}: slimlm / llm-compressor compression time per round {', '.join(f'{r:.3f}' for r in ratios['per_round'])}; median {ratios['median']:.3f}")
+        print(
+            f"{method}: slimlm / llm-compressor compression time per round {', '.join(f'{r:.3f}' for r in ratios['per_round'])}; median {ratios['median']:.3f}"
+        )
     print(markdown_table(rows))
-    summary = {"calibration": calibration.describe(), "evaluation": windows.protocol(), "rows": rows, "time_ratios": side_by_side}
+    summary = {
+        "calibration": calibration.describe(),
+        "evaluation": windows.protocol(),
+        "rows": rows,
+        "time_ratios": side_by_side,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def compress_once(tool: str, method: str, args: argparse.Namespace, base_dir: Path, calib_ids: Path, eval_ids: Path, wikitext: str, out: Path) -> dict | None:
+def compress_once(
+    tool: str,
+    method: str,
+    args: argparse.Namespace,
+    base_dir: Path,
+    calib_ids: Path,
+    eval_ids: Path,
+    wikitext: str,
+    out: Path,
+) -> dict | None:
     """Run one compression in its own process; its compression seconds, process wall seconds and peak RSS (plus
     slimlm's manifest, or for llm-compressor's activation-quantizing rows the perplexity its process measured), or
     None if it failed."""
     model_dir = out / "models" / f"{tool}-{method}"
     log = out / f"{tool}-{method}.log"
     if tool == "slimlm":
-        command = [sys.executable, "-m", "slimlm.cli", "compress", str(base_dir), "--recipe", method, "--out", str(model_dir), "--no-eval", "--overwrite",
-                   "--calib-data", wikitext, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen), "--seed", str(args.seed)]
+        command = [
+            sys.executable,
+            "-m",
+            "slimlm.cli",
+            "compress",
+            str(base_dir),
+            "--recipe",
+            method,
+            "--out",
+            str(model_dir),
+            "--no-eval",
+            "--overwrite",
+            "--calib-data",
+            wikitext,
+            "--calib-samples",
+            str(args.calib_samples),
+            "--calib-seqlen",
+            str(args.calib_seqlen),
+            "--seed",
+            str(args.seed),
+        ]
     else:
-        command = [args.llmcompressor, str(Path(__file__).with_name("llmcompressor_side.py")), str(base_dir), str(calib_ids), method, str(model_dir), str(eval_ids)]
+        command = [
+            args.llmcompressor,
+            str(Path(__file__).with_name("llmcompressor_side.py")),
+            str(base_dir),
+            str(calib_ids),
+            method,
+            str(model_dir),
+            str(eval_ids),
+        ]
     wall, peak_mib, status = run_child(command, log)
     if status:
         print(f"{tool} {method}: failed (exit {status}), see {log}", flush=True)
@@ -224,7 +306,10 @@ def markdown_table(rows: list[dict]) -> str:
         return "—" if value is None else format(value, spec)
 
     base_ppl = rows[0]["perplexity"]
-    lines = ["| method | tool | scheme | WikiText-2 ppl | vs base | KL | top-1 | weights MiB | quantized / fp16 | compress s | peak RSS MiB |", "|" + "---|" * 11]
+    lines = [
+        "| method | tool | scheme | WikiText-2 ppl | vs base | KL | top-1 | weights MiB | quantized / fp16 | compress s | peak RSS MiB |",
+        "|" + "---|" * 11,
+    ]
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['tool']} | {row['scheme']} | {row['perplexity']:.2f} | {row['perplexity'] / base_ppl - 1:+.1%} | "

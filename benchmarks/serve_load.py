@@ -23,7 +23,16 @@ import threading
 import time
 from pathlib import Path
 
-QUESTIONS = ["What is the capital of France?", "Name a colour.", "Say hello.", "What is 2 + 2?", "Name an animal.", "What is rain?", "Who wrote Hamlet?", "Name a fruit."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a colour.",
+    "Say hello.",
+    "What is 2 + 2?",
+    "Name an animal.",
+    "What is rain?",
+    "Who wrote Hamlet?",
+    "Name a fruit.",
+]
 
 
 def free_port() -> int:
@@ -47,7 +56,13 @@ def main() -> None:
     port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}", "SLIMLM_QUIET": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "slimlm.cli", "serve", args.model, "--port", str(port), "--engine", args.engine], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "slimlm.cli", "serve", args.model, "--port", str(port), "--engine", args.engine],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
     try:
         deadline = time.monotonic() + 300
@@ -63,15 +78,25 @@ def main() -> None:
         idle_rss = process.memory_info().rss / 2**20
 
         def request(index: int) -> dict:
-            return dict(model="m", messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}], max_tokens=args.max_tokens, temperature=0.8, seed=index)
+            return dict(
+                model="m",
+                messages=[{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
+                max_tokens=args.max_tokens,
+                temperature=0.8,
+                seed=index,
+            )
 
-        expected = [client.chat.completions.create(**request(i)).choices[0].message.content for i in range(args.clients)]
+        expected = [
+            client.chat.completions.create(**request(i)).choices[0].message.content for i in range(args.clients)
+        ]
 
         # streaming overhead, one request at a time
         overheads, client_rates = [], []
         for i in range(4):
             stamps, timings = [], None
-            for chunk in client.chat.completions.create(**{**request(i), "max_tokens": 64, "temperature": 0}, stream=True):
+            for chunk in client.chat.completions.create(
+                **{**request(i), "max_tokens": 64, "temperature": 0}, stream=True
+            ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     stamps.append(time.perf_counter())
                 if getattr(chunk, "timings", None):
@@ -94,7 +119,11 @@ def main() -> None:
             own = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
             while time.monotonic() < stop_at:
                 try:
-                    pieces = [c.choices[0].delta.content or "" for c in own.chat.completions.create(**request(index), stream=True) if c.choices]
+                    pieces = [
+                        c.choices[0].delta.content or ""
+                        for c in own.chat.completions.create(**request(index), stream=True)
+                        if c.choices
+                    ]
                     with lock:
                         counts["requests"] += 1
                         counts["tokens"] += len([p for p in pieces if p])
@@ -103,7 +132,9 @@ def main() -> None:
                     with lock:
                         counts["errors"] += 1
 
-        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(args.clients)] + [threading.Thread(target=sample_memory)]
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(args.clients)] + [
+            threading.Thread(target=sample_memory)
+        ]
         start = time.monotonic()
         for thread in threads:
             thread.start()
@@ -111,10 +142,14 @@ def main() -> None:
             thread.join()
         wall = time.monotonic() - start
         print(f"model {args.model} · load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"{args.clients} streaming clients for {wall:.0f} s: {counts['requests']} answers, {counts['errors']} errors, {counts['mismatches']} differing from the answer alone, {counts['tokens'] / wall:.1f} streamed pieces/s overall")
+        print(
+            f"{args.clients} streaming clients for {wall:.0f} s: {counts['requests']} answers, {counts['errors']} errors, {counts['mismatches']} differing from the answer alone, {counts['tokens'] / wall:.1f} streamed pieces/s overall"
+        )
         print(f"server RSS: idle {idle_rss:.0f} MiB, peak under load {peak[0]:.0f} MiB")
         if overheads:
-            print(f"streaming overhead (client span − server decode time, per token): median {statistics.median(overheads):.2f} ms over {len(overheads)} answers; client-side {statistics.median(client_rates):.1f} tok/s")
+            print(
+                f"streaming overhead (client span − server decode time, per token): median {statistics.median(overheads):.2f} ms over {len(overheads)} answers; client-side {statistics.median(client_rates):.1f} tok/s"
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)

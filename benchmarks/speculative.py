@@ -37,7 +37,9 @@ def main() -> None:
 
     settings = SpeculativeSettings(tuple(int(k) for k in args.draft_tokens.split(",")), args.prompts, args.new_tokens)
     progress = functools.partial(print, file=sys.stderr, flush=True)  # a slow machine: one line per configuration
-    result = evaluate_speculative(args.target, args.drafts.split(","), settings, threads=args.threads, progress=progress)
+    result = evaluate_speculative(
+        args.target, args.drafts.split(","), settings, threads=args.threads, progress=progress
+    )
     headers, rows = table_rows(result)
     print(describe(result) + "\n")
     print("| " + " | ".join(headers) + " |")

@@ -18,7 +18,9 @@ TORCH_PROBE = "import sys, runpy; sys.argv = ['slimlm'] + sys.argv[1:]\ntry:\n  
 
 def seconds(args: list[str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "slimlm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True
+    )
     return time.perf_counter() - start
 
 
@@ -30,7 +32,9 @@ def main() -> None:
         times = [seconds(args) for _ in range(repeat)]
         probe = subprocess.run([sys.executable, "-c", TORCH_PROBE, *args], capture_output=True, text=True)
         imported = probe.stderr.strip().splitlines()[-1]
-        print(f"slimlm {name:15s} median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f}, n={repeat}) · {imported}")
+        print(
+            f"slimlm {name:15s} median {statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f}, n={repeat}) · {imported}"
+        )
 
 
 if __name__ == "__main__":

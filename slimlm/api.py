@@ -92,7 +92,9 @@ def quality_metrics(
 ) -> tuple[dict, ReferenceLogits | None]:
     """Quality of `model`; through its quantized KV cache when it carries a kv-cache setting (or `kv_cache` is given)."""
     kv_cache = kv_cache or kv_cache_setting(model)
-    quality, kept = evaluate_quality(model, windows, reference=reference, keep_reference=keep_reference, kv_cache=kv_cache, chunk_size=chunk_size)
+    quality, kept = evaluate_quality(
+        model, windows, reference=reference, keep_reference=keep_reference, kv_cache=kv_cache, chunk_size=chunk_size
+    )
     metrics = asdict(quality)
     broken = [name for name, value in metrics.items() if isinstance(value, float) and not math.isfinite(value)]
     if broken:
@@ -107,7 +109,11 @@ def kv_cache_metrics(model: nn.Module, windows: EvalWindows, config: KVCacheConf
     """The KV cache's bytes at the window length against float16, and the perplexity of the same chunked protocol
     with a full-precision cache: what the quantized cache costs."""
     full, _ = evaluate_quality(model, windows, chunk_size=chunk_size or DEFAULT_CHUNK)
-    return {**kv_cache_summary(config, model.config, windows.seqlen), "fp_cache_perplexity": full.perplexity, "fp_cache_protocol": full.protocol}
+    return {
+        **kv_cache_summary(config, model.config, windows.seqlen),
+        "fp_cache_perplexity": full.perplexity,
+        "fp_cache_protocol": full.protocol,
+    }
 
 
 def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) -> CalibrationSet | None:
@@ -118,7 +124,9 @@ def calibration_for(recipe: Recipe, tokenizer, settings: CalibrationSettings) ->
     return sample_calibration(tokenizer, text, settings.samples, settings.seqlen, settings.seed)
 
 
-def _compress(model: nn.Module, tokenizer, recipe: Recipe, calibration_settings: CalibrationSettings, device: torch.device | None) -> tuple[nn.Module, dict]:
+def _compress(
+    model: nn.Module, tokenizer, recipe: Recipe, calibration_settings: CalibrationSettings, device: torch.device | None
+) -> tuple[nn.Module, dict]:
     """Compress `model` in place (pass a copy to keep the original); returns it and what the run did. The caller
     has run `check_recipe` on the model (before its slow base evaluation)."""
     calibration = calibration_for(recipe, tokenizer, calibration_settings)
@@ -161,7 +169,9 @@ def compress(
     """
     check_output_dir(out, overwrite)
     parsed = load_recipe(recipe)
-    main_process = world().is_main  # under torchrun every process compresses (training is sharded); rank 0 evaluates and saves
+    main_process = (
+        world().is_main
+    )  # under torchrun every process compresses (training is sharded); rank 0 evaluates and saves
     evaluation = evaluation if main_process else None
     text = load_text(evaluation.data, evaluation.split) if evaluation is not None else None
     base = load_model(model, allow_pickle=allow_pickle, device=device)
@@ -171,11 +181,15 @@ def compress(
     if evaluation is not None:
         windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
         with stage("evaluating the base model"):
-            metrics["base"], reference = quality_metrics(base.model, windows, None, keep_reference=evaluation.kl_windows)
+            metrics["base"], reference = quality_metrics(
+                base.model, windows, None, keep_reference=evaluation.kl_windows
+            )
     metrics["base_dense_bytes"] = dense_bytes(base.model)
     metrics["base_parameters"] = parameter_count(base.model)
     with stage(f"compressing with {parsed.name}"):
-        compressed, info = _compress(base.model, base.tokenizer, parsed, calibration, base.model.device)  # in place: the base is not needed again
+        compressed, info = _compress(
+            base.model, base.tokenizer, parsed, calibration, base.model.device
+        )  # in place: the base is not needed again
     if windows is not None:
         with stage(f"evaluating {parsed.name}"):
             metrics["compressed"], _ = quality_metrics(compressed, windows, reference)
@@ -190,12 +204,20 @@ def compress(
     if parsed.export is not None:  # from the model in memory and the manifest just written: nothing read back
         path = saved.path
         target = Path(f"{path}.gguf") if parsed.export.format == "gguf" else Path(f"{path}-{parsed.export.format}")
-        in_memory = LoadedModel(compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir", saved.manifest)
+        in_memory = LoadedModel(
+            compressed.to("cpu"), base.tokenizer, str(path), str(path), "slimlm-dir", saved.manifest
+        )
         if parsed.export.tensors:
             written["export"] = _replay_search(in_memory, parsed.export, target, overwrite)
         else:
-            written["export"] = export_loaded(in_memory, parsed.export.format, target, gguf_type=parsed.export.gguf_type, overwrite=overwrite,
-                                              gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None)
+            written["export"] = export_loaded(
+                in_memory,
+                parsed.export.format,
+                target,
+                gguf_type=parsed.export.gguf_type,
+                overwrite=overwrite,
+                gguf=parsed.export.gguf_options() if parsed.export.format == "gguf" else None,
+            )
     return written
 
 
@@ -205,11 +227,33 @@ def _replay_search(loaded: LoadedModel, step, out: Path, overwrite: bool) -> dic
     from slimlm.search.replay import replay
 
     settings = step.calibration
-    drawn = sample_calibration(loaded.tokenizer, load_text(settings.data, split="calibration"), settings.samples, settings.seqlen, settings.seed)
-    result = {"model": loaded.source, "format": step.format, "path": str(out), "replayed_tensors": len(step.tensors), "calibration": drawn.describe()}
+    drawn = sample_calibration(
+        loaded.tokenizer,
+        load_text(settings.data, split="calibration"),
+        settings.samples,
+        settings.seqlen,
+        settings.seed,
+    )
+    result = {
+        "model": loaded.source,
+        "format": step.format,
+        "path": str(out),
+        "replayed_tensors": len(step.tensors),
+        "calibration": drawn.describe(),
+    }
     with stage(f"replaying the searched {step.format} artifact ({len(step.tensors)} tensors)"):
-        written = replay(loaded.model, loaded.tokenizer, step.format, dict(step.tensors), step.remove_blocks, drawn.input_ids, out,
-                         source_gguf=source_gguf(loaded), manifest={"replayed_from": "a slimlm search recipe"}, overwrite=overwrite)
+        written = replay(
+            loaded.model,
+            loaded.tokenizer,
+            step.format,
+            dict(step.tensors),
+            step.remove_blocks,
+            drawn.input_ids,
+            out,
+            source_gguf=source_gguf(loaded),
+            manifest={"replayed_from": "a slimlm search recipe"},
+            overwrite=overwrite,
+        )
     if step.format == "gguf":
         return result | {key: value for key, value in asdict(written).items() if key != "path"}
     return result | {"bytes": (out / WEIGHTS).stat().st_size}
@@ -223,7 +267,9 @@ def load_tasks(evaluation: EvalSettings) -> list:
     return [load_task_data(spec, evaluation.task_data) for spec in evaluation.tasks]
 
 
-def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings, per_example: bool = False) -> dict:
+def task_and_speed_metrics(
+    model: nn.Module, tokenizer, tasks: list, evaluation: EvalSettings, per_example: bool = False
+) -> dict:
     """{"tasks": {name: result}, "speed": {...}} for what `evaluation` asks (nothing when it asks for neither);
     `per_example` keeps each task's per-example scores (data-set index, row, metrics) to compare models on."""
     from slimlm.evaluate.speed import measure_speed
@@ -232,7 +278,9 @@ def task_and_speed_metrics(model: nn.Module, tokenizer, tasks: list, evaluation:
     metrics: dict = {}
     if tasks:
         results = [score_task(model, tokenizer, data, evaluation.task_limit, evaluation.task_seed) for data in tasks]
-        metrics["tasks"] = {r.task: {k: v for k, v in asdict(r).items() if per_example or k != "per_example"} for r in results}
+        metrics["tasks"] = {
+            r.task: {k: v for k, v in asdict(r).items() if per_example or k != "per_example"} for r in results
+        }
     if evaluation.speed is not None:
         metrics["speed"] = asdict(measure_speed(model, evaluation.speed))
     return metrics
@@ -270,8 +318,12 @@ def evaluate(
         from slimlm.evaluate.speculative import evaluate_speculative
 
         if engine is not None or base is not None:
-            raise SlimlmError("a draft measures speculative decoding against the model itself", "drop base and engine, or drop draft")
-        return evaluate_speculative(model, [draft], speculative, device=device, threads=threads, allow_pickle=allow_pickle)
+            raise SlimlmError(
+                "a draft measures speculative decoding against the model itself", "drop base and engine, or drop draft"
+            )
+        return evaluate_speculative(
+            model, [draft], speculative, device=device, threads=threads, allow_pickle=allow_pickle
+        )
     if engine is not None:
         return evaluate_on_engine(model, engine, evaluation, base, threads, allow_pickle, device)
     tasks = load_tasks(evaluation)
@@ -286,14 +338,20 @@ def evaluate(
             if acceptance is not None:
                 _check_acceptance_tokenizers(base_loaded, loaded)  # before the slow evaluation
             with stage(f"evaluating the base {base}"):
-                result["base"], reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
+                result["base"], reference = quality_metrics(
+                    base_loaded.model, windows, None, keep_reference=evaluation.kl_windows
+                )
             if acceptance is not None:
                 with stage(f"greedy answers of {base} for the draft acceptance ({acceptance.describe()})"):
-                    answers = greedy_answers(base_loaded.model, base_loaded.tokenizer, acceptance, TokensOf.of(base_loaded).end_ids)
+                    answers = greedy_answers(
+                        base_loaded.model, base_loaded.tokenizer, acceptance, TokensOf.of(base_loaded).end_ids
+                    )
             result["base_dense_bytes"] = dense_bytes(base_loaded.model)
             del base_loaded
         with stage(f"evaluating {model}"):
-            result["quality"], _ = quality_metrics(loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size)
+            result["quality"], _ = quality_metrics(
+                loaded.model, windows, reference, kv_cache=evaluation.kv_cache, chunk_size=evaluation.chunk_size
+            )
         if answers is not None:
             with stage(f"draft acceptance of {model} for {base}"):
                 result["draft_acceptance"] = [asdict(figure) for figure in greedy_acceptance(loaded.model, answers)]
@@ -315,7 +373,9 @@ def _check_acceptance_tokenizers(base: LoadedModel, model: LoadedModel) -> None:
     try:
         check_draft(TokensOf.of(base), TokensOf.of(model))
     except SlimlmError as err:
-        raise SlimlmError(err.problem, "pass --no-acceptance (acceptance=None) to evaluate against this base without it") from None
+        raise SlimlmError(
+            err.problem, "pass --no-acceptance (acceptance=None) to evaluate against this base without it"
+        ) from None
 
 
 ENGINES = ("transformers", "llama.cpp")
@@ -342,14 +402,23 @@ def evaluate_on_engine(
 
     if engine not in ENGINES:
         raise SlimlmError(f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
-    if evaluation.tasks or evaluation.kv_cache is not None or evaluation.chunk_size is not None or evaluation.speed is not None:
-        raise SlimlmError("an engine comparison measures perplexity, KL, top-1 and speed only",
-                          "drop --tasks, --kv-bits, --chunk-size and --speed, or drop --engine for the full transformers evaluation")
+    if (
+        evaluation.tasks
+        or evaluation.kv_cache is not None
+        or evaluation.chunk_size is not None
+        or evaluation.speed is not None
+    ):
+        raise SlimlmError(
+            "an engine comparison measures perplexity, KL, top-1 and speed only",
+            "drop --tasks, --kv-bits, --chunk-size and --speed, or drop --engine for the full transformers evaluation",
+        )
     if threads < 1:
         raise SlimlmError(f"threads must be at least 1, got {threads}", "pass e.g. --threads 2")
     # not a GGUF, llama.cpp missing: refused before any work; the built-in alias is a GGUF file too
     gguf_path = check_gguf(resolve_alias(model) if model in ALIASES else model) if engine == "llama.cpp" else None
-    base_path = check_gguf(base) if engine == "llama.cpp" and base is not None and Path(base).suffix == ".gguf" else None
+    base_path = (
+        check_gguf(base) if engine == "llama.cpp" and base is not None and Path(base).suffix == ".gguf" else None
+    )
     text = load_text(evaluation.data, evaluation.split)
     speed_settings = SpeedSettings(batch_sizes=(1,))
     previous_threads = torch.get_num_threads()
@@ -370,11 +439,19 @@ def evaluate_on_engine(
         if base is not None:
             with stage(f"evaluating the base {base} in {'llama.cpp' if base_path else 'transformers'}"):
                 if base_path is not None:
-                    quality, reference = llama_cpp_quality(base_path, windows, keep_reference=evaluation.kl_windows, threads=threads)
+                    quality, reference = llama_cpp_quality(
+                        base_path, windows, keep_reference=evaluation.kl_windows, threads=threads
+                    )
                     base_metrics = asdict(quality)
                 else:
-                    base_metrics, reference = quality_metrics(base_loaded.model, windows, None, keep_reference=evaluation.kl_windows)
-            result["base"] = {"model": base, "engine": "llama.cpp" if base_path else "transformers", "quality": base_metrics}
+                    base_metrics, reference = quality_metrics(
+                        base_loaded.model, windows, None, keep_reference=evaluation.kl_windows
+                    )
+            result["base"] = {
+                "model": base,
+                "engine": "llama.cpp" if base_path else "transformers",
+                "quality": base_metrics,
+            }
             del base_loaded
         with stage(f"evaluating {model} in {engine}"):
             if gguf_path is not None:
@@ -385,15 +462,31 @@ def evaluate_on_engine(
                 result["quality"], _ = quality_metrics(loaded.model, windows, reference)
         with stage(f"measuring the speed of {model} in {engine} ({threads} thread{'s' if threads > 1 else ''})"):
             if gguf_path is not None:
-                speed = asdict(llama_cpp_speed(gguf_path, threads, speed_settings.prompt_tokens, speed_settings.new_tokens, speed_settings.repeats))
+                speed = asdict(
+                    llama_cpp_speed(
+                        gguf_path,
+                        threads,
+                        speed_settings.prompt_tokens,
+                        speed_settings.new_tokens,
+                        speed_settings.repeats,
+                    )
+                )
                 result["file_bytes"] = speed.pop("file_bytes")
             else:
                 load = load_average()
                 measured = measure_speed(loaded.model, speed_settings)
-                speed = {"prefill_tokens_per_s": measured.prefill_tokens_per_s, "decode_tokens_per_s": measured.decode_tokens_per_s,
-                         "peak_rss_bytes": int(measured.cpu_peak_rss_mb * 2**20), "peak_rss_scope": measured.cpu_peak_scope,
-                         "threads": threads, "transformers": _transformers_version(), "prompt_tokens": measured.prompt_tokens,
-                         "new_tokens": measured.new_tokens, "repeats": measured.repeats, "load": load}
+                speed = {
+                    "prefill_tokens_per_s": measured.prefill_tokens_per_s,
+                    "decode_tokens_per_s": measured.decode_tokens_per_s,
+                    "peak_rss_bytes": int(measured.cpu_peak_rss_mb * 2**20),
+                    "peak_rss_scope": measured.cpu_peak_scope,
+                    "threads": threads,
+                    "transformers": _transformers_version(),
+                    "prompt_tokens": measured.prompt_tokens,
+                    "new_tokens": measured.new_tokens,
+                    "repeats": measured.repeats,
+                    "load": load,
+                }
                 result["file_bytes"] = _model_file_bytes(Path(loaded.resolved))
         result["speed"] = speed
     finally:
@@ -408,8 +501,10 @@ def _gguf_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as err:
-        raise SlimlmError(f"transformers cannot build a tokenizer from '{path}': {str(err).splitlines()[0][:160]}",
-                          "pass --base MODEL: the windows are then cut with the base's tokenizer") from None
+        raise SlimlmError(
+            f"transformers cannot build a tokenizer from '{path}': {str(err).splitlines()[0][:160]}",
+            "pass --base MODEL: the windows are then cut with the base's tokenizer",
+        ) from None
 
 
 def _model_file_bytes(resolved: Path) -> int | None:
@@ -502,22 +597,54 @@ def run(
     models_dir = out / "models"
     for number, recipe in enumerate(parsed, 1):
         with stage(f"compressing with {recipe.name} ({number}/{len(parsed)})"):
-            compressed, info = _compress(copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device)
+            compressed, info = _compress(
+                copy.deepcopy(base.model), base.tokenizer, recipe, calibration, base.model.device
+            )
         with stage(f"evaluating {recipe.name} ({number}/{len(parsed)})"):
             quality, _ = quality_metrics(compressed, windows, reference)
-        metrics = {"quality": quality, "parameters": parameter_count(compressed), "sparsity": linear_sparsity(compressed)}
+        metrics = {
+            "quality": quality,
+            "parameters": parameter_count(compressed),
+            "sparsity": linear_sparsity(compressed),
+        }
         if answers is not None:
             metrics["draft_acceptance"] = [asdict(figure) for figure in greedy_acceptance(compressed, answers)]
         metrics.update(task_and_speed_metrics(compressed, base.tokenizer, tasks, evaluation))
-        saved = save_model(compressed, base.tokenizer, models_dir / recipe.name, _manifest(base, recipe, info, metrics), overwrite=overwrite)
+        saved = save_model(
+            compressed,
+            base.tokenizer,
+            models_dir / recipe.name,
+            _manifest(base, recipe, info, metrics),
+            overwrite=overwrite,
+        )
         storage = saved.manifest["storage"]
-        metrics.update(storage, compression_ratio=base_bytes / storage["weight_bytes"], compress_seconds=info["compress_seconds"], peak_memory=peak_memory())
-        variants.append(Variant(recipe.name, recipe.to_list(), metrics, str(saved.path), DEFAULT_RUN_RECIPES.get(recipe.name, recipe.description)))
+        metrics.update(
+            storage,
+            compression_ratio=base_bytes / storage["weight_bytes"],
+            compress_seconds=info["compress_seconds"],
+            peak_memory=peak_memory(),
+        )
+        variants.append(
+            Variant(
+                recipe.name,
+                recipe.to_list(),
+                metrics,
+                str(saved.path),
+                DEFAULT_RUN_RECIPES.get(recipe.name, recipe.description),
+            )
+        )
         del compressed
     context = {
         "model": {"source": base.source, "resolved": base.resolved, "dtype": str(next(base.model.parameters()).dtype)},
-        "evaluation": {"protocol": windows.protocol(), "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0]), "kl": reference.describe() if reference else None,
-                       "draft_acceptance": acceptance.describe() + ", exact greedy acceptance of each variant drafting for the base" if acceptance else None},
+        "evaluation": {
+            "protocol": windows.protocol(),
+            "kl_windows": min(evaluation.kl_windows, windows.input_ids.shape[0]),
+            "kl": reference.describe() if reference else None,
+            "draft_acceptance": acceptance.describe()
+            + ", exact greedy acceptance of each variant drafting for the base"
+            if acceptance
+            else None,
+        },
         "device": str(base.model.device),
         "peak_memory": peak_memory(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -547,7 +674,17 @@ def search(
     from slimlm.search.run import run_search
 
     out = Path(out_dir or Path("slimlm-runs") / datetime.now().strftime("search-%Y%m%d-%H%M%S"))
-    return run_search(model, out, constraints, settings, evaluation, database_dir=database, overwrite=overwrite, allow_pickle=allow_pickle, device=device)
+    return run_search(
+        model,
+        out,
+        constraints,
+        settings,
+        evaluation,
+        database_dir=database,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        device=device,
+    )
 
 
 export = export_model  # the API's export verb is slimlm.export.export_model itself (one signature, one docstring)

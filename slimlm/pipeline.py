@@ -35,7 +35,9 @@ def targeted_linears(model: nn.Module, config: StageConfig) -> list[dict[str, nn
                     "put quantization stages last in the recipe, or narrow this stage with 'targets'",
                 )
             if not is_linear(module):
-                raise SlimlmError(f"{name} is a {type(module).__name__}, not a linear layer", "narrow the stage with 'targets'")
+                raise SlimlmError(
+                    f"{name} is a {type(module).__name__}, not a linear layer", "narrow the stage with 'targets'"
+                )
         per_block.append(chosen)
     if not any(per_block):
         raise SlimlmError(
@@ -68,7 +70,9 @@ def check_recipe(model: nn.Module, recipe: Recipe, has_calibration: bool) -> Non
     for config in recipe.stages:
         stage = METHODS[config.method]
         if stage.needs_calibration and not has_calibration:
-            raise SlimlmError(f"method '{config.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)")
+            raise SlimlmError(
+                f"method '{config.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)"
+            )
         if stage.changes_architecture and quantization_seen:
             raise SlimlmError(
                 f"stage '{config.method}' changes the architecture after a quantization stage",
@@ -154,7 +158,8 @@ def compress_(
     if "base" in recipe_needs(recipe):
         if tokenizer is None:
             raise SlimlmError(
-                "a distillation stage needs the model's tokenizer to read its training data", "pass tokenizer= to compress_"
+                "a distillation stage needs the model's tokenizer to read its training data",
+                "pass tokenizer= to compress_",
             )
         base = Base(copy.deepcopy(model).eval().requires_grad_(False), tokenizer)
     context = StageContext(calibration, device, base)

@@ -32,7 +32,14 @@ def quiet() -> bool:
 
 def bar_columns(*extra: ProgressColumn) -> tuple[ProgressColumn, ...]:
     """slimlm's bar: description, bar, done/total, then `extra` (e.g. the training loss), elapsed, remaining."""
-    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(), TimeRemainingColumn())
+    return (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
 
 
 def plain_line(message: str) -> None:

@@ -60,10 +60,20 @@ class SensitivityTable:
         return {**dataclasses.asdict(self), "by_projection": self.by_projection()}
 
 
-def _layer_statistics(model: nn.Module, wanted: tuple[str, ...], calibration: CalibrationSet, select, device) -> dict[str, InputStats]:
+def _layer_statistics(
+    model: nn.Module, wanted: tuple[str, ...], calibration: CalibrationSet, select, device
+) -> dict[str, InputStats]:
     """Input statistics of every selected linear of the *unmodified* model (each layer is compressed alone)."""
     kept: dict[str, InputStats] = {}
-    calibrate_sequentially(model, calibration.input_ids, wanted, lambda index, linears, stats: kept.update(stats), select=select, device=device, description="sensitivity: statistics")
+    calibrate_sequentially(
+        model,
+        calibration.input_ids,
+        wanted,
+        lambda index, linears, stats: kept.update(stats),
+        select=select,
+        device=device,
+        description="sensitivity: statistics",
+    )
     return kept
 
 
@@ -87,18 +97,27 @@ def layer_sensitivity(
             "use a per-layer method, e.g. --method rtn (or magnitude, sparsegpt, ...)",
         )
     if method.statistics and calibration is None:
-        raise SlimlmError(f"sensitivity: method '{stage.method}' needs calibration data", "pass calibration data (e.g. --calib-data default)")
+        raise SlimlmError(
+            f"sensitivity: method '{stage.method}' needs calibration data",
+            "pass calibration data (e.g. --calib-data default)",
+        )
     blocks_path = adapter_for(model).blocks
     names: dict[str, tuple[int, str]] = {}
     for index in range(len(decoder_blocks(model))):
         for name, module in block_linears(model, index).items():
             if stage.selects(name):
                 if not is_linear(module):
-                    raise SlimlmError(f"sensitivity: {name} is a {type(module).__name__}, not a dense linear layer", "measure sensitivity on the uncompressed model")
+                    raise SlimlmError(
+                        f"sensitivity: {name} is a {type(module).__name__}, not a dense linear layer",
+                        "measure sensitivity on the uncompressed model",
+                    )
                 call(method.check, linears={name: module}, config=stage)
                 names[name] = (index, name.removeprefix(f"{blocks_path}.{index}."))
     if not names:
-        raise SlimlmError(f"sensitivity: the stage matches no layer (targets={stage.targets!r}, exclude={stage.exclude!r})", "fix the regex; names look like 'model.layers.0.mlp.up_proj'")
+        raise SlimlmError(
+            f"sensitivity: the stage matches no layer (targets={stage.targets!r}, exclude={stage.exclude!r})",
+            "fix the regex; names look like 'model.layers.0.mlp.up_proj'",
+        )
     stats = _layer_statistics(model, method.statistics, calibration, stage.selects, device) if method.statistics else {}
     if device is not None:
         model.to(device)
@@ -109,12 +128,22 @@ def layer_sensitivity(
             original = model.get_submodule(name)
             saved = {key: value.clone() for key, value in original.state_dict().items()}
             try:
-                call(method.apply, model=model, linears={name: original}, config=stage, stats={name: stats[name]} if stats else {})
+                call(
+                    method.apply,
+                    model=model,
+                    linears={name: original},
+                    config=stage,
+                    stats={name: stats[name]} if stats else {},
+                )
                 quality, _ = evaluate_quality(model, windows, reference=reference, progress=False)
             finally:  # quantizers swap the module, pruners edit it in place: undo both
                 replace_module_(model, name, original)
                 original.load_state_dict(saved)
-            rows.append(LayerSensitivity(name, projection, index, quality.kl_divergence, quality.top1_agreement, quality.perplexity))
+            rows.append(
+                LayerSensitivity(
+                    name, projection, index, quality.kl_divergence, quality.top1_agreement, quality.perplexity
+                )
+            )
             advance()
     rows.sort(key=lambda row: (-row.kl_divergence, row.name))
     stage_dict = {"method": stage.method, **dataclasses.asdict(stage)}

@@ -100,7 +100,6 @@ SENSITIVITY_CALIBRATION = CalibrationSettings(samples=16, seqlen=512)
 RUN_CALIBRATION = CalibrationSettings(samples=32, seqlen=512)  # 16k tokens: the main job's calibrated rows fit its time
 
 
-
 # --- search ------------------------------------------------------------------------------------------------------
 
 SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -113,7 +112,10 @@ def parse_bytes(text: str, flag: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match.group(2).lower() if match else ""
     if not match or unit not in SIZE_UNITS:
-        raise SlimlmError(f"{flag} {text!r} is not a size", f"pass e.g. {flag} 92MB (units: {', '.join(u.upper() for u in SIZE_UNITS)})")
+        raise SlimlmError(
+            f"{flag} {text!r} is not a size",
+            f"pass e.g. {flag} 92MB (units: {', '.join(u.upper() for u in SIZE_UNITS)})",
+        )
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
@@ -154,7 +156,15 @@ class SearchSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("rerank_windows", 1), ("generations", 0), ("front_generations", 0), ("patience", 1), ("offspring", 1), ("survivors", 1), ("depth_candidates", 0)):
+        for name, low in (
+            ("rerank_windows", 1),
+            ("generations", 0),
+            ("front_generations", 0),
+            ("patience", 1),
+            ("offspring", 1),
+            ("survivors", 1),
+            ("depth_candidates", 0),
+        ):
             _at_least(self, name, low, "4")
 
 
@@ -164,7 +174,15 @@ FAST_CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
 DEFAULT_SEARCH = SearchSettings()
 # `--fast`: one 5-bit type, GPTQ on fewer windows, one re-ranking generation (on SmolLM2 the knapsack's answer has
 # not been bettered in --fast's generations), a third of the held-out tokens
-FAST_SEARCH = SearchSettings(types=("q4_0", "q4_1", "q5_1", "q8_0"), statistics=CalibrationSettings(samples=4, seqlen=512), rerank_windows=2, generations=1, front_generations=0, offspring=6, depth_candidates=2)
+FAST_SEARCH = SearchSettings(
+    types=("q4_0", "q4_1", "q5_1", "q8_0"),
+    statistics=CalibrationSettings(samples=4, seqlen=512),
+    rerank_windows=2,
+    generations=1,
+    front_generations=0,
+    offspring=6,
+    depth_candidates=2,
+)
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=6, kl_windows=6)  # held-out figures of every front point
 FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=2, kl_windows=2)
 DEFAULT_CONSTRAINTS = Constraints(max_size="q4_0")  # the main job: the best model at the size of llama.cpp's Q4_0
@@ -175,4 +193,3 @@ def cache_root() -> Path:
     import os
 
     return Path(os.environ.get("SLIMLM_CACHE", "~/.cache/slimlm")).expanduser()
-

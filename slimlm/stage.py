@@ -46,7 +46,9 @@ class StageConfig:
                     re.compile(pattern)
                 except re.error as err:
                     self.fail(
-                        key, f"is not a valid regular expression ({err})", "write a Python regex such as 'mlp\\.(up|gate)_proj'"
+                        key,
+                        f"is not a valid regular expression ({err})",
+                        "write a Python regex such as 'mlp\\.(up|gate)_proj'",
                     )
 
     def selects(self, name: str) -> bool:

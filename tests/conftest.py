@@ -15,7 +15,16 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = SHARED_DATA / "wikitext-2-raw"
 
 IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **IDS)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    **IDS,
+)
 
 TINY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=True),
@@ -24,7 +33,16 @@ TINY_CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**TINY),
     "phi3": lambda: transformers.Phi3Config(**TINY),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=320, **IDS, n_embd=64, n_layer=2, n_head=4, n_positions=256),
-    "opt": lambda: transformers.OPTConfig(vocab_size=320, **IDS, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=320,
+        **IDS,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+    ),
 }
 CORE_ARCHS = ["llama", "qwen2", "gemma3_text", "gpt2"]
 
@@ -46,7 +64,9 @@ def tiny_tokenizer(vocab_size: int = 256, model_max_length: int = 64, every_byte
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet() if every_byte else []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"], initial_alphabet=alphabet, show_progress=False
+    )
     tokenizer.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>", model_max_length=model_max_length

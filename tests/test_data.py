@@ -110,7 +110,11 @@ def test_unusable_sources(tmp_path):
 def test_hugging_face_source_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    expected = "pip install datasets" if importlib.util.find_spec("datasets") is None else "hub is unreachable.*pass a local file"
+    expected = (
+        "pip install datasets"
+        if importlib.util.find_spec("datasets") is None
+        else "hub is unreachable.*pass a local file"
+    )
     with pytest.raises(SlimlmError, match=expected):
         load_text("hf:slimlm-tests/does-not-exist:default")
     with pytest.raises(SlimlmError, match="hf:NAME"):
@@ -129,7 +133,9 @@ def test_tokenize_text_is_whole_and_quiet(tokenizer):
         logger.removeHandler(handler)
     assert ids.dtype == torch.int64 and ids.dim() == 1 and ids.numel() > 1000
     assert records == []
-    assert torch.equal(tokenize_text(tokenizer, "def f(x):"), torch.tensor(tokenizer.encode("def f(x):", add_special_tokens=False)))
+    assert torch.equal(
+        tokenize_text(tokenizer, "def f(x):"), torch.tensor(tokenizer.encode("def f(x):", add_special_tokens=False))
+    )
 
 
 def test_sampler_is_deterministic_and_hashed(tokenizer):
@@ -151,7 +157,10 @@ def test_sampler_is_deterministic_and_hashed(tokenizer):
 
 
 def test_ids_hash_is_int64_little_endian():
-    assert ids_sha256(torch.tensor([[1, 256]])) == hashlib.sha256(bytes([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0])).hexdigest()
+    assert (
+        ids_sha256(torch.tensor([[1, 256]]))
+        == hashlib.sha256(bytes([1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0])).hexdigest()
+    )
 
 
 def test_sampler_rejects_short_text_and_bad_sizes(tokenizer):

@@ -33,7 +33,9 @@ from slimlm.errors import SlimlmError
 LOSSES = ["forward_kl", "reverse_kl", "jsd", "tv"]
 
 
-def naive_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+def naive_loss(
+    student: torch.Tensor, teacher: torch.Tensor, loss: str, temperature: float = 1.0, beta: float = 0.5
+) -> torch.Tensor:
     """The textbook formulas on probabilities, averaged over positions, times T²."""
     p = torch.softmax(teacher / temperature, -1)
     q = torch.softmax(student / temperature, -1)
@@ -80,7 +82,9 @@ def test_gradcheck_float64(loss):
     """Analytic against numerical gradients, w.r.t. both student and teacher logits (TV: |p − q| is not
     differentiable at p = q, which random logits stay away from)."""
     student, teacher = logits(2, 3, 5, seed=3).requires_grad_(), logits(2, 3, 5, seed=4).requires_grad_()
-    assert torch.autograd.gradcheck(lambda s, t: logit_distillation_loss(s, t, loss, temperature=1.7, beta=0.3), (student, teacher))
+    assert torch.autograd.gradcheck(
+        lambda s, t: logit_distillation_loss(s, t, loss, temperature=1.7, beta=0.3), (student, teacher)
+    )
 
 
 def test_jsd_limits_are_the_kls():
@@ -178,8 +182,18 @@ def test_loss_mask_after():
 @pytest.mark.parametrize("kind", ["teacher", "student"])
 def test_generated_samples_are_seeded(kind):
     model = tiny_model("llama")
-    prompts = TokenWindows(torch.randint(3, 320, (200,), generator=torch.Generator().manual_seed(0)), 12, 0, "random ids")
-    source = GeneratedSamples(model, 12, SamplingSettings(), seed=1, kind=kind, prompts=prompts if kind == "student" else None, prompt_tokens=4 if kind == "student" else 0)
+    prompts = TokenWindows(
+        torch.randint(3, 320, (200,), generator=torch.Generator().manual_seed(0)), 12, 0, "random ids"
+    )
+    source = GeneratedSamples(
+        model,
+        12,
+        SamplingSettings(),
+        seed=1,
+        kind=kind,
+        prompts=prompts if kind == "student" else None,
+        prompt_tokens=4 if kind == "student" else 0,
+    )
     a, b = source.batch(range(3)), source.batch(range(3))
     assert a["input_ids"].shape == (3, 12) and torch.equal(a["input_ids"], b["input_ids"])
     if kind == "student":
@@ -208,7 +222,9 @@ def test_lora_zero_b_is_identity_and_merge_is_exact(arch):
                 parameter.normal_(std=0.05)
         changed = adapted(ids).logits
     assert not torch.allclose(changed, before)
-    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {n for n, _ in adapted.named_parameters() if "lora_" in n}
+    assert {n for n, p in adapted.named_parameters() if p.requires_grad} == {
+        n for n, _ in adapted.named_parameters() if "lora_" in n
+    }
     merged = merge_lora(adapted)
     assert merged is model and not any("lora" in name for name, _ in merged.named_modules())
     with torch.no_grad():
@@ -269,7 +285,16 @@ def test_distill_brings_student_to_teacher(loss, tokenizer, text_file):
             return kl_to(teacher, student, ids)
 
     before = distance()
-    config = DistillConfig(loss=loss, steps=12, batch_size=4, seqlen=32, lr=3e-3, warmup=2, data=text_file, hidden=0.5 if loss == "jsd" else 0.0)
+    config = DistillConfig(
+        loss=loss,
+        steps=12,
+        batch_size=4,
+        seqlen=32,
+        lr=3e-3,
+        warmup=2,
+        data=text_file,
+        hidden=0.5 if loss == "jsd" else 0.0,
+    )
     result = distill_(student, Base(teacher, tokenizer), config)
     assert result.steps == 12 and len(result.losses) == 12
     assert distance() < 0.6 * before
@@ -285,14 +310,20 @@ def test_distill_keeps_pruned_zeros_and_refuses_lora_on_sparse(tokenizer, text_f
     for index in range(2):
         prune_magnitude_(block_linears(student, index), MagnitudeConfig(sparsity=0.5))
     zeros = {n: (m.weight == 0).clone() for i in range(2) for n, m in block_linears(student, i).items()}
-    distill_(student, Base(teacher, tokenizer), DistillConfig(steps=3, batch_size=2, seqlen=16, lr=1e-2, warmup=0, data=text_file))
+    distill_(
+        student,
+        Base(teacher, tokenizer),
+        DistillConfig(steps=3, batch_size=2, seqlen=16, lr=1e-2, warmup=0, data=text_file),
+    )
     for index in range(2):
         for name, module in block_linears(student, index).items():
             assert (module.weight[zeros[name]] == 0).all()
             assert (module.weight[~zeros[name]] != block_linears(teacher, index)[name].weight[~zeros[name]]).any()
     pytest.importorskip("peft")
     with pytest.raises(SlimlmError, match="sparse"):
-        distill_(student, Base(teacher, tokenizer), DistillConfig(steps=1, batch_size=2, seqlen=16, lora=4, data=text_file))
+        distill_(
+            student, Base(teacher, tokenizer), DistillConfig(steps=1, batch_size=2, seqlen=16, lora=4, data=text_file)
+        )
 
 
 def test_distill_with_lora_returns_a_plain_model(tokenizer, text_file):
@@ -301,7 +332,11 @@ def test_distill_with_lora_returns_a_plain_model(tokenizer, text_file):
     student = perturbed(teacher, scale=0.5)
     ids = text_ids(tokenizer)
     before = kl_to(teacher, student, ids)
-    distill_(student, Base(teacher, tokenizer), DistillConfig(steps=8, batch_size=4, seqlen=32, lr=1e-2, lora=8, warmup=1, data=text_file))
+    distill_(
+        student,
+        Base(teacher, tokenizer),
+        DistillConfig(steps=8, batch_size=4, seqlen=32, lr=1e-2, lora=8, warmup=1, data=text_file),
+    )
     assert type(student).__name__ == "Gemma3ForCausalLM" and not any("lora" in n for n, _ in student.named_modules())
     assert kl_to(teacher, student, ids) < before
 
@@ -320,7 +355,16 @@ def test_distill_refuses_vocabulary_mismatch(tokenizer, text_file):
 
 def test_distill_stage_resumes_from_its_checkpoint(tokenizer, text_file, tmp_path):
     teacher = tiny_model("llama")
-    config = DistillConfig(steps=4, batch_size=2, seqlen=16, lr=1e-3, warmup=0, data=text_file, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=2)
+    config = DistillConfig(
+        steps=4,
+        batch_size=2,
+        seqlen=16,
+        lr=1e-3,
+        warmup=0,
+        data=text_file,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        checkpoint_every=2,
+    )
     whole = perturbed(teacher)
     distill_(whole, Base(teacher, tokenizer), config)
     again = perturbed(teacher)  # a rerun of the same stage finds the finished checkpoint and restores it
@@ -357,7 +401,21 @@ def test_recipe_prune_then_distill_learns_from_the_unpruned_model(tokenizer, tex
     model = sharp(tiny_model("qwen2"))  # untied: the blocks, not the scaled embeddings, shape the outputs
     original = copy.deepcopy(model)
     ids = text_ids(tokenizer)
-    recipe = parse_recipe([{"method": "magnitude", "sparsity": 0.5}, {"method": "distill", "steps": 10, "batch_size": 4, "seqlen": 32, "lr": 3e-4, "warmup": 1, "data": text_file}], "prune-distill")
+    recipe = parse_recipe(
+        [
+            {"method": "magnitude", "sparsity": 0.5},
+            {
+                "method": "distill",
+                "steps": 10,
+                "batch_size": 4,
+                "seqlen": 32,
+                "lr": 3e-4,
+                "warmup": 1,
+                "data": text_file,
+            },
+        ],
+        "prune-distill",
+    )
     pruned = copy.deepcopy(model)
     compress_(pruned, parse_recipe([{"method": "magnitude", "sparsity": 0.5}], "prune"))
     with pytest.raises(SlimlmError, match="tokenizer"):
@@ -379,7 +437,16 @@ def test_cross_tokenizer_distillation_from_a_recipe_feeds_the_teacher_its_own_to
     teacher = tiny_model("qwen2", seed=3)
     teacher.save_pretrained(tmp_path / "teacher")
     teacher_tokenizer.save_pretrained(tmp_path / "teacher")
-    stage = {"method": "distill", "loss": "uld", "teacher": str(tmp_path / "teacher"), "steps": 2, "batch_size": 2, "seqlen": 16, "warmup": 0, "data": text_file}
+    stage = {
+        "method": "distill",
+        "loss": "uld",
+        "teacher": str(tmp_path / "teacher"),
+        "steps": 2,
+        "batch_size": 2,
+        "seqlen": 16,
+        "warmup": 0,
+        "data": text_file,
+    }
     recipe = parse_recipe([stage], "cross-tokenizer")
     source = distillation_source(recipe.stages[0], None, teacher, tokenizer, teacher_tokenizer)
     batch = source.batch(range(2))

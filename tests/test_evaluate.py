@@ -24,8 +24,13 @@ def tiny_llama(seed: int = 0, tie: bool = False) -> nn.Module:
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -135,7 +140,14 @@ def test_reference_memory_does_not_grow_with_the_vocabulary(tokenizer, vocab):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     windows = make_windows(tokenizer, load_text("default"), seqlen=SEQLEN, max_windows=3)
     _, reference = evaluate_quality(model, windows, keep_reference=3, progress=False, top_k=16)
@@ -216,8 +228,15 @@ def test_parameter_count_and_sparsity():
 def test_file_sizes_from_safetensors_headers(tmp_path):
     from safetensors.torch import save_file
 
-    first = {"model.a.weight": torch.zeros(4, 3), "model.a.bias": torch.zeros(3), "lm_head.weight": torch.zeros(2, 2, dtype=torch.bfloat16)}
-    second = {"model.a.weight_scale": torch.zeros(4, dtype=torch.float16), "model.b.weight_q": torch.zeros(5, dtype=torch.uint8)}
+    first = {
+        "model.a.weight": torch.zeros(4, 3),
+        "model.a.bias": torch.zeros(3),
+        "lm_head.weight": torch.zeros(2, 2, dtype=torch.bfloat16),
+    }
+    second = {
+        "model.a.weight_scale": torch.zeros(4, dtype=torch.float16),
+        "model.b.weight_q": torch.zeros(5, dtype=torch.uint8),
+    }
     save_file(first, tmp_path / "model-00001-of-00002.safetensors")
     save_file(second, tmp_path / "model-00002-of-00002.safetensors")  # model.a spans both shards
     (tmp_path / "config.json").write_text("{}")

@@ -65,12 +65,21 @@ def load_gguf_in_transformers(path: Path) -> torch.nn.Module:
 def with_q8_0_embedding(model: torch.nn.Module) -> torch.nn.Module:
     """What the 4-bit GGUF types hold for the embedding / tied output: its Q8_0 reference round trip."""
     embed = model.get_input_embeddings().weight
-    q8 = gguf.quants.dequantize(gguf.quants.quantize(embed.detach().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+    q8 = gguf.quants.dequantize(
+        gguf.quants.quantize(embed.detach().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    )
     with torch.no_grad():
         embed.copy_(torch.from_numpy(q8))
         if not model.config.tie_word_embeddings:
             head = model.get_output_embeddings().weight
-            head.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(head.detach().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)))
+            head.copy_(
+                torch.from_numpy(
+                    gguf.quants.dequantize(
+                        gguf.quants.quantize(head.detach().numpy(), gguf.GGMLQuantizationType.Q8_0),
+                        gguf.GGMLQuantizationType.Q8_0,
+                    )
+                )
+            )
     return model
 
 
@@ -79,7 +88,16 @@ def with_q8_0_embedding(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize(
     ("bits", "group", "symmetric", "gguf_type"),
-    [(4, 32, True, "q4_0"), (4, 64, True, "q4_0"), (4, None, True, "q4_0"), (4, 32, False, "q4_1"), (4, 64, False, "q4_1"), (4, 128, True, "q4_1"), (8, None, True, "q8_0"), (8, 64, True, "q8_0")],
+    [
+        (4, 32, True, "q4_0"),
+        (4, 64, True, "q4_0"),
+        (4, None, True, "q4_0"),
+        (4, 32, False, "q4_1"),
+        (4, 64, False, "q4_1"),
+        (4, 128, True, "q4_1"),
+        (8, None, True, "q8_0"),
+        (8, 64, True, "q8_0"),
+    ],
 )
 def test_codes_written_as_blocks_dequantize_to_slimlm_weights(bits, group, symmetric, gguf_type):
     torch.manual_seed(0)
@@ -155,20 +173,36 @@ def test_requantized_gguf_is_llama_cpp_reference_quantization(gguf_type, tmp_pat
     with torch.no_grad():
         for name, param in reference.named_parameters():
             if param.dim() == 2:
-                param.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(param.detach().numpy(), embed_type if "embed" in name else qtype), embed_type if "embed" in name else qtype)))
+                param.copy_(
+                    torch.from_numpy(
+                        gguf.quants.dequantize(
+                            gguf.quants.quantize(param.detach().numpy(), embed_type if "embed" in name else qtype),
+                            embed_type if "embed" in name else qtype,
+                        )
+                    )
+                )
     assert torch.allclose(logits(load_gguf_in_transformers(path)), logits(reference), atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", GGUF_ARCHS)
 @pytest.mark.parametrize(
-    ("bits", "group", "symmetric", "gguf_type"), [(4, 32, True, "q4_0"), (4, 64, False, "q4_1"), (8, None, True, "q8_0"), (5, 32, True, "q5_0"), (5, 64, False, "q5_1")],
+    ("bits", "group", "symmetric", "gguf_type"),
+    [
+        (4, 32, True, "q4_0"),
+        (4, 64, False, "q4_1"),
+        (8, None, True, "q8_0"),
+        (5, 32, True, "q5_0"),
+        (5, 64, False, "q5_1"),
+    ],
 )
 def test_quantized_codes_are_kept_and_load_in_transformers(arch, bits, group, symmetric, gguf_type, tmp_path):
     model = compressed(arch, {"method": "rtn", "bits": bits, "group_size": group, "symmetric": symmetric})
     assert auto_gguf_type(model) == gguf_type
     path = tmp_path / "m.gguf"
     summary = write_gguf(model, tokenizer(), path, gguf_type)
-    assert summary.codes_kept == 14 and summary.requantized == (1 if model.config.tie_word_embeddings else 2)  # embedding (+ output)
+    assert summary.codes_kept == 14 and summary.requantized == (
+        1 if model.config.tie_word_embeddings else 2
+    )  # embedding (+ output)
     expected = logits(with_q8_0_embedding(model))
     tolerance = 1e-3 if gguf_type in ("q4_1", "q5_1") else 1e-4  # Q4_1/Q5_1's fp16 block minimum
     assert (logits(load_gguf_in_transformers(path)) - expected).abs().max() < tolerance * expected.abs().max()
@@ -176,7 +210,9 @@ def test_quantized_codes_are_kept_and_load_in_transformers(arch, bits, group, sy
     reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
     down = decoder_blocks(model)[0].mlp.down_proj
     zero = getattr(down, "weight_zero_point", None)
-    assert np.array_equal(np.asarray(reader["blk.0.ffn_down.weight"].data), pack_codes(down.weight_q, down.weight_scale, zero, gguf_type))
+    assert np.array_equal(
+        np.asarray(reader["blk.0.ffn_down.weight"].data), pack_codes(down.weight_q, down.weight_scale, zero, gguf_type)
+    )
 
 
 def test_per_tensor_types_and_importance_are_written_and_listed(tmp_path):
@@ -186,7 +222,9 @@ def test_per_tensor_types_and_importance_are_written_and_listed(tmp_path):
     path = tmp_path / "m.gguf"
     importance = torch.rand(model.config.intermediate_size) * 10
     types = {"blk.0.ffn_down.weight": "q5_1", "token_embd.weight": "q5_0", "blk.1.attn_q.weight": "f16"}
-    summary = write_gguf(model, tokenizer(), path, "q4_0", tensor_types=types, importance={"blk.0.ffn_down.weight": importance})
+    summary = write_gguf(
+        model, tokenizer(), path, "q4_0", tensor_types=types, importance={"blk.0.ffn_down.weight": importance}
+    )
     table = {row["name"]: row for row in summary.tensors}
     assert {name: table[name]["type"] for name in types} == types
     assert table["blk.0.ffn_up.weight"]["type"] == "q4_0"
@@ -248,7 +286,10 @@ def test_structured_pruned_models_export_with_their_own_shapes(arch, tmp_path):
     assert fields[f"{arch}.feed_forward_length"].contents() == 96
     assert [t.shape.tolist() for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight"] == [[96, 64]]
     if heads:
-        assert (fields[f"{arch}.attention.head_count"].contents(), fields[f"{arch}.attention.head_count_kv"].contents()) == (2, 1)
+        assert (
+            fields[f"{arch}.attention.head_count"].contents(),
+            fields[f"{arch}.attention.head_count_kv"].contents(),
+        ) == (2, 1)
         assert fields[f"{arch}.attention.key_length"].contents() == 16  # head_dim != hidden / heads now
     expected = logits(model)
     assert (logits(load_gguf_in_transformers(path)) - expected).abs().max() < 2e-3 * expected.abs().max()
@@ -256,7 +297,10 @@ def test_structured_pruned_models_export_with_their_own_shapes(arch, tmp_path):
 
 def test_refusals_name_the_formats_that_hold_the_model(tmp_path):
     three_bit = compressed("llama", {"method": "rtn", "bits": 3, "group_size": 32, "symmetric": True})
-    with pytest.raises(SlimlmError, match=r"cannot be written as GGUF q4_0.*3-bit.*f16/bf16 \(dequantized\), --format compressed-tensors"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"cannot be written as GGUF q4_0.*3-bit.*f16/bf16 \(dequantized\), --format compressed-tensors",
+    ):
         write_gguf(three_bit, tokenizer(), tmp_path / "a.gguf", "q4_0")
     asym = compressed("llama", {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False})
     with pytest.raises(SlimlmError, match=r"no zero point.*--gguf-type q4_1 \(codes kept\)"):
@@ -291,14 +335,24 @@ def test_interrupted_gguf_write_leaves_nothing(tmp_path, monkeypatch):
         ("llama", [{"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True}], "q5_0", 1e-2),
         ("qwen2", [{"method": "rtn", "bits": 5, "group_size": 64, "symmetric": False}], "q5_1", 1e-2),
     ],
-    ids=["llama-f16", "qwen2-f16", "llama-q4_0-codes", "qwen2-q4_1-codes", "llama-width-pruned", "llama-q5_0-codes", "qwen2-q5_1-codes"],
+    ids=[
+        "llama-f16",
+        "qwen2-f16",
+        "llama-q4_0-codes",
+        "qwen2-q4_1-codes",
+        "llama-width-pruned",
+        "llama-q5_0-codes",
+        "qwen2-q5_1-codes",
+    ],
 )
 def test_llama_cpp_computes_slimlm_logits(arch, stages, gguf_type, tolerance, tmp_path):
     """llama.cpp itself reads the file: same logits (4-bit: llama.cpp rounds activations to 8-bit blocks too)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     model = tiny_model(arch)
     if stages:
-        calibration = CalibrationSet(torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1)), "", "test", 0)
+        calibration = CalibrationSet(
+            torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1)), "", "test", 0
+        )
         compress_(model, parse_recipe(stages, "test"), calibration)
     path = tmp_path / "m.gguf"
     write_gguf(model, tokenizer(), path, gguf_type)
@@ -327,14 +381,19 @@ def test_sparsity_structure_is_found_from_the_weights():
     assert follows_pattern(weight, 2, 4) and not follows_pattern(dense.model.layers[0].mlp.up_proj.weight, 2, 4)
     unstructured = compressed("llama", {"method": "magnitude", "sparsity": 0.5})
     assert sparsity_config(unstructured)["sparsity_structure"] == "unstructured"
-    assert sparsity_config(compressed("llama", {"method": "rtn", "bits": 4, "group_size": 32})) is None  # rounding zeros are not pruning
+    assert (
+        sparsity_config(compressed("llama", {"method": "rtn", "bits": 4, "group_size": 32})) is None
+    )  # rounding zeros are not pruning
 
 
 @pytest.mark.parametrize(
     "stages",
     [
         [{"method": "magnitude", "pattern": "2:4"}],
-        [{"method": "magnitude", "pattern": "2:4"}, {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}],
+        [
+            {"method": "magnitude", "pattern": "2:4"},
+            {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True},
+        ],
         [{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}],  # asymmetric: transformers 5.23 + ct 0.20
     ],  # size-check the packed zero points against unpacked ones and refuse (vllm-project/llm-compressor#1618)
     ids=["2of4", "2of4-w8a16", "w4a16-g32"],
@@ -405,13 +464,13 @@ def test_llama_cpp_runs_the_export_with_slimlm_perplexity(tmp_path):
     """llama.cpp (llama-cpp-python) loads the GGUF, generates, and its perplexity is slimlm's within 2%."""
     pytest.importorskip("llama_cpp")
     code = f"""
-import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'benchmarks')!r})
+import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "benchmarks")!r})
 from engines import llama_cpp_perplexity, slimlm_perplexity, generate
 from slimlm.export import export_model
-export_model('smollm2-135m', 'gguf', {str(tmp_path / 'smol.gguf')!r}, gguf_type='f16')
-text = generate({str(tmp_path / 'smol.gguf')!r}, 'The capital of France is', 8)
-ours = slimlm_perplexity({str(tmp_path / 'smol.gguf')!r}, windows=2, seqlen=512)
-theirs = llama_cpp_perplexity({str(tmp_path / 'smol.gguf')!r}, windows=2, seqlen=512)
+export_model('smollm2-135m', 'gguf', {str(tmp_path / "smol.gguf")!r}, gguf_type='f16')
+text = generate({str(tmp_path / "smol.gguf")!r}, 'The capital of France is', 8)
+ours = slimlm_perplexity({str(tmp_path / "smol.gguf")!r}, windows=2, seqlen=512)
+theirs = llama_cpp_perplexity({str(tmp_path / "smol.gguf")!r}, windows=2, seqlen=512)
 print(repr(text), ours, theirs)
 assert len(text.strip()) > 0 and abs(theirs / ours - 1) < 0.02, (ours, theirs)
 """
@@ -430,9 +489,17 @@ def test_every_shipped_recipe_exports_to_an_engine_format_that_loads(tmp_path):
     formats = {}
     for name in shipped_recipes():
         recipe = load_recipe(name)
-        short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s for s in recipe.stages)
+        short = tuple(
+            dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s
+            for s in recipe.stages
+        )
         model = tiny_model("llama")
-        compress_(model, dataclasses.replace(recipe, stages=short), CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0), tokenizer=tokenizer())
+        compress_(
+            model,
+            dataclasses.replace(recipe, stages=short),
+            CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0),
+            tokenizer=tokenizer(),
+        )
         source = saved(model, tmp_path / name)
         expected = logits(model)
         try:
@@ -440,7 +507,10 @@ def test_every_shipped_recipe_exports_to_an_engine_format_that_loads(tmp_path):
             loaded, formats[name] = load_gguf_in_transformers(tmp_path / f"{name}.gguf"), "gguf"
         except SlimlmError:
             export_model(str(source), "compressed-tensors", tmp_path / f"{name}-ct")
-            loaded, formats[name] = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-ct", dtype=torch.float32).eval(), "compressed-tensors"
+            loaded, formats[name] = (
+                AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-ct", dtype=torch.float32).eval(),
+                "compressed-tensors",
+            )
         got = logits(loaded)
         assert got.shape == expected.shape and bool(torch.isfinite(got).all()), name
         assert float((got - expected).abs().max()) < 0.05 * float(expected.abs().max()) + 1e-3, name

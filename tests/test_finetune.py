@@ -42,7 +42,7 @@ def rows(seqlen=32):
 
 def logits(model, ids=IDS):
     with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits[:, -ids.shape[1]:]
+        return model(input_ids=ids, use_cache=False).logits[:, -ids.shape[1] :]
 
 
 def heldout_nll(model, data):
@@ -52,7 +52,9 @@ def heldout_nll(model, data):
 
 
 def short_train(model, data, lr, steps=15, source=None, wrap=None):
-    config = TrainConfig(steps=steps, batch_size=4, lr=lr, warmup_steps=0, schedule="constant", clip_norm=None if wrap else 1.0)
+    config = TrainConfig(
+        steps=steps, batch_size=4, lr=lr, warmup_steps=0, schedule="constant", clip_norm=None if wrap else 1.0
+    )
     return train(model, finetune_loss, source or ShuffledRows(data, 0), config, wrap_optimizer=wrap)
 
 
@@ -61,13 +63,19 @@ def short_train(model, data, lr, steps=15, source=None, wrap=None):
 
 def test_chat_labels_cover_the_answers_only(tmp_path):
     path = tmp_path / "chat.jsonl"
-    conversation = [{"role": "user", "content": "what is two and two"}, {"role": "assistant", "content": "four, of course"},
-                    {"role": "user", "content": "and three"}, {"role": "assistant", "content": "five minus two"}]
+    conversation = [
+        {"role": "user", "content": "what is two and two"},
+        {"role": "assistant", "content": "four, of course"},
+        {"role": "user", "content": "and three"},
+        {"role": "assistant", "content": "five minus two"},
+    ]
     path.write_text(json.dumps({"messages": conversation}) + "\n" + json.dumps({"text": "plain text row"}) + "\n")
     tok = chat_tokenizer()
     data = read_rows(path, tok, 256)
     chat_labels = data.labels[0][data.labels[0] != IGNORE]
-    assert tok.decode(chat_labels) == "four, of course<eos>five minus two<eos>"  # answers and their end-of-turn, no prompt
+    assert (
+        tok.decode(chat_labels) == "four, of course<eos>five minus two<eos>"
+    )  # answers and their end-of-turn, no prompt
     plain = data.labels[1][data.attention_mask[1].bool()]
     assert tok.decode(plain).startswith("plain text row")
     assert int(data.attention_mask[1].sum()) < data.input_ids.shape[1]  # the shorter row is padded
@@ -92,7 +100,9 @@ def test_bad_rows_name_the_line_and_field(tmp_path, line, needle):
 
 def test_chat_without_a_template_and_a_broken_template_are_refused(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    )
     with pytest.raises(SlimlmError, match="has no chat template"):
         read_rows(path, tokenizer(), 64)
     broken = tiny_tokenizer()
@@ -106,7 +116,9 @@ def test_poisson_rows_draw_each_row_with_the_sampling_rate():
     source = PoissonRows(data, batch_size=4, seed=0)
     sizes = [len(source.batch(range(step * 4, step * 4 + 4))["input_ids"]) for step in range(300)]
     assert abs(np.mean(sizes) - 4) < 0.4 and len(set(sizes)) > 3  # mean q·N, variable size
-    assert torch.equal(source.batch(range(8, 12))["input_ids"], source.batch(range(8, 12))["input_ids"])  # seeded by step
+    assert torch.equal(
+        source.batch(range(8, 12))["input_ids"], source.batch(range(8, 12))["input_ids"]
+    )  # seeded by step
 
 
 # --- methods ---------------------------------------------------------------------------------------------------
@@ -181,10 +193,21 @@ def test_qlora_adapter_of_a_saved_quantized_model_loads_back(tmp_path):
 
     save_model(quantized(), tokenizer(), tmp_path / "int4", {"recipe": {"name": "rtn-w4-g32"}})
     (tmp_path / "d.txt").write_text(TEXT)
-    manifest = finetune(str(tmp_path / "int4"), str(tmp_path / "d.txt"), tmp_path / "out", FinetuneSettings(seqlen=32, steps=6, batch_size=4))
+    manifest = finetune(
+        str(tmp_path / "int4"),
+        str(tmp_path / "d.txt"),
+        tmp_path / "out",
+        FinetuneSettings(seqlen=32, steps=6, batch_size=4),
+    )
     assert manifest["metrics"]["finetuned"]["perplexity"] < manifest["metrics"]["base"]["perplexity"]
     with pytest.raises(SlimlmError, match="re-quantize the update away"):
-        finetune(str(tmp_path / "int4"), str(tmp_path / "d.txt"), tmp_path / "merged", FinetuneSettings(seqlen=32, steps=1, batch_size=4), merge=True)
+        finetune(
+            str(tmp_path / "int4"),
+            str(tmp_path / "d.txt"),
+            tmp_path / "merged",
+            FinetuneSettings(seqlen=32, steps=1, batch_size=4),
+            merge=True,
+        )
     reloaded = load_adapter(load_model(str(tmp_path / "int4")).model, tmp_path / "out")
     base_layer = reloaded.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(base_layer, QuantizedLinear)
@@ -215,7 +238,15 @@ def test_dp_step_is_the_mean_of_clipped_per_sample_gradients():
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         for total, g in zip(naive, grads):
             total += g * min(1.0, clip / (float(norm) + 1e-6)) / expected_rows
-    plan = PrivacyPlan(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=expected_rows / len(data), steps=1, delta=1e-5, accountant="rdp", target_epsilon=None)
+    plan = PrivacyPlan(
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        sample_rate=expected_rows / len(data),
+        steps=1,
+        delta=1e-5,
+        accountant="rdp",
+        target_epsilon=None,
+    )
     wrapped, wrap = make_private(adapted, plan, len(data), seed=0)
     optimizer = wrap(torch.optim.SGD(trainable, lr=0.0))
     finetune_loss(wrapped, batch).backward()
@@ -231,7 +262,15 @@ def test_dp_lora_trains_on_every_family(arch):
     data = rows()
     adapted = apply_method(tiny_model(arch), FinetuneSettings(method="lora", rank=4))
     before = heldout_nll(adapted, data)
-    plan = PrivacyPlan(noise_multiplier=0.3, max_grad_norm=1.0, sample_rate=4 / len(data), steps=15, delta=1e-4, accountant="rdp", target_epsilon=None)
+    plan = PrivacyPlan(
+        noise_multiplier=0.3,
+        max_grad_norm=1.0,
+        sample_rate=4 / len(data),
+        steps=15,
+        delta=1e-4,
+        accountant="rdp",
+        target_epsilon=None,
+    )
     wrapped, wrap = make_private(adapted, plan, len(data), seed=0)
     short_train(wrapped, data, 1e-2, source=PoissonRows(data, 4, 0), wrap=wrap)
     wrapped.remove_hooks()
@@ -244,7 +283,9 @@ def test_the_noise_is_solved_for_the_epsilon_target():
 
     plan = plan_privacy(65, 4, 15, 1e-4, 1.0, "rdp", target_epsilon=20.0)
     assert 19.5 < plan.epsilon() <= 20.0  # the accountant's ε for the σ solved for the target, just below it
-    assert epsilon_spent(plan.noise_multiplier * 0.8, plan.sample_rate, 15, 1e-4, "rdp") > 20.0  # less noise spends more
+    assert (
+        epsilon_spent(plan.noise_multiplier * 0.8, plan.sample_rate, 15, 1e-4, "rdp") > 20.0
+    )  # less noise spends more
 
 
 def test_dp_refuses_what_it_cannot_do():
@@ -273,7 +314,12 @@ def test_a_memorized_canary_has_high_exposure_and_an_unseen_one_does_not():
     canaries = make_canaries(2, seed=0)
     model = tiny_model("llama")
     seen = canary_rows(canaries[:1], tokenizer(), repeats=8)
-    train(model.requires_grad_(True), finetune_loss, ShuffledRows(seen, 0), TrainConfig(steps=40, batch_size=4, lr=3e-3, schedule="constant"))
+    train(
+        model.requires_grad_(True),
+        finetune_loss,
+        ShuffledRows(seen, 0),
+        TrainConfig(steps=40, batch_size=4, lr=3e-3, schedule="constant"),
+    )
     result = exposure(model, tokenizer(), canaries, candidates=255)
     memorized, unseen = (c["exposure"] for c in result["canaries"])
     assert memorized == pytest.approx(8.0)  # rank 1 of 256
@@ -298,8 +344,25 @@ def finetuned(tmp_path_factory):
     base = saved_tiny(tmp_path)
     (tmp_path / "d.txt").write_text(TEXT)
     out = tmp_path / "out"
-    result = run_cli("finetune", base, "--data", tmp_path / "d.txt", "--out", out, "--seqlen", "32", "--steps", "8", "--batch-size", "4", "--merge",
-                     "--canaries", "1", "--canary-repeats", "2")
+    result = run_cli(
+        "finetune",
+        base,
+        "--data",
+        tmp_path / "d.txt",
+        "--out",
+        out,
+        "--seqlen",
+        "32",
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--merge",
+        "--canaries",
+        "1",
+        "--canary-repeats",
+        "2",
+    )
     assert result.returncode == 0, result.stdout
     return base, out
 
@@ -323,10 +386,15 @@ def test_an_adapter_for_another_base_is_refused(finetuned):
     from slimlm.finetune.api import load_adapter
 
     base, out = finetuned
-    with pytest.raises(SlimlmError, match=r"was fine-tuned from .*tiny-llama \(llama, 2 layers.*not from this model \(llama, 2 layers, width 64, weights"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"was fine-tuned from .*tiny-llama \(llama, 2 layers.*not from this model \(llama, 2 layers, width 64, weights",
+    ):
         load_adapter(tiny_model("llama", seed=1), out)
     reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(base), out)
-    torch.testing.assert_close(logits(reloaded), logits(AutoModelForCausalLM.from_pretrained(out / "merged")), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(reloaded), logits(AutoModelForCausalLM.from_pretrained(out / "merged")), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_exposure_of_the_saved_canaries_is_what_the_run_reported(finetuned):
@@ -336,7 +404,9 @@ def test_exposure_of_the_saved_canaries_is_what_the_run_reported(finetuned):
 
     base, out = finetuned
     reported = json.loads((out / "finetune.json").read_text())["metrics"]["canaries"]
-    again = exposure(AutoModelForCausalLM.from_pretrained(out / "merged"), tokenizer(), read_canaries(out / "canaries.json"))
+    again = exposure(
+        AutoModelForCausalLM.from_pretrained(out / "merged"), tokenizer(), read_canaries(out / "canaries.json")
+    )
     assert [c["rank"] for c in again["canaries"]] == [c["rank"] for c in reported["canaries"]]
     with pytest.raises(SlimlmError, match="cannot read canaries"):
         read_canaries(out / "finetune.json")
@@ -348,7 +418,9 @@ def test_dp_finetune_records_epsilon_and_exposure(tmp_path):
 
     base = saved_tiny(tmp_path, "gpt2")
     (tmp_path / "d.txt").write_text(TEXT * 3)
-    settings = FinetuneSettings(seqlen=32, steps=5, batch_size=4, dp_epsilon=8, dp_delta=1e-4, accountant="rdp", canaries=2, canary_repeats=2)
+    settings = FinetuneSettings(
+        seqlen=32, steps=5, batch_size=4, dp_epsilon=8, dp_delta=1e-4, accountant="rdp", canaries=2, canary_repeats=2
+    )
     manifest = finetune(str(base), str(tmp_path / "d.txt"), tmp_path / "out", settings)
     metrics = json.loads((tmp_path / "out" / "finetune.json").read_text())["metrics"]
     assert metrics == json.loads(json.dumps(manifest["metrics"]))
@@ -374,11 +446,20 @@ def test_llama_cpp_applies_the_gguf_adapter_as_peft_does(arch, tmp_path):
             torch.nn.init.normal_(p, std=0.2, generator=torch.Generator().manual_seed(len(name)))
     write_lora_gguf(adapted, tmp_path / "adapter.gguf", base)
     expected, plain = logits(adapted)[0].numpy(), logits(tiny_model(arch))[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(tmp_path / "adapter.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(base),
+        lora_path=str(tmp_path / "adapter.gguf"),
+        n_ctx=64,
+        logits_all=True,
+        n_threads=1,
+        verbose=False,
+    )
     llm.eval(IDS[0].tolist())
     got = np.asarray(llm.scores[: IDS.shape[1]])
     assert np.abs(got - expected).max() < 5e-3 * np.abs(expected).max()
-    assert np.abs(expected - plain).max() > 20 * np.abs(got - expected).max()  # the adapter matters, and llama.cpp applied it
+    assert (
+        np.abs(expected - plain).max() > 20 * np.abs(got - expected).max()
+    )  # the adapter matters, and llama.cpp applied it
 
 
 def test_gguf_adapter_for_another_base_is_refused(tmp_path):
@@ -388,10 +469,11 @@ def test_gguf_adapter_for_another_base_is_refused(tmp_path):
     other = tmp_path / "other.gguf"
     write_gguf(tiny_model("qwen2"), tokenizer(), other, "f16")
     adapted = apply_method(tiny_model("llama"), FinetuneSettings(method="lora", rank=4))
-    with pytest.raises(SlimlmError, match=r"trained for a llama model with 2 blocks of width 64, but .*other.gguf' is a qwen2 model"):
+    with pytest.raises(
+        SlimlmError, match=r"trained for a llama model with 2 blocks of width 64, but .*other.gguf' is a qwen2 model"
+    ):
         write_lora_gguf(adapted, tmp_path / "adapter.gguf", other)
     assert not (tmp_path / "adapter.gguf").exists()
-
 
 
 # --- the recipe stage --------------------------------------------------------------------------------------------
@@ -406,10 +488,19 @@ def test_finetune_stage_merges_into_a_plain_model_before_quantization(tmp_path, 
 
     (tmp_path / "d.txt").write_text(TEXT * 2)
     model = tiny_model("qwen2")
-    stage = {"method": "finetune", "data": str(tmp_path / "d.txt"), "rank": 4, "steps": 10, "batch_size": 4, "seqlen": 32}
+    stage = {
+        "method": "finetune",
+        "data": str(tmp_path / "d.txt"),
+        "rank": 4,
+        "steps": 10,
+        "batch_size": 4,
+        "seqlen": 32,
+    }
     if dp:
         stage.update(dp_epsilon=50, dp_delta=1e-4, accountant="rdp")
-    logs = compress_(model, parse_recipe([stage, {"method": "rtn", "bits": 8, "group_size": 32}], "test"), tokenizer=tokenizer())
+    logs = compress_(
+        model, parse_recipe([stage, {"method": "rtn", "bits": 8, "group_size": 32}], "test"), tokenizer=tokenizer()
+    )
     details = logs[0].details
     assert details["heldout_perplexity_after"] < details["heldout_perplexity_before"]
     assert ("privacy" in details) == dp and (not dp or details["privacy"]["epsilon"] <= 50)

@@ -30,8 +30,25 @@ def test_lora_on_smollm2_loads_in_peft_and_in_llama_cpp(tmp_path):
 
     out = tmp_path / "smol-lora"
     wikitext = f"wikitext2:{WIKITEXT}"
-    result = run_cli("finetune", "smollm2-135m", "--data", wikitext, "--eval-data", wikitext, "--seqlen", "64", "--eval-windows", "8",
-                     "--steps", "6", "--batch-size", "4", "--out", out, "--gguf")
+    result = run_cli(
+        "finetune",
+        "smollm2-135m",
+        "--data",
+        wikitext,
+        "--eval-data",
+        wikitext,
+        "--seqlen",
+        "64",
+        "--eval-windows",
+        "8",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--out",
+        out,
+        "--gguf",
+    )
     assert result.returncode == 0, result.stdout
     metrics = json.loads((out / "finetune.json").read_text())["metrics"]
     assert metrics["finetuned"]["perplexity"] < 0.95 * metrics["base"]["perplexity"]
@@ -44,11 +61,20 @@ def test_lora_on_smollm2_loads_in_peft_and_in_llama_cpp(tmp_path):
         ours = adapted(input_ids=torch.tensor([ids])).logits[0].numpy()
     scores = {}
     for lora in (None, str(out / "adapter.gguf")):
-        llm = llama_cpp.Llama(model_path=str(resolve_alias("smollm2-135m")), lora_path=lora, n_ctx=256, logits_all=True, n_threads=2, verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=str(resolve_alias("smollm2-135m")),
+            lora_path=lora,
+            n_ctx=256,
+            logits_all=True,
+            n_threads=2,
+            verbose=False,
+        )
         llm.eval(ids)
         scores[lora] = np.asarray(llm.scores[: len(ids)])
     with_adapter = scores[str(out / "adapter.gguf")]
     # llama.cpp runs the Q4_1 file with 8-bit activations; transformers the dequantized weights: close, not equal
     assert abs(mean_nll(with_adapter, ids) - mean_nll(ours, ids)) < 0.05
     assert abs(mean_nll(scores[None], ids) - mean_nll(plain, ids)) < 0.05
-    assert mean_nll(with_adapter, ids) < mean_nll(scores[None], ids) - 0.05  # the adapter changes llama.cpp's output as it changed ours
+    assert (
+        mean_nll(with_adapter, ids) < mean_nll(scores[None], ids) - 0.05
+    )  # the adapter changes llama.cpp's output as it changed ours

@@ -26,7 +26,15 @@ STEPS = 4
 
 
 def config(checkpoint_dir: str | None = None, steps: int = STEPS) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, checkpoint_dir=checkpoint_dir, checkpoint_every=2)
+    return TrainConfig(
+        steps=steps,
+        batch_size=4,
+        grad_accum=2,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=2,
+    )
 
 
 def distillation(teacher):
@@ -39,7 +47,9 @@ def distillation(teacher):
 
 
 def source():
-    return TokenWindows(torch.randint(3, 320, (64 * 16,), generator=torch.Generator().manual_seed(0)), 16, 0, "random ids")
+    return TokenWindows(
+        torch.randint(3, 320, (64 * 16,), generator=torch.Generator().manual_seed(0)), 16, 0, "random ids"
+    )
 
 
 def run(checkpoint_dir: str | None = None, steps: int = STEPS) -> list[float]:
@@ -106,15 +116,61 @@ def test_cli_compress_under_torchrun_trains_sharded_and_saves_once(tmp_path):
     tiny_tokenizer().save_pretrained(model_dir)
     (tmp_path / "text.txt").write_text(TEXT)
     recipe = tmp_path / "kd.yaml"
-    distill = {"method": "distill", "steps": 3, "batch_size": 4, "seqlen": 32, "lr": 1e-3, "warmup": 1, "data": str(tmp_path / "text.txt")}
-    recipe.write_text(yaml.safe_dump({"name": "kd", "stages": [{"method": "width", "mlp": 0.25, "heads": 0.0, "multiple_of": 8}, distill]}))
-    common = ["compress", str(model_dir), "--recipe", str(recipe), "--no-eval", "--calib-data", str(tmp_path / "text.txt"), "--calib-samples", "2", "--calib-seqlen", "32"]
+    distill = {
+        "method": "distill",
+        "steps": 3,
+        "batch_size": 4,
+        "seqlen": 32,
+        "lr": 1e-3,
+        "warmup": 1,
+        "data": str(tmp_path / "text.txt"),
+    }
+    recipe.write_text(
+        yaml.safe_dump(
+            {"name": "kd", "stages": [{"method": "width", "mlp": 0.25, "heads": 0.0, "multiple_of": 8}, distill]}
+        )
+    )
+    common = [
+        "compress",
+        str(model_dir),
+        "--recipe",
+        str(recipe),
+        "--no-eval",
+        "--calib-data",
+        str(tmp_path / "text.txt"),
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "32",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIMLM_QUIET": "1", "HF_HUB_OFFLINE": "1"}
-    single = subprocess.run([sys.executable, "-m", "slimlm.cli", *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun_bin = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    sharded = subprocess.run([torchrun_bin, "--standalone", "--nproc_per_node", "2", "-m", "slimlm.cli", *common, "--out", str(tmp_path / "two")],
-                             env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+    sharded = subprocess.run(
+        [
+            torchrun_bin,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "slimlm.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     assert sharded.returncode == 0, (sharded.stdout + sharded.stderr)[-3000:]
     assert (sharded.stdout + sharded.stderr).count("saved:") == 1  # rank 0 reports and saves
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")

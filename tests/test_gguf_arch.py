@@ -26,7 +26,9 @@ from slimlm.prune.width import WidthConfig, prune_width_
 from slimlm.recipes import parse_recipe
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 8, 11, 64, 200, 31, 9, 10, 12, 13, 14, 15, 16, 18]  # longer than the sliding windows
-GPT2 = dict(vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+GPT2 = dict(
+    vocab_size=320, bos_token_id=1, eos_token_id=2, pad_token_id=0, n_embd=64, n_layer=2, n_head=4, n_positions=256
+)
 
 # Gemma 2/3 use a sliding window of 8 < len(IDS), so llama.cpp's SWA masks are exercised; head_dim 16 with
 # query_pre_attn_scalar 256 (the HF default) makes the query-scale fold necessary.
@@ -37,7 +39,9 @@ CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=32),
     "gemma": lambda: transformers.GemmaConfig(**TINY, head_dim=16),
     "gemma2": lambda: transformers.Gemma2Config(**TINY, head_dim=16, sliding_window=8),
-    "gemma3_text": lambda: transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]
+    ),
     "phi3": lambda: transformers.Phi3Config(**TINY),
     "gpt2": lambda: transformers.GPT2Config(**GPT2),
 }
@@ -62,7 +66,9 @@ def logits(model, ids=IDS) -> np.ndarray:
 def llama_cpp_logits(path, ids=IDS) -> np.ndarray:
     llama_cpp = pytest.importorskip("llama_cpp")
     # float32 K/V cache (type 0 = GGML_TYPE_F32): llama.cpp's default F16 cache would add its own rounding
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False, type_k=0, type_v=0
+    )
     llm.eval(ids)
     return np.asarray(llm.scores[: len(ids)])
 
@@ -102,7 +108,11 @@ def test_llama_cpp_computes_slimlm_logits(arch, tmp_path):
 def test_quantized_codes_of_every_layout_run_in_llama_cpp(arch, stage, gguf_type, tmp_path):
     """Codes kept as blocks; the (tied) embedding is Q8_0 in the file, so slimlm's reference holds its round trip."""
     model = model_from(CONFIGS[arch]())
-    compress_(model, parse_recipe([stage], "test"), CalibrationSet(torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1)), "", "test", 0))
+    compress_(
+        model,
+        parse_recipe([stage], "test"),
+        CalibrationSet(torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1)), "", "test", 0),
+    )
     path = tmp_path / "m.gguf"
     summary = write_gguf(model, tiny_tokenizer(), path, gguf_type)
     assert summary.codes_kept == 2 * len(adapter_for(arch).linears())
@@ -143,14 +153,54 @@ SHORT, LONG = [1.0 + 0.25 * i for i in range(8)], [2.0 + i for i in range(8)]
 @pytest.mark.parametrize(
     ("config", "reference"),
     [
-        (lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), None),
+        (
+            lambda: transformers.LlamaConfig(
+                **TINY,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+            ),
+            None,
+        ),
         # llama.cpp picks LongRoPE's long factors when its context (64, padded to 256) exceeds the original length,
         # transformers when the sequence does: each case is compared with the factors both sides use
-        (lambda: transformers.Phi3Config(**{**TINY, "max_position_embeddings": 2048}, original_max_position_embeddings=512, rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}), None),
-        (lambda: transformers.Phi3Config(**TINY, original_max_position_embeddings=64, rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}),
-         lambda: transformers.Phi3Config(**TINY, original_max_position_embeddings=64, rope_scaling={"rope_type": "longrope", "short_factor": LONG, "long_factor": LONG})),
-        (lambda: transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"], rope_parameters={
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}), None),
+        (
+            lambda: transformers.Phi3Config(
+                **{**TINY, "max_position_embeddings": 2048},
+                original_max_position_embeddings=512,
+                rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+            ),
+            None,
+        ),
+        (
+            lambda: transformers.Phi3Config(
+                **TINY,
+                original_max_position_embeddings=64,
+                rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+            ),
+            lambda: transformers.Phi3Config(
+                **TINY,
+                original_max_position_embeddings=64,
+                rope_scaling={"rope_type": "longrope", "short_factor": LONG, "long_factor": LONG},
+            ),
+        ),
+        (
+            lambda: transformers.Gemma3TextConfig(
+                **TINY,
+                head_dim=16,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                },
+            ),
+            None,
+        ),
     ],
     ids=["llama3", "longrope-short", "longrope-long", "gemma3-linear-global"],
 )
@@ -188,7 +238,9 @@ def test_transformers_gguf_loader_computes_slimlm_logits(arch, gguf_type, tmp_pa
     model = model_from(LOADER_CONFIGS[arch]())
     path = tmp_path / "m.gguf"
     write_gguf(model, tiny_tokenizer(), path, gguf_type)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     assert loaded.config.model_type == ("llama" if arch == "mistral" else arch)  # llama.cpp runs Mistral as llama
     expected = logits(model)
     assert relative_error(logits(loaded), expected) < (1e-6 if gguf_type == "f32" else 3e-3)
@@ -225,7 +277,14 @@ def tiny_llama2_tokenizer():
     llama.cpp do not: the texts here do not start with a space."""
     gemma = tiny_sentencepiece_tokenizer()
     merges = [tuple(m) for m in json.loads(gemma.backend_tokenizer.to_str())["model"]["merges"]]
-    return transformers.LlamaTokenizer(vocab=gemma.get_vocab(), merges=merges, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", add_bos_token=True)
+    return transformers.LlamaTokenizer(
+        vocab=gemma.get_vocab(),
+        merges=merges,
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        add_bos_token=True,
+    )
 
 
 def tiny_split_tokenizer(regex: str):
@@ -236,9 +295,19 @@ def tiny_split_tokenizer(regex: str):
     from slimlm.data.text import load_text
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator([load_text("default", "calibration").text[:50_000]], trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>")
 
@@ -261,7 +330,13 @@ def tokenizer_of(kind: str):
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     tokenizer = tokenizer_of(kind)
-    arch = {"sentencepiece": "gemma3_text", "sentencepiece-prefix": "llama", "gpt-2": "gpt2", "llama-bpe": "llama", "qwen2": "qwen2"}[kind]
+    arch = {
+        "sentencepiece": "gemma3_text",
+        "sentencepiece-prefix": "llama",
+        "gpt-2": "gpt2",
+        "llama-bpe": "llama",
+        "qwen2": "qwen2",
+    }[kind]
     config = CONFIGS[arch]()
     config.vocab_size = 704
     path = tmp_path / "m.gguf"
@@ -271,7 +346,11 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
     assert fields["tokenizer.ggml.model"].contents() == ("llama" if sentencepiece else "gpt2")
     assert fields["tokenizer.ggml.pre"].contents() == ("default" if sentencepiece else kind)
     # conftest's byte-level BPE learned only the characters of its corpus (no full byte alphabet): plain text for it
-    text = TEXT if kind != "gpt-2" else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
+    text = (
+        TEXT
+        if kind != "gpt-2"
+        else "The quick brown fox, 1234 times, naive cafe.\nsmall language models are compressed."
+    )
     expected = tokenizer(text).input_ids
     assert tokenizer.unk_token_id not in expected
     assert len(expected) < len(text) * 0.8  # merges are in play, not just characters
@@ -282,7 +361,10 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
         assert fields["tokenizer.ggml.add_space_prefix"].contents() is (kind == "sentencepiece-prefix")
         types = fields["tokenizer.ggml.token_type"].contents()
         assert types[tokenizer.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
-        assert types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL and types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
+        assert (
+            types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL
+            and types[tokenizer.unk_token_id] == gguf.TokenType.UNKNOWN
+        )
         assert expected[0] == tokenizer.bos_token_id and fields["tokenizer.ggml.add_bos_token"].contents() is True
         rebuilt = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
         assert rebuilt(text).input_ids == expected
@@ -294,18 +376,56 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(kind, tmp_path):
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        (lambda: transformers.OPTConfig(vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4), "llama.cpp has no OPT architecture"),
-        (lambda: transformers.GemmaConfig(**TINY, head_dim=16, tie_word_embeddings=False), "always reads token_embd as the output"),
+        (
+            lambda: transformers.OPTConfig(
+                vocab_size=320, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4
+            ),
+            "llama.cpp has no OPT architecture",
+        ),
+        (
+            lambda: transformers.GemmaConfig(**TINY, head_dim=16, tie_word_embeddings=False),
+            "always reads token_embd as the output",
+        ),
         (lambda: transformers.LlamaConfig(**TINY, hidden_act="gelu"), "activation is 'gelu'"),
-        (lambda: transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8), "sliding-window attention"),
+        (
+            lambda: transformers.Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8),
+            "sliding-window attention",
+        ),
         (lambda: transformers.MistralConfig(**TINY, sliding_window=16), "sliding-window attention"),
-        (lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
-        (lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "RoPE scaling 'dynamic'"),
+        (
+            lambda: transformers.GPT2Config(**GPT2, scale_attn_by_inverse_layer_idx=True),
+            "scale_attn_by_inverse_layer_idx",
+        ),
+        (
+            lambda: transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+            "RoPE scaling 'dynamic'",
+        ),
         (lambda: transformers.Qwen3Config(**TINY, attention_bias=True), "no attention output bias"),
-        (lambda: transformers.Qwen2Config(**{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=16), "sizes the query and output projections hidden × hidden"),
-        (lambda: transformers.Phi3Config(**{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=16), "sizes the query and output projections hidden × hidden"),
+        (
+            lambda: transformers.Qwen2Config(
+                **{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=16
+            ),
+            "sizes the query and output projections hidden × hidden",
+        ),
+        (
+            lambda: transformers.Phi3Config(
+                **{**TINY, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=16
+            ),
+            "sizes the query and output projections hidden × hidden",
+        ),
     ],
-    ids=["opt", "gemma-untied", "llama-gelu", "qwen2-swa", "mistral-swa", "gpt2-layer-scaling", "dynamic-rope", "qwen3-bias", "qwen2-head-pruned", "phi3-head-pruned"],
+    ids=[
+        "opt",
+        "gemma-untied",
+        "llama-gelu",
+        "qwen2-swa",
+        "mistral-swa",
+        "gpt2-layer-scaling",
+        "dynamic-rope",
+        "qwen3-bias",
+        "qwen2-head-pruned",
+        "phi3-head-pruned",
+    ],
 )
 def test_what_llama_cpp_cannot_run_is_refused_from_the_config(config, message, tmp_path):
     with pytest.raises(SlimlmError, match=message):

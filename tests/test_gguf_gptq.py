@@ -33,7 +33,9 @@ def _output_error(approx: torch.Tensor, weight: torch.Tensor, hessian: torch.Ten
 @pytest.mark.parametrize("name", ("q4_0", "q4_1", "q5_0", "q2_k", "q3_k", "q4_k", "q6_k"))
 def test_gptq_output_error_below_round_to_nearest(name):
     weight, hessian = _layer(0)
-    gptq = dequantize_tensor(gptq_for_type(weight, hessian, name, damp=0.01), name, weight.shape)  # in-sample: GPTQ's own dampening
+    gptq = dequantize_tensor(
+        gptq_for_type(weight, hessian, name, damp=0.01), name, weight.shape
+    )  # in-sample: GPTQ's own dampening
     rtn = dequantize_tensor(quantize_tensor(weight, name, hessian.diagonal()), name, weight.shape)
     assert _output_error(gptq, weight, hessian) < 0.9 * _output_error(rtn, weight, hessian)
 

@@ -26,15 +26,31 @@ from slimlm.pipeline import compress_
 from slimlm.recipes import parse_recipe
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 11, 64, 200, 31]])
-LLAMA_FTYPES = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
-                "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
+LLAMA_FTYPES = {
+    "q4_0": "Q4_0",
+    "q4_1": "Q4_1",
+    "q5_0": "Q5_0",
+    "q5_1": "Q5_1",
+    "q8_0": "Q8_0",
+    "q4_k_m": "Q4_K_M",
+    "q5_k_m": "Q5_K_M",
+    "q6_k": "Q6_K",
+}
 
 
 def kquant_model(layers: int = 8, seed: int = 0) -> torch.nn.Module:
     """A tiny llama shaped like SmolLM2 for the k-quants: rows of 64 (no k-quant) except ffn_down's 256."""
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, **CONFIG_IDS)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **CONFIG_IDS,
+    )
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -42,10 +58,18 @@ def kquant_model(layers: int = 8, seed: int = 0) -> torch.nn.Module:
 def smollm2_shapes() -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (49152, 576)}
     for i in range(30):
-        shapes.update({f"blk.{i}.attn_norm.weight": (576,), f"blk.{i}.attn_q.weight": (576, 576),
-                       f"blk.{i}.attn_k.weight": (192, 576), f"blk.{i}.attn_v.weight": (192, 576),
-                       f"blk.{i}.attn_output.weight": (576, 576), f"blk.{i}.ffn_gate.weight": (1536, 576),
-                       f"blk.{i}.ffn_up.weight": (1536, 576), f"blk.{i}.ffn_down.weight": (576, 1536)})
+        shapes.update(
+            {
+                f"blk.{i}.attn_norm.weight": (576,),
+                f"blk.{i}.attn_q.weight": (576, 576),
+                f"blk.{i}.attn_k.weight": (192, 576),
+                f"blk.{i}.attn_v.weight": (192, 576),
+                f"blk.{i}.attn_output.weight": (576, 576),
+                f"blk.{i}.ffn_gate.weight": (1536, 576),
+                f"blk.{i}.ffn_up.weight": (1536, 576),
+                f"blk.{i}.ffn_down.weight": (576, 1536),
+            }
+        )
     return shapes
 
 
@@ -79,7 +103,11 @@ def test_presets_choose_what_llama_cpp_quantize_chooses(preset, tmp_path):
     params.nthread = 1
     theirs = tmp_path / "theirs.gguf"
     assert llama_cpp.llama_model_quantize(str(base).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    expected = {name: kind for name, kind in file_types(theirs).items() if name in tensor_layout(model) and len(tensor_layout(model)[name]) == 2}
+    expected = {
+        name: kind
+        for name, kind in file_types(theirs).items()
+        if name in tensor_layout(model) and len(tensor_layout(model)[name]) == 2
+    }
     assert preset_tensor_types(model, preset, imatrix=False) == expected
 
 
@@ -91,7 +119,9 @@ def test_k_quant_mixture_runs_in_llama_cpp_and_transformers_with_the_same_logits
     summary = write_gguf(model, tiny_tokenizer(), path, "q8_0", tensor_types=types, file_type="q4_k_m")
     assert file_types(path)["blk.1.ffn_down.weight"] == "q4_k" and file_types(path)["blk.0.ffn_down.weight"] == "q6_k"
     assert summary.bytes == path.stat().st_size
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     _assert_llama_cpp_computes_transformers_logits(path, loaded)
 
 
@@ -108,8 +138,9 @@ def _assert_llama_cpp_computes_transformers_logits(path, loaded) -> None:
 
 def test_tensor_type_regexes_and_embedding_output_types(tmp_path):
     model = kquant_model()
-    options = GGUFOptions(preset="q4_0", tensor_types=(r"blk\.\d+\.ffn_down\.weight=q6_k", "attn_v=q8_0"),
-                          embedding_type="q5_1")
+    options = GGUFOptions(
+        preset="q4_0", tensor_types=(r"blk\.\d+\.ffn_down\.weight=q6_k", "attn_v=q8_0"), embedding_type="q5_1"
+    )
     choices = gguf_mixture(model, "q4_0", options)
     assert choices["blk.2.ffn_down.weight"].type == "q6_k" and choices["blk.2.attn_v.weight"].type == "q8_0"
     assert choices["token_embd.weight"].type == "q5_1" and choices["blk.2.attn_q.weight"].type == "q4_0"
@@ -123,7 +154,10 @@ def test_tensor_type_regexes_and_embedding_output_types(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (GGUFOptions(preset="q4_0", tensor_types=("ffn_down=q4_k", "attn_q=q6_k")), r"asks for q6_k on blk\.0\.attn_q\.weight of shape \(64, 64\).*rows of 64"),
+        (
+            GGUFOptions(preset="q4_0", tensor_types=("ffn_down=q4_k", "attn_q=q6_k")),
+            r"asks for q6_k on blk\.0\.attn_q\.weight of shape \(64, 64\).*rows of 64",
+        ),
         (GGUFOptions(preset="q4_0", tensor_types=("nothing_here=q8_0",)), r"'nothing_here' matches no tensor"),
         (GGUFOptions(preset="q4_0", tensor_types=("attn_q=q9_9",)), r"unknown GGUF type 'q9_9'.*"),
         (GGUFOptions(preset="q4_0", output_type="q4_k"), r"--output-type asks for q4_k on token_embd\.weight"),
@@ -201,27 +235,66 @@ def test_cli_writes_a_preset_with_gptq_codes_and_names_bad_regexes(tmp_path):
     save_model(model, tiny_tokenizer(), source, {"recipe": {"name": "test"}})
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. small models are compressed models.\n" * 40)
-    done = run_cli("export", source, "--format", "gguf", "--preset", "q4_k_m", "--gguf-method", "gptq", "--calib-data", text,
-                   "--calib-samples", "2", "--calib-seqlen", "16", "--tensor-type", "attn_k=q8_0", "--out", tmp_path / "m.gguf",
-                   "--json", tmp_path / "m.json")
+    done = run_cli(
+        "export",
+        source,
+        "--format",
+        "gguf",
+        "--preset",
+        "q4_k_m",
+        "--gguf-method",
+        "gptq",
+        "--calib-data",
+        text,
+        "--calib-samples",
+        "2",
+        "--calib-seqlen",
+        "16",
+        "--tensor-type",
+        "attn_k=q8_0",
+        "--out",
+        tmp_path / "m.gguf",
+        "--json",
+        tmp_path / "m.json",
+    )
     assert done.returncode == 0, done.stdout
     assert "fallback q4_k→q5_0 (rows of 64)" in done.stdout and "GPTQ 14" in done.stdout
     assert file_types(tmp_path / "m.gguf")["blk.1.attn_k.weight"] == "q8_0"
-    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
-    bad = run_cli("export", source, "--format", "gguf", "--preset", "q4_0", "--tensor-type", "attn_z=q8_0", "--out", tmp_path / "x.gguf")
+    assert (
+        gguf.GGUFReader(tmp_path / "m.gguf").fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    )
+    bad = run_cli(
+        "export",
+        source,
+        "--format",
+        "gguf",
+        "--preset",
+        "q4_0",
+        "--tensor-type",
+        "attn_z=q8_0",
+        "--out",
+        tmp_path / "x.gguf",
+    )
     assert bad.returncode == 2 and "matches no tensor" in bad.stdout and "Traceback" not in bad.stdout
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_recipe_export_key_takes_the_same_options():
     stages = [{"method": "magnitude", "sparsity": 0.1}]
-    step = parse_recipe({"stages": stages, "export": {"format": "gguf", "preset": "q4_k_m", "method": "gptq",
-                                                      "tensor_types": {r"ffn_down": "q6_k"}}}, "r").export
+    step = parse_recipe(
+        {
+            "stages": stages,
+            "export": {"format": "gguf", "preset": "q4_k_m", "method": "gptq", "tensor_types": {r"ffn_down": "q6_k"}},
+        },
+        "r",
+    ).export
     options = step.gguf_options()
     assert options.preset == "q4_k_m" and options.tensor_types == ("ffn_down=q6_k",) and options.method == "gptq"
-    for export, message in [({"format": "gguf", "preset": "q7"}, "unknown GGUF preset 'q7'"),
-                            ({"format": "hf", "preset": "q4_0"}, "apply to format gguf only"),
-                            ({"format": "gguf", "tensor_types": {"x": "q9"}}, "unknown GGUF type 'q9'")]:
+    for export, message in [
+        ({"format": "gguf", "preset": "q7"}, "unknown GGUF preset 'q7'"),
+        ({"format": "hf", "preset": "q4_0"}, "apply to format gguf only"),
+        ({"format": "gguf", "tensor_types": {"x": "q9"}}, "unknown GGUF type 'q9'"),
+    ]:
         with pytest.raises(SlimlmError, match=message):
             parse_recipe({"stages": stages, "export": export}, "r")
 
@@ -231,9 +304,17 @@ def test_low_bit_k_quants_export_and_read_back(name, tmp_path):
     """`slimlm export --format gguf --tensor-type ffn_down=q3_k` on a tiny llama whose ffn_down rows are 256:
     transformers' GGUF loader reads back exactly slimlm's dequantized ffn_down, and llama.cpp (when installed)
     computes the logits transformers does from the same file."""
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True, **CONFIG_IDS)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **CONFIG_IDS,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     save_model(model, tiny_tokenizer(), tmp_path / "in", {"recipe": {"name": "test"}})
@@ -241,7 +322,9 @@ def test_low_bit_k_quants_export_and_read_back(name, tmp_path):
     export_model(str(tmp_path / "in"), "gguf", path, gguf=GGUFOptions(tensor_types=(f"ffn_down={name}",)))
     kinds = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors}
     assert kinds["blk.0.ffn_down.weight"] == name and kinds["blk.1.ffn_down.weight"] == name
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     for ours, theirs in zip(model.model.layers, loaded.model.layers):
         weight = ours.mlp.down_proj.weight.detach()
         expected = dequantize_tensor(quantize_tensor(weight, name), name, weight.shape)

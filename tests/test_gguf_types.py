@@ -25,7 +25,9 @@ K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 def _naive_dequant(raw: np.ndarray, name: str) -> np.ndarray:
     """A per-block reference written from ggml's dequantize_row_* loops."""
     rows = []
-    for block in raw.reshape(-1, raw.shape[-1] // (raw.shape[-1] // {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}[name])):
+    for block in raw.reshape(
+        -1, raw.shape[-1] // (raw.shape[-1] // {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}[name])
+    ):
         d = float(block[:2].view(np.float16)[0])
         if name == "q8_0":
             rows.append(d * block[2:].view(np.int8).astype(np.float32))
@@ -34,9 +36,9 @@ def _naive_dequant(raw: np.ndarray, name: str) -> np.ndarray:
         off = 4 if name in ("q4_1", "q5_1") else 2
         qh = 0
         if name in ("q5_0", "q5_1"):
-            qh = int(block[off:off + 4].view(np.uint32)[0])
+            qh = int(block[off : off + 4].view(np.uint32)[0])
             off += 4
-        qs = block[off:off + 16]
+        qs = block[off : off + 16]
         u = np.concatenate([qs & 0xF, qs >> 4]).astype(np.int64)
         if name in ("q5_0", "q5_1"):
             u = u | (((qh >> np.arange(32)) & 1) << 4)
@@ -77,8 +79,10 @@ def test_importance_lowers_the_weighted_error(name):
     importance = torch.rand(512) ** 4 * 100
     plain = dequantize_tensor(quantize_tensor(weight, name), name, weight.shape)
     weighted = dequantize_tensor(quantize_tensor(weight, name, importance), name, weight.shape)
+
     def err(approx):
         return (((approx - weight) ** 2) * importance).sum()
+
     assert err(weighted) < err(plain)
 
 
@@ -106,8 +110,13 @@ def _rtn_kquant(weight: torch.Tensor, name: str) -> torch.Tensor:
     """Plain round-to-nearest on a k-quant grid, written from ggml's block layout: each sub-block's scale (and
     minimum) from its min/max, quantized to 4/6/8-bit integers by the largest one, codes rounded to the result."""
     # sub-block size, code range, integer scale range (the symmetric ones: signed, the extreme at its low end)
-    g, qmin, qmax, slo, shi = {"q2_k": (16, 0, 3, 0, 15), "q3_k": (16, -4, 3, -32, 31), "q4_k": (32, 0, 15, 0, 63),
-                               "q5_k": (32, 0, 31, 0, 63), "q6_k": (16, -32, 31, -128, 127)}[name]
+    g, qmin, qmax, slo, shi = {
+        "q2_k": (16, 0, 3, 0, 15),
+        "q3_k": (16, -4, 3, -32, 31),
+        "q4_k": (32, 0, 15, 0, 63),
+        "q5_k": (32, 0, 31, 0, 63),
+        "q6_k": (16, -32, 31, -128, 127),
+    }[name]
     x = weight.reshape(-1, 256 // g, g)
     if qmin < 0:
         extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
@@ -162,8 +171,15 @@ def _llama_cpp_quantizer():
         return None
     lib = ctypes.CDLL(str(libs[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return lib
 
 
@@ -183,8 +199,15 @@ def test_error_not_worse_than_llama_cpp_with_and_without_imatrix(name):
         x = np.ascontiguousarray(weight.numpy())
         out = np.zeros(tensor_bytes(name, x.shape), np.uint8)
         imp_array = None if imp is None else np.ascontiguousarray(imp.numpy())
-        lib.ggml_quantize_chunk(int(ggml_type(name)), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-                                None if imp_array is None else imp_array.ctypes.data)
+        lib.ggml_quantize_chunk(
+            int(ggml_type(name)),
+            x.ctypes.data,
+            out.ctypes.data,
+            0,
+            x.shape[0],
+            x.shape[1],
+            None if imp_array is None else imp_array.ctypes.data,
+        )
         return dequantize_tensor(out, name, x.shape)
 
     def ours(imp):

@@ -34,7 +34,13 @@ from slimlm.quantize.linear import QuantizedLinear
 from slimlm.quantize.rtn import rtn_quantize
 from slimlm.recipes import load_recipe, parse_recipe
 
-GRIDS = [QuantGrid(4, None, True), QuantGrid(4, 16, False), QuantGrid(3, 16, True), QuantGrid(8, None, False), QuantGrid(2, 8, False)]
+GRIDS = [
+    QuantGrid(4, None, True),
+    QuantGrid(4, 16, False),
+    QuantGrid(3, 16, True),
+    QuantGrid(8, None, False),
+    QuantGrid(2, 8, False),
+]
 
 
 def naive_gptq(weight, hessian, grid, act_order=False, dampening=0.01):
@@ -104,7 +110,9 @@ def test_identity_hessian_with_clipping_is_rtn_of_the_mse_clipped_weights(grid, 
     torch.manual_seed(grid.bits + 1)
     weight = torch.randn(12, 48) * 0.05
     ratios = shrink_ratios()
-    codes, scale, zero_point = gptq_quantize(weight, torch.eye(48), grid, block_size=16, act_order=act_order, clip_ratios=ratios)
+    codes, scale, zero_point = gptq_quantize(
+        weight, torch.eye(48), grid, block_size=16, act_order=act_order, clip_ratios=ratios
+    )
     clipped_scale, clipped_zero = choose_qparams(clip_by_error(weight, grid, ratios), grid)
     assert torch.equal(scale, clipped_scale) and (zero_point is None or torch.equal(zero_point, clipped_zero))
     assert torch.equal(codes, quantize_with(weight, clipped_scale, clipped_zero, grid))
@@ -119,6 +127,7 @@ def test_clip_by_error_never_raises_a_groups_rounding_error(grid):
         s, z = choose_qparams(clipped, grid)
         delta = dequantize(quantize_with(weight, s, z, grid), s, z) - weight
         return delta.square().reshape(16, grid.group_count(48), -1).sum(-1)
+
     plain = group_errors(weight)
     clipped = group_errors(clip_by_error(weight, grid, shrink_ratios()))
     assert torch.equal(clip_by_error(weight, grid, (1.0,)), weight)
@@ -209,7 +218,10 @@ def test_dampening_is_raised_tenfold_until_the_hessian_factorizes():
     retried = gptq_quantize(weight, hessian, grid, dampening=0.01)
     direct = gptq_quantize(weight, hessian, grid, dampening=0.1)
     assert all(torch.equal(a, b) for a, b in zip(retried[:2], direct[:2]))
-    with pytest.raises(SlimlmError, match=r"gptq: the dampened Hessian is not positive definite .*dampening raised to 1\b.*raise 'dampening'"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"gptq: the dampened Hessian is not positive definite .*dampening raised to 1\b.*raise 'dampening'",
+    ):
         gptq_quantize(weight, -torch.eye(n), grid)
 
 
@@ -233,7 +245,9 @@ def test_bad_settings_and_inputs_are_refused():
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = CalibrationSet(torch.randint(0, 300, (2, 16)), "x", "random", 0)
-    with pytest.raises(SlimlmError, match="gptq: group_size 48 does not divide the input size 64 of model.layers.0.self_attn.q_proj"):
+    with pytest.raises(
+        SlimlmError, match="gptq: group_size 48 does not divide the input size 64 of model.layers.0.self_attn.q_proj"
+    ):
         compress_(model, parse_recipe([{"method": "gptq", "group_size": 48}], "bad"), calibration)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(SlimlmError, match="method 'gptq' needs calibration data"):
@@ -249,16 +263,22 @@ def test_non_finite_activations_name_the_layer():
         decoder_blocks(model)[1].post_attention_layernorm.weight[3] = float("nan")
     calibration = CalibrationSet(torch.randint(0, 300, (2, 16)), "x", "random", 0)
     for recipe in ("gptq-w4-g64", "sparsegpt-50"):
-        with pytest.raises(SlimlmError, match="non-finite activations \\(NaN/Inf\\) reach model.layers.1.mlp.gate_proj during calibration"):
+        with pytest.raises(
+            SlimlmError,
+            match="non-finite activations \\(NaN/Inf\\) reach model.layers.1.mlp.gate_proj during calibration",
+        ):
             compress_(copy.deepcopy(model), load_recipe(recipe), calibration)
 
 
-@pytest.mark.parametrize("arch, expected", [
-    ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
-    ("phi3", [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"]]),
-    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
-    ("opt", [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
-])
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+        ("phi3", [["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"]]),
+        ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+        ("opt", [["q_proj", "k_proj", "v_proj"], ["out_proj"], ["fc1"], ["fc2"]]),
+    ],
+)
 def test_execution_groups_follow_the_adapter(arch, expected):
     model = tiny_model(arch)
     groups = execution_groups(block_linears(model, 0), adapter_for(model).shared_inputs)
@@ -286,7 +306,9 @@ def test_true_sequential_statistics_see_the_earlier_groups_compressed(arch):
     assert len(observed) == groups_per_block * len(decoder_blocks(reference))
     for _index, names, hessians in observed:
         rows = []
-        handle = reference.get_submodule(names[0]).register_forward_hook(lambda m, inp, out, rows=rows: rows.append(inp[0].reshape(-1, inp[0].shape[-1])))
+        handle = reference.get_submodule(names[0]).register_forward_hook(
+            lambda m, inp, out, rows=rows: rows.append(inp[0].reshape(-1, inp[0].shape[-1]))
+        )
         with torch.no_grad():
             reference(ids, use_cache=False)
         handle.remove()
@@ -294,7 +316,7 @@ def test_true_sequential_statistics_see_the_earlier_groups_compressed(arch):
         for name in names:
             torch.testing.assert_close(hessians[name], 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
             reference.get_submodule(name).weight.data.mul_(0.5)  # now compressed in the reference as well
-    for (a, b) in zip(model.state_dict().values(), reference.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -311,8 +333,14 @@ def test_stacked_shared_input_linears_equal_separate_calls():
     for name, weight in weights.items():
         module = model.get_submodule(name)
         assert isinstance(module, QuantizedLinear)
-        codes, scale, zero_point = gptq_quantize(weight, hessian, config.grid, config.block_size, clip_ratios=config.clip_ratios)
-        assert torch.equal(module.weight_q, codes) and torch.equal(module.weight_scale, scale) and torch.equal(module.weight_zero_point, zero_point)
+        codes, scale, zero_point = gptq_quantize(
+            weight, hessian, config.grid, config.block_size, clip_ratios=config.clip_ratios
+        )
+        assert (
+            torch.equal(module.weight_q, codes)
+            and torch.equal(module.weight_scale, scale)
+            and torch.equal(module.weight_zero_point, zero_point)
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "gpt2", "phi3", "opt"])
@@ -325,7 +353,11 @@ def test_compress_save_reload_and_closer_to_dense_than_rtn(arch, tmp_path):
     errors = {}
     for method in ("gptq", "rtn"):
         model = copy.deepcopy(dense)
-        compress_(model, parse_recipe([{"method": method, "bits": 3, "group_size": 32, "symmetric": False}], method), calibration)
+        compress_(
+            model,
+            parse_recipe([{"method": method, "bits": 3, "group_size": 32, "symmetric": False}], method),
+            calibration,
+        )
         with torch.no_grad():
             logits = model(ids).logits
         errors[method] = (logits - dense_logits).pow(2).mean().item()

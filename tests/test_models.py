@@ -44,7 +44,9 @@ def test_adapter_finds_every_part(arch):
 
 
 def test_unknown_architecture_names_supported_ones():
-    with pytest.raises(SlimlmError, match="unsupported architecture 'mamba'.*gemma3_text.*gpt2.*llama.*opt.*phi3.*qwen2"):
+    with pytest.raises(
+        SlimlmError, match="unsupported architecture 'mamba'.*gemma3_text.*gpt2.*llama.*opt.*phi3.*qwen2"
+    ):
         adapter_for("mamba")
     assert {"llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"} <= ADAPTERS.keys()
 

@@ -85,7 +85,9 @@ def test_the_block_with_outliers_gets_lower_sparsity_and_each_block_is_exact(pla
     block_configs = owl_block_configs(model, OWLConfig(sparsity=0.7), calibration(), None)
     assert all(isinstance(c, WandaConfig) for c in block_configs)
     sparsities = [c.sparsity for c in block_configs]
-    assert sparsities[planted_block] == pytest.approx(0.62) and sparsities[1 - planted_block] == pytest.approx(0.78)  # two blocks: target ∓ λ
+    assert sparsities[planted_block] == pytest.approx(0.62) and sparsities[1 - planted_block] == pytest.approx(
+        0.78
+    )  # two blocks: target ∓ λ
     compress_(model, parse_recipe([{"method": "owl", "sparsity": 0.7}], "owl"), calibration())
     for index in range(len(decoder_blocks(model))):
         for name, module in block_linears(model, index).items():

@@ -75,7 +75,10 @@ def test_wanda_matches_naive_and_differs_from_magnitude():
     weight = torch.randn(8, 32)
     activations = torch.randn(500, 32) * torch.linspace(0.1, 5, 32)  # channels of very different scale
     norm = activations.norm(dim=0)
-    for pattern, reference in (("unstructured", lambda s: naive_row_prune(s, 0.5)), ("2:4", lambda s: naive_n_m_prune(s, 2, 4))):
+    for pattern, reference in (
+        ("unstructured", lambda s: naive_row_prune(s, 0.5)),
+        ("2:4", lambda s: naive_n_m_prune(s, 2, 4)),
+    ):
         pruned = wanda_prune(weight, norm, 0.5, pattern)
         expected_kept = reference(weight.abs() * norm) != 0
         assert torch.equal(pruned != 0, expected_kept)

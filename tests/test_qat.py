@@ -63,7 +63,10 @@ def test_fake_quantize_equals_quantize_then_dequantize(grid):
         assert torch.equal(fake_quantize(weight, step.float(), zero_point, grid), expected)
     # a float32 step is rounded to float16 first, as it would be saved
     odd = scale.float() * 1.0003
-    assert torch.equal(fake_quantize(weight, odd, zero_point, grid), dequantize(quantize_with(weight, odd.half(), zero_point, grid), odd.half(), zero_point))
+    assert torch.equal(
+        fake_quantize(weight, odd, zero_point, grid),
+        dequantize(quantize_with(weight, odd.half(), zero_point, grid), odd.half(), zero_point),
+    )
 
 
 def naive_fake_quantize(weight, scale, zero_point, grid):
@@ -105,11 +108,17 @@ def test_fake_quant_linear_round_trips(arch):
         assert torch.equal(from_float.weight_q, codes) and torch.equal(from_float.weight_scale, scale), name
         quantized = QuantizedLinear(codes, scale, zero_point, grid, module.bias, torch.float32)
         fake = FakeQuantLinear.from_quantized(quantized)  # starts exactly where the earlier stage ended
-        assert torch.equal(fake_quantize(fake.float_weight(), fake.scale(), fake.zero_point, grid), quantized.dequantized_weight())
+        assert torch.equal(
+            fake_quantize(fake.float_weight(), fake.scale(), fake.zero_point, grid), quantized.dequantized_weight()
+        )
         x = torch.randn(3, module.weight.shape[0] if arch == "gpt2" else module.weight.shape[1])
         assert torch.equal(fake(x), quantized(x))
         back = fake.to_quantized()
-        assert torch.equal(back.weight_q, codes) and torch.equal(back.weight_scale, scale) and torch.equal(back.weight_zero_point, zero_point)
+        assert (
+            torch.equal(back.weight_q, codes)
+            and torch.equal(back.weight_scale, scale)
+            and torch.equal(back.weight_zero_point, zero_point)
+        )
 
 
 def test_trained_layer_converts_to_the_same_function():
@@ -134,7 +143,12 @@ def held_out_kl(student, teacher, tokenizer, seqlen=32) -> float:
 
 def rtn_model(model, grid):
     quantized = copy.deepcopy(model)
-    compress_(quantized, parse_recipe([{"method": "rtn", "bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric}], "rtn"))
+    compress_(
+        quantized,
+        parse_recipe(
+            [{"method": "rtn", "bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric}], "rtn"
+        ),
+    )
     return quantized
 
 
@@ -180,7 +194,11 @@ def test_refines_an_earlier_quantization_and_keeps_pruned_zeros(tokenizer):
 def test_data_free_samples_train(tokenizer):
     teacher = tiny_model("qwen2")
     student = copy.deepcopy(teacher)
-    result = qat_(student, Base(teacher, tokenizer), QATConfig(steps=2, batch_size=2, seqlen=12, warmup=0, samples="teacher", group_size=32))
+    result = qat_(
+        student,
+        Base(teacher, tokenizer),
+        QATConfig(steps=2, batch_size=2, seqlen=12, warmup=0, samples="teacher", group_size=32),
+    )
     assert len(result.losses) == 2 and all(isinstance(m, QuantizedLinear) for m in all_linears(student).values())
 
 
@@ -189,9 +207,17 @@ def test_shipped_recipes_parse_and_compose(tokenizer):
         recipe = load_recipe(name)
         qat = recipe.stages[-1]
         assert isinstance(qat, QATConfig) and qat.grid == QuantGrid(4, 64, False) and "steps" in recipe.description
-        short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method == "qat" else s for s in recipe.stages)
+        short = tuple(
+            dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method == "qat" else s
+            for s in recipe.stages
+        )
         model = tiny_model("llama")
-        compress_(model, dataclasses.replace(recipe, stages=short), CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0), tokenizer=tokenizer)
+        compress_(
+            model,
+            dataclasses.replace(recipe, stages=short),
+            CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0),
+            tokenizer=tokenizer,
+        )
         assert all(isinstance(m, QuantizedLinear) and m.grid.group_size == 64 for m in all_linears(model).values())
 
 
@@ -217,12 +243,16 @@ def test_bad_settings_are_refused(settings, message):
 
 def test_bad_models_are_refused(tokenizer):
     model = tiny_model("llama")  # input sizes 64 and 128
-    with pytest.raises(SlimlmError, match="group_size 48 does not divide the input size 64 of model.layers.0.self_attn.q_proj"):
+    with pytest.raises(
+        SlimlmError, match="group_size 48 does not divide the input size 64 of model.layers.0.self_attn.q_proj"
+    ):
         check_qat(model, QATConfig(group_size=48))
     with pytest.raises(SlimlmError, match="no linear layer is selected"):
         check_qat(model, QATConfig(targets="no_such_layer"))
     quantized = rtn_model(model, QuantGrid(3, 32, True))
-    with pytest.raises(SlimlmError, match="already quantized to int3 sym g32, but this stage asks for int4 asym g64.*bits / group_size"):
+    with pytest.raises(
+        SlimlmError, match="already quantized to int3 sym g32, but this stage asks for int4 asym g64.*bits / group_size"
+    ):
         check_qat(quantized, QATConfig())
     w8a8 = copy.deepcopy(model)
     compress_(w8a8, parse_recipe([{"method": "w8a8"}], "w8a8"))

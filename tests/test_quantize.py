@@ -40,7 +40,9 @@ def test_rtn_matches_naive(bits, group_size, symmetric):
     assert codes.dtype == torch.int8 and int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
     assert scale.dtype == torch.float16 and scale.shape == (6, grid.group_count(48))
     assert (zero_point is None) == symmetric
-    torch.testing.assert_close(dequantize(codes, scale, zero_point), naive_rtn(weight, bits, group_size, symmetric), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        dequantize(codes, scale, zero_point), naive_rtn(weight, bits, group_size, symmetric), rtol=0, atol=1e-6
+    )
 
 
 def test_rtn_error_shrinks_with_bits_and_groups():
@@ -84,9 +86,18 @@ def test_packed_layout_round_trips_through_compressed_tensors():
         packed = {k.rpartition(".")[2]: v for k, v in pack_quantized_linear("m", module).items()}
         assert packed["weight_packed"].dtype == torch.int32
         assert packed["weight_packed"].numel() * 32 == weight.numel() * grid.bits  # dense packing, no padding here
-        args = QuantizationArgs(num_bits=grid.bits, symmetric=grid.symmetric, strategy="channel" if grid.group_size is None else "group", group_size=grid.group_size)
-        decompressed = PackedQuantizationCompressor.decompress(packed, QuantizationScheme(targets=["Linear"], weights=args))
-        torch.testing.assert_close(decompressed["weight"].float(), module.dequantized_weight(), rtol=0, atol=2e-3 * weight.abs().max().item())
+        args = QuantizationArgs(
+            num_bits=grid.bits,
+            symmetric=grid.symmetric,
+            strategy="channel" if grid.group_size is None else "group",
+            group_size=grid.group_size,
+        )
+        decompressed = PackedQuantizationCompressor.decompress(
+            packed, QuantizationScheme(targets=["Linear"], weights=args)
+        )
+        torch.testing.assert_close(
+            decompressed["weight"].float(), module.dequantized_weight(), rtol=0, atol=2e-3 * weight.abs().max().item()
+        )
 
 
 def test_config_validation():

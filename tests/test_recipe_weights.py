@@ -41,11 +41,19 @@ def fingerprint(model: torch.nn.Module) -> dict[str, list[float]]:
 
 def recipe_weights(name: str, arch: str, tokenizer) -> dict[str, list[float]]:
     recipe = load_recipe(name)
-    short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s for s in recipe.stages)
+    short = tuple(
+        dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s
+        for s in recipe.stages
+    )
     model = tiny_model(arch)
     torch.manual_seed(1)
     ids = torch.randint(0, 300, (4, 32))
-    compress_(model, dataclasses.replace(recipe, stages=short), CalibrationSet(ids, "test", "random ids", 0), tokenizer=tokenizer)
+    compress_(
+        model,
+        dataclasses.replace(recipe, stages=short),
+        CalibrationSet(ids, "test", "random ids", 0),
+        tokenizer=tokenizer,
+    )
     return fingerprint(model)
 
 
@@ -65,7 +73,10 @@ def test_shipped_recipe_gives_the_pinned_weights(name, arch, tokenizer):
             for value, pinned, rel in zip(got[tensor], values, ACTIVATION_ROUNDED[name]):
                 assert value == pytest.approx(pinned, rel=rel, abs=1e-3), (name, tensor)
             continue
-        assert got[tensor] == pytest.approx(values, rel=1e-4, abs=1e-4), (name, tensor)  # 1e-5 failed on another CPU by 1.5e-5
+        assert got[tensor] == pytest.approx(values, rel=1e-4, abs=1e-4), (
+            name,
+            tensor,
+        )  # 1e-5 failed on another CPU by 1.5e-5
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

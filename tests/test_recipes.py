@@ -25,14 +25,24 @@ def test_every_shipped_recipe_loads_and_runs_on_a_tiny_model():
         model = tiny_model("llama")
         ids = torch.randint(0, 300, (2, 16))
         # training stages (distill) run 2 short steps here: their full budgets are for real models
-        short = tuple(dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s for s in recipe.stages)
-        logs = compress_(model, dataclasses.replace(recipe, stages=short), CalibrationSet(ids, "test", "random ids", 0), tokenizer=tokenizer)
+        short = tuple(
+            dataclasses.replace(s, steps=2, batch_size=2, seqlen=16, warmup=0) if s.method in ("distill", "qat") else s
+            for s in recipe.stages
+        )
+        logs = compress_(
+            model,
+            dataclasses.replace(recipe, stages=short),
+            CalibrationSet(ids, "test", "random ids", 0),
+            tokenizer=tokenizer,
+        )
         assert [log.method for log in logs] == [stage.method for stage in recipe.stages]
 
 
 def test_recipe_as_plain_list_and_round_trip():
     recipe = parse_recipe([{"method": "magnitude", "sparsity": 0.25}], "inline")
-    assert recipe.to_list() == [{"method": "magnitude", "targets": None, "exclude": None, "sparsity": 0.25, "pattern": "unstructured"}]
+    assert recipe.to_list() == [
+        {"method": "magnitude", "targets": None, "exclude": None, "sparsity": 0.25, "pattern": "unstructured"}
+    ]
     assert parse_recipe(recipe.to_list(), "again") == parse_recipe(recipe.to_list(), "again")
 
 
@@ -40,7 +50,10 @@ def test_recipe_as_plain_list_and_round_trip():
     "stages, message",
     [
         ([{"method": "prune-it"}], f"unknown method 'prune-it'.*known methods: {', '.join(sorted(METHODS))}$"),
-        ([{"method": "magnitude", "amount": 0.5}], "stage 1 \\(magnitude\\): unknown key 'amount'.*allowed keys: targets, exclude, sparsity, pattern"),
+        (
+            [{"method": "magnitude", "amount": 0.5}],
+            "stage 1 \\(magnitude\\): unknown key 'amount'.*allowed keys: targets, exclude, sparsity, pattern",
+        ),
         ([{"method": "magnitude", "sparsity": 1.5}], "stage 1: magnitude: 'sparsity' is 1.5, outside \\[0.0, 1.0\\)"),
         ([{"method": "magnitude", "sparsity": float("nan")}], "'sparsity' is nan, outside"),
         ([{"method": "rtn", "bits": 0}], "rtn: 'bits' is 0, outside \\[2, 8\\]"),
@@ -100,7 +113,11 @@ def test_structured_stage_after_quantization_is_refused_even_behind_another_stru
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SlimlmError, match="changes the architecture after a quantization stage"):
-        compress_(model, parse_recipe(stages, "late-depth"), CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0))
+        compress_(
+            model,
+            parse_recipe(stages, "late-depth"),
+            CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0),
+        )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -110,7 +127,12 @@ def test_export_key_parses_and_bad_values_are_named():
     assert parse_recipe({"stages": stages, "export": "gguf"}, "r").export.format == "gguf"
     step = parse_recipe({"stages": stages, "export": {"format": "gguf", "gguf_type": "q4_0"}}, "r").export
     assert (step.format, step.gguf_type) == ("gguf", "q4_0")
-    for export, message in [("onnx", "unknown format 'onnx'"), ({"format": "gguf", "gguf_type": "iq2_xxs"}, "gguf_type 'iq2_xxs'"),
-                            ({"format": "hf", "gguf_type": "q4_0"}, "gguf_type 'q4_0'"), ({"format": "gguf", "bits": 4}, "unknown key 'bits'"), (3, "expected a format")]:
+    for export, message in [
+        ("onnx", "unknown format 'onnx'"),
+        ({"format": "gguf", "gguf_type": "iq2_xxs"}, "gguf_type 'iq2_xxs'"),
+        ({"format": "hf", "gguf_type": "q4_0"}, "gguf_type 'q4_0'"),
+        ({"format": "gguf", "bits": 4}, "unknown key 'bits'"),
+        (3, "expected a format"),
+    ]:
         with pytest.raises(SlimlmError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_recipe({"stages": stages, "export": export}, "r")

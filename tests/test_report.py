@@ -18,13 +18,29 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def variant(name: str, mb: float, ppl: float, accs: dict[str, float] | None, tpot: float | None) -> dict:
-    metrics: dict = {"quality": {"perplexity": ppl, "kl_divergence": None if name == "base" else 0.1, "top1_agreement": None}, "weight_bytes": mb * 1e6, "parameters": 134.5e6, "sparsity": 0.0}
+    metrics: dict = {
+        "quality": {"perplexity": ppl, "kl_divergence": None if name == "base" else 0.1, "top1_agreement": None},
+        "weight_bytes": mb * 1e6,
+        "parameters": 134.5e6,
+        "sparsity": 0.0,
+    }
     if accs is not None:
-        metrics["tasks"] = {t: {"metrics": {"acc": a, "acc_norm": a + 0.01}, "protocol": f"{t} protocol line"} for t, a in accs.items()}
+        metrics["tasks"] = {
+            t: {"metrics": {"acc": a, "acc_norm": a + 0.01}, "protocol": f"{t} protocol line"} for t, a in accs.items()
+        }
     if tpot is not None:
-        metrics["speed"] = {"device": "cpu (2 threads)", "prompt_tokens": 512, "repeats": 3, "ttft_ms": 10 * tpot, "tpot_ms": tpot, "cpu_peak_scope": "this measurement",
-                            "throughput_tokens_per_s": {"1": 1000 / tpot, "8": 5000 / tpot}, "cpu_peak_rss_mb": 700.0, "energy_joules_per_token": None,
-                            "energy_meter": "unavailable: no powercap/RAPL counters on this machine"}
+        metrics["speed"] = {
+            "device": "cpu (2 threads)",
+            "prompt_tokens": 512,
+            "repeats": 3,
+            "ttft_ms": 10 * tpot,
+            "tpot_ms": tpot,
+            "cpu_peak_scope": "this measurement",
+            "throughput_tokens_per_s": {"1": 1000 / tpot, "8": 5000 / tpot},
+            "cpu_peak_rss_mb": 700.0,
+            "energy_joules_per_token": None,
+            "energy_meter": "unavailable: no powercap/RAPL counters on this machine",
+        }
     return {"name": name, "recipe": None, "metrics": metrics, "path": None}
 
 
@@ -35,14 +51,22 @@ VARIANTS = [
     variant("rtn-w4-g64", 110.0, 21.0, {"hellaswag": 0.39, "piqa": 0.65, "lambada": 0.33}, 47.0),
     variant("wanda-2of4", 540.0, 40.0, {"hellaswag": 0.33, "piqa": 0.61, "lambada": 0.20}, 25.0),
 ]
-CONTEXT = {"model": {"source": "smollm2-135m", "resolved": "x.gguf", "dtype": "torch.float32"}, "device": "cpu", "evaluation": {"protocol": "GPTQ protocol: 4 windows", "kl_windows": 2},
-           "peak_memory": {"cpu_peak_rss_mb": 900.0, "cuda_max_allocated_mb": None}, "created": "2025-01-01T00:00:00+00:00"}
+CONTEXT = {
+    "model": {"source": "smollm2-135m", "resolved": "x.gguf", "dtype": "torch.float32"},
+    "device": "cpu",
+    "evaluation": {"protocol": "GPTQ protocol: 4 windows", "kl_windows": 2},
+    "peak_memory": {"cpu_peak_rss_mb": 900.0, "cuda_max_allocated_mb": None},
+    "created": "2025-01-01T00:00:00+00:00",
+}
 
 
 def test_pareto_front_on_hand_made_points():
     points = [(1.0, 0.5), (2.0, 0.7), (2.5, 0.6), (3.0, 0.9), (3.0, 0.8), (4.0, 0.9)]
     assert pareto_front(points, higher_is_better=True) == [0, 1, 3]  # (2.5, .6), (3, .8), (4, .9) are dominated
-    assert pareto_front([(1.0, 30.0), (2.0, 20.0), (3.0, 25.0)], higher_is_better=False) == [0, 1]  # perplexity: lower wins
+    assert pareto_front([(1.0, 30.0), (2.0, 20.0), (3.0, 25.0)], higher_is_better=False) == [
+        0,
+        1,
+    ]  # perplexity: lower wins
     assert pareto_front([(1.0, 1.0), (1.0, 1.0)], True) == [0, 1]  # equal points do not dominate each other
 
 
@@ -51,8 +75,12 @@ def test_quality_axis_prefers_tasks_and_averages_headline_metrics():
     assert higher and label.startswith("zero-shot average")
     # acc_norm for hellaswag/piqa (acc + 0.01 here), acc for lambada
     assert values[0] == pytest.approx((0.43 + 0.69 + 0.40) / 3)
-    assert zero_shot_average(VARIANTS[0]["metrics"], ["hellaswag", "crows_pairs"]) == pytest.approx(0.43)  # bias share not averaged
-    assert zero_shot_average(VARIANTS[0]["metrics"], ["hellaswag", "boolq"]) is None  # a task without a score: no average
+    assert zero_shot_average(VARIANTS[0]["metrics"], ["hellaswag", "crows_pairs"]) == pytest.approx(
+        0.43
+    )  # bias share not averaged
+    assert (
+        zero_shot_average(VARIANTS[0]["metrics"], ["hellaswag", "boolq"]) is None
+    )  # a task without a score: no average
     no_tasks = [variant("a", 10, 20.0, None, None), variant("b", 5, 30.0, None, None)]
     assert quality_axis(no_tasks)[2] is False  # perplexity: lower is better
 
@@ -84,7 +112,10 @@ def test_report_writes_valid_self_contained_html_with_images(tmp_path):
 
 
 def test_report_run_dir_rerenders_and_explains_missing_plots(tmp_path):
-    payload = {"context": CONTEXT, "variants": [variant("base", 538.0, 18.0, None, None), variant("rtn-w8", 170.0, 18.1, None, None)]}
+    payload = {
+        "context": CONTEXT,
+        "variants": [variant("base", 538.0, 18.0, None, None), variant("rtn-w8", 170.0, 18.1, None, None)],
+    }
     (tmp_path / "report.json").write_text(json.dumps(payload))
     written = report_run_dir(tmp_path)
     assert written["html"].is_file() and (tmp_path / "quality_vs_size.png").is_file()
@@ -124,9 +155,26 @@ def test_run_puts_tasks_and_speed_into_the_report(tmp_path):
 
     save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "tiny", {})
     (tmp_path / "text.txt").write_text(TEXT)
-    (tmp_path / "piqa.jsonl").write_text("".join(json.dumps({"goal": f"g{i}", "sol1": "a b", "sol2": "c", "label": i % 2}) + "\n" for i in range(4)))
-    speed = SpeedSettings(prompt_tokens=8, new_tokens=2, repeats=1, batch_sizes=(1, 2), throughput_prompt_tokens=4, throughput_new_tokens=2)
-    settings = EvalSettings(data=str(tmp_path / "text.txt"), seqlen=32, max_windows=2, kl_windows=1, tasks=(f"piqa:{tmp_path / 'piqa.jsonl'}",), task_limit=3, speed=speed)
+    (tmp_path / "piqa.jsonl").write_text(
+        "".join(json.dumps({"goal": f"g{i}", "sol1": "a b", "sol2": "c", "label": i % 2}) + "\n" for i in range(4))
+    )
+    speed = SpeedSettings(
+        prompt_tokens=8,
+        new_tokens=2,
+        repeats=1,
+        batch_sizes=(1, 2),
+        throughput_prompt_tokens=4,
+        throughput_new_tokens=2,
+    )
+    settings = EvalSettings(
+        data=str(tmp_path / "text.txt"),
+        seqlen=32,
+        max_windows=2,
+        kl_windows=1,
+        tasks=(f"piqa:{tmp_path / 'piqa.jsonl'}",),
+        task_limit=3,
+        speed=speed,
+    )
     out = run(model=str(tmp_path / "tiny"), recipes=("magnitude-50",), evaluation=settings, out_dir=tmp_path / "run")
     report = json.loads((out / "report.json").read_text())
     for row in report["variants"]:
@@ -154,7 +202,11 @@ def test_perplexity_plot_is_log_scaled_and_no_two_labels_overlap():
     from matplotlib.text import Text
 
     renderer = fig.canvas.get_renderer()
-    boxes = [(text.get_text(), Text.get_window_extent(text, renderer)) for text in ax.texts if text.get_text() in {v["name"] for v in close}]
+    boxes = [
+        (text.get_text(), Text.get_window_extent(text, renderer))
+        for text in ax.texts
+        if text.get_text() in {v["name"] for v in close}
+    ]
     assert len(boxes) == len(close)
     for i, (name, box) in enumerate(boxes):
         for other, box2 in boxes[i + 1 :]:
@@ -185,7 +237,9 @@ def test_main_job_defaults_are_calibrated_recipes_each_with_its_purpose():
     calibrated = [name for name in DEFAULT_RUN_RECIPES if "calibration" in recipe_needs(load_recipe(name))]
     assert len(calibrated) >= 3 and not any(name.startswith("magnitude") for name in DEFAULT_RUN_RECIPES)
     assert all(len(purpose) > 20 for purpose in DEFAULT_RUN_RECIPES.values())
-    rows = [{**variant(name, 100.0, 10.0, None, None), "purpose": purpose} for name, purpose in DEFAULT_RUN_RECIPES.items()]
+    rows = [
+        {**variant(name, 100.0, 10.0, None, None), "purpose": purpose} for name, purpose in DEFAULT_RUN_RECIPES.items()
+    ]
     from slimlm.report import notes
 
     lines = notes(rows, CONTEXT)

@@ -23,7 +23,9 @@ from slimlm.recipes import parse_recipe
 
 CONFIGS = {
     "llama": lambda tie: transformers.LlamaConfig(**TINY, tie_word_embeddings=tie),
-    "llama-bias": lambda tie: transformers.LlamaConfig(**TINY, tie_word_embeddings=tie, attention_bias=True, mlp_bias=True),
+    "llama-bias": lambda tie: transformers.LlamaConfig(
+        **TINY, tie_word_embeddings=tie, attention_bias=True, mlp_bias=True
+    ),
     "mistral": lambda tie: transformers.MistralConfig(**TINY, tie_word_embeddings=tie),
     "qwen2": lambda tie: transformers.Qwen2Config(**TINY, tie_word_embeddings=tie),
     "qwen3": lambda tie: transformers.Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=tie),
@@ -124,7 +126,14 @@ def test_untie_false_refuses_a_tied_model_with_a_non_uniform_final_gain():
     assert torch.equal(model.model.embed_tokens.weight, embedding)
 
 
-@pytest.mark.parametrize(("arch", "message"), [("gpt2", "LayerNorm subtracts the mean"), ("opt", "LayerNorm subtracts the mean"), ("gemma3_text", "post_attention_layernorm, post_feedforward_layernorm")])
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("gpt2", "LayerNorm subtracts the mean"),
+        ("opt", "LayerNorm subtracts the mean"),
+        ("gemma3_text", "post_attention_layernorm, post_feedforward_layernorm"),
+    ],
+)
 def test_unsupported_architectures_are_refused_before_anything_changes(arch, message):
     model = tiny_model(arch)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -158,7 +167,9 @@ def test_rotate_then_rtn_runs_and_the_saved_model_loads_in_plain_transformers(tm
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
     quantized = build("llama", tie=True)
-    compress_(quantized, parse_recipe([{"method": "rotate"}, {"method": "rtn", "bits": 8, "group_size": 32}], "rotate-w8"))
+    compress_(
+        quantized, parse_recipe([{"method": "rotate"}, {"method": "rtn", "bits": 8, "group_size": 32}], "rotate-w8")
+    )
     with torch.no_grad():
         torch.testing.assert_close(quantized(ids).logits, before, rtol=0.05, atol=0.05 * before.abs().max().item())
 

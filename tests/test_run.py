@@ -19,7 +19,12 @@ def tiny_dir(tmp_path):
 
 def test_run_writes_one_consistent_report(tiny_dir):
     settings = EvalSettings(data=str(tiny_dir / "text.txt"), seqlen=32, max_windows=3, kl_windows=2)
-    out = run(model=str(tiny_dir / "tiny"), recipes=("magnitude-50", "rtn-w4-g64"), evaluation=settings, out_dir=tiny_dir / "report")
+    out = run(
+        model=str(tiny_dir / "tiny"),
+        recipes=("magnitude-50", "rtn-w4-g64"),
+        evaluation=settings,
+        out_dir=tiny_dir / "report",
+    )
     report = json.loads((out / "report.json").read_text())
     names = [v["name"] for v in report["variants"]]
     assert names == ["base", "magnitude-50", "rtn-w4-g64"]
@@ -30,12 +35,16 @@ def test_run_writes_one_consistent_report(tiny_dir):
     assert pruned["metrics"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert pruned["metrics"]["quality"]["kl_divergence"] > 0 and pruned["metrics"]["quality"]["kl_windows"] == 2
     assert base["metrics"]["weight_bytes"] == 2 * base["metrics"]["parameters"]  # the base as shipped: 16-bit
-    assert quantized["metrics"]["compression_ratio"] == pytest.approx(base["metrics"]["weight_bytes"] / quantized["metrics"]["weight_bytes"])
+    assert quantized["metrics"]["compression_ratio"] == pytest.approx(
+        base["metrics"]["weight_bytes"] / quantized["metrics"]["weight_bytes"]
+    )
     assert quantized["metrics"]["compression_ratio"] > 1.0  # 4-bit linears (the tiny model's fp32 embeddings dominate)
     # what the report says about a variant is what its saved model gives
     again = evaluate(quantized["path"], settings, base=str(tiny_dir / "tiny"))
     assert again["quality"]["perplexity"] == pytest.approx(quantized["metrics"]["quality"]["perplexity"], rel=1e-6)
-    assert again["quality"]["kl_divergence"] == pytest.approx(quantized["metrics"]["quality"]["kl_divergence"], rel=1e-4)
+    assert again["quality"]["kl_divergence"] == pytest.approx(
+        quantized["metrics"]["quality"]["kl_divergence"], rel=1e-4
+    )
 
 
 def test_run_refuses_bad_recipe_and_existing_output_before_work(tiny_dir):

@@ -39,7 +39,11 @@ def test_knapsack_matches_brute_force():
         capacity = int(rng.integers(10, 120))
         table = knapsack(costs, sizes, capacity, resolution=1000)  # unit 1 byte: exact
         for budget in range(0, capacity + 1, 7):
-            feasible = [p for p in itertools.product(*(range(len(c)) for c in costs)) if sum(s[i] for s, i in zip(sizes, p)) <= budget]
+            feasible = [
+                p
+                for p in itertools.product(*(range(len(c)) for c in costs))
+                if sum(s[i] for s, i in zip(sizes, p)) <= budget
+            ]
             picks = table.solve(budget)
             if not feasible:
                 assert picks is None
@@ -81,7 +85,11 @@ def test_proxies_against_the_measured_kl_of_a_small_perturbation(arch):
         base_log_p = torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
     name = "model.layers.1.mlp.up_proj"
     module = model.get_submodule(name)
-    delta = 0.02 * module.weight.detach().std() * torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(3))
+    delta = (
+        0.02
+        * module.weight.detach().std()
+        * torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(3))
+    )
     projected = projection_proxy(delta, statistics.gradients[name], statistics.tokens)
     shaped = shaped_proxy(delta, statistics.hessians[name], statistics.output_fisher[name])
     with torch.no_grad():
@@ -129,16 +137,27 @@ def test_weights_already_on_a_grid_reuse_its_exact_codes(monkeypatch):
     import slimlm.search.database as db
 
     generator = torch.Generator().manual_seed(0)
-    on_grid = [db.decode(db.encode(torch.randn(rows, 64, generator=generator), Option("q4_1", "ref"), None, None), Option("q4_1", "ref"), (rows, 64)) for rows in (8, 4)]
+    on_grid = [
+        db.decode(
+            db.encode(torch.randn(rows, 64, generator=generator), Option("q4_1", "ref"), None, None),
+            Option("q4_1", "ref"),
+            (rows, 64),
+        )
+        for rows in (8, 4)
+    ]
     hessian = torch.eye(64) + 0.1
     options = [(Option("q4_1", "gptq"), Option("q4_1", "rtn"), Option("q4_0", "gptq"), Option("q4_1", "ref"))] * 2
     ran = []
     real = db.gptq_encode
-    monkeypatch.setattr(db, "gptq_encode", lambda w, h, type_, importance=None: ran.append(type_) or real(w, h, type_, importance))
+    monkeypatch.setattr(
+        db, "gptq_encode", lambda w, h, type_, importance=None: ran.append(type_) or real(w, h, type_, importance)
+    )
     encoded = db.encode_group(on_grid, options, hessian, None)
     assert ran == ["q4_0"]
     for weight, payloads in zip(on_grid, encoded):
-        assert np.array_equal(payloads["q4_1/gptq"], payloads["q4_1/ref"]) and np.array_equal(payloads["q4_1/rtn"], payloads["q4_1/ref"])
+        assert np.array_equal(payloads["q4_1/gptq"], payloads["q4_1/ref"]) and np.array_equal(
+            payloads["q4_1/rtn"], payloads["q4_1/ref"]
+        )
         assert torch.equal(db.decode(payloads["q4_1/gptq"], Option("q4_1", "gptq"), tuple(weight.shape)), weight)
     off_grid = [on_grid[0], on_grid[1] + 1e-3]  # one weight off the grid: the group runs GPTQ as usual
     ran.clear()
@@ -162,7 +181,9 @@ def test_a_model_shipped_on_a_grid_stores_and_scores_its_codes_once(tmp_path):
             if knob.role == "linear":
                 weight = model.get_submodule(knob.module).weight
                 weight.copy_(decode(encode(weight, ref, None, None), ref, tuple(weight.shape)))
-    database = build_database(tmp_path / "db", model, space, lambda: collect_statistics(model, _ids(2, 32, 0), progress=False), "calib")
+    database = build_database(
+        tmp_path / "db", model, space, lambda: collect_statistics(model, _ids(2, 32, 0), progress=False), "calib"
+    )
     searchable = searchable_variants(database)
     for knob, indices in zip(space.knobs, searchable):
         if knob.role != "linear":
@@ -208,7 +229,11 @@ def test_embedding_rounding_weighs_each_weight_by_its_share_of_the_proxy():
     assert importance.shape == weight.shape and (importance >= 0).all()
     unseen = torch.ones(weight.shape[0], dtype=torch.bool)
     unseen[ids.unique()] = False
-    head_part = statistics.output_fisher[head][:, None] * statistics.hessians[head].diagonal()[None, :] if head else torch.zeros_like(weight)
+    head_part = (
+        statistics.output_fisher[head][:, None] * statistics.hessians[head].diagonal()[None, :]
+        if head
+        else torch.zeros_like(weight)
+    )
     torch.testing.assert_close(importance[unseen], head_part[unseen])
 
     def weighted_error(imp):
@@ -240,7 +265,11 @@ def test_database_resumes_and_refuses_another_calibration(tmp_path):
 
 
 def _all_bytes(database) -> dict:
-    return {(k.tensor, v.option.label): (database.payload(k.tensor, v.option).tobytes(), v.proxy) for k in database.space.knobs for v in database.variants[k.tensor]}
+    return {
+        (k.tensor, v.option.label): (database.payload(k.tensor, v.option).tobytes(), v.proxy)
+        for k in database.space.knobs
+        for v in database.variants[k.tensor]
+    }
 
 
 def test_database_workers_write_what_one_process_writes(tmp_path, monkeypatch):
@@ -292,7 +321,10 @@ def test_encoding_counts_the_workers_files_while_the_parent_is_on_a_long_knob(tm
     knobs = len(database.space.knobs)
     assert slowed and len(database.variants) == knobs
     before = lines[: lines.index("parent: first knob encoded")]
-    assert any(re.fullmatch(rf"search: encoding tensor variants: [1-9]\d*/{knobs} tensors, \d+s elapsed", line) for line in before), lines
+    assert any(
+        re.fullmatch(rf"search: encoding tensor variants: [1-9]\d*/{knobs} tensors, \d+s elapsed", line)
+        for line in before
+    ), lines
     counted = [int(m.group(1)) for m in map(re.compile(r"search: encoding tensor variants: (\d+)/").match, lines) if m]
     assert counted == list(range(knobs + 1)), lines  # the start line, one per knob but the last, the end line
 
@@ -327,8 +359,12 @@ def test_reranking_says_so_before_it_scores_the_seeds(tmp_path, monkeypatch, cap
     searcher = Searcher(database, Scored(), sizer, (small, large), [], TINY_SEARCH, capacity=budget)
     searcher.search(budget, uniform, generations=2)
     lines = capsys.readouterr().err.splitlines()
-    assert re.fullmatch(r"\[slimlm [\d:]+\] search: re-ranking \d+ seeds at [\d.]+ MB: 0/2 generations", lines[0]), lines
-    assert lines[1] == "scored" and re.search(r"re-ranking \d+ seeds at [\d.]+ MB: 2/2 generations in", lines[-1]), lines
+    assert re.fullmatch(r"\[slimlm [\d:]+\] search: re-ranking \d+ seeds at [\d.]+ MB: 0/2 generations", lines[0]), (
+        lines
+    )
+    assert lines[1] == "scored" and re.search(r"re-ranking \d+ seeds at [\d.]+ MB: 2/2 generations in", lines[-1]), (
+        lines
+    )
 
     # the next budget: the same seeds, already scored, and no generations (a front point): nothing to say
     searcher.search(budget, uniform, generations=0)
@@ -350,20 +386,46 @@ def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):
 
     seed = uniform_configuration(database, Option("q4_0", "gptq"), Option("q8_0", "rtn"))
     stages = (Stage(None, None), Stage(None, None))
-    flat = rerank(Scored(lambda calls: 1.0), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
+    flat = rerank(
+        Scored(lambda calls: 1.0), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2
+    )
     assert len(flat.history) == 2 and flat.kl == 1.0
-    better = rerank(Scored(lambda calls: 1.0 / calls), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
+    better = rerank(
+        Scored(lambda calls: 1.0 / calls),
+        [seed],
+        lambda c: 0,
+        1,
+        stages,
+        generations=10,
+        offspring=3,
+        survivors=1,
+        patience=2,
+    )
     assert len(better.history) == 10 and better.kl < 1.0
-    creeping = rerank(Scored(lambda calls: 1.0 - 1e-4 * calls), [seed], lambda c: 0, 1, stages, generations=10, offspring=3, survivors=1, patience=2)
-    assert len(creeping.history) == 2 and creeping.kl < 1.0  # better children are kept, but gains under 1% run out the patience
+    creeping = rerank(
+        Scored(lambda calls: 1.0 - 1e-4 * calls),
+        [seed],
+        lambda c: 0,
+        1,
+        stages,
+        generations=10,
+        offspring=3,
+        survivors=1,
+        patience=2,
+    )
+    assert (
+        len(creeping.history) == 2 and creeping.kl < 1.0
+    )  # better children are kept, but gains under 1% run out the patience
 
 
 def test_reranking_scores_the_first_seed_and_the_best_other_on_the_large_stage(tmp_path):
     from slimlm.search.rerank import Stage, rerank
 
     _, database = _database(tmp_path, types=("q4_0", "q4_1"))
-    seeds = [uniform_configuration(database, Option(t, m), Option("q8_0", "rtn")) for t, m in
-             (("q4_0", "gptq"), ("q4_1", "gptq"), ("q4_0", "rtn"), ("q4_1", "rtn"))]
+    seeds = [
+        uniform_configuration(database, Option(t, m), Option("q8_0", "rtn"))
+        for t, m in (("q4_0", "gptq"), ("q4_1", "gptq"), ("q4_0", "rtn"), ("q4_1", "rtn"))
+    ]
     quick_kl = {seeds[1]: 0.3, seeds[2]: 0.1, seeds[3]: 0.2}
     large_kl = {seeds[0]: 0.5, seeds[1]: 0.01, seeds[2]: 0.2, seeds[3]: 0.01}
     small, large = Stage("small", None), Stage("large", None)
@@ -379,7 +441,9 @@ def test_reranking_scores_the_first_seed_and_the_best_other_on_the_large_stage(t
     scored = Scored()
     result = rerank(scored, seeds, lambda c: 0, 1, (small, large), generations=0, offspring=3, survivors=1)
     assert scored.calls == [(0, "large"), (1, "small"), (2, "small"), (3, "small"), (2, "large")]
-    assert result.first_seed_kl == 0.5 and result.best == seeds[2] and result.kl == 0.2  # seed 3 lost on the quick stage
+    assert (
+        result.first_seed_kl == 0.5 and result.best == seeds[2] and result.kl == 0.2
+    )  # seed 3 lost on the quick stage
     assert result.evaluations == 5
 
 
@@ -401,9 +465,17 @@ def test_counted_bytes_equal_the_written_file(arch, tmp_path):
     for removed in ((), (0,)):
         choice = tuple(int(rng.integers(len(database.variants[k.tensor]))) for k in database.space.knobs)
         configuration = Configuration(choice, removed)
-        packed = {k.tensor: (database.variants[k.tensor][i].option.type, database.payload(k.tensor, database.variants[k.tensor][i].option))
-                  for k, i in zip(database.space.knobs, choice) if k.block not in removed}
-        summary = write_configuration(model, tiny_tokenizer(), None, removed, packed, tmp_path / f"m{len(removed)}.gguf")
+        packed = {
+            k.tensor: (
+                database.variants[k.tensor][i].option.type,
+                database.payload(k.tensor, database.variants[k.tensor][i].option),
+            )
+            for k, i in zip(database.space.knobs, choice)
+            if k.block not in removed
+        }
+        summary = write_configuration(
+            model, tiny_tokenizer(), None, removed, packed, tmp_path / f"m{len(removed)}.gguf"
+        )
         assert summary.path.stat().st_size == sizer(configuration)
 
 
@@ -413,7 +485,13 @@ def test_written_codes_are_the_database_bytes(tmp_path):
 
     model, database = _database(tmp_path, "qwen2", types=("q4_0", "q8_0"))  # qwen2: rows kept in HF order
     configuration = uniform_configuration(database, Option("q4_0", "gptq"), Option("q8_0", "rtn"))
-    packed = {k.tensor: (database.variants[k.tensor][i].option.type, database.payload(k.tensor, database.variants[k.tensor][i].option)) for k, i in zip(database.space.knobs, configuration.choice)}
+    packed = {
+        k.tensor: (
+            database.variants[k.tensor][i].option.type,
+            database.payload(k.tensor, database.variants[k.tensor][i].option),
+        )
+        for k, i in zip(database.space.knobs, configuration.choice)
+    }
     path = write_configuration(model, tiny_tokenizer(), None, (), packed, tmp_path / "m.gguf").path
     reader = gguf.GGUFReader(path)
     for tensor in reader.tensors:
@@ -424,7 +502,13 @@ def test_written_codes_are_the_database_bytes(tmp_path):
 def test_baselines_include_presets_and_uniform_codes(tmp_path):
     _, database = _database(tmp_path, types=("q4_0", "q8_0"))
     names = {name for name, _, _ in baselines(database)}
-    assert {"llama.cpp Q4_0", "llama.cpp Q8_0", "slimlm uniform q4_0/gptq", "slimlm uniform q4_0/rtn", "slimlm uniform q8_0/rtn"} <= names
+    assert {
+        "llama.cpp Q4_0",
+        "llama.cpp Q8_0",
+        "slimlm uniform q4_0/gptq",
+        "slimlm uniform q4_0/rtn",
+        "slimlm uniform q8_0/rtn",
+    } <= names
 
 
 TINY_SEARCH = SearchSettings(
@@ -445,14 +529,23 @@ def searched(tmp_path_factory):
     model_dir = directory / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    result = run_search(str(model_dir), directory / "out", Constraints(max_size="q4_1"), TINY_SEARCH, TINY_EVALUATION, database_dir=directory / "db")
+    result = run_search(
+        str(model_dir),
+        directory / "out",
+        Constraints(max_size="q4_1"),
+        TINY_SEARCH,
+        TINY_EVALUATION,
+        database_dir=directory / "db",
+    )
     return result, directory
 
 
 def test_search_writes_the_chosen_file_within_budget(searched):
     result, _ = searched
     out = result.out
-    assert {"model.gguf", "front.json", "recipe.yaml", "report.html", "front-size.png"} <= {p.name for p in out.iterdir()}
+    assert {"model.gguf", "front.json", "recipe.yaml", "report.html", "front-size.png"} <= {
+        p.name for p in out.iterdir()
+    }
     front = json.loads((out / "front.json").read_text())
     q4_1 = next(p for p in front["points"] if p["name"] == "llama.cpp Q4_1")
     assert (out / "model.gguf").stat().st_size == result.chosen.file_bytes <= q4_1["file_bytes"]
@@ -479,7 +572,14 @@ def test_search_file_loads_in_transformers(searched):
 def test_search_refuses_a_budget_below_the_smallest_file(searched, tmp_path):
     _, directory = searched
     with pytest.raises(SlimlmError, match="below the smallest file"):
-        run_search(str(directory / "tiny"), tmp_path / "o", Constraints(max_size="1KB"), TINY_SEARCH, TINY_EVALUATION, database_dir=directory / "db")
+        run_search(
+            str(directory / "tiny"),
+            tmp_path / "o",
+            Constraints(max_size="1KB"),
+            TINY_SEARCH,
+            TINY_EVALUATION,
+            database_dir=directory / "db",
+        )
 
 
 def test_search_refuses_a_size_that_is_not_one(tmp_path):
@@ -487,18 +587,42 @@ def test_search_refuses_a_size_that_is_not_one(tmp_path):
         run_search("unused", tmp_path / "o", Constraints(max_size="ninety"), TINY_SEARCH, TINY_EVALUATION)
 
 
-
 def test_search_cli_prints_the_front_as_json(searched, tmp_path):
     from conftest import run_cli
 
     _, directory = searched
     result = run_cli(
-        "search", directory / "tiny", "--max-size", "q4_0", "--out", tmp_path / "cli", "--database", directory / "db", "--types", "q4_0,q4_1,q8_0",
-        "--methods", "rtn,gptq", "--calib-samples", "4", "--calib-seqlen", "32", "--seqlen", "32", "--windows", "2", "--generations", "1",
-        "--front-generations", "0", "--depth-candidates", "1", "--json", "-",
+        "search",
+        directory / "tiny",
+        "--max-size",
+        "q4_0",
+        "--out",
+        tmp_path / "cli",
+        "--database",
+        directory / "db",
+        "--types",
+        "q4_0,q4_1,q8_0",
+        "--methods",
+        "rtn,gptq",
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "--seqlen",
+        "32",
+        "--windows",
+        "2",
+        "--generations",
+        "1",
+        "--front-generations",
+        "0",
+        "--depth-candidates",
+        "1",
+        "--json",
+        "-",
     )
     assert result.returncode == 0, result.stdout
-    data = json.loads(result.stdout[result.stdout.index("{"):])
+    data = json.loads(result.stdout[result.stdout.index("{") :])
     chosen = next(p for p in data["points"] if p["name"] == data["chosen"])
     q4_0 = next(p for p in data["points"] if p["name"] == "llama.cpp Q4_0")
     assert chosen["kind"] == "searched" and chosen["file_bytes"] <= q4_0["file_bytes"]
@@ -517,7 +641,9 @@ def test_speed_constraints_without_llama_cpp_say_how_to_install_it(tmp_path, mon
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
     with pytest.raises(SlimlmError, match=r"llama.cpp, which is not installed.*\.\[engines\]"):
-        run_search("unused", tmp_path / "o", Constraints(max_size="92MB", min_decode_tps=100), TINY_SEARCH, TINY_EVALUATION)
+        run_search(
+            "unused", tmp_path / "o", Constraints(max_size="92MB", min_decode_tps=100), TINY_SEARCH, TINY_EVALUATION
+        )
 
 
 def _gguf_tensors(path) -> dict[str, tuple[str, bytes]]:
@@ -532,8 +658,12 @@ def test_compress_replays_the_recipe_into_the_same_file(searched, tmp_path):
     from slimlm.api import compress
 
     result, directory = searched
-    manifest = compress(str(directory / "tiny"), recipe=str(result.out / "recipe.yaml"), out=tmp_path / "replayed", evaluation=None)
-    assert manifest["export"]["replayed_tensors"] == sum(1 for name in _gguf_tensors(result.out / "model.gguf") if not name.endswith("norm.weight"))
+    manifest = compress(
+        str(directory / "tiny"), recipe=str(result.out / "recipe.yaml"), out=tmp_path / "replayed", evaluation=None
+    )
+    assert manifest["export"]["replayed_tensors"] == sum(
+        1 for name in _gguf_tensors(result.out / "model.gguf") if not name.endswith("norm.weight")
+    )
     assert _gguf_tensors(tmp_path / "replayed.gguf") == _gguf_tensors(result.out / "model.gguf")
 
 
@@ -564,4 +694,6 @@ def test_searched_line_counts_generations_in_words():
 
     assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0051, 1, 1, 4).endswith("re-ranked 0.0051 (1 generation)")
     assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 3, 3, 4).endswith("(3 generations)")
-    assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 4, 12, 4).endswith("(4 of 12 generations: the last 4 gained less than 1%)")
+    assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 4, 12, 4).endswith(
+        "(4 of 12 generations: the last 4 gained less than 1%)"
+    )

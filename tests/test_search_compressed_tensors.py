@@ -48,7 +48,9 @@ def test_payload_round_trips_to_what_the_layer_computes(type_):
     option = Option(type_, "ref" if type_ == "dense" else "rtn")
     decoded = ct_decode(ct_encode(weight, option, None), option, (48, 64))
     grid = ct_grid(type_)
-    expected = weight.to(torch.bfloat16).float() if grid is None else dequantize(*rtn_quantize(weight, grid), torch.float32)
+    expected = (
+        weight.to(torch.bfloat16).float() if grid is None else dequantize(*rtn_quantize(weight, grid), torch.float32)
+    )
     assert torch.equal(decoded, expected)
 
 
@@ -66,7 +68,13 @@ def asym_database(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ct-db-asym")
     model = tiny_model("llama")
     space = ct_search_space(model, ("int4-g32-asym", "dense"), ("rtn",))
-    return model, build_database(directory, model, space, lambda: collect_statistics(model, torch.randint(3, 200, (2, 16)), progress=False), "ids")
+    return model, build_database(
+        directory,
+        model,
+        space,
+        lambda: collect_statistics(model, torch.randint(3, 200, (2, 16)), progress=False),
+        "ids",
+    )
 
 
 def test_counted_bytes_equal_the_written_checkpoint_with_zero_points(asym_database, tmp_path):
@@ -89,8 +97,11 @@ def test_counted_bytes_equal_the_written_checkpoint(database, tmp_path):
         configuration = Configuration(choice, removed)
         out = write_ct_configuration(model, tiny_tokenizer(), configuration, db, tmp_path / f"c{n}", {})
         assert (out / "model.safetensors").stat().st_size == sizer(configuration)
-        knapsack_bound = sizer.layout(removed).header_bytes + sizer.layout(removed).fixed_bytes + sum(
-            db.variants[k.tensor][i].bytes for k, i in zip(db.space.knobs, choice) if k.block not in removed)
+        knapsack_bound = (
+            sizer.layout(removed).header_bytes
+            + sizer.layout(removed).fixed_bytes
+            + sum(db.variants[k.tensor][i].bytes for k, i in zip(db.space.knobs, choice) if k.block not in removed)
+        )
         assert sizer(configuration) <= knapsack_bound  # the knapsack's sizes are an upper bound
     assert widest >= 6
 
@@ -100,14 +111,23 @@ def searched(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ct-search")
     tiny_model("llama").save_pretrained(directory / "tiny")
     tiny_tokenizer().save_pretrained(directory / "tiny")
-    result = run_search(str(directory / "tiny"), directory / "out", Constraints(max_size="int4-g64/gptq"), TINY_SEARCH, TINY_EVALUATION, database_dir=directory / "db")
+    result = run_search(
+        str(directory / "tiny"),
+        directory / "out",
+        Constraints(max_size="int4-g64/gptq"),
+        TINY_SEARCH,
+        TINY_EVALUATION,
+        database_dir=directory / "db",
+    )
     return result, directory
 
 
 def test_search_writes_a_checkpoint_within_budget(searched):
     result, _ = searched
     out = result.out
-    assert {"model.safetensors", "config.json", "slimlm.json", "front.json", "recipe.yaml", "report.html"} <= {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "slimlm.json", "front.json", "recipe.yaml", "report.html"} <= {
+        p.name for p in out.iterdir()
+    }
     front = json.loads((out / "front.json").read_text())
     budget = next(p for p in front["points"] if p["name"] == "uniform int4-g64/gptq")["file_bytes"]
     assert (out / "model.safetensors").stat().st_size == result.chosen.file_bytes <= budget
@@ -160,7 +180,9 @@ def test_checkpoint_loads_in_slimlm_and_transformers_with_the_searched_logits(se
 
 def test_search_refuses_gguf_types_and_llama_cpp_constraints(tmp_path):
     with pytest.raises(SlimlmError, match="llama.cpp"):
-        run_search("unused", tmp_path / "o", Constraints(max_size="1MB", min_decode_tps=10), TINY_SEARCH, TINY_EVALUATION)
+        run_search(
+            "unused", tmp_path / "o", Constraints(max_size="1MB", min_decode_tps=10), TINY_SEARCH, TINY_EVALUATION
+        )
     with pytest.raises(SlimlmError, match="not compressed-tensors types"):
         from slimlm.search.ct_search import _ct_types
 
@@ -173,7 +195,9 @@ def test_compress_replays_the_recipe_into_the_same_checkpoint(searched, tmp_path
     from slimlm.api import compress
 
     result, directory = searched
-    manifest = compress(str(directory / "tiny"), recipe=str(result.out / "recipe.yaml"), out=tmp_path / "replayed", evaluation=None)
+    manifest = compress(
+        str(directory / "tiny"), recipe=str(result.out / "recipe.yaml"), out=tmp_path / "replayed", evaluation=None
+    )
     replayed = load_file(str(tmp_path / "replayed-compressed-tensors" / "model.safetensors"))
     searched_file = load_file(str(result.out / "model.safetensors"))
     assert replayed.keys() == searched_file.keys()

@@ -25,7 +25,11 @@ def remote_code_dir(hf_dir: Path, tmp_path: Path, config_file: str) -> tuple[Pat
     shutil.copytree(hf_dir, path)
     (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     config = json.loads((path / config_file).read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel", "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForCausalLM": "evil.EvilModel",
+        "AutoTokenizer": ["evil.EvilTokenizer", None],
+    }
     (path / config_file).write_text(json.dumps(config))
     return path, marker
 
@@ -90,15 +94,16 @@ def test_finite_model_still_loads(hf_dir):
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
 
 
-
 def test_remote_code_transformers_detects_is_the_same_one_line(hf_dir, monkeypatch):
     """Remote code that only transformers finds (e.g. a hub model read before it is cached): its refusal, raised
     because slimlm passes trust_remote_code=False, becomes slimlm's line, not a hint about a flag slimlm lacks."""
     import slimlm.models.load as load
 
     def refuse(*args, **kwargs):
-        raise ValueError("The repository x contains custom code which must be executed to correctly load the model. "
-                         "Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
+        raise ValueError(
+            "The repository x contains custom code which must be executed to correctly load the model. "
+            "Please pass the argument `trust_remote_code=True` to allow custom code to be run."
+        )
 
     monkeypatch.setattr(load, "from_pretrained_checked", refuse)
     with pytest.raises(SlimlmError, match=r"needs its own Python code .* which slimlm never runs") as err:

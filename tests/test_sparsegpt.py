@@ -62,7 +62,9 @@ def random_spd(n: int, seed: int) -> torch.Tensor:
     return 2 * x.t() @ x / x.shape[0]
 
 
-@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5), ("4:8", 0.5)])
+@pytest.mark.parametrize(
+    "pattern, sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5), ("4:8", 0.5)]
+)
 @pytest.mark.parametrize("block_size", [32, 8])
 def test_matches_naive_obs_loop(pattern, sparsity, block_size):
     """Blocking and lazy updates reorder the arithmetic only: same result as the eager loop, 8×32 weight."""
@@ -75,7 +77,9 @@ def test_matches_naive_obs_loop(pattern, sparsity, block_size):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5), ("1:4", 0.75)])
+@pytest.mark.parametrize(
+    "pattern, sparsity", [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5), ("1:4", 0.75)]
+)
 @pytest.mark.parametrize("block_size", [16, 128])
 def test_identity_hessian_is_magnitude_pruning(pattern, sparsity, block_size):
     """With H ∝ I no weight informs another: the OBS update vanishes and the saliency is |w| (one block ≥ in)."""
@@ -111,7 +115,10 @@ def test_lower_output_error_than_wanda_and_magnitude():
     stats = InputStats(64, ("hessian", "input_norm"), torch.device("cpu"))
     stats.update(x)
     for pattern, sparsity in (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5)):
-        masked_only = [wanda_prune(weight, stats.input_norm, sparsity, pattern), magnitude_prune(weight, sparsity, pattern)]
+        masked_only = [
+            wanda_prune(weight, stats.input_norm, sparsity, pattern),
+            magnitude_prune(weight, sparsity, pattern),
+        ]
         best_mask_error = min((x @ (weight - pruned).t()).norm().item() for pruned in masked_only)
         for block_size in (16, 128):
             pruned = sparsegpt_prune(weight, stats.hessian, sparsity, pattern, block_size=block_size)
@@ -158,7 +165,9 @@ def test_compress_is_exact_and_closer_to_dense_than_magnitude(arch):
         errors = {}
         for method in ("sparsegpt", "magnitude"):
             model = copy.deepcopy(dense)
-            compress_(model, parse_recipe([{"method": method, "sparsity": 0.5, "pattern": pattern}], method), calibration)
+            compress_(
+                model, parse_recipe([{"method": method, "sparsity": 0.5, "pattern": pattern}], method), calibration
+            )
             with torch.no_grad():
                 errors[method] = (model(ids).logits - dense_logits).pow(2).mean().item()
             for index in range(len(decoder_blocks(model))):

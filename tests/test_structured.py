@@ -126,7 +126,9 @@ def test_block_influences_match_full_forward_hidden_states(arch):
     ids = calibration_ids()
     scores = block_influences(model, ids)
     with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True, use_cache=False).hidden_states  # inputs of blocks 0..n-1, then the normed output
+        hidden = model(
+            ids, output_hidden_states=True, use_cache=False
+        ).hidden_states  # inputs of blocks 0..n-1, then the normed output
     for i in range(len(scores) - 1):
         assert scores[i] == pytest.approx(block_influence(hidden[i], hidden[i + 1]), abs=1e-5)
 
@@ -213,9 +215,15 @@ def test_depth_refusals():
         DepthConfig(targets="mlp")
     model = tiny_model("llama")
     with pytest.raises(SlimlmError, match="'blocks' is 2, but the model has only 2 blocks"):
-        compress_(model, parse_recipe([{"method": "depth", "blocks": 2}], "inline"), CalibrationSet(calibration_ids(), "x", "t", 0))
+        compress_(
+            model,
+            parse_recipe([{"method": "depth", "blocks": 2}], "inline"),
+            CalibrationSet(calibration_ids(), "x", "t", 0),
+        )
     assert len(decoder_blocks(model)) == 2
-    gpt2 = AutoModelForCausalLM.from_config(transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=320, scale_attn_by_inverse_layer_idx=True))
+    gpt2 = AutoModelForCausalLM.from_config(
+        transformers.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=320, scale_attn_by_inverse_layer_idx=True)
+    )
     with pytest.raises(SlimlmError, match="scales attention by 1/\\(layer_idx\\+1\\)"):
         prune_depth_(gpt2, DepthConfig(blocks=1), calibration_ids())
 
@@ -294,7 +302,9 @@ def test_dead_mlp_channels_go_first_and_removing_them_changes_nothing(arch):
     expected = logits(model)
     pruned = prune_width_(model, WidthConfig(mlp=0.25), calibration_ids())
     assert all(torch.equal(kept, alive) for kept in pruned.mlp_kept)
-    torch.testing.assert_close(logits(model), expected, rtol=0, atol=1e-6)  # bit-exact but for GPT-2 Conv1D summation order
+    torch.testing.assert_close(
+        logits(model), expected, rtol=0, atol=1e-6
+    )  # bit-exact but for GPT-2 Conv1D summation order
 
 
 @pytest.mark.parametrize("arch", HEAD_ARCHS)
@@ -302,7 +312,9 @@ def test_dead_kv_group_goes_first_and_removing_it_changes_nothing(arch):
     """Zero value rows of group 0 make its query heads output zero (o_proj reads nothing from them): removed, same logits."""
     model = tiny_model(arch)
     adapter = adapter_for(model)
-    path, layout = adapter.head_producers[-1]  # v_proj; Phi-3: qkv_proj, whose v segment comes after q (4 heads) and k (2)
+    path, layout = adapter.head_producers[
+        -1
+    ]  # v_proj; Phi-3: qkv_proj, whose v segment comes after q (4 heads) and k (2)
     v_offset = {"v": 0, "qkv": (4 + 2) * 16}[layout]
     for block in decoder_blocks(model):
         _zero_rows_(block.get_submodule(path), v_offset + torch.arange(16))
@@ -341,7 +353,11 @@ def test_importance_matches_activations_captured_by_hand(arch):
     for index, block in enumerate(decoder_blocks(model)):
         for path in filter(None, (adapter.mlp_consumer, adapter.head_consumer)):
             key = f"{index}.{path}"
-            handles.append(block.get_submodule(path).register_forward_hook(lambda _m, args, _o, key=key: seen.setdefault(key, []).append(args[0])))
+            handles.append(
+                block.get_submodule(path).register_forward_hook(
+                    lambda _m, args, _o, key=key: seen.setdefault(key, []).append(args[0])
+                )
+            )
     with torch.no_grad():
         for window in ids:
             model(window.unsqueeze(0), use_cache=False)
@@ -350,7 +366,9 @@ def test_importance_matches_activations_captured_by_hand(arch):
     config = WidthConfig(mlp=0.25, heads=0.5 if arch in HEAD_ARCHS else 0.0)
     importance = width_importance(model, width_plan(model, config), ids)
     for index in range(2):
-        down_input = torch.cat(seen[f"{index}.{adapter.mlp_consumer}"]).reshape(-1, mlp_channels(model))  # (tokens, channels)
+        down_input = torch.cat(seen[f"{index}.{adapter.mlp_consumer}"]).reshape(
+            -1, mlp_channels(model)
+        )  # (tokens, channels)
         torch.testing.assert_close(importance["mlp"][index], down_input.pow(2).sum(0).sqrt())
         if arch in HEAD_ARCHS:
             heads = torch.cat(seen[f"{index}.{adapter.head_consumer}"]).reshape(-1, 4, 16)  # (tokens, heads, head_dim)
@@ -361,7 +379,11 @@ def test_importance_matches_activations_captured_by_hand(arch):
 @pytest.mark.parametrize(
     "arch, config, message",
     [
-        ("gpt2", WidthConfig(heads=0.5), "head pruning is not supported for 'gpt2'.*supports gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"),
+        (
+            "gpt2",
+            WidthConfig(heads=0.5),
+            "head pruning is not supported for 'gpt2'.*supports gemma, gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3",
+        ),
         ("opt", WidthConfig(heads=0.5), "head pruning is not supported for 'opt'"),
         ("llama", WidthConfig(mlp=0.99), "would remove all 128 MLP channels"),
         ("llama", WidthConfig(mlp=0.01), "removes none of the 128 MLP channels"),
@@ -390,7 +412,15 @@ def test_width_config_refusals():
 
 def test_head_count_that_llama_config_cannot_load_is_refused_up_front():
     """transformers' LlamaConfig insists on hidden_size % num_attention_heads == 0, even with an explicit head_dim."""
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=6, head_dim=16)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        head_dim=16,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     with pytest.raises(SlimlmError, match="would not load in transformers .*num_attention_heads=5.*not a multiple"):
         prune_width_(model, WidthConfig(heads=1 / 6), calibration_ids())
@@ -424,7 +454,9 @@ def test_shipped_recipes_cut_smollm2_by_at_least_20_percent():
     kept_blocks = 30 - blocks_to_remove(30, depth)
     after_depth = _count_with(type(smol.config).from_dict({**smol.config.to_dict(), "num_hidden_layers": kept_blocks}))
     (width,) = load_recipe("width-25pct").stages
-    after_width = _count_with(type(smol.config).from_dict({**smol.config.to_dict(), **config_changes(smol, width_plan(smol, width))}))
+    after_width = _count_with(
+        type(smol.config).from_dict({**smol.config.to_dict(), **config_changes(smol, width_plan(smol, width))})
+    )
     assert (kept_blocks, after_depth) == (22, 106_194_240)  # -21.1%
     assert after_width == 99_678_528  # -25.9%; MLP 1536 -> 864
     assert after_depth <= 0.8 * total and after_width <= 0.75 * total
@@ -443,7 +475,10 @@ def test_shipped_structured_recipes_run_in_the_pipeline(recipe, tmp_path):
 
 def test_structured_then_unstructured_stages_work_on_the_narrowed_model():
     model = deep_model("llama")
-    recipe = parse_recipe([{"method": "depth", "blocks": 1}, {"method": "width", "mlp": 0.5}, {"method": "magnitude", "sparsity": 0.5}], "inline")
+    recipe = parse_recipe(
+        [{"method": "depth", "blocks": 1}, {"method": "width", "mlp": 0.5}, {"method": "magnitude", "sparsity": 0.5}],
+        "inline",
+    )
     compress_(model, recipe, CalibrationSet(calibration_ids(), "x", "test ids", 0))
     assert len(decoder_blocks(model)) == 3 and model.config.intermediate_size == 64
     down = decoder_blocks(model)[0].mlp.down_proj.weight

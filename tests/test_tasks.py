@@ -74,7 +74,9 @@ def test_requests_longer_than_a_sliding_window_run_alone_and_exactly(tokenizer):
     requests = [(long_context, " small"), (long_context, " language models"), ("short", " one")]
     assert len(encode_pair(tokenizer, *requests[0])[0]) > model.config.sliding_window
     for (context, continuation), result in zip(requests, score_requests(model, tokenizer, requests)):
-        assert result.logprob == pytest.approx(naive_loglikelihood(model, tokenizer, context, continuation)[0], abs=1e-4)
+        assert result.logprob == pytest.approx(
+            naive_loglikelihood(model, tokenizer, context, continuation)[0], abs=1e-4
+        )
 
 
 def test_encode_pair_follows_lm_eval(tokenizer):
@@ -137,7 +139,13 @@ def test_hellaswag_text_format_recovers_lm_eval_query(tmp_path):
 
 
 def test_hellaswag_jsonl_applies_lm_eval_preprocess(tmp_path):
-    row = {"activity_label": "Home", "ctx_a": "[header] How to x. [title] Do y.", "ctx_b": "you", "endings": ["a [step] b", "c", "d", "e"], "label": "0"}
+    row = {
+        "activity_label": "Home",
+        "ctx_a": "[header] How to x. [title] Do y.",
+        "ctx_b": "you",
+        "endings": ["a [step] b", "c", "d", "e"],
+        "label": "0",
+    }
     path = tmp_path / "hs.jsonl"
     path.write_text(json.dumps(row) + "\n")
     (example,) = load_task_data(f"hellaswag:{path}").examples
@@ -164,7 +172,11 @@ def test_arc_converted_form_with_official_keys(tmp_path, subset):
     examples = load_task_data(f"arc_easy:{tmp_path}").examples
     assert len(examples) == 5
     for item, example in zip(items, examples):
-        assert example.context.startswith("Question: ") and example.context.endswith("?\nAnswer:") or example.context.endswith("\nAnswer:")
+        assert (
+            example.context.startswith("Question: ")
+            and example.context.endswith("?\nAnswer:")
+            or example.context.endswith("\nAnswer:")
+        )
         assert example.gold == int(item["answer"][6:]) - 1
         assert all(f"Answer{i + 1}: {text}" in item["instruction"] for i, text in enumerate(example.choices))
     keys = (tmp_path / "question-answers.jsonl").read_text().splitlines()
@@ -176,8 +188,17 @@ def test_arc_converted_form_with_official_keys(tmp_path, subset):
 
 
 def test_arc_original_and_hub_rows(tmp_path):
-    ai2 = {"id": "x", "question": {"stem": "Why?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]}, "answerKey": "B"}
-    hub = {"id": "y", "question": "How?", "choices": {"text": ["c", "d", "e"], "label": ["1", "2", "3"]}, "answerKey": "3"}
+    ai2 = {
+        "id": "x",
+        "question": {"stem": "Why?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+        "answerKey": "B",
+    }
+    hub = {
+        "id": "y",
+        "question": "How?",
+        "choices": {"text": ["c", "d", "e"], "label": ["1", "2", "3"]},
+        "answerKey": "3",
+    }
     path = tmp_path / "arc.jsonl"
     path.write_text(json.dumps(ai2) + "\n" + json.dumps(hub) + "\n")
     first, second = load_task_data(f"arc_challenge:{path}").examples
@@ -195,21 +216,40 @@ def test_lambada_splits_last_word(tmp_path):
 
 
 def test_generic_formats(tmp_path):
-    (tmp_path / "boolq.jsonl").write_text(json.dumps({"question": "is it", "passage": "P.", "answer": True}) + "\n" + json.dumps({"question": "q", "passage": "p", "label": 0}) + "\n")
+    (tmp_path / "boolq.jsonl").write_text(
+        json.dumps({"question": "is it", "passage": "P.", "answer": True})
+        + "\n"
+        + json.dumps({"question": "q", "passage": "p", "label": 0})
+        + "\n"
+    )
     yes, no = load_task_data(f"boolq:{tmp_path / 'boolq.jsonl'}").examples
     assert (yes.context, yes.choices, yes.gold, no.gold) == ("P.\nQuestion: is it?\nAnswer:", ("no", "yes"), 1, 0)
 
-    (tmp_path / "wino.jsonl").write_text(json.dumps({"sentence": "Tom gave Bob a gift because _ was kind.", "option1": "Tom", "option2": "Bob", "answer": "1"}) + "\n")
+    (tmp_path / "wino.jsonl").write_text(
+        json.dumps(
+            {"sentence": "Tom gave Bob a gift because _ was kind.", "option1": "Tom", "option2": "Bob", "answer": "1"}
+        )
+        + "\n"
+    )
     data = load_task_data(f"winogrande:{tmp_path / 'wino.jsonl'}")
     (blank,) = data.examples
-    assert data.task.requests(blank) == [("Tom gave Bob a gift because Tom", " was kind."), ("Tom gave Bob a gift because Bob", " was kind.")]
+    assert data.task.requests(blank) == [
+        ("Tom gave Bob a gift because Tom", " was kind."),
+        ("Tom gave Bob a gift because Bob", " was kind."),
+    ]
 
-    obqa = {"id": "1", "question": {"stem": "Sun is", "choices": [{"text": "hot", "label": "A"}, {"text": "cold", "label": "B"}]}, "answerKey": "A"}
+    obqa = {
+        "id": "1",
+        "question": {"stem": "Sun is", "choices": [{"text": "hot", "label": "A"}, {"text": "cold", "label": "B"}]},
+        "answerKey": "A",
+    }
     (tmp_path / "obqa.jsonl").write_text(json.dumps(obqa) + "\n")
     (example,) = load_task_data(f"openbookqa:{tmp_path / 'obqa.jsonl'}").examples
     assert (example.context, example.gold) == ("Sun is", 0)
 
-    truthful = [{"question": "Is it?", "mc1_targets": {"Yes.": 1, "No.": 0}, "mc2_targets": {"Yes.": 1, "Sure.": 1, "No.": 0}}]
+    truthful = [
+        {"question": "Is it?", "mc1_targets": {"Yes.": 1, "No.": 0}, "mc2_targets": {"Yes.": 1, "Sure.": 1, "No.": 0}}
+    ]
     (tmp_path / "mc_task.json").write_text(json.dumps(truthful))
     data = load_task_data(f"truthfulqa_mc2:{tmp_path / 'mc_task.json'}")
     (example,) = data.examples
@@ -219,18 +259,28 @@ def test_generic_formats(tmp_path):
     expected = (math.exp(-1) + math.exp(-2)) / (math.exp(-1) + math.exp(-2) + math.exp(-3))
     assert data.task.score(example, results)["acc"] == pytest.approx(expected)
 
-    (tmp_path / "crows.csv").write_text(',sent_more,sent_less,stereo_antistereo,bias_type\n0,"A is bad.","B is bad.",stereo,race-color\n')
+    (tmp_path / "crows.csv").write_text(
+        ',sent_more,sent_less,stereo_antistereo,bias_type\n0,"A is bad.","B is bad.",stereo,race-color\n'
+    )
     data = load_task_data(f"crows_pairs:{tmp_path / 'crows.csv'}")
     (pair,) = data.examples
     assert data.task.requests(pair) == [("", "A is bad."), ("", "B is bad.")]
-    assert data.task.score(pair, [LogLikelihood(-5.0, False, 3), LogLikelihood(-7.0, False, 3)]) == {"pct_stereotype": 1.0, "likelihood_diff": 2.0}
+    assert data.task.score(pair, [LogLikelihood(-5.0, False, 3), LogLikelihood(-7.0, False, 3)]) == {
+        "pct_stereotype": 1.0,
+        "likelihood_diff": 2.0,
+    }
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
 
 
 def _truthful_rows(n: int) -> str:
-    return json.dumps([{"question": f"Q{i}?", "mc1_targets": {"Yes.": 1, "No.": 0}, "mc2_targets": {"Yes.": 1, "No.": 0}} for i in range(n)])
+    return json.dumps(
+        [
+            {"question": f"Q{i}?", "mc1_targets": {"Yes.": 1, "No.": 0}, "mc2_targets": {"Yes.": 1, "No.": 0}}
+            for i in range(n)
+        ]
+    )
 
 
 def test_truthfulqa_folder_reads_the_2021_release_and_refuses_the_2025_revision(tmp_path, capsys, monkeypatch):
@@ -243,7 +293,11 @@ def test_truthfulqa_folder_reads_the_2021_release_and_refuses_the_2025_revision(
     (clone / "data" / "v1" / "mc_task.json").write_text(_truthful_rows(817))
     for spec in (f"truthfulqa_mc1:{clone}", f"truthfulqa_mc2:{clone / 'data'}"):
         data = load_task_data(spec)
-        assert data.source == str(clone / "data" / "v1" / "mc_task.json") and len(data.examples) == 817 and data.warning is None
+        assert (
+            data.source == str(clone / "data" / "v1" / "mc_task.json")
+            and len(data.examples) == 817
+            and data.warning is None
+        )
     assert f"truthfulqa_mc2: read {clone / 'data' / 'v1' / 'mc_task.json'} (817 examples)" in capsys.readouterr().err
     with pytest.raises(SlimlmError, match="790 examples: the 2025 revision of TruthfulQA.*not the 817"):
         load_task_data(f"truthfulqa_mc1:{clone / 'data' / 'mc_task.json'}")
@@ -257,7 +311,11 @@ def test_truthfulqa_folder_reads_the_2021_release_and_refuses_the_2025_revision(
 
 
 def test_openbookqa_folder_reads_ai2_main_test_and_warns_on_another_count(tmp_path, capsys, monkeypatch):
-    row = {"id": "1", "question": {"stem": "Sun is", "choices": [{"text": "hot", "label": "A"}, {"text": "cold", "label": "B"}]}, "answerKey": "A"}
+    row = {
+        "id": "1",
+        "question": {"stem": "Sun is", "choices": [{"text": "hot", "label": "A"}, {"text": "cold", "label": "B"}]},
+        "answerKey": "A",
+    }
     main = tmp_path / "openbookqa" / "Data" / "Main"
     main.mkdir(parents=True)
     (main / "test.jsonl").write_text((json.dumps(row) + "\n") * 500)
@@ -287,7 +345,11 @@ def test_unknown_task_lists_the_known_ones():
         ("piqa", '{"goal": "g", "sol1": "a", "label": 0}\n', r"line 1: missing field 'sol2'"),
         ("lambada", '{"text": "fine words"}\n{"text": 3}\n', r"line 2: field 'text' should be str"),
         ("boolq", '{"question": "q", "passage": "p", "answer": true}\nnot json\n', r"line 2: not valid JSON"),
-        ("winogrande", '{"sentence": "no blank here", "option1": "a", "option2": "b", "answer": "1"}\n', r"line 1: field 'sentence' has no '_'"),
+        (
+            "winogrande",
+            '{"sentence": "no blank here", "option1": "a", "option2": "b", "answer": "1"}\n',
+            r"line 1: field 'sentence' has no '_'",
+        ),
         ("hellaswag", "ctx: a b\n7\na\nb\nc\nd\n", r"line 2: gold label '7'"),
         ("hellaswag", "ctx: a b\n1\na\n", r"not a multiple of 6"),
     ],
@@ -309,12 +371,24 @@ def test_empty_dataset_and_missing_file(tmp_path):
 
 def test_evaluate_tasks_end_to_end_on_a_tiny_model(tmp_path, tokenizer):
     model = tiny_model("llama")
-    rows = [{"goal": f"goal {i}", "sol1": "the quick brown fox", "sol2": f"small models {i}", "label": i % 2} for i in range(6)]
+    rows = [
+        {"goal": f"goal {i}", "sol1": "the quick brown fox", "sol2": f"small models {i}", "label": i % 2}
+        for i in range(6)
+    ]
     (tmp_path / "piqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "lambada.jsonl").write_text("".join(json.dumps({"text": f"the quick brown fox number {i}"}) + "\n" for i in range(4)))
+    (tmp_path / "lambada.jsonl").write_text(
+        "".join(json.dumps({"text": f"the quick brown fox number {i}"}) + "\n" for i in range(4))
+    )
     with pytest.raises(SlimlmError, match="at least 1"):
         evaluate_tasks(model, tokenizer, [f"piqa:{tmp_path / 'piqa.jsonl'}"], limit=0)
-    piqa, lambada = evaluate_tasks(model, tokenizer, [f"piqa:{tmp_path / 'piqa.jsonl'}", f"lambada:{tmp_path / 'lambada.jsonl'}"], limit=4, seed=1, progress=False)
+    piqa, lambada = evaluate_tasks(
+        model,
+        tokenizer,
+        [f"piqa:{tmp_path / 'piqa.jsonl'}", f"lambada:{tmp_path / 'lambada.jsonl'}"],
+        limit=4,
+        seed=1,
+        progress=False,
+    )
     assert (piqa.examples, piqa.total, piqa.requests) == (4, 6, 8)
     chosen = [rows[i] for i in select(6, 4, 1)]
     expected = []
@@ -337,7 +411,9 @@ def test_smollm2_scores_real_tasks_above_chance():
     from slimlm.models.load import load_model
 
     loaded = load_model("smollm2-135m", device="cpu")
-    results = {r.task: r for r in evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa", "lambada"], limit=40, progress=False)}
+    results = {
+        r.task: r for r in evaluate_tasks(loaded.model, loaded.tokenizer, ["piqa", "lambada"], limit=40, progress=False)
+    }
     assert results["piqa"].metrics["acc"] > 0.55  # chance is 0.5; the Q4_1 SmolLM2-135M-Instruct scores about 0.67
     assert results["lambada"].metrics["acc"] > 0.08  # chance is about 0; this model scores about 0.19 (lm-eval agrees)
 
@@ -345,11 +421,42 @@ def test_smollm2_scores_real_tasks_above_chance():
 def _generic_files(tmp_path: Path) -> list[str]:
     """A few hand-made rows in each generic task's hub layout, as task specs."""
     rows = {
-        "boolq": [{"question": "is the sky blue", "passage": "The sky is blue.", "label": 1}, {"question": "is fire cold", "passage": "Fire is hot.", "label": 0}],
-        "winogrande": [{"sentence": "Tom gave Bob a gift because _ was kind.", "option1": "Tom", "option2": "Bob", "answer": "1"}, {"sentence": "The cup fell off the table because _ was slippery.", "option1": "cup", "option2": "table", "answer": "2"}],
-        "openbookqa": [{"id": "1", "question_stem": "The sun is", "choices": {"text": ["hot", "cold", "wet", "blue"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"}],
-        "truthfulqa_mc1": [{"question": "Is it?", "mc1_targets": {"choices": ["Yes.", "No."], "labels": [1, 0]}, "mc2_targets": {"choices": ["Yes.", "Sure.", "No."], "labels": [1, 1, 0]}}],
-        "crows_pairs": [{"sent_more": "Poor people are lazy.", "sent_less": "Rich people are lazy.", "stereo_antistereo": "stereo", "bias_type": "socioeconomic"}],
+        "boolq": [
+            {"question": "is the sky blue", "passage": "The sky is blue.", "label": 1},
+            {"question": "is fire cold", "passage": "Fire is hot.", "label": 0},
+        ],
+        "winogrande": [
+            {"sentence": "Tom gave Bob a gift because _ was kind.", "option1": "Tom", "option2": "Bob", "answer": "1"},
+            {
+                "sentence": "The cup fell off the table because _ was slippery.",
+                "option1": "cup",
+                "option2": "table",
+                "answer": "2",
+            },
+        ],
+        "openbookqa": [
+            {
+                "id": "1",
+                "question_stem": "The sun is",
+                "choices": {"text": ["hot", "cold", "wet", "blue"], "label": ["A", "B", "C", "D"]},
+                "answerKey": "A",
+            }
+        ],
+        "truthfulqa_mc1": [
+            {
+                "question": "Is it?",
+                "mc1_targets": {"choices": ["Yes.", "No."], "labels": [1, 0]},
+                "mc2_targets": {"choices": ["Yes.", "Sure.", "No."], "labels": [1, 1, 0]},
+            }
+        ],
+        "crows_pairs": [
+            {
+                "sent_more": "Poor people are lazy.",
+                "sent_less": "Rich people are lazy.",
+                "stereo_antistereo": "stereo",
+                "bias_type": "socioeconomic",
+            }
+        ],
     }
     rows["truthfulqa_mc2"] = rows["truthfulqa_mc1"]
     specs = []
@@ -368,7 +475,9 @@ def test_lm_eval_scores_the_same_requests_and_metrics(tmp_path, tokenizer):
     from slimlm.evaluate.tasks.harness import make_hflm, score_with_lm_eval
 
     model = tiny_model("llama")
-    model.config.max_position_embeddings = 4096  # the byte-level test tokenizer makes long sequences; RoPE does not care
+    model.config.max_position_embeddings = (
+        4096  # the byte-level test tokenizer makes long sequences; RoPE does not care
+    )
     lm = make_hflm(model, tokenizer, batch_size=4)
     specs = ["hellaswag", "piqa", "arc_easy", "arc_challenge", "lambada", *_generic_files(tmp_path)]
     for spec in specs:
@@ -390,8 +499,12 @@ def tiny_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cli")
     save_model(tiny_model("qwen2"), tiny_tokenizer(), root / "tiny", {})
-    (root / "piqa.jsonl").write_text("".join(json.dumps({"goal": f"g{i}", "sol1": "a b", "sol2": "c d e", "label": i % 2}) + "\n" for i in range(5)))
-    (root / "lambada.jsonl").write_text("".join(json.dumps({"text": f"the quick brown fox {i}"}) + "\n" for i in range(5)))
+    (root / "piqa.jsonl").write_text(
+        "".join(json.dumps({"goal": f"g{i}", "sol1": "a b", "sol2": "c d e", "label": i % 2}) + "\n" for i in range(5))
+    )
+    (root / "lambada.jsonl").write_text(
+        "".join(json.dumps({"text": f"the quick brown fox {i}"}) + "\n" for i in range(5))
+    )
     return root
 
 
@@ -399,7 +512,19 @@ def test_cli_eval_tasks_and_speed(tiny_dir):
     from conftest import run_cli
 
     out = tiny_dir / "eval.json"
-    result = run_cli("eval", tiny_dir / "tiny", "--tasks", f"piqa:{tiny_dir / 'piqa.jsonl'},lambada:{tiny_dir / 'lambada.jsonl'}", "--limit", "3", "--seed", "1", "--speed", "--json", out)
+    result = run_cli(
+        "eval",
+        tiny_dir / "tiny",
+        "--tasks",
+        f"piqa:{tiny_dir / 'piqa.jsonl'},lambada:{tiny_dir / 'lambada.jsonl'}",
+        "--limit",
+        "3",
+        "--seed",
+        "1",
+        "--speed",
+        "--json",
+        out,
+    )
     assert result.returncode == 0, result.stdout
     payload = json.loads(out.read_text())
     assert "quality" not in payload  # --tasks alone skips perplexity

@@ -68,7 +68,14 @@ def test_accumulation_equals_a_larger_batch():
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_training_lowers_the_loss(optimizer):
     model = tiny_model("qwen2")
-    result = train(model, lm_loss, source(), TrainConfig(steps=8, batch_size=4, lr=3e-3 if optimizer == "adamw" else 3e-2, optimizer=optimizer, warmup_steps=1))
+    result = train(
+        model,
+        lm_loss,
+        source(),
+        TrainConfig(
+            steps=8, batch_size=4, lr=3e-3 if optimizer == "adamw" else 3e-2, optimizer=optimizer, warmup_steps=1
+        ),
+    )
     assert result.losses[-1] < result.losses[0] - 0.1
     assert result.tokens == 8 * 4 * 16 and result.tokens_per_second > 0
 
@@ -90,7 +97,9 @@ def interrupting(after_calls):
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
-    config = TrainConfig(steps=6, batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    config = TrainConfig(
+        steps=6, batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=2, checkpoint_dir=str(tmp_path), checkpoint_every=2
+    )
     whole = tiny_model("llama")
     reference = train(whole, lm_loss, source(), TrainConfig(**{**config.__dict__, "checkpoint_dir": None}))
 
@@ -143,16 +152,27 @@ def test_out_of_memory_names_the_settings():
     def loss_fn(model, batch):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    with pytest.raises(SlimlmError, match=r"out of memory at step 1: micro-batch of 2 sequences × 16 tokens.*lower batch_size"):
+    with pytest.raises(
+        SlimlmError, match=r"out of memory at step 1: micro-batch of 2 sequences × 16 tokens.*lower batch_size"
+    ):
         train(tiny_model("llama"), loss_fn, source(), TrainConfig(steps=1, batch_size=2))
 
 
 def test_eval_every(tmp_path):
-    result = train(tiny_model("llama"), lm_loss, source(), TrainConfig(steps=4, batch_size=2, eval_every=2), eval_fn=lambda model: {"training": float(model.training)})
+    result = train(
+        tiny_model("llama"),
+        lm_loss,
+        source(),
+        TrainConfig(steps=4, batch_size=2, eval_every=2),
+        eval_fn=lambda model: {"training": float(model.training)},
+    )
     assert result.evaluations == [{"step": 2, "training": 0.0}, {"step": 4, "training": 0.0}]
 
 
-@pytest.mark.parametrize("raw", [{"steps": 0}, {"lr": 0.0}, {"schedule": "step"}, {"optimizer": "sgd"}, {"clip_norm": 0.0}, {"min_lr_ratio": 2.0}])
+@pytest.mark.parametrize(
+    "raw",
+    [{"steps": 0}, {"lr": 0.0}, {"schedule": "step"}, {"optimizer": "sgd"}, {"clip_norm": 0.0}, {"min_lr_ratio": 2.0}],
+)
 def test_config_refuses_bad_values(raw):
     with pytest.raises(SlimlmError):
         TrainConfig(**raw)

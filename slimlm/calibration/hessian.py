@@ -47,10 +47,15 @@ def dampened_inverse_cholesky(hessian: torch.Tensor, dampening: float, method: s
         if info == 0:
             return upper
     tried = f" (also with dampening raised to {dampening * 10**retries:g})" if retries else ""
-    raise SlimlmError(f"{method}: the dampened Hessian is not positive definite (numerically){tried}", "raise 'dampening' (e.g. 0.1) or calibrate on more tokens")
+    raise SlimlmError(
+        f"{method}: the dampened Hessian is not positive definite (numerically){tried}",
+        "raise 'dampening' (e.g. 0.1) or calibrate on more tokens",
+    )
 
 
-def stacked_by_input(linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+def stacked_by_input(
+    linears: dict[str, nn.Module], stats: dict[str, InputStats]
+) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
     """(names, weights stacked row-wise, Hessian) per input tensor: linears that read one input (q/k/v, gate/up
     share one statistics object) go together. The OBS-style methods treat rows independently given H, so one
     call on the stack equals one call per linear, with one factorization and one column loop."""
@@ -74,4 +79,3 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-

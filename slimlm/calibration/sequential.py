@@ -88,7 +88,9 @@ def collect_input_stats(
         yield stats
 
 
-def _shared_stats(linears: dict[str, nn.Module], wanted: tuple[str, ...], shared_inputs: tuple[tuple[str, ...], ...]) -> dict[str, InputStats]:
+def _shared_stats(
+    linears: dict[str, nn.Module], wanted: tuple[str, ...], shared_inputs: tuple[tuple[str, ...], ...]
+) -> dict[str, InputStats]:
     """One InputStats per input tensor: linears of a `shared_inputs` group share their first member's (named after it)."""
     leader_of = {}
     for group in shared_inputs:
@@ -98,7 +100,9 @@ def _shared_stats(linears: dict[str, nn.Module], wanted: tuple[str, ...], shared
     for name, module in linears.items():
         leader = leader_of.get(name, name)
         if leader not in stats:
-            stats[leader] = InputStats(linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device, name=leader)
+            stats[leader] = InputStats(
+                linear_weight(linears[leader]).shape[1], wanted, linear_weight(module).device, name=leader
+            )
         stats[name] = stats[leader]
     return stats
 
@@ -138,7 +142,9 @@ class _ArgumentRecorder(nn.Module):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], list[BlockArguments]]:
+def capture_block_inputs(
+    model: nn.Module, calibration_ids: torch.Tensor, device: torch.device
+) -> tuple[list[torch.Tensor], list[BlockArguments]]:
     """Hidden states entering block 0 for each window (each (1, L, hidden)), and per block the other arguments.
 
     Blocks differ in what they get (Gemma/Qwen sliding vs full attention: other masks and rotary tables), so
@@ -232,7 +238,10 @@ def compress_in_one_pass(
                 replace_module_(model, leader, originals[leader])
     missed = [leader for leader, stand_in in stand_ins.items() if not stand_in.called]
     if missed:
-        raise SlimlmError(f"calibration: {missed[0]} never ran in its block's forward, so it cannot be calibrated", "leave it out of the stage with 'targets'")
+        raise SlimlmError(
+            f"calibration: {missed[0]} never ran in its block's forward, so it cannot be calibrated",
+            "leave it out of the stage with 'targets'",
+        )
     return output
 
 
@@ -243,7 +252,9 @@ def one_pass_fits(model: nn.Module, windows: int, seqlen: int, device: torch.dev
     per token, float32) — attention is assumed not to materialise L×L scores (SDPA's fused kernels)."""
     config = model.config
     hidden = config.hidden_size  # GPT-2's n_embd through the config's attribute map
-    intermediate = getattr(config, adapter_for(model).mlp_width, None) or 4 * hidden  # GPT-2's n_inner: None means 4 × hidden
+    intermediate = (
+        getattr(config, adapter_for(model).mlp_width, None) or 4 * hidden
+    )  # GPT-2's n_inner: None means 4 × hidden
     needed = 4 * windows * seqlen * (4 * intermediate + 6 * hidden)
     return needed < free_memory(device) // 2
 
@@ -259,7 +270,9 @@ def free_memory(device: torch.device) -> int:
     return 0
 
 
-def execution_groups(linears: dict[str, nn.Module], shared_inputs: tuple[tuple[str, ...], ...]) -> list[dict[str, nn.Module]]:
+def execution_groups(
+    linears: dict[str, nn.Module], shared_inputs: tuple[tuple[str, ...], ...]
+) -> list[dict[str, nn.Module]]:
     """One block's linears (in execution order, as the adapter lists them) split into groups that read one input:
     consecutive members of a `shared_inputs` group together (q/k/v, gate/up), every other linear alone."""
     groups: list[dict[str, nn.Module]] = []
@@ -303,7 +316,17 @@ def calibrate_sequentially(
             linears = {name: module for name, module in block_linears(model, index).items() if select(name)}
             groups = execution_groups(linears, adapter.shared_inputs) if true_sequential else [linears]
             if one_pass:
-                hidden_states = [compress_in_one_pass(model, block, hidden_states[0], arguments[index], groups, statistics, partial(compress_block, index))]
+                hidden_states = [
+                    compress_in_one_pass(
+                        model,
+                        block,
+                        hidden_states[0],
+                        arguments[index],
+                        groups,
+                        statistics,
+                        partial(compress_block, index),
+                    )
+                ]
             else:
                 for group in groups:
                     with collect_input_stats(group, statistics, adapter.shared_inputs, stop_when_seen=True) as stats:

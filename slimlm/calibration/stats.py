@@ -84,4 +84,3 @@ def gram(rows: torch.Tensor, blocks: int = 4) -> torch.Tensor:
         out[start : start + step, start:] = product
         out[start:, start : start + step] = product.t()
     return out
-

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from slimlm.errors import SlimlmError
 
-DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 def disk_error(err: OSError, path: Path, needed: int | None = None) -> SlimlmError | None:
@@ -21,7 +27,10 @@ def disk_error(err: OSError, path: Path, needed: int | None = None) -> SlimlmErr
     if err.errno not in DISK_ERRORS:
         return None
     amount = f" (this output needs about {needed / 2**20:.0f} MiB)" if needed else ""
-    return SlimlmError(f"cannot write '{path}': {DISK_ERRORS[err.errno]}{amount}", "free space there, or choose another --out on a writable disk")
+    return SlimlmError(
+        f"cannot write '{path}': {DISK_ERRORS[err.errno]}{amount}",
+        "free space there, or choose another --out on a writable disk",
+    )
 
 
 def check_writable(out: Path) -> None:
@@ -32,7 +41,9 @@ def check_writable(out: Path) -> None:
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise disk_error(err, parent) or SlimlmError(f"cannot write into '{parent}': {err.strerror}", "choose another --out on a writable disk") from None
+        raise disk_error(err, parent) or SlimlmError(
+            f"cannot write into '{parent}': {err.strerror}", "choose another --out on a writable disk"
+        ) from None
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -44,7 +55,9 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
             "choose a new directory path for --out (slimlm saves a model as a directory and never replaces a file with one)",
         )
     if out.exists() and not overwrite:
-        raise SlimlmError(f"output directory '{out}' already exists", "choose another --out, or pass --overwrite to replace it")
+        raise SlimlmError(
+            f"output directory '{out}' already exists", "choose another --out, or pass --overwrite to replace it"
+        )
     check_writable(out)
     return out
 
@@ -76,7 +89,9 @@ def remove_stale_partials(out: Path) -> list[Path]:
             shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
             removed.append(partial)
     if removed:
-        print(f"removed {len(removed)} partial output(s) left by an interrupted run: {', '.join(p.name for p in removed)}")
+        print(
+            f"removed {len(removed)} partial output(s) left by an interrupted run: {', '.join(p.name for p in removed)}"
+        )
     return removed
 
 

@@ -57,7 +57,10 @@ def pack_quantized_linear(name: str, module: QuantizedLinear) -> dict[str, torch
 
 def int_quantized_linear(name: str, module: Int8Linear) -> dict[str, torch.Tensor]:
     """State-dict entries of one W8A8 linear in the int-quantized layout (codes stored as int8, unpacked)."""
-    tensors = {f"{name}.weight": module.weight_q.cpu().contiguous(), f"{name}.weight_scale": module.weight_scale.cpu().contiguous()}
+    tensors = {
+        f"{name}.weight": module.weight_q.cpu().contiguous(),
+        f"{name}.weight_scale": module.weight_scale.cpu().contiguous(),
+    }
     if module.bias is not None:
         tensors[f"{name}.bias"] = module.bias.detach().cpu()
     return tensors
@@ -68,14 +71,20 @@ def quantized_linear_tensors(name: str, module: QuantizedLinear) -> dict[str, to
     return int_quantized_linear(name, module) if isinstance(module, Int8Linear) else pack_quantized_linear(name, module)
 
 
-def rebuild_quantized_linear(name: str, tensors: dict[str, torch.Tensor], grid: QuantGrid, w8a8: bool, compute_dtype: torch.dtype) -> QuantizedLinear:
+def rebuild_quantized_linear(
+    name: str, tensors: dict[str, torch.Tensor], grid: QuantGrid, w8a8: bool, compute_dtype: torch.dtype
+) -> QuantizedLinear:
     """The module `quantized_linear_tensors` saved: an Int8Linear for W8A8 groups, else a QuantizedLinear."""
     if w8a8:
-        return Int8Linear(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.bias"), compute_dtype)
+        return Int8Linear(
+            tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"], tensors.get(f"{name}.bias"), compute_dtype
+        )
     return unpack_quantized_linear(name, tensors, grid, compute_dtype)
 
 
-def unpack_quantized_linear(name: str, tensors: dict[str, torch.Tensor], grid: QuantGrid, compute_dtype: torch.dtype) -> QuantizedLinear:
+def unpack_quantized_linear(
+    name: str, tensors: dict[str, torch.Tensor], grid: QuantGrid, compute_dtype: torch.dtype
+) -> QuantizedLinear:
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     shape = torch.Size(tensors[f"{name}.weight_shape"].tolist())
@@ -85,7 +94,14 @@ def unpack_quantized_linear(name: str, tensors: dict[str, torch.Tensor], grid: Q
     if not grid.symmetric:
         zp_shape = torch.Size([shape[0], scale.shape[1]])
         zero_point = unpack_from_int32(tensors[f"{name}.weight_zero_point"], grid.bits, zp_shape, packed_dim=0)
-    return QuantizedLinear(codes.to(torch.int8), scale, None if zero_point is None else zero_point.to(torch.int8), grid, tensors.get(f"{name}.bias"), compute_dtype)
+    return QuantizedLinear(
+        codes.to(torch.int8),
+        scale,
+        None if zero_point is None else zero_point.to(torch.int8),
+        grid,
+        tensors.get(f"{name}.bias"),
+        compute_dtype,
+    )
 
 
 def quantization_config(model: nn.Module) -> dict | None:
@@ -111,16 +127,32 @@ def quantization_config(model: nn.Module) -> dict | None:
             strategy="channel" if grid.group_size is None else "group",
             group_size=grid.group_size,
         )
-        activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) if w8a8 else None
-        groups[f"group_{index}"] = QuantizationScheme(targets=names, weights=args, input_activations=activations, format="int-quantized" if w8a8 else "pack-quantized")
+        activations = (
+            QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) if w8a8 else None
+        )
+        groups[f"group_{index}"] = QuantizationScheme(
+            targets=names,
+            weights=args,
+            input_activations=activations,
+            format="int-quantized" if w8a8 else "pack-quantized",
+        )
     formats = {group.format for group in groups.values()}
-    config = QuantizationConfig(config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision", quantization_status="compressed")
+    config = QuantizationConfig(
+        config_groups=groups,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        quantization_status="compressed",
+    )
     return config.model_dump()
 
 
 def w8a8_modules(quant_config: dict) -> set[str]:
     """Names of the modules whose config group quantizes their input activations too (Int8Linear)."""
-    return {target for group in quant_config["config_groups"].values() if group.get("input_activations") for target in group["targets"]}
+    return {
+        target
+        for group in quant_config["config_groups"].values()
+        if group.get("input_activations")
+        for target in group["targets"]
+    }
 
 
 def grids_by_module(quant_config: dict) -> dict[str, QuantGrid]:
@@ -128,7 +160,11 @@ def grids_by_module(quant_config: dict) -> dict[str, QuantGrid]:
     grids = {}
     for group in quant_config["config_groups"].values():
         weights = group["weights"]
-        grid = QuantGrid(weights["num_bits"], weights.get("group_size") if weights["strategy"] == "group" else None, weights["symmetric"])
+        grid = QuantGrid(
+            weights["num_bits"],
+            weights.get("group_size") if weights["strategy"] == "group" else None,
+            weights["symmetric"],
+        )
         for target in group["targets"]:
             grids[target] = grid
     return grids

@@ -20,7 +20,9 @@ def from_pretrained_checked(path: Path, dtype: torch.dtype, **kwargs) -> nn.Modu
     fill the gaps with random values and only log it."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True, trust_remote_code=False, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, output_loading_info=True, trust_remote_code=False, **kwargs
+    )
     missing = sorted(info["missing_keys"])
     if missing:
         raise SlimlmError(
@@ -54,11 +56,20 @@ def load_slimlm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[nn.Module, obj
     w8a8 = w8a8_modules(quant)
     for name, grid in grids.items():
         replace_module_(model, name, rebuild_quantized_linear(name, tensors, grid, name in w8a8, dtype))
-    dense = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items() if key.rpartition(".")[0] not in grids}
+    dense = {
+        key: value.to(dtype) if value.is_floating_point() else value
+        for key, value in tensors.items()
+        if key.rpartition(".")[0] not in grids
+    }
     _, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]  # not in the file
+    missing = [
+        name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta
+    ]  # not in the file
     if missing or unexpected:
-        raise SlimlmError(f"'{model_dir}' does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})", "re-create the model with slimlm compress")
+        raise SlimlmError(
+            f"'{model_dir}' does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "re-create the model with slimlm compress",
+        )
     return model, tokenizer

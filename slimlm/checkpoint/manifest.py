@@ -21,7 +21,14 @@ from slimlm.quantize.linear import QuantizedLinear
 
 MANIFEST = "slimlm.json"
 MANIFEST_VERSION = 1
-WRITER_KEYS = ("slimlm_manifest_version", "quantized_linears", "storage", "versions", "activation_quantization", "kv_cache")
+WRITER_KEYS = (
+    "slimlm_manifest_version",
+    "quantized_linears",
+    "storage",
+    "versions",
+    "activation_quantization",
+    "kv_cache",
+)
 KV_CONTEXT = 2048  # tokens at which a kv-cache setting's bytes are recorded
 
 
@@ -36,9 +43,16 @@ def callers_part(manifest: dict) -> dict:
 
 def written_manifest(model: nn.Module, bytes_by_module: dict[str, int], manifest: dict) -> dict:
     """The whole manifest of `model` saved with tensors of `bytes_by_module`: the caller's part and the writer's."""
-    quantized = {name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    written = {"slimlm_manifest_version": MANIFEST_VERSION, **callers_part(manifest), "quantized_linears": quantized,
-               "storage": storage_summary(bytes_by_module, quantized), "versions": library_versions()}
+    quantized = {
+        name: [m.out_features, m.in_features] for name, m in model.named_modules() if isinstance(m, QuantizedLinear)
+    }
+    written = {
+        "slimlm_manifest_version": MANIFEST_VERSION,
+        **callers_part(manifest),
+        "quantized_linears": quantized,
+        "storage": storage_summary(bytes_by_module, quantized),
+        "versions": library_versions(),
+    }
     written.update(activation_quantization(model))
     written.update(kv_cache_entry(model))
     return written
@@ -50,7 +64,9 @@ def storage_summary(bytes_by_module: dict[str, int], quantized: dict[str, list[i
     if quantized:
         packed = sum(bytes_by_module[name] for name in quantized)
         fp16 = sum(2 * out_features * in_features for out_features, in_features in quantized.values())
-        summary.update(quantized_linear_bytes=packed, quantized_linear_fp16_bytes=fp16, quantized_share_of_fp16=packed / fp16)
+        summary.update(
+            quantized_linear_bytes=packed, quantized_linear_fp16_bytes=fp16, quantized_share_of_fp16=packed / fp16
+        )
     return summary
 
 
@@ -73,7 +89,12 @@ def activation_quantization(model: nn.Module) -> dict:
     paths = [m.matmul for m in model.modules() if isinstance(m, Int8Linear)]
     if not paths:
         return {}
-    return {"activation_quantization": {"scheme": "int8 per token, dynamic, symmetric", "matmul": {path: paths.count(path) for path in sorted(set(paths))}}}
+    return {
+        "activation_quantization": {
+            "scheme": "int8 per token, dynamic, symmetric",
+            "matmul": {path: paths.count(path) for path in sorted(set(paths))},
+        }
+    }
 
 
 def kv_cache_entry(model: nn.Module, context_len: int = KV_CONTEXT) -> dict:

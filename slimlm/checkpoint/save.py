@@ -58,7 +58,14 @@ def _non_persistent_buffers(model: nn.Module) -> set[str]:
     return names
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict, overwrite: bool = False, sparsity: dict | None = None) -> Saved:
+def save_model(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    manifest: dict,
+    overwrite: bool = False,
+    sparsity: dict | None = None,
+) -> Saved:
     """Write safetensors + config + generation config + tokenizer + slimlm.json (`manifest` plus what the writer
     adds, `checkpoint.manifest`); return the final path and the manifest written.
 
@@ -83,7 +90,9 @@ def save_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: dict,
     return Saved(Path(out_dir), written)
 
 
-def _write_directory(model: nn.Module, tokenizer, staging: Path, tensors: dict, manifest: dict, sparsity: dict | None) -> dict:
+def _write_directory(
+    model: nn.Module, tokenizer, staging: Path, tensors: dict, manifest: dict, sparsity: dict | None
+) -> dict:
     from safetensors.torch import save_file
 
     save_file(tensors, str(staging / WEIGHTS), metadata=METADATA)

@@ -20,9 +20,27 @@ from slimlm.errors import SlimlmError
 Entry = tuple[str, str, tuple[int, ...]]  # (tensor name, safetensors dtype, shape)
 METADATA = {"format": "pt"}  # what slimlm writes into every weights file's `__metadata__`
 
-DTYPE_NAMES = {torch.int64: "I64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPE_NAMES = {
+    torch.int64: "I64",
+    torch.float32: "F32",
+    torch.int32: "I32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 DTYPE_BYTES = {"I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_DTYPE_RANK = {"I64": 18, "F32": 15, "I32": 13, "BF16": 12, "F16": 11, "I8": 5, "U8": 4, "BOOL": 0}  # safetensors' order: wider first
+_DTYPE_RANK = {
+    "I64": 18,
+    "F32": 15,
+    "I32": 13,
+    "BF16": 12,
+    "F16": 11,
+    "I8": 5,
+    "U8": 4,
+    "BOOL": 0,
+}  # safetensors' order: wider first
 OFFSET_DIGITS = 12  # an upper bound counts an entry's offsets at this width (files under 1 TB)
 
 
@@ -35,7 +53,9 @@ def data_bytes(entry: Entry) -> int:
 
 
 def entry_json(name: str, dtype: str, shape: tuple[int, ...], start: int, end: int) -> str:
-    return f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],"data_offsets":[{start},{end}]}}'
+    return (
+        f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],"data_offsets":[{start},{end}]}}'
+    )
 
 
 def widest_entry_bytes(entry: Entry) -> int:
@@ -107,7 +127,11 @@ def promised_bytes(file: Path) -> int:
     """The size the header promises (length prefix, header, data up to the last tensor's end): a file shorter than
     this is truncated."""
     length, header = _read_header(file)
-    return 8 + length + max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    return (
+        8
+        + length
+        + max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    )
 
 
 def _read_header(file: Path) -> tuple[int, dict]:
@@ -120,7 +144,10 @@ def _read_header(file: Path) -> tuple[int, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         header = None  # reported below, with the non-dict case
     if not isinstance(header, dict):
-        raise SlimlmError(f"'{file}' has no readable safetensors header", "the file is truncated or not safetensors; save the model again")
+        raise SlimlmError(
+            f"'{file}' has no readable safetensors header",
+            "the file is truncated or not safetensors; save the model again",
+        )
     return length, header
 
 

@@ -26,7 +26,9 @@ def block_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     weights = {}
     for index in range(len(decoder_blocks(model))):
         for name, module in block_linears(model, index).items():
-            weights[name] = module.dequantized_weight() if isinstance(module, QuantizedLinear) else linear_weight(module).detach()
+            weights[name] = (
+                module.dequantized_weight() if isinstance(module, QuantizedLinear) else linear_weight(module).detach()
+            )
     return weights
 
 
@@ -48,5 +50,7 @@ def sparsity_config(model: nn.Module) -> dict | None:
     structure = next((f"{n}:{m}" for n, m in PATTERNS if all(follows_pattern(w, n, m) for w in weights.values())), None)
     if structure is None and zeros / total < MIN_UNSTRUCTURED:
         return None
-    config = DenseSparsityConfig(global_sparsity=zeros / total, sparsity_structure=structure or "unstructured", targets=sorted(weights))
+    config = DenseSparsityConfig(
+        global_sparsity=zeros / total, sparsity_structure=structure or "unstructured", targets=sorted(weights)
+    )
     return config.model_dump()

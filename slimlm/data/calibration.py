@@ -27,7 +27,13 @@ class CalibrationSet:
     def describe(self) -> dict:
         """What a manifest records about the calibration data (JSON-able)."""
         n_samples, seqlen = self.input_ids.shape
-        return {"source": self.source, "n_samples": n_samples, "seqlen": seqlen, "seed": self.seed, "sha256": self.sha256}
+        return {
+            "source": self.source,
+            "n_samples": n_samples,
+            "seqlen": seqlen,
+            "seed": self.seed,
+            "sha256": self.sha256,
+        }
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -46,9 +52,13 @@ def sample_calibration(tokenizer, text: Text, n_samples: int, seqlen: int, seed:
     """Draw `n_samples` windows of `seqlen` tokens at seeded random offsets (with `random.Random(seed)`, the
     offsets equal GPTQ's `random.seed(seed); random.randint(...)` sequence). Same seed and text, same ids."""
     if n_samples < 1:
-        raise SlimlmError(f"calibration needs at least 1 sample, got n_samples={n_samples}", "pass n_samples >= 1 (GPTQ uses 128)")
+        raise SlimlmError(
+            f"calibration needs at least 1 sample, got n_samples={n_samples}", "pass n_samples >= 1 (GPTQ uses 128)"
+        )
     if seqlen < 2:
-        raise SlimlmError(f"calibration windows need at least 2 tokens, got seqlen={seqlen}", "pass seqlen >= 2 (GPTQ uses 2048)")
+        raise SlimlmError(
+            f"calibration windows need at least 2 tokens, got seqlen={seqlen}", "pass seqlen >= 2 (GPTQ uses 2048)"
+        )
     ids = tokenize_text(tokenizer, text.text)  # (n_tokens,)
     if ids.numel() < seqlen + 1:
         raise SlimlmError(

@@ -28,7 +28,12 @@ ACCEPTED_SOURCES = (
     "a .jsonl file with a \"text\" field, or 'hf:NAME[:CONFIG][:SPLIT]'"
 )
 GENERIC_SPLITS = ("calibration", "evaluation")
-WIKITEXT_FILES = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "validation": "wiki.valid.raw", "train": "wiki.train.raw"}
+WIKITEXT_FILES = {
+    "test": "wiki.test.raw",
+    "valid": "wiki.valid.raw",
+    "validation": "wiki.valid.raw",
+    "train": "wiki.train.raw",
+}
 HF_SPLITS = {"evaluation": "test", "calibration": "train"}
 
 
@@ -44,9 +49,9 @@ def load_text(source: str, split: str = "evaluation") -> Text:
     if source == "default":
         loaded = _default_corpus(split)
     elif source.startswith("hf:"):
-        loaded = _hugging_face(source[len("hf:"):], split)
+        loaded = _hugging_face(source[len("hf:") :], split)
     elif source.startswith("wikitext2:"):
-        loaded = _wikitext2(Path(source[len("wikitext2:"):]).expanduser(), split)
+        loaded = _wikitext2(Path(source[len("wikitext2:") :]).expanduser(), split)
     else:
         loaded = _local_path(Path(source).expanduser(), split)
     if not loaded.text.strip():
@@ -72,7 +77,8 @@ def _default_corpus(split: str) -> Text:
         raise SlimlmError(f"the default corpus has no split '{split}'", f"use one of {', '.join(GENERIC_SPLITS)}")
     if importlib.util.find_spec("pydoc_data") is None:
         raise SlimlmError(
-            "this Python has no pydoc_data package, which holds the default corpus", f"pass another source: {ACCEPTED_SOURCES}"
+            "this Python has no pydoc_data package, which holds the default corpus",
+            f"pass another source: {ACCEPTED_SOURCES}",
         )
     from pydoc_data.topics import topics
 
@@ -92,10 +98,14 @@ def _wikitext2(directory: Path, split: str) -> Text:
     fallback = split == "calibration" and not has_train
     split = {"evaluation": "test", "calibration": "train" if has_train else "valid"}.get(split, split)
     if split not in WIKITEXT_FILES:
-        raise SlimlmError(f"WikiText-2 has no split '{split}'", f"use one of {', '.join([*GENERIC_SPLITS, *WIKITEXT_FILES])}")
+        raise SlimlmError(
+            f"WikiText-2 has no split '{split}'", f"use one of {', '.join([*GENERIC_SPLITS, *WIKITEXT_FILES])}"
+        )
     path = directory / WIKITEXT_FILES[split]
     if not path.is_file():
-        raise SlimlmError(f"WikiText-2 file '{path}' does not exist", "point wikitext2:DIR at the folder holding the wiki.*.raw files")
+        raise SlimlmError(
+            f"WikiText-2 file '{path}' does not exist", "point wikitext2:DIR at the folder holding the wiki.*.raw files"
+        )
     # Universal newlines, lines split at "\n" only (not str.splitlines' extra breaks) and blank lines -> "":
     # what the `datasets` wikitext builder does when it iterates over the open file.
     rows = [line if line.strip() else "" for line in io.StringIO(read_utf8(path))]
@@ -113,8 +123,10 @@ def _local_path(path: Path, split: str) -> Text:
     if path.suffix == ".txt":
         return Text(read_utf8(path), f"text file {path}")
     if path.suffix == ".jsonl":
-        return Text("\n\n".join(_jsonl_texts(path)), f"jsonl file {path} (\"text\" field)")
-    raise SlimlmError(f"cannot read text from '{path}' (unknown extension '{path.suffix}')", f"pass one of: {ACCEPTED_SOURCES}")
+        return Text("\n\n".join(_jsonl_texts(path)), f'jsonl file {path} ("text" field)')
+    raise SlimlmError(
+        f"cannot read text from '{path}' (unknown extension '{path.suffix}')", f"pass one of: {ACCEPTED_SOURCES}"
+    )
 
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
@@ -125,14 +137,16 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, object]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise SlimlmError(f"{path} line {number} is not valid JSON ({err.msg})", "write one JSON object per line") from err
+            raise SlimlmError(
+                f"{path} line {number} is not valid JSON ({err.msg})", "write one JSON object per line"
+            ) from err
 
 
 def _jsonl_texts(path: Path) -> list[str]:
     texts = []
     for number, row in jsonl_lines(path):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise SlimlmError(f"{path} line {number} has no string field \"text\"", 'write each line as {"text": "..."}')
+            raise SlimlmError(f'{path} line {number} has no string field "text"', 'write each line as {"text": "..."}')
         texts.append(row["text"])
     return texts
 
@@ -151,13 +165,15 @@ def _hugging_face(spec: str, split: str) -> Text:
     parts = spec.split(":")
     if not parts[0] or len(parts) > 3:
         raise SlimlmError(
-            f"'hf:{spec}' is not of the form hf:NAME[:CONFIG][:SPLIT]", "e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1:test"
+            f"'hf:{spec}' is not of the form hf:NAME[:CONFIG][:SPLIT]",
+            "e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1:test",
         )
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
     hf_split = parts[2] if len(parts) > 2 else HF_SPLITS.get(split, split)
     if importlib.util.find_spec("datasets") is None:
         raise SlimlmError(
-            "'hf:' text sources need the optional package 'datasets'", "pip install datasets (or pass a local .txt/.jsonl file)"
+            "'hf:' text sources need the optional package 'datasets'",
+            "pip install datasets (or pass a local .txt/.jsonl file)",
         )
     import datasets
 
@@ -173,7 +189,8 @@ def _hugging_face(spec: str, split: str) -> Text:
                 'pass a local file instead: a .txt, a .jsonl with a "text" field, or wikitext2:DIR',
             ) from err
         raise SlimlmError(
-            f"could not load {where}: {type(err).__name__}: {err}", "check the name, config and split on huggingface.co/datasets"
+            f"could not load {where}: {type(err).__name__}: {err}",
+            "check the name, config and split on huggingface.co/datasets",
         ) from err
     if "text" not in rows.column_names:
         raise SlimlmError(

@@ -17,18 +17,31 @@ from slimlm.models.adapters import block_linears, decoder_blocks, is_linear
 
 def require_peft() -> None:
     if importlib.util.find_spec("peft") is None:
-        raise SlimlmError("LoRA needs the optional package 'peft'", "pip install 'slimlm[train]' (or pip install peft), or set lora: null for full fine-tuning")
+        raise SlimlmError(
+            "LoRA needs the optional package 'peft'",
+            "pip install 'slimlm[train]' (or pip install peft), or set lora: null for full fine-tuning",
+        )
 
 
 def lora_targets(model: nn.Module, selects=lambda name: True) -> list[str]:
     """Fully-qualified names of the dense decoder-block linears to adapt (those `selects` accepts)."""
-    names = [name for index in range(len(decoder_blocks(model))) for name, module in block_linears(model, index).items() if selects(name) and is_linear(module)]
+    names = [
+        name
+        for index in range(len(decoder_blocks(model)))
+        for name, module in block_linears(model, index).items()
+        if selects(name) and is_linear(module)
+    ]
     if not names:
-        raise SlimlmError("no dense decoder-block linear matches the LoRA targets (quantized layers cannot take adapters)", "fix the 'targets' regex; names look like 'model.layers.0.mlp.up_proj'")
+        raise SlimlmError(
+            "no dense decoder-block linear matches the LoRA targets (quantized layers cannot take adapters)",
+            "fix the 'targets' regex; names look like 'model.layers.0.mlp.up_proj'",
+        )
     return names
 
 
-def lora_config(model: nn.Module, rank: int, alpha: float, targets: list[str], dora: bool = False, task_type: str | None = None):
+def lora_config(
+    model: nn.Module, rank: int, alpha: float, targets: list[str], dora: bool = False, task_type: str | None = None
+):
     """The peft LoraConfig adapting the linears named `targets`; `dora` adds DoRA's learned magnitudes (Liu et al.
     2024), `task_type="CAUSAL_LM"` makes the saved adapter loadable by peft's AutoPeftModelForCausalLM."""
     require_peft()

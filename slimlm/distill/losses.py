@@ -45,15 +45,22 @@ def reverse_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor)
     return F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True).sum(-1)
 
 
-def generalized_jsd(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+def generalized_jsd(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
     """GKD's JSD(β) per position: β KL(p ‖ m) + (1 − β) KL(q ‖ m), m = β p + (1 − β) q; β = 0 / 1 give forward / reverse KL."""
     if not 0.0 <= beta <= 1.0:
-        raise SlimlmError(f"jsd: beta is {beta}, outside [0, 1]", "set beta within [0, 1] (0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD)")
+        raise SlimlmError(
+            f"jsd: beta is {beta}, outside [0, 1]",
+            "set beta within [0, 1] (0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD)",
+        )
     if beta == 0.0:
         return forward_kl(student_log_probs, teacher_log_probs)
     if beta == 1.0:
         return reverse_kl(student_log_probs, teacher_log_probs)
-    mixture = torch.logsumexp(torch.stack([teacher_log_probs + math.log(beta), student_log_probs + math.log(1 - beta)]), dim=0)
+    mixture = torch.logsumexp(
+        torch.stack([teacher_log_probs + math.log(beta), student_log_probs + math.log(1 - beta)]), dim=0
+    )
     kl_teacher = F.kl_div(mixture, teacher_log_probs, reduction="none", log_target=True).sum(-1)  # KL(p ‖ m)
     kl_student = F.kl_div(mixture, student_log_probs, reduction="none", log_target=True).sum(-1)  # KL(q ‖ m)
     return beta * kl_teacher + (1 - beta) * kl_student
@@ -80,7 +87,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch
 def temperature_scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Logits softened by T: softmax(z / T) is flatter for T > 1 and shows the teacher's 'dark knowledge'."""
     if not temperature > 0:
-        raise SlimlmError(f"temperature is {temperature}, must be above 0", "use 1.0 (plain distributions) or e.g. 2.0 (softer)")
+        raise SlimlmError(
+            f"temperature is {temperature}, must be above 0", "use 1.0 (plain distributions) or e.g. 2.0 (softer)"
+        )
     return logits / temperature
 
 
@@ -98,7 +107,9 @@ def logit_distillation_loss(
     Computed in float32 (float64 inputs stay float64): a bf16 log-softmax over 49k tokens loses the tail.
     """
     if loss not in LOGIT_LOSSES:
-        raise SlimlmError(f"unknown distillation loss '{loss}'", f"use one of {', '.join(LOGIT_LOSSES)} (or 'uld' across tokenizers)")
+        raise SlimlmError(
+            f"unknown distillation loss '{loss}'", f"use one of {', '.join(LOGIT_LOSSES)} (or 'uld' across tokenizers)"
+        )
     if student_logits.shape != teacher_logits.shape:
         raise SlimlmError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape",
@@ -120,14 +131,20 @@ def logit_distillation_loss(
 # --- hidden states -----------------------------------------------------------------------------------------------
 
 
-def hidden_mse(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_mse(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over positions of the mean squared difference over the hidden size. (B, T, H) each -> scalar."""
     return masked_mean((at_least_float32(student_hidden) - at_least_float32(teacher_hidden)).pow(2).mean(-1), mask)
 
 
-def hidden_cosine(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_cosine(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over positions of 1 − cos(student, teacher). (B, T, H) each -> scalar."""
-    return masked_mean(1.0 - F.cosine_similarity(at_least_float32(student_hidden), at_least_float32(teacher_hidden), dim=-1), mask)
+    return masked_mean(
+        1.0 - F.cosine_similarity(at_least_float32(student_hidden), at_least_float32(teacher_hidden), dim=-1), mask
+    )
 
 
 def layer_mapping(student_layers: int, teacher_layers: int, mapping: str = "uniform") -> list[tuple[int, int]]:
@@ -145,9 +162,15 @@ def layer_mapping(student_layers: int, teacher_layers: int, mapping: str = "unif
         try:
             student, teacher = (int(part) for part in item.split(":"))
         except ValueError:
-            raise SlimlmError(f"layer mapping '{mapping}' is not 'uniform', 'last' or pairs like '0:0,5:11'", "write student:teacher block pairs separated by commas") from None
+            raise SlimlmError(
+                f"layer mapping '{mapping}' is not 'uniform', 'last' or pairs like '0:0,5:11'",
+                "write student:teacher block pairs separated by commas",
+            ) from None
         if not (-student_layers <= student < student_layers and -teacher_layers <= teacher < teacher_layers):
-            raise SlimlmError(f"layer mapping pair {item} is out of range (student has {student_layers} blocks, teacher {teacher_layers})", "use block indices that exist")
+            raise SlimlmError(
+                f"layer mapping pair {item} is out of range (student has {student_layers} blocks, teacher {teacher_layers})",
+                "use block indices that exist",
+            )
         pairs.append((student % student_layers, teacher % teacher_layers))
     return pairs
 
@@ -187,5 +210,7 @@ def hidden_state_loss(
     if loss not in HIDDEN_LOSSES:
         raise SlimlmError(f"unknown hidden-state loss '{loss}'", f"use one of {', '.join(HIDDEN_LOSSES)}")
     function = hidden_mse if loss == "mse" else hidden_cosine
-    total = sum(function(projection(k, student_hidden[s + 1]), teacher_hidden[t + 1], mask) for k, (s, t) in enumerate(pairs))
+    total = sum(
+        function(projection(k, student_hidden[s + 1]), teacher_hidden[t + 1], mask) for k, (s, t) in enumerate(pairs)
+    )
     return total / len(pairs)

@@ -100,7 +100,9 @@ class DistillConfig(TrainingStageConfig):
     """Distil the current model from the recipe's base model (knowledge distillation / recovery training)."""
 
     method: ClassVar[str] = "distill"
-    loss: str = "forward_kl"  # forward_kl, reverse_kl (MiniLLM), jsd (GKD, with beta), tv, or uld (sorted probabilities)
+    loss: str = (
+        "forward_kl"  # forward_kl, reverse_kl (MiniLLM), jsd (GKD, with beta), tv, or uld (sorted probabilities)
+    )
     beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
     ce: float = 0.0  # weight of the next-token cross-entropy on the data, added to the distillation loss
     hidden: float = 0.0  # weight of a hidden-state loss between mapped blocks (0: logits only)
@@ -117,7 +119,9 @@ class DistillConfig(TrainingStageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.teacher is not None and self.samples == "teacher":
-            self.fail("samples", "is 'teacher' with another teacher model", "use samples: corpus or student with 'teacher'")
+            self.fail(
+                "samples", "is 'teacher' with another teacher model", "use samples: corpus or student with 'teacher'"
+            )
         if self.loss not in (*LOGIT_LOSSES, "uld"):
             self.fail("loss", f"is '{self.loss}'", f"use one of {', '.join((*LOGIT_LOSSES, 'uld'))}")
         if self.hidden_loss not in HIDDEN_LOSSES:
@@ -132,11 +136,20 @@ class DistillConfig(TrainingStageConfig):
         if self.lora is not None:
             check_range(self, "lora", self.lora, 1, 4096)
         elif self.targets is not None:
-            self.fail("targets", "selects LoRA-adapted layers, but 'lora' is null (full fine-tuning trains everything)", "set a LoRA rank, or remove 'targets'")
+            self.fail(
+                "targets",
+                "selects LoRA-adapted layers, but 'lora' is null (full fine-tuning trains everything)",
+                "set a LoRA rank, or remove 'targets'",
+            )
         if self.lora_alpha is not None and self.lora is None:
             self.fail("lora_alpha", "is set but 'lora' is null", "set a LoRA rank, or remove 'lora_alpha'")
         if self.samples == "student" and self.prompt_tokens >= self.seqlen:
-            self.fail("prompt_tokens", f"({self.prompt_tokens}) leaves nothing to generate in seqlen {self.seqlen}", "use fewer prompt tokens or a longer seqlen")
+            self.fail(
+                "prompt_tokens",
+                f"({self.prompt_tokens}) leaves nothing to generate in seqlen {self.seqlen}",
+                "use fewer prompt tokens or a longer seqlen",
+            )
+
 
 # --- checks ----------------------------------------------------------------------------------------------------
 
@@ -178,7 +191,10 @@ def sparse_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def keep_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
     """Gradient hooks that zero the gradient of pruned weights: Adam's moments stay 0, so the weights stay 0."""
-    return [model.get_submodule(name).weight.register_hook(lambda grad, mask=mask: grad * mask) for name, mask in masks.items()]
+    return [
+        model.get_submodule(name).weight.register_hook(lambda grad, mask=mask: grad * mask)
+        for name, mask in masks.items()
+    ]
 
 
 def freeze_quantized(model: nn.Module) -> None:
@@ -198,7 +214,9 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def distillation_source(config: DistillConfig, student: nn.Module, teacher: nn.Module, tokenizer, teacher_tokenizer=None):
+def distillation_source(
+    config: DistillConfig, student: nn.Module, teacher: nn.Module, tokenizer, teacher_tokenizer=None
+):
     """The batches the stage trains on (see `slimlm.distill.data`); each also in the teacher's tokens when
     `teacher_tokenizer` is another tokenizer than the student's `tokenizer`."""
     sampling = SamplingSettings(temperature=config.sample_temperature)
@@ -206,7 +224,9 @@ def distillation_source(config: DistillConfig, student: nn.Module, teacher: nn.M
         return GeneratedSamples(teacher, config.seqlen, sampling, config.seed, "teacher")
     source = TokenWindows.from_text(tokenizer, load_text(config.data, split="calibration"), config.seqlen, config.seed)
     if config.samples == "student":
-        source = GeneratedSamples(student, config.seqlen, sampling, config.seed, "student", source, config.prompt_tokens)
+        source = GeneratedSamples(
+            student, config.seqlen, sampling, config.seed, "student", source, config.prompt_tokens
+        )
     if teacher_tokenizer is not None and not same_tokenizer(tokenizer, teacher_tokenizer):
         source = Retokenized(source, tokenizer, teacher_tokenizer)
     return source
@@ -227,7 +247,9 @@ def load_teacher(config: DistillConfig, base: Base, device: torch.device) -> Bas
     return Base(loaded.model.eval().requires_grad_(False), loaded.tokenizer)
 
 
-def distillation_loss_fn(config: DistillConfig, teacher: nn.Module, projection: HiddenProjection | None, pairs: list[tuple[int, int]]):
+def distillation_loss_fn(
+    config: DistillConfig, teacher: nn.Module, projection: HiddenProjection | None, pairs: list[tuple[int, int]]
+):
     """loss_fn(student, batch) for the trainer."""
     hidden = config.hidden > 0
 
@@ -239,11 +261,17 @@ def distillation_loss_fn(config: DistillConfig, teacher: nn.Module, projection: 
         if config.loss == "uld":
             loss = uld_loss(student_out.logits, teacher_out.logits, config.temperature, mask)
         else:
-            loss = logit_distillation_loss(student_out.logits, teacher_out.logits, config.loss, config.temperature, config.beta, mask)
+            loss = logit_distillation_loss(
+                student_out.logits, teacher_out.logits, config.loss, config.temperature, config.beta, mask
+            )
         if hidden:
-            loss = loss + config.hidden * hidden_state_loss(student_out.hidden_states, teacher_out.hidden_states, pairs, projection, config.hidden_loss, mask)
+            loss = loss + config.hidden * hidden_state_loss(
+                student_out.hidden_states, teacher_out.hidden_states, pairs, projection, config.hidden_loss, mask
+            )
         if config.ce > 0:
-            nll = F.cross_entropy(student_out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
+            nll = F.cross_entropy(
+                student_out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+            ).view(ids.shape[0], -1)
             loss = loss + config.ce * masked_mean(nll, mask[:, :-1])
         return loss
 
@@ -278,7 +306,10 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
             "set lora: null (full fine-tuning keeps the zeros), or distill before pruning",
         )
     if masks and world().size > 1:
-        raise SlimlmError("distill: keeping a sparse model's zeros is not supported under torchrun yet", "distill the sparse model in a single process")
+        raise SlimlmError(
+            "distill: keeping a sparse model's zeros is not supported under torchrun yet",
+            "distill the sparse model in a single process",
+        )
     pairs: list[tuple[int, int]] = []
     projection = None
     if config.hidden > 0:
@@ -286,18 +317,31 @@ def distill_(model: nn.Module, base: Base, config: DistillConfig, device: torch.
         projection = HiddenProjection(model.config.hidden_size, teacher.config.hidden_size, len(pairs)).to(device)
     model.requires_grad_(True)  # full fine-tuning trains every float parameter (LoRA freezes them again)
     freeze_quantized(model)
-    trained = model if config.lora is None else add_lora(model, config.lora, config.lora_alpha or 2.0 * config.lora, lora_targets(model, config.selects))
+    trained = (
+        model
+        if config.lora is None
+        else add_lora(model, config.lora, config.lora_alpha or 2.0 * config.lora, lora_targets(model, config.selects))
+    )
     student = _Student(trained, projection)
     place = world()
     if place.size > 1:
-        student = copy.deepcopy(student)  # the copy's blocks are sharded; `model` keeps plain tensors for the gathered weights
+        student = copy.deepcopy(
+            student
+        )  # the copy's blocks are sharded; `model` keeps plain tensors for the gathered weights
         shard_(student, list(decoder_blocks(student.model if config.lora is None else student.model.base_model.model)))
     hooks = keep_zeros(model, masks) if place.size == 1 else []
     try:
         source = distillation_source(config, student.model, teacher, base.tokenizer, teacher_base.tokenizer)
         stage = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every")}
         run = {"stage": stage, "teacher": teacher_fingerprint(teacher)}
-        result = train(student, distillation_loss_fn(config, teacher, projection, pairs), source, config.train_config(), run=run, description="distill")
+        result = train(
+            student,
+            distillation_loss_fn(config, teacher, projection, pairs),
+            source,
+            config.train_config(),
+            run=run,
+            description="distill",
+        )
     finally:
         for hook in hooks:
             hook.remove()

@@ -21,7 +21,11 @@ from slimlm.distill.losses import at_least_float32, masked_mean, temperature_sca
 
 def sorted_probabilities(logits: torch.Tensor, size: int, temperature: float = 1.0) -> torch.Tensor:
     """(…, V) logits -> (…, size) probabilities sorted in decreasing order, zero-padded from V up to `size`."""
-    probs = torch.softmax(temperature_scale(at_least_float32(logits), temperature), dim=-1).sort(dim=-1, descending=True).values
+    probs = (
+        torch.softmax(temperature_scale(at_least_float32(logits), temperature), dim=-1)
+        .sort(dim=-1, descending=True)
+        .values
+    )
     return F.pad(probs, (0, size - probs.shape[-1]))
 
 

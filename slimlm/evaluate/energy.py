@@ -50,7 +50,9 @@ def _nvml_meter(device: torch.device) -> tuple[EnergyMeter | None, str]:
     except pynvml.NVMLError as err:
         return None, f"unavailable: NVML has no energy counter here ({err})"
     name = name.decode() if isinstance(name, bytes) else name
-    return EnergyMeter(f"NVML GPU {index} ({name}), whole GPU", lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0), "NVML"
+    return EnergyMeter(
+        f"NVML GPU {index} ({name}), whole GPU", lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+    ), "NVML"
 
 
 def _rapl_meter() -> tuple[EnergyMeter | None, str]:
@@ -64,9 +66,15 @@ def _rapl_meter() -> tuple[EnergyMeter | None, str]:
             wrap = int((zone / "max_energy_range_uj").read_text())
             labels.append((zone / "name").read_text().strip())
         except (OSError, ValueError) as err:
-            return None, f"unavailable: {zone / 'energy_uj'} is not readable ({err.__class__.__name__}; RAPL usually needs root)"
+            return (
+                None,
+                f"unavailable: {zone / 'energy_uj'} is not readable ({err.__class__.__name__}; RAPL usually needs root)",
+            )
         counters.append(_WrappingCounter(zone / "energy_uj", wrap, value))
-    return EnergyMeter(f"RAPL {', '.join(labels)} (whole CPU package, other processes included)", lambda: sum(c.joules() for c in counters)), "RAPL"
+    return EnergyMeter(
+        f"RAPL {', '.join(labels)} (whole CPU package, other processes included)",
+        lambda: sum(c.joules() for c in counters),
+    ), "RAPL"
 
 
 class _WrappingCounter:

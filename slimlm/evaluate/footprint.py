@@ -31,7 +31,10 @@ def shipped_bytes(model: nn.Module) -> int:
     """Bytes of the model as a user ships a dense checkpoint: floating-point weights at 16 bits (fp16/bf16, as
     models are released) even when loaded in fp32, integers as they are; tied weights once. The base row of a
     report is counted this way, so a compression ratio is against what one would otherwise download."""
-    return sum(p.numel() * (min(p.element_size(), 2) if p.is_floating_point() else p.element_size()) for p in model.parameters())
+    return sum(
+        p.numel() * (min(p.element_size(), 2) if p.is_floating_point() else p.element_size())
+        for p in model.parameters()
+    )
 
 
 def sparsity(model: nn.Module, linear_names: Iterable[str]) -> float:
@@ -40,11 +43,16 @@ def sparsity(model: nn.Module, linear_names: Iterable[str]) -> float:
     modules = dict(model.named_modules())
     for name in linear_names:
         if name not in modules:
-            raise SlimlmError(f"the model has no module '{name}'", "pass fully-qualified module names from model.named_modules()")
+            raise SlimlmError(
+                f"the model has no module '{name}'", "pass fully-qualified module names from model.named_modules()"
+            )
     weights = [getattr(modules[name], "weight", None) for name in linear_names]
     zeros, total = _zero_share(weight for weight in weights if isinstance(weight, torch.Tensor))
     if total == 0:
-        raise SlimlmError("none of the named modules has a .weight tensor to measure sparsity on", "measure sparsity before quantizing")
+        raise SlimlmError(
+            "none of the named modules has a .weight tensor to measure sparsity on",
+            "measure sparsity before quantizing",
+        )
     return zeros / total
 
 

@@ -113,19 +113,40 @@ def llama_cpp_quality(
     return result, kept
 
 
-def llama_cpp_speed(path: str | Path, threads: int = 2, prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3) -> LlamaCppSpeed:
+def llama_cpp_speed(
+    path: str | Path, threads: int = 2, prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3
+) -> LlamaCppSpeed:
     """Prefill and decode tokens/s of the GGUF at `path` in llama.cpp with `threads` threads (median of `repeats`
     after a warm-up), and the peak RSS of the process that ran it."""
-    for name, value in (("threads", threads), ("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("repeats", repeats)):
+    for name, value in (
+        ("threads", threads),
+        ("prompt_tokens", prompt_tokens),
+        ("new_tokens", new_tokens),
+        ("repeats", repeats),
+    ):
         if value < 1:
             raise SlimlmError(f"{name} must be at least 1, got {value}", f"pass a positive {name}")
     path = check_gguf(path)
     load = load_average()
     with tempfile.TemporaryDirectory(prefix="slimlm-llama-") as scratch:
-        request = {"kind": "speed", "path": str(path), "threads": threads, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
+        request = {
+            "kind": "speed",
+            "path": str(path),
+            "threads": threads,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+        }
         answer = _run_child(request, Path(scratch))
-    return LlamaCppSpeed(**answer["result"], file_bytes=path.stat().st_size, threads=threads, prompt_tokens=prompt_tokens,
-                         new_tokens=new_tokens, repeats=repeats, load=load)
+    return LlamaCppSpeed(
+        **answer["result"],
+        file_bytes=path.stat().st_size,
+        threads=threads,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        load=load,
+    )
 
 
 # --- the parent's side ------------------------------------------------------------------------------------------
@@ -161,10 +182,20 @@ def _run_child(request: dict, scratch: Path) -> dict:
     """Run one request in `python -m slimlm.evaluate.llama_cpp`; its answer, or a one-line error."""
     (scratch / "request.json").write_text(json.dumps(request))
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very slimlm
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": str(request["threads"]), "MKL_NUM_THREADS": str(request["threads"])}
-    done = subprocess.run([sys.executable, "-m", "slimlm.evaluate.llama_cpp", str(scratch)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": str(request["threads"]),
+        "MKL_NUM_THREADS": str(request["threads"]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "slimlm.evaluate.llama_cpp", str(scratch)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
     answer_file = scratch / "answer.json"
     answer = json.loads(answer_file.read_text()) if answer_file.exists() else None
     path = request["path"]
@@ -173,14 +204,18 @@ def _run_child(request: dict, scratch: Path) -> dict:
         if answer.get("load_failed"):
             arch = gguf_architecture(Path(path))
             problem = f"llama.cpp could not load '{path}' (architecture '{arch}'): {problem}"
-            answer["fix"] = ("llama.cpp runs only the architectures and tensor types its build knows: run this file with "
-                             "--engine transformers, or update llama-cpp-python")
+            answer["fix"] = (
+                "llama.cpp runs only the architectures and tensor types its build knows: run this file with "
+                "--engine transformers, or update llama-cpp-python"
+            )
         raise SlimlmError(problem, answer.get("fix"))
     if done.returncode != 0 or answer is None:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
         tail = (done.stdout.strip().splitlines() or ["no output"])[-1][:200]
-        raise SlimlmError(f"llama.cpp crashed ({how}) running '{path}': {tail}",
-                          "the file may use a layout this llama.cpp build mishandles; try another --gguf-type, or --engine transformers")
+        raise SlimlmError(
+            f"llama.cpp crashed ({how}) running '{path}': {tail}",
+            "the file may use a layout this llama.cpp build mishandles; try another --gguf-type, or --engine transformers",
+        )
     return answer
 
 
@@ -270,8 +305,10 @@ def _quality_child(request: dict, scratch: Path) -> dict:
     engine = _Engine(request["path"], seqlen, min(seqlen, QUALITY_BATCH), request["threads"])
     lib = engine.lib
     if int(windows.input_ids.max()) >= engine.vocab:
-        raise SlimlmError(f"the windows hold token id {int(windows.input_ids.max())}, beyond the GGUF's {engine.vocab}-token vocabulary",
-                       "tokenize with the tokenizer of the model the GGUF was made from")
+        raise SlimlmError(
+            f"the windows hold token id {int(windows.input_ids.max())}, beyond the GGUF's {engine.vocab}-token vocabulary",
+            "tokenize with the tokenizer of the model the GGUF was made from",
+        )
     logits = np.empty((seqlen, engine.vocab), dtype=np.float32)  # (L, V)
     for i in range(n):
         ids = windows.input_ids[i].tolist()
@@ -319,14 +356,18 @@ def _speed_child(request: dict) -> dict:
             cpu_times.append(decode_cpu)
     info = lib.llama_print_system_info().decode("utf-8", "replace").strip()
     engine.close()
-    return {"result": {
-        "prefill_tokens_per_s": prompt_tokens / statistics.median(prompt_times),
-        "decode_tokens_per_s": new_tokens / statistics.median(decode_times),
-        "decode_tokens_per_s_p10": 1 / statistics.quantiles(token_times, n=10)[0] if len(token_times) > 1 else new_tokens / decode_times[0],
-        "decode_cpu_tokens_per_s": request["threads"] * new_tokens / max(statistics.median(cpu_times), 1e-9),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "llama_cpp": f"llama-cpp-python {getattr(lib, '__version__', '?')}; {info}" + _wait_policy(),
-    }}
+    return {
+        "result": {
+            "prefill_tokens_per_s": prompt_tokens / statistics.median(prompt_times),
+            "decode_tokens_per_s": new_tokens / statistics.median(decode_times),
+            "decode_tokens_per_s_p10": 1 / statistics.quantiles(token_times, n=10)[0]
+            if len(token_times) > 1
+            else new_tokens / decode_times[0],
+            "decode_cpu_tokens_per_s": request["threads"] * new_tokens / max(statistics.median(cpu_times), 1e-9),
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "llama_cpp": f"llama-cpp-python {getattr(lib, '__version__', '?')}; {info}" + _wait_policy(),
+        }
+    }
 
 
 def _wait_policy() -> str:

@@ -76,42 +76,62 @@ class CostModel:
     created: str
     measurements: list[CostMeasurement] = field(default_factory=list)
 
-    def _bytes_by_type(self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None) -> dict[str, int]:
+    def _bytes_by_type(
+        self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None
+    ) -> dict[str, int]:
         from slimlm.export.gguf_types import tensor_bytes
 
         shapes = self.shapes if shapes is None else shapes
         unknown = [name for name in tensor_types if name not in shapes]
         if unknown:
-            raise SlimlmError(f"no shape for tensor '{unknown[0]}' ({len(unknown)} tensors without one)",
-                              "pass shapes for every tensor in tensor_types (GGUF name -> (rows, row length))")
+            raise SlimlmError(
+                f"no shape for tensor '{unknown[0]}' ({len(unknown)} tensors without one)",
+                "pass shapes for every tensor in tensor_types (GGUF name -> (rows, row length))",
+            )
         missing = [name for name in shapes if name not in tensor_types]
         if missing:
-            raise SlimlmError(f"tensor '{missing[0]}' has no type ({len(missing)} of {len(shapes)} tensors without one)",
-                              "give every 2-D tensor of the model a type: the cost is of the whole file")
+            raise SlimlmError(
+                f"tensor '{missing[0]}' has no type ({len(missing)} of {len(shapes)} tensors without one)",
+                "give every 2-D tensor of the model a type: the cost is of the whole file",
+            )
         totals: dict[str, int] = {}
         for name, kind in tensor_types.items():
             if kind not in self.seconds_per_byte:
-                raise SlimlmError(f"type '{kind}' of {name} was not calibrated on this machine",
-                                  f"calibrated types: {', '.join(self.seconds_per_byte)}; add it to measure_type_costs(types=...)")
+                raise SlimlmError(
+                    f"type '{kind}' of {name} was not calibrated on this machine",
+                    f"calibrated types: {', '.join(self.seconds_per_byte)}; add it to measure_type_costs(types=...)",
+                )
             totals[kind] = totals.get(kind, 0) + tensor_bytes(kind, shapes[name])
         return totals
 
-    def predict_decode_seconds(self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None = None) -> float:
+    def predict_decode_seconds(
+        self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> float:
         totals = self._bytes_by_type(tensor_types, shapes)
-        return (self.fixed_seconds + blocks_of(tensor_types) * self.seconds_per_block
-                + sum(count * self.seconds_per_byte[kind] for kind, count in totals.items()))
+        return (
+            self.fixed_seconds
+            + blocks_of(tensor_types) * self.seconds_per_block
+            + sum(count * self.seconds_per_byte[kind] for kind, count in totals.items())
+        )
 
-    def predict_decode_tps(self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None = None) -> float:
+    def predict_decode_tps(
+        self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> float:
         """Decode tokens/s of a file whose 2-D tensors have these types (GGUF names, e.g. blk.3.ffn_down.weight);
         `shapes` (GGUF name -> (rows, row length)) default: the calibrated model's. Blocks are counted from the
         names, so a depth-pruned mixture (blocks renumbered 0..L-1) or a narrower one (its own shapes) is priced too."""
         return 1.0 / self.predict_decode_seconds(tensor_types, shapes)
 
-    def predict_ram_bytes(self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None = None) -> float:
+    def predict_ram_bytes(
+        self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> float:
         """Peak RSS of llama.cpp running that file (weights, repacked copies, KV cache at the calibrated context)."""
         totals = self._bytes_by_type(tensor_types, shapes)
-        return (self.ram_fixed_bytes + blocks_of(tensor_types) * self.ram_per_block
-                + sum(count * self.ram_per_byte[kind] for kind, count in totals.items()))
+        return (
+            self.ram_fixed_bytes
+            + blocks_of(tensor_types) * self.ram_per_block
+            + sum(count * self.ram_per_byte[kind] for kind, count in totals.items())
+        )
 
     def check_file(self, path: str | Path, repeats: int | None = None) -> dict:
         """Measure a GGUF in llama.cpp (same settings as the calibration) against this model's prediction."""
@@ -185,17 +205,26 @@ def decode_rate(measurement, statistic: str) -> float:
     return getattr(measurement, STATISTICS[statistic])
 
 
-def fit(measurements: Sequence[CostMeasurement], types: Sequence[str], statistic: str = "median") -> tuple[list[float], list[float]]:
+def fit(
+    measurements: Sequence[CostMeasurement], types: Sequence[str], statistic: str = "median"
+) -> tuple[list[float], list[float]]:
     """Least squares of seconds/token and of peak RSS on [1, blocks, bytes per type]: the two coefficient lists."""
     import numpy as np
 
-    x = np.array([[1.0, m.blocks] + [m.bytes_by_type.get(t, 0) for t in types] for m in measurements])  # (files, 2 + types)
+    x = np.array(
+        [[1.0, m.blocks] + [m.bytes_by_type.get(t, 0) for t in types] for m in measurements]
+    )  # (files, 2 + types)
     scale = np.abs(x).max(axis=0)  # the columns on one footing for the rank test and the solve
     scale[scale == 0] = 1.0
     if np.linalg.matrix_rank(x / scale) < x.shape[1]:
-        raise SlimlmError(f"{len(measurements)} calibration files cannot separate {len(types)} types, a per-block and a fixed cost",
-                          "calibrate at least two types that the model's tensors can hold")
-    seconds = np.linalg.lstsq(x / scale, np.array([1.0 / decode_rate(m, statistic) for m in measurements]), rcond=None)[0] / scale
+        raise SlimlmError(
+            f"{len(measurements)} calibration files cannot separate {len(types)} types, a per-block and a fixed cost",
+            "calibrate at least two types that the model's tensors can hold",
+        )
+    seconds = (
+        np.linalg.lstsq(x / scale, np.array([1.0 / decode_rate(m, statistic) for m in measurements]), rcond=None)[0]
+        / scale
+    )
     ram = np.linalg.lstsq(x / scale, np.array([float(m.peak_rss_bytes) for m in measurements]), rcond=None)[0] / scale
     return seconds.tolist(), ram.tolist()
 
@@ -208,12 +237,15 @@ def calibration_files(shapes: Mapping[str, Sequence[int]], types: Sequence[str])
     reference = types[0]
     files = {}
     for kind in types:
+
         def pick(name: str, wanted: str) -> str:
             return wanted if wanted in types_for_shape(shapes[name]) else reference
 
         files[f"all-{kind}"] = {name: pick(name, kind) for name in shapes}
         if kind != reference:
-            files[f"blocks-{kind}"] = {name: pick(name, kind if name.startswith("blk.") else reference) for name in shapes}
+            files[f"blocks-{kind}"] = {
+                name: pick(name, kind if name.startswith("blk.") else reference) for name in shapes
+            }
     return files
 
 
@@ -241,7 +273,9 @@ def measure_type_costs(
     if statistic not in STATISTICS:
         raise SlimlmError(f"unknown decode statistic '{statistic}'", f"use one of: {', '.join(STATISTICS)}")
     if len(set(types)) < 2:
-        raise SlimlmError(f"the cost model needs at least two types, got {types}", "pass e.g. types=['q8_0', 'q4_0', 'f16']")
+        raise SlimlmError(
+            f"the cost model needs at least two types, got {types}", "pass e.g. types=['q8_0', 'q4_0', 'f16']"
+        )
     bad = [t for t in types if t not in GGUF_TYPES]
     if bad:
         raise SlimlmError(f"slimlm cannot write GGUF type '{bad[0]}'", f"use types among: {', '.join(GGUF_TYPES)}")
@@ -253,16 +287,25 @@ def measure_type_costs(
         probe = write_gguf(loaded.model, loaded.tokenizer, folder / "probe.gguf", reference, overwrite=True)
         (folder / "probe.gguf").unlink()
         shapes = {t["name"]: t["shape"] for t in probe.tensors if len(t["shape"]) == 2}
-        jobs = [(label, lambda: loaded.model, tensor_types) for label, tensor_types in calibration_files(shapes, types).items()]
-        jobs += [(f"half-depth-{reference}", lambda: _pruned(loaded.model, "depth"), None),
-                 (f"half-mlp-{reference}", lambda: _pruned(loaded.model, "width"), None)]
+        jobs = [
+            (label, lambda: loaded.model, tensor_types)
+            for label, tensor_types in calibration_files(shapes, types).items()
+        ]
+        jobs += [
+            (f"half-depth-{reference}", lambda: _pruned(loaded.model, "depth"), None),
+            (f"half-mlp-{reference}", lambda: _pruned(loaded.model, "width"), None),
+        ]
         measurements, engine = [], ""
         with progress_bar("cost model", len(jobs), unit="files", show=progress) as advance:
             for label, build, tensor_types in jobs:
                 path = folder / f"{label}.gguf"
                 model = build()
-                summary = write_gguf(model, loaded.tokenizer, path, reference, overwrite=True, tensor_types=tensor_types)
-                measurement, engine = _measure(path, label, threads, prompt_tokens, new_tokens, repeats, summary.tensors)
+                summary = write_gguf(
+                    model, loaded.tokenizer, path, reference, overwrite=True, tensor_types=tensor_types
+                )
+                measurement, engine = _measure(
+                    path, label, threads, prompt_tokens, new_tokens, repeats, summary.tensors
+                )
                 measurements.append(measurement)
                 del model
                 if work_dir is None:
@@ -270,10 +313,22 @@ def measure_type_costs(
                 advance()
     seconds, ram = fit(measurements, list(dict.fromkeys(types)), statistic)
     return CostModel(
-        fixed_seconds=seconds[0], seconds_per_block=seconds[1], seconds_per_byte=dict(zip(dict.fromkeys(types), seconds[2:])),
-        ram_fixed_bytes=ram[0], ram_per_block=ram[1], ram_per_byte=dict(zip(dict.fromkeys(types), ram[2:])), shapes=shapes,
-        threads=threads, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, statistic=statistic, machine=machine_description(),
-        llama_cpp=engine, model=loaded.source, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        fixed_seconds=seconds[0],
+        seconds_per_block=seconds[1],
+        seconds_per_byte=dict(zip(dict.fromkeys(types), seconds[2:])),
+        ram_fixed_bytes=ram[0],
+        ram_per_block=ram[1],
+        ram_per_byte=dict(zip(dict.fromkeys(types), ram[2:])),
+        shapes=shapes,
+        threads=threads,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        statistic=statistic,
+        machine=machine_description(),
+        llama_cpp=engine,
+        model=loaded.source,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         measurements=measurements,
     )
 
@@ -296,26 +351,47 @@ def _pruned(model, how: str):
     return pruned
 
 
-def measure_file(path: str | Path, label: str, threads: int = 2, prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3) -> CostMeasurement:
+def measure_file(
+    path: str | Path, label: str, threads: int = 2, prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3
+) -> CostMeasurement:
     """One GGUF measured in llama.cpp, with the bytes of its 2-D tensors per type."""
     return _measure(Path(path), label, threads, prompt_tokens, new_tokens, repeats)[0]
 
 
-def _measure(path: Path, label: str, threads: int, prompt_tokens: int, new_tokens: int, repeats: int,
-             tensors: list[dict] | None = None) -> tuple[CostMeasurement, str]:
+def _measure(
+    path: Path,
+    label: str,
+    threads: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    repeats: int,
+    tensors: list[dict] | None = None,
+) -> tuple[CostMeasurement, str]:
     """(the measurement, llama.cpp's version line); bytes per type from the writer's summary, else from the file."""
     from slimlm.export.gguf_types import tensor_bytes
 
     if tensors is None:
         types, shapes = gguf_tensor_types(path)
-        tensors = [{"name": name, "type": kind, "shape": shapes[name], "bytes": tensor_bytes(kind, shapes[name])} for name, kind in types.items()]
+        tensors = [
+            {"name": name, "type": kind, "shape": shapes[name], "bytes": tensor_bytes(kind, shapes[name])}
+            for name, kind in types.items()
+        ]
     bytes_by_type: dict[str, int] = {}
     for tensor in tensors:
         if len(tensor["shape"]) == 2:
             bytes_by_type[tensor["type"]] = bytes_by_type.get(tensor["type"], 0) + tensor["bytes"]
     speed = llama_cpp_speed(path, threads, prompt_tokens, new_tokens, repeats)
     blocks = blocks_of({tensor["name"]: tensor["type"] for tensor in tensors})
-    measured = CostMeasurement(label, blocks, bytes_by_type, speed.file_bytes, speed.decode_tokens_per_s, speed.decode_tokens_per_s_p10,
-                               speed.decode_cpu_tokens_per_s, speed.prefill_tokens_per_s,
-                               speed.peak_rss_bytes, speed.load)
+    measured = CostMeasurement(
+        label,
+        blocks,
+        bytes_by_type,
+        speed.file_bytes,
+        speed.decode_tokens_per_s,
+        speed.decode_tokens_per_s_p10,
+        speed.decode_cpu_tokens_per_s,
+        speed.prefill_tokens_per_s,
+        speed.peak_rss_bytes,
+        speed.load,
+    )
     return measured, speed.llama_cpp

@@ -77,16 +77,21 @@ def make_windows(tokenizer, text: Text, seqlen: int = 2048, max_windows: int | N
     `max_windows` keeps only the first ones (quicker, but then not the paper-comparable number, which `protocol()`
     says). Compare recipes on one `EvalWindows` made once, from the base's tokenizer."""
     if seqlen < 2:
-        raise SlimlmError(f"evaluation windows need at least 2 tokens, got seqlen={seqlen}", "pass seqlen >= 2 (GPTQ uses 2048)")
+        raise SlimlmError(
+            f"evaluation windows need at least 2 tokens, got seqlen={seqlen}", "pass seqlen >= 2 (GPTQ uses 2048)"
+        )
     if max_windows is not None and max_windows < 1:
-        raise SlimlmError(f"max_windows must be at least 1, got {max_windows}", "pass max_windows >= 1, or none for every window")
+        raise SlimlmError(
+            f"max_windows must be at least 1, got {max_windows}", "pass max_windows >= 1, or none for every window"
+        )
     ids = tokenize_text(tokenizer, text.text)  # (n_tokens,)
     bos = bos_token_id(tokenizer)
     step = seqlen if bos is None else seqlen - 1  # text tokens per window
     total = ids.numel() // step
     if total == 0:
         raise SlimlmError(
-            f"{text.label} has only {ids.numel()} tokens, fewer than one window of {seqlen}", "use a shorter seqlen or a longer text"
+            f"{text.label} has only {ids.numel()} tokens, fewer than one window of {seqlen}",
+            "use a shorter seqlen or a longer text",
         )
     n = total if max_windows is None else min(total, max_windows)
     windows = ids[: n * step].view(n, step)
@@ -193,11 +198,22 @@ class QualityTally:
     here, llama.cpp in `slimlm.evaluate.llama_cpp`) go through this same code, so their perplexity, KL and top-1
     agreement are directly comparable."""
 
-    def __init__(self, windows: EvalWindows, reference: ReferenceLogits | None = None, keep_reference: int = 0, top_k: int = KL_TOP_K):
+    def __init__(
+        self,
+        windows: EvalWindows,
+        reference: ReferenceLogits | None = None,
+        keep_reference: int = 0,
+        top_k: int = KL_TOP_K,
+    ):
         if keep_reference < 0:
-            raise SlimlmError(f"keep_reference must be >= 0, got {keep_reference}", "pass the number of windows to keep, or 0")
+            raise SlimlmError(
+                f"keep_reference must be >= 0, got {keep_reference}", "pass the number of windows to keep, or 0"
+            )
         if top_k < 1:
-            raise SlimlmError(f"top_k must be at least 1, got {top_k}", f"pass the base log-probs to keep per position (default {KL_TOP_K})")
+            raise SlimlmError(
+                f"top_k must be at least 1, got {top_k}",
+                f"pass the base log-probs to keep per position (default {KL_TOP_K})",
+            )
         if reference is not None and not _same_windows(reference, windows):
             raise SlimlmError(
                 "the reference log-probs were computed on other windows than the ones being evaluated",
@@ -269,7 +285,9 @@ def top_k_and_rest(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return values, ids.to(torch.int32), _log_one_minus_exp(values.logsumexp(-1))
 
 
-def sparse_kl(top_log_p: torch.Tensor, top_ids: torch.Tensor, rest_log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+def sparse_kl(
+    top_log_p: torch.Tensor, top_ids: torch.Tensor, rest_log_p: torch.Tensor, log_q: torch.Tensor
+) -> torch.Tensor:
     """KL(p || q) per position over the partition {each of p's top-k tokens, everything else}:
     sum_i p_i (log p_i - log q_i) + P_rest (log P_rest - log Q_rest), with Q_rest = 1 - sum_i q_i over the same k.
     Shapes: top_log_p, top_ids (R, k); rest_log_p (R,); log_q (R, V) -> (R,)."""

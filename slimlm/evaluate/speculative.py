@@ -56,9 +56,21 @@ class SpeculativeSettings:
     def __post_init__(self) -> None:
         ks = self.draft_tokens
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise SettingError("SpeculativeSettings", "draft_tokens", ks, "must be one or more whole numbers of at least 1", "2,4")
-        if isinstance(self.prompts, bool) or not isinstance(self.prompts, int) or not 1 <= self.prompts <= len(QUESTIONS):
-            raise SettingError("SpeculativeSettings", "prompts", self.prompts, f"must be 1 to {len(QUESTIONS)} (the fixed questions)", "2")
+            raise SettingError(
+                "SpeculativeSettings", "draft_tokens", ks, "must be one or more whole numbers of at least 1", "2,4"
+            )
+        if (
+            isinstance(self.prompts, bool)
+            or not isinstance(self.prompts, int)
+            or not 1 <= self.prompts <= len(QUESTIONS)
+        ):
+            raise SettingError(
+                "SpeculativeSettings",
+                "prompts",
+                self.prompts,
+                f"must be 1 to {len(QUESTIONS)} (the fixed questions)",
+                "2",
+            )
         if isinstance(self.new_tokens, bool) or not isinstance(self.new_tokens, int) or self.new_tokens < 1:
             raise SettingError("SpeculativeSettings", "new_tokens", self.new_tokens, "must be at least 1", "64")
 
@@ -78,7 +90,9 @@ def question_prompts(tokenizer, count: int) -> list[list[int]]:
     prompts = []
     for question in QUESTIONS[:count]:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+            )
             prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             prompts.append(tokenizer(question)["input_ids"])
@@ -140,7 +154,9 @@ class Acceptance:
     new_tokens: int
 
 
-def greedy_answers(model, tokenizer, settings: SpeculativeSettings = ACCEPTANCE, end_ids: set[int] | frozenset[int] = frozenset()) -> GreedyAnswers:
+def greedy_answers(
+    model, tokenizer, settings: SpeculativeSettings = ACCEPTANCE, end_ids: set[int] | frozenset[int] = frozenset()
+) -> GreedyAnswers:
     """Decode the target `model` greedily on the settings' prompts (one token per forward over a KV cache, as
     `slimlm chat` does), `max(draft_tokens)` tokens past each answer's stop (an `end_ids` token or new_tokens)."""
     from slimlm.quantize.kv_cache import make_cache
@@ -152,7 +168,10 @@ def greedy_answers(model, tokenizer, settings: SpeculativeSettings = ACCEPTANCE,
     continuations, stops = [], []
     for prompt in prompts:
         if len(prompt) >= context:
-            raise SlimlmError(f"a fixed prompt is {len(prompt)} tokens, the model's context holds {context}", "use a model with a longer context")
+            raise SlimlmError(
+                f"a fixed prompt is {len(prompt)} tokens, the model's context holds {context}",
+                "use a model with a longer context",
+            )
         limit, room = min(settings.new_tokens, context - len(prompt)), context - len(prompt)
         cache, tokens, stop = make_cache(model, None), [], None
         logits = forward(model, prompt, cache)[-1]
@@ -177,7 +196,9 @@ def greedy_acceptance(draft, answers: GreedyAnswers) -> list[Acceptance]:
 
     matches = []
     for prompt, tokens in zip(answers.prompts, answers.continuations):
-        logits = forward(draft, prompt + tokens[:-1], None)[len(prompt) - 1 :]  # (len(tokens), V): row t predicts tokens[t]
+        logits = forward(draft, prompt + tokens[:-1], None)[
+            len(prompt) - 1 :
+        ]  # (len(tokens), V): row t predicts tokens[t]
         matches.append((logits.argmax(-1).cpu() == torch.tensor(tokens)).tolist())
     results = []
     for k in answers.settings.draft_tokens:
@@ -185,8 +206,19 @@ def greedy_acceptance(draft, answers: GreedyAnswers) -> list[Acceptance]:
         for prompt, match, stop in zip(answers.prompts, matches, answers.stops):
             counts = _replay_rounds(match, stop, len(prompt), answers.context_length, k)
             drafted, accepted, rounds = drafted + counts[0], accepted + counts[1], rounds + counts[2]
-        results.append(Acceptance(k, drafted, accepted, rounds, sum(answers.stops), accepted / drafted if drafted else 0.0,
-                                  accepted / rounds if rounds else 0.0, len(answers.prompts), answers.settings.new_tokens))
+        results.append(
+            Acceptance(
+                k,
+                drafted,
+                accepted,
+                rounds,
+                sum(answers.stops),
+                accepted / drafted if drafted else 0.0,
+                accepted / rounds if rounds else 0.0,
+                len(answers.prompts),
+                answers.settings.new_tokens,
+            )
+        )
     return results
 
 
@@ -228,7 +260,9 @@ class SpeculativeRow:
     tokens_per_target_forward: float = 1.0
 
 
-def speculative_table(target, drafts: Sequence, settings: SpeculativeSettings = SPECULATIVE, progress: Callable[[str], None] | None = None) -> dict:
+def speculative_table(
+    target, drafts: Sequence, settings: SpeculativeSettings = SPECULATIVE, progress: Callable[[str], None] | None = None
+) -> dict:
     """Greedy answers of `target` (a `TransformersBackend`) alone, then with each draft backend at each k of
     `settings`: the rows of `SpeculativeRow` and what they were measured under (JSON-ready)."""
     import torch
@@ -238,8 +272,10 @@ def speculative_table(target, drafts: Sequence, settings: SpeculativeSettings = 
     from slimlm.serve.sampling import SamplingSettings
 
     if target.kv_cache is not None:
-        raise SlimlmError(f"{target.source} carries a quantized KV-cache setting, which cannot be rolled back for speculative decoding",
-                          "measure a copy of the model without the kv-cache stage")
+        raise SlimlmError(
+            f"{target.source} carries a quantized KV-cache setting, which cannot be rolled back for speculative decoding",
+            "measure a copy of the model without the kv-cache stage",
+        )
     for draft in drafts:
         check_draft(target, draft)  # before any timing
     answer_settings = SamplingSettings(temp=0.0, max_tokens=settings.new_tokens)
@@ -262,7 +298,9 @@ def speculative_table(target, drafts: Sequence, settings: SpeculativeSettings = 
             runs = answers(target.with_draft(draft, k))
             rows.append(_row(draft.source, k, runs, alone, rows[0]))
             if progress:  # a slow machine: one line per configuration
-                progress(f"measured {draft.source} k={k}: {rows[-1].accepted}/{rows[-1].drafted} drafts accepted, {rows[-1].decode_s:.1f} s decoding")
+                progress(
+                    f"measured {draft.source} k={k}: {rows[-1].accepted}/{rows[-1].drafted} drafts accepted, {rows[-1].decode_s:.1f} s decoding"
+                )
     return {
         "target": target.source,
         "description": target.description,
@@ -277,27 +315,44 @@ def speculative_table(target, drafts: Sequence, settings: SpeculativeSettings = 
     }
 
 
-def _row(draft: str | None, k: int, runs: list, alone: list | None = None, base: SpeculativeRow | None = None) -> SpeculativeRow:
+def _row(
+    draft: str | None, k: int, runs: list, alone: list | None = None, base: SpeculativeRow | None = None
+) -> SpeculativeRow:
     """The row of one configuration's answers; `alone` and `base`: the target alone's answers and row (None: this is it)."""
     tokens, seconds = sum(r.completion_tokens for r in runs), sum(r.decode_s for r in runs)
     decoded = sum(max(r.completion_tokens - 1, 0) for r in runs)
     speed = decoded / seconds if seconds > 0 else None
     if alone is None or base is None:
         return SpeculativeRow(None, 0, tokens, seconds, speed, 1.0 if speed else None, None)
-    drafted, accepted, rounds = (sum((r.speculative or {}).get(key, 0) for r in runs) for key in ("drafted", "accepted", "rounds"))
+    drafted, accepted, rounds = (
+        sum((r.speculative or {}).get(key, 0) for r in runs) for key in ("drafted", "accepted", "rounds")
+    )
     return SpeculativeRow(
-        draft, k, tokens, seconds, speed,
+        draft,
+        k,
+        tokens,
+        seconds,
+        speed,
         speedup=speed / base.decode_tokens_per_s if speed and base.decode_tokens_per_s else None,
         identical=[r.token_ids for r in runs] == [a.token_ids for a in alone],
-        drafted=drafted, accepted=accepted, rounds=rounds,
+        drafted=drafted,
+        accepted=accepted,
+        rounds=rounds,
         acceptance=accepted / drafted if drafted else None,
         accepted_per_round=accepted / rounds if rounds else None,
         tokens_per_target_forward=(accepted + rounds) / rounds if rounds else 1.0,
     )
 
 
-def evaluate_speculative(target: str, drafts: Sequence[str], settings: SpeculativeSettings = SPECULATIVE, device: str | None = None,
-                         threads: int | None = None, progress: Callable[[str], None] | None = None, allow_pickle: bool = False) -> dict:
+def evaluate_speculative(
+    target: str,
+    drafts: Sequence[str],
+    settings: SpeculativeSettings = SPECULATIVE,
+    device: str | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
+) -> dict:
     """`speculative_table` for models named as `slimlm chat` names them: the target in transformers on `threads` torch
     threads (restored after), each draft where `serve.backends.load_draft` puts it (a .gguf in llama.cpp on as many
     threads). A draft with another tokenizer is refused before any timing."""
@@ -315,7 +370,9 @@ def evaluate_speculative(target: str, drafts: Sequence[str], settings: Speculati
             torch.set_num_threads(threads)
         with stage(f"loading {target} and {', '.join(drafts)}"):
             target_backend = TransformersBackend(load_model(target, allow_pickle=allow_pickle, device=device))
-            draft_backends = [load_draft(draft, device=device, threads=threads, allow_pickle=allow_pickle) for draft in drafts]
+            draft_backends = [
+                load_draft(draft, device=device, threads=threads, allow_pickle=allow_pickle) for draft in drafts
+            ]
         with stage(f"speculative decoding: {settings.describe()}"):
             return speculative_table(target_backend, draft_backends, settings, progress)
     finally:
@@ -324,7 +381,16 @@ def evaluate_speculative(target: str, drafts: Sequence[str], settings: Speculati
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and text cells of a `speculative_table` result (the CLI prints them with rich, the benchmark as Markdown)."""
-    headers = ["draft", "k", "identical to target", "acceptance", "accepted per round", "tokens per target forward", "decode tok/s", "speed-up"]
+    headers = [
+        "draft",
+        "k",
+        "identical to target",
+        "acceptance",
+        "accepted per round",
+        "tokens per target forward",
+        "decode tok/s",
+        "speed-up",
+    ]
     rows = []
     for row in result["rows"]:
         speed = "—" if row["decode_tokens_per_s"] is None else f"{row['decode_tokens_per_s']:.1f}"
@@ -332,16 +398,26 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         if row["draft"] is None:
             rows.append([f"(target alone) {result['target']}", "–", "–", "–", "–", "1.00", speed, speedup])
             continue
-        rows.append([row["draft"], str(row["draft_tokens"]), "yes" if row["identical"] else "NO",
-                     "—" if row["acceptance"] is None else f"{row['acceptance']:.1%}",
-                     "—" if row["accepted_per_round"] is None else f"{row['accepted_per_round']:.2f}",
-                     f"{row['tokens_per_target_forward']:.2f}", speed, speedup])
+        rows.append(
+            [
+                row["draft"],
+                str(row["draft_tokens"]),
+                "yes" if row["identical"] else "NO",
+                "—" if row["acceptance"] is None else f"{row['acceptance']:.1%}",
+                "—" if row["accepted_per_round"] is None else f"{row['accepted_per_round']:.2f}",
+                f"{row['tokens_per_target_forward']:.2f}",
+                speed,
+                speedup,
+            ]
+        )
     return headers, rows
 
 
 def describe(result: dict) -> str:
     """The line printed with every table: what was run, and how loaded the shared machine was."""
     settings = result["settings"]
-    return (f"target {result['target']} (transformers, {result['threads']} threads; drafts: {', '.join(result['drafts'])}), {len(result['prompt_tokens'])} prompts × ≤{settings['new_tokens']} "
-            f"greedy tokens; decode tok/s = tokens after the first / seconds from first token to last; load average {result['load'][0]} → "
-            f"{result['load'][1]} on {result['cores']} cores")
+    return (
+        f"target {result['target']} (transformers, {result['threads']} threads; drafts: {', '.join(result['drafts'])}), {len(result['prompt_tokens'])} prompts × ≤{settings['new_tokens']} "
+        f"greedy tokens; decode tok/s = tokens after the first / seconds from first token to last; load average {result['load'][0]} → "
+        f"{result['load'][1]} on {result['cores']} cores"
+    )

@@ -40,7 +40,9 @@ class SpeedSettings:
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "repeats", "throughput_prompt_tokens", "throughput_new_tokens"):
             if getattr(self, name) < 1:
-                raise SlimlmError(f"speed setting {name} must be at least 1, got {getattr(self, name)}", "pass a positive number")
+                raise SlimlmError(
+                    f"speed setting {name} must be at least 1, got {getattr(self, name)}", "pass a positive number"
+                )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise SlimlmError(f"batch sizes must be positive, got {self.batch_sizes}", "pass e.g. 1,8,32")
 
@@ -96,7 +98,9 @@ def _cpu_peak_mb() -> float:
     return peak_memory()["cpu_peak_rss_mb"]
 
 
-def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device, meter: EnergyMeter | None) -> tuple[float, float, float | None]:
+def _generate(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device, meter: EnergyMeter | None
+) -> tuple[float, float, float | None]:
     """Greedy generation with the KV cache: seconds to the first token, seconds and joules for the other
     `new_tokens - 1` (joules None without a meter)."""
     _sync(device)
@@ -139,7 +143,9 @@ def measure_speed(model: nn.Module, settings: SpeedSettings = SpeedSettings()) -
                     joules.append(energy / settings.new_tokens)
         throughput, joules_by_batch = {}, {}
         for batch in settings.batch_sizes:
-            prompts = torch.randint(0, vocab, (batch, settings.throughput_prompt_tokens), generator=generator).to(device)
+            prompts = torch.randint(0, vocab, (batch, settings.throughput_prompt_tokens), generator=generator).to(
+                device
+            )
             runs, energies = [], []
             for attempt in range(settings.repeats + 1):
                 _, rest, energy = _generate(model, prompts, settings.throughput_new_tokens + 1, device, meter)

@@ -27,7 +27,9 @@ FORMATS = ("hf", "compressed-tensors", "gguf")
 class GGUFOptions:
     """How a GGUF file's tensors are typed and rounded (llama-quantize's knobs, plus how codes are chosen)."""
 
-    preset: str | None = None  # q4_0 q4_1 q5_0 q5_1 q8_0 q4_k_m q5_k_m q6_k: llama.cpp's per-tensor mix (beats gguf_type)
+    preset: str | None = (
+        None  # q4_0 q4_1 q5_0 q5_1 q8_0 q4_k_m q5_k_m q6_k: llama.cpp's per-tensor mix (beats gguf_type)
+    )
     tensor_types: Sequence[str] = ()  # REGEX=TYPE, llama-quantize's --tensor-type; first match wins
     embedding_type: str | None = None  # token_embd.weight
     output_type: str | None = None  # output.weight (token_embd.weight when tied)
@@ -47,7 +49,14 @@ class GGUFOptions:
     @property
     def default(self) -> bool:
         """Nothing asked beyond --gguf-type (the calibration settings matter only to imatrix/gptq)."""
-        return (self.preset, tuple(self.tensor_types), self.embedding_type, self.output_type, self.method, self.exact) == (None, (), None, None, "rtn", {})
+        return (
+            self.preset,
+            tuple(self.tensor_types),
+            self.embedding_type,
+            self.output_type,
+            self.method,
+            self.exact,
+        ) == (None, (), None, None, "rtn", {})
 
 
 def auto_gguf_type(model: nn.Module) -> str:
@@ -135,9 +144,13 @@ def export_model(
         if gguf_type != "auto" and gguf_type not in GGUF_TYPES:
             raise SlimlmError(f"unknown GGUF type '{gguf_type}'", f"use auto or one of: {', '.join(GGUF_TYPES)}")
         if out.suffix != ".gguf":
-            raise SlimlmError(f"GGUF output '{out}' does not end in .gguf", "name the output file, e.g. --out model-q4_0.gguf")
+            raise SlimlmError(
+                f"GGUF output '{out}' does not end in .gguf", "name the output file, e.g. --out model-q4_0.gguf"
+            )
         if out.exists() and (not overwrite or out.is_dir()):
-            raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
+            raise SlimlmError(
+                f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file"
+            )
         check_writable(out)
         _check_gguf_source_config(model)
     else:
@@ -169,20 +182,34 @@ def gguf_mixture(model, gguf_type: str, options: GGUFOptions) -> dict:
     layout = tensor_layout(model)
     default = options.preset or gguf_type
     if default in ("f16", "bf16"):  # nothing quantized, unless named
-        choices = {name: TypeChoice(default, f"--gguf-type {default}") for name, shape in layout.items() if len(shape) == 2}
+        choices = {
+            name: TypeChoice(default, f"--gguf-type {default}") for name, shape in layout.items() if len(shape) == 2
+        }
         if options.tensor_types or options.embedding_type or options.output_type:
-            named = resolve_tensor_types(layout, "q8_0", [parse_tensor_type(spec) for spec in options.tensor_types],
-                                         options.embedding_type, options.output_type)
+            named = resolve_tensor_types(
+                layout,
+                "q8_0",
+                [parse_tensor_type(spec) for spec in options.tensor_types],
+                options.embedding_type,
+                options.output_type,
+            )
             choices.update({name: choice for name, choice in named.items() if not choice.why.startswith("--gguf-type")})
     else:
-        choices = resolve_tensor_types(layout, default, [parse_tensor_type(spec) for spec in options.tensor_types],
-                                       options.embedding_type, options.output_type, imatrix=options.method != "rtn")
+        choices = resolve_tensor_types(
+            layout,
+            default,
+            [parse_tensor_type(spec) for spec in options.tensor_types],
+            options.embedding_type,
+            options.output_type,
+            imatrix=options.method != "rtn",
+        )
     choices.update({name: TypeChoice(kind, "exact") for name, kind in options.exact.items()})
     return choices
 
 
-def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overwrite: bool = False,
-                  gguf: GGUFOptions | None = None) -> dict:
+def export_loaded(
+    loaded, format: str, out: Path, gguf_type: str = "auto", overwrite: bool = False, gguf: GGUFOptions | None = None
+) -> dict:
     """`export_model` for a model already in memory (a `LoadedModel` on the CPU; `compress` hands over the model it
     just saved instead of reading it back). Quantized linears may be dequantized in place (hf)."""
     from slimlm.checkpoint.manifest import callers_part
@@ -196,15 +223,27 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
         name = f"{Path(loaded.resolved).stem}" + (f" ({recipe})" if recipe else "")
         options = gguf or GGUFOptions()
         if options.default and chosen not in K_QUANTS:  # k-quants: llama.cpp's fallbacks, listed
-            summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, source_gguf(loaded), name=name, overwrite=overwrite)
+            summary = write_gguf(
+                loaded.model, loaded.tokenizer, out, chosen, source_gguf(loaded), name=name, overwrite=overwrite
+            )
             why = {}
         else:
             choices = gguf_mixture(loaded.model, chosen, options)
             types = {tensor: choice.type for tensor, choice in choices.items()}
             packed, importance = _calibrated(loaded, types, options)
-            summary = write_gguf(loaded.model, loaded.tokenizer, out, chosen, source_gguf(loaded), name=name,
-                                 overwrite=overwrite, tensor_types=types, importance=importance, packed=packed,
-                                 file_type=options.preset)
+            summary = write_gguf(
+                loaded.model,
+                loaded.tokenizer,
+                out,
+                chosen,
+                source_gguf(loaded),
+                name=name,
+                overwrite=overwrite,
+                tensor_types=types,
+                importance=importance,
+                packed=packed,
+                file_type=options.preset,
+            )
             why = {tensor: choice.why for tensor, choice in choices.items()}
             result.update(preset=options.preset, method=options.method, gptq_tensors=len(packed))
         for tensor in summary.tensors:
@@ -212,7 +251,10 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
         result.update({key: value for key, value in asdict(summary).items() if key != "path"})
         return result
     manifest = callers_part(loaded.manifest)
-    manifest["export"] = {"format": format, "from": {"source": loaded.source, "resolved": loaded.resolved, "kind": loaded.kind}}
+    manifest["export"] = {
+        "format": format,
+        "from": {"source": loaded.source, "resolved": loaded.resolved, "kind": loaded.kind},
+    }
     if format == "hf":
         from slimlm.export.hf import write_hf
 
@@ -221,6 +263,10 @@ def export_loaded(loaded, format: str, out: Path, gguf_type: str = "auto", overw
         from slimlm.checkpoint.save import save_model
         from slimlm.checkpoint.sparsity import sparsity_config
 
-        saved = save_model(loaded.model, loaded.tokenizer, out, manifest, overwrite=overwrite, sparsity=sparsity_config(loaded.model))
-    result.update(bytes=saved.manifest["storage"]["weight_bytes"], quantized_linears=len(saved.manifest["quantized_linears"]))
+        saved = save_model(
+            loaded.model, loaded.tokenizer, out, manifest, overwrite=overwrite, sparsity=sparsity_config(loaded.model)
+        )
+    result.update(
+        bytes=saved.manifest["storage"]["weight_bytes"], quantized_linears=len(saved.manifest["quantized_linears"])
+    )
     return result

@@ -61,8 +61,9 @@ from slimlm.quantize.linear import QuantizedLinear
 GGUF_TYPES = WRITABLE  # f32 f16 bf16, the 32-weight block types and the k-quants q2_k .. q6_k
 BLOCK = 32  # QK4_0 = QK4_1 = QK8_0
 CODE_BITS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5}  # the code width each block format stores
-K_QUANTS = tuple(t for t in WRITABLE if TYPES[t].block == SUPER)  # slimlm's packers; a QuantizedLinear's own scales do not fit their grids
-
+K_QUANTS = tuple(
+    t for t in WRITABLE if TYPES[t].block == SUPER
+)  # slimlm's packers; a QuantizedLinear's own scales do not fit their grids
 
 
 def linear_tensor_name(model: nn.Module, index: int, rel: str) -> str:
@@ -77,11 +78,23 @@ def _ggml(name: str):
 def _file_type(gguf_type: str) -> int:
     from gguf import LlamaFileType
 
-    return {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
-            "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1, "q5_0": LlamaFileType.MOSTLY_Q5_0,
-            "q5_1": LlamaFileType.MOSTLY_Q5_1, "q4_k": LlamaFileType.MOSTLY_Q4_K_M, "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
-            "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
-            "q6_k": LlamaFileType.MOSTLY_Q6_K, "q2_k": LlamaFileType.MOSTLY_Q2_K, "q3_k": LlamaFileType.MOSTLY_Q3_K_M}[gguf_type]
+    return {
+        "f32": LlamaFileType.ALL_F32,
+        "f16": LlamaFileType.MOSTLY_F16,
+        "bf16": LlamaFileType.MOSTLY_BF16,
+        "q8_0": LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": LlamaFileType.MOSTLY_Q4_1,
+        "q5_0": LlamaFileType.MOSTLY_Q5_0,
+        "q5_1": LlamaFileType.MOSTLY_Q5_1,
+        "q4_k": LlamaFileType.MOSTLY_Q4_K_M,
+        "q4_k_m": LlamaFileType.MOSTLY_Q4_K_M,
+        "q5_k": LlamaFileType.MOSTLY_Q5_K_M,
+        "q5_k_m": LlamaFileType.MOSTLY_Q5_K_M,
+        "q6_k": LlamaFileType.MOSTLY_Q6_K,
+        "q2_k": LlamaFileType.MOSTLY_Q2_K,
+        "q3_k": LlamaFileType.MOSTLY_Q3_K_M,
+    }[gguf_type]
 
 
 # --- pure kernels -------------------------------------------------------------------------------------------
@@ -127,7 +140,11 @@ def pack_codes(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     centre = 2 ** (CODE_BITS[gguf_type] - 1)  # signed grid −c..c−1 -> unsigned 0..2c−1
     m = None
     if gguf_type in ("q4_1", "q5_1"):
-        z = torch.zeros_like(d) if zero_point is None else zero_point.float().repeat_interleave(repeat, dim=1).reshape(-1)
+        z = (
+            torch.zeros_like(d)
+            if zero_point is None
+            else zero_point.float().repeat_interleave(repeat, dim=1).reshape(-1)
+        )
         m = -(z + centre) * d  # w = s·(q − z) = s·u − s·(z + c)
     return pack_blocks(gguf_type, q + centre, d, m).reshape(out_features, -1).numpy()
 
@@ -162,7 +179,9 @@ class GGUFSummary:
     tensors: list[dict] = field(default_factory=list)  # per tensor: name, shape (GGUF order: rows last), type, bytes
 
 
-def check_gguf_model(model: nn.Module, gguf_type: str, tensor_types: Mapping[str, str] | None = None) -> tuple[str, bool]:
+def check_gguf_model(
+    model: nn.Module, gguf_type: str, tensor_types: Mapping[str, str] | None = None
+) -> tuple[str, bool]:
     """Refuse what GGUF cannot hold before writing anything: returns (llama.cpp architecture, permute q/k).
 
     A quantized linear is checked against its own type (`tensor_types` by GGUF name, else `gguf_type`)."""
@@ -176,9 +195,19 @@ def check_gguf_model(model: nn.Module, gguf_type: str, tensor_types: Mapping[str
     for index, block in enumerate(decoder_blocks(model)):
         for name, _ in block.named_parameters():
             if name.rpartition(".")[0] not in layout:
-                raise SlimlmError(f"block {index} has a tensor '{name}' that has no GGUF name in slimlm's {config.model_type} layout", "export with --format compressed-tensors or hf")
-    if arch.tied_only and model.get_submodule(adapter.lm_head).weight.data_ptr() != model.get_submodule(adapter.embed).weight.data_ptr():
-        raise SlimlmError(f"this {config.model_type} model's output projection is not tied to its embedding, and llama.cpp's {arch.name} graph always reads token_embd as the output", "export with --format compressed-tensors or hf")
+                raise SlimlmError(
+                    f"block {index} has a tensor '{name}' that has no GGUF name in slimlm's {config.model_type} layout",
+                    "export with --format compressed-tensors or hf",
+                )
+    if (
+        arch.tied_only
+        and model.get_submodule(adapter.lm_head).weight.data_ptr()
+        != model.get_submodule(adapter.embed).weight.data_ptr()
+    ):
+        raise SlimlmError(
+            f"this {config.model_type} model's output projection is not tied to its embedding, and llama.cpp's {arch.name} graph always reads token_embd as the output",
+            "export with --format compressed-tensors or hf",
+        )
     problems = []
     for index, block in enumerate(decoder_blocks(model)):
         for rel in adapter.linears():
@@ -192,7 +221,11 @@ def check_gguf_model(model: nn.Module, gguf_type: str, tensor_types: Mapping[str
         name, module, problem, wanted = problems[0]
         grid = module.grid
         layout = "per channel" if grid.group_size is None else f"group {grid.group_size}"
-        holders = [t for t in CODE_BITS if all(code_layout_problem(m.grid, m.in_features, t) is None for _, m, _, _ in problems)]
+        holders = [
+            t
+            for t in CODE_BITS
+            if all(code_layout_problem(m.grid, m.in_features, t) is None for _, m, _, _ in problems)
+        ]
         raise SlimlmError(
             f"{len(problems)} quantized linears (e.g. {name}: int{grid.bits} {'sym' if grid.symmetric else 'asym'} {layout}) cannot be written as GGUF {wanted} without re-quantizing: {problem}",
             f"formats that hold them: {', '.join(f'--gguf-type {t} (codes kept)' for t in holders) + ', ' if holders else ''}"
@@ -231,8 +264,14 @@ def _tensor_plan(model: nn.Module, permute: bool):
             name = f"blk.{index}.{base}.weight"
             if isinstance(module, QuantizedLinear):
                 if scale != 1.0:  # Gemma 2's query-scale fold rides on the block scales: the codes are unchanged
-                    module = QuantizedLinear(module.weight_q, (module.weight_scale.float() * scale).to(module.weight_scale.dtype),
-                                             module.weight_zero_point, module.grid, module.bias, module.compute_dtype)
+                    module = QuantizedLinear(
+                        module.weight_q,
+                        (module.weight_scale.float() * scale).to(module.weight_scale.dtype),
+                        module.weight_zero_point,
+                        module.grid,
+                        module.bias,
+                        module.compute_dtype,
+                    )
                 yield name, module, order
             elif module.weight.dim() == 1:
                 yield name, norm_data(arch, rel, module.weight, q_scale), same
@@ -252,8 +291,10 @@ def _tensor_plan(model: nn.Module, permute: bool):
 
 def tensor_layout(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """{GGUF tensor name: torch shape (rows last)} of every tensor the file will hold, nothing quantized."""
-    return {name: tuple(payload.weight_q.shape if isinstance(payload, QuantizedLinear) else payload.shape)
-            for name, payload, _ in _tensor_plan(model, permute=False)}
+    return {
+        name: tuple(payload.weight_q.shape if isinstance(payload, QuantizedLinear) else payload.shape)
+        for name, payload, _ in _tensor_plan(model, permute=False)
+    }
 
 
 def default_tensor_types(layout: Mapping[str, tuple[int, ...]], gguf_type: str) -> dict[str, str]:
@@ -261,15 +302,25 @@ def default_tensor_types(layout: Mapping[str, tuple[int, ...]], gguf_type: str) 
     llama-quantize does for rows that are not a multiple of 256."""
     io_type = "q8_0" if gguf_type in ("q4_0", "q4_1", "q5_0", "q5_1") else gguf_type
     position_type = "f32" if gguf_type == "f32" else "f16"  # learned positions (GPT-2) are never quantized
-    return {name: position_type if name == "position_embd.weight" else io_type if name in ("token_embd.weight", "output.weight") else gguf_type
-            for name, shape in layout.items() if len(shape) == 2}
+    return {
+        name: position_type
+        if name == "position_embd.weight"
+        else io_type
+        if name in ("token_embd.weight", "output.weight")
+        else gguf_type
+        for name, shape in layout.items()
+        if len(shape) == 2
+    }
 
 
 def _check_overrides(layout: Mapping[str, tuple[int, ...]], *named: Mapping) -> None:
     """Every override names a 2-D tensor the file has."""
     for key in (key for mapping in named for key in mapping):
         if key not in layout or len(layout[key]) != 2:
-            raise SlimlmError(f"GGUF tensor '{key}' does not exist in this model", "name tensors as llama.cpp does, e.g. blk.0.ffn_down.weight, token_embd.weight")
+            raise SlimlmError(
+                f"GGUF tensor '{key}' does not exist in this model",
+                "name tensors as llama.cpp does, e.g. blk.0.ffn_down.weight, token_embd.weight",
+            )
 
 
 def _encode(name: str, payload, order, gguf_type: str | None, summary: GGUFSummary, importance=None, packed=None):
@@ -283,7 +334,9 @@ def _encode(name: str, payload, order, gguf_type: str | None, summary: GGUFSumma
 
 def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSummary, importance=None, packed=None):
     if gguf_type not in GGUF_TYPES:
-        raise SlimlmError(f"GGUF type '{gguf_type}' for {name} is not one slimlm writes", f"use one of: {', '.join(GGUF_TYPES)}")
+        raise SlimlmError(
+            f"GGUF type '{gguf_type}' for {name} is not one slimlm writes", f"use one of: {', '.join(GGUF_TYPES)}"
+        )
     block = TYPES[gguf_type].block
     if weight.shape[1] % block:
         summary.fallbacks.append(name)
@@ -293,19 +346,28 @@ def _dense_2d(name: str, weight: torch.Tensor, gguf_type: str, summary: GGUFSumm
     raw = None if gguf_type == "f16" else _ggml(gguf_type)
     if packed is not None and gguf_type != "f16":
         if packed.shape != (weight.shape[0], tensor_bytes(gguf_type, weight.shape) // weight.shape[0]):
-            raise SlimlmError(f"pre-quantized data for {name} does not match its shape {tuple(weight.shape)} as {gguf_type}", "quantize it again for this model")
+            raise SlimlmError(
+                f"pre-quantized data for {name} does not match its shape {tuple(weight.shape)} as {gguf_type}",
+                "quantize it again for this model",
+            )
         return np.ascontiguousarray(packed), raw
     return requantize(weight, gguf_type, importance), raw
 
 
 def _quantized(name: str, module: QuantizedLinear, order, gguf_type: str, summary: GGUFSummary):
-    problem = code_layout_problem(module.grid, module.in_features, gguf_type) if gguf_type in GGUF_TYPES else "unknown type"
+    problem = (
+        code_layout_problem(module.grid, module.in_features, gguf_type) if gguf_type in GGUF_TYPES else "unknown type"
+    )
     if problem:
-        raise SlimlmError(f"{name} ({tuple(module.weight_q.shape)}) cannot be GGUF {gguf_type}: {problem}",
-                          f"types its codes or shape allow: {', '.join(t for t in types_for_shape(module.weight_q.shape) if t in GGUF_TYPES and code_layout_problem(module.grid, module.in_features, t) is None)}")
+        raise SlimlmError(
+            f"{name} ({tuple(module.weight_q.shape)}) cannot be GGUF {gguf_type}: {problem}",
+            f"types its codes or shape allow: {', '.join(t for t in types_for_shape(module.weight_q.shape) if t in GGUF_TYPES and code_layout_problem(module.grid, module.in_features, t) is None)}",
+        )
     if gguf_type not in CODE_BITS:
         summary.dequantized += 1
-        return requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(gguf_type)
+        return requantize(order(module.dequantized_weight().float()), gguf_type), None if gguf_type == "f16" else _ggml(
+            gguf_type
+        )
     zero_point = getattr(module, "weight_zero_point", None)
     codes = order(module.weight_q.cpu())
     scale = order(module.weight_scale.cpu())
@@ -357,7 +419,9 @@ def write_gguf(
 
     out = Path(out).expanduser()
     if out.exists() and (not overwrite or out.is_dir()):
-        raise SlimlmError(f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file")
+        raise SlimlmError(
+            f"output '{out}' already exists", "choose another --out, or pass --overwrite to replace the file"
+        )
     check_writable(out)
     arch, permute = check_gguf_model(model, gguf_type, tensor_types)
     layout = tensor_layout(model)
@@ -373,12 +437,22 @@ def write_gguf(
             prepacked = (packed or {}).get(tensor_name)
             if prepacked is not None:  # bytes rows are weight rows: the same permutation
                 prepacked = order(torch.from_numpy(np.ascontiguousarray(prepacked))).numpy()
-            data, raw = _encode(tensor_name, payload, order, types.get(tensor_name), summary, (importance or {}).get(tensor_name), prepacked)
+            data, raw = _encode(
+                tensor_name,
+                payload,
+                order,
+                types.get(tensor_name),
+                summary,
+                (importance or {}).get(tensor_name),
+                prepacked,
+            )
             writer.add_tensor(tensor_name, data, raw_dtype=raw)
             kind = raw.name if raw is not None else ("F16" if data.dtype == np.float16 else "F32")
             summary.tensor_types[kind] = summary.tensor_types.get(kind, 0) + 1
             shape = list(writer.tensors[-1][tensor_name].shape)
-            summary.tensors.append({"name": tensor_name, "shape": shape, "type": kind.lower(), "bytes": tensor_bytes(kind.lower(), shape)})
+            summary.tensors.append(
+                {"name": tensor_name, "shape": shape, "type": kind.lower(), "bytes": tensor_bytes(kind.lower(), shape)}
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -149,7 +149,9 @@ def _gemma3_keys(writer, config, model) -> None:
 
 
 def _phi3_keys(writer, config, model) -> None:
-    original = rope_parameters(config).get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    original = rope_parameters(config).get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
     if original:
         writer.add_rope_scaling_orig_ctx_len(int(original))
     writer.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))  # llama.cpp runs Phi-3 without SWA
@@ -160,11 +162,28 @@ ARCHITECTURES: dict[str, GGUFArch] = {
     "mistral": GGUFArch("llama", _LLAMA, permute_qk=True),
     "qwen2": GGUFArch("qwen2", _LLAMA, query_is_hidden=True),
     "qwen3": GGUFArch("qwen3", _LLAMA + _QK_NORM, attention_bias=False),
-    "gemma": GGUFArch("gemma", _LLAMA, norm_shift=1.0, tied_only=True, activations=("gelu_pytorch_tanh", "gelu"), attention_bias=False),
-    "gemma2": GGUFArch("gemma2", _GEMMA2, norm_shift=1.0, tied_only=True, activations=("gelu_pytorch_tanh",),
-                       query_scale_into="self_attn.q_proj", attention_bias=False, extra_keys=_gemma2_keys),
-    "gemma3_text": GGUFArch("gemma3", _GEMMA2 + _QK_NORM, norm_shift=1.0, activations=("gelu_pytorch_tanh",),
-                            query_scale_into="self_attn.q_norm", attention_bias=False, extra_keys=_gemma3_keys),
+    "gemma": GGUFArch(
+        "gemma", _LLAMA, norm_shift=1.0, tied_only=True, activations=("gelu_pytorch_tanh", "gelu"), attention_bias=False
+    ),
+    "gemma2": GGUFArch(
+        "gemma2",
+        _GEMMA2,
+        norm_shift=1.0,
+        tied_only=True,
+        activations=("gelu_pytorch_tanh",),
+        query_scale_into="self_attn.q_proj",
+        attention_bias=False,
+        extra_keys=_gemma2_keys,
+    ),
+    "gemma3_text": GGUFArch(
+        "gemma3",
+        _GEMMA2 + _QK_NORM,
+        norm_shift=1.0,
+        activations=("gelu_pytorch_tanh",),
+        query_scale_into="self_attn.q_norm",
+        attention_bias=False,
+        extra_keys=_gemma3_keys,
+    ),
     "phi3": GGUFArch("phi3", _PHI3, query_is_hidden=True, extra_keys=_phi3_keys),
     "gpt2": GGUFArch("gpt2", _GPT2, activations=("gelu_new", "gelu_pytorch_tanh"), layernorm=True),
 }
@@ -206,12 +225,19 @@ def _unrunnable(arch: GGUFArch, config) -> str | None:
         return f"its activation is '{act}', llama.cpp's {arch.name} computes {' / '.join(arch.activations)}"
     if arch.tied_only and not getattr(config, "tie_word_embeddings", True):
         return "its output projection is not tied to the embedding, and llama.cpp always reads token_embd as the output"
-    if config.model_type == "mistral" and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings:
+    if (
+        config.model_type == "mistral"
+        and (getattr(config, "sliding_window", None) or 1 << 62) < config.max_position_embeddings
+    ):
         return "it uses sliding-window attention, which llama.cpp's llama architecture does not"
     if config.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
         return "it uses sliding-window attention, which llama.cpp's qwen2/qwen3 graphs do not"
     if config.model_type == "gpt2":
-        for flag, wanted in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False)):
+        for flag, wanted in (
+            ("scale_attn_weights", True),
+            ("scale_attn_by_inverse_layer_idx", False),
+            ("reorder_and_upcast_attn", False),
+        ):
             if bool(getattr(config, flag, wanted)) != wanted:
                 return f"{flag}={not wanted}, which llama.cpp's gpt2 graph does not compute"
         return None
@@ -223,8 +249,10 @@ def _unrunnable(arch: GGUFArch, config) -> str | None:
         if rope_type not in known or (kind == "sliding_attention" and rope_type != "default"):
             return f"RoPE scaling '{rope_type}' ({kind}) is not one slimlm's GGUF writer describes for it ({', '.join(known)})"
     if arch.query_is_hidden and config.num_attention_heads * head_dim(config) != config.hidden_size:
-        return (f"{config.num_attention_heads} heads × {head_dim(config)} ≠ hidden size {config.hidden_size} (heads pruned?), and "
-                f"llama.cpp's {arch.name} graph sizes the query and output projections hidden × hidden")
+        return (
+            f"{config.num_attention_heads} heads × {head_dim(config)} ≠ hidden size {config.hidden_size} (heads pruned?), and "
+            f"llama.cpp's {arch.name} graph sizes the query and output projections hidden × hidden"
+        )
     if not arch.attention_bias and getattr(config, "attention_bias", False):
         return f"attention_bias=True, and llama.cpp's {arch.name} graph has no attention output bias"
     if config.model_type == "phi3" and rope_parameters(config).get("partial_rotary_factor", 1.0) != 1.0:
@@ -307,7 +335,10 @@ def rope_tensors(config) -> list[tuple[str, torch.Tensor]]:
     rope = rope_parameters(config)
     kind = rope.get("rope_type", "default")
     if kind == "longrope":
-        return [(f"rope_factors_{length}.weight", torch.tensor(rope[f"{length}_factor"], dtype=torch.float32)) for length in ("long", "short")]
+        return [
+            (f"rope_factors_{length}.weight", torch.tensor(rope[f"{length}_factor"], dtype=torch.float32))
+            for length in ("long", "short")
+        ]
     if kind != "llama3":
         return []
     dim = head_dim(config)

@@ -72,7 +72,9 @@ def collect_statistics(model: nn.Module, calibration_ids: torch.Tensor) -> tuple
 
     def keep(index: int, linears: dict[str, nn.Module], stats) -> None:
         for path in linears:
-            hessians[linear_tensor_name(model, index, path[len(f"{adapter.blocks}.{index}."):])] = stats[path].hessian.cpu()
+            hessians[linear_tensor_name(model, index, path[len(f"{adapter.blocks}.{index}.") :])] = stats[
+                path
+            ].hessian.cpu()
 
     calibrate_sequentially(model, calibration_ids, ("hessian",), keep, description="GGUF calibration statistics")
     return hessians, head_importance(model, calibration_ids)
@@ -104,7 +106,7 @@ def calibrated_codes(
 
     def compress_block(index: int, linears: dict[str, nn.Module], stats) -> None:
         for path, linear in linears.items():
-            name = linear_tensor_name(model, index, path[len(f"{adapter.blocks}.{index}."):])
+            name = linear_tensor_name(model, index, path[len(f"{adapter.blocks}.{index}.") :])
             kind = tensor_types.get(name, "f16")
             if not isinstance(linear, nn.Linear) or TYPES[kind].block == 1:
                 continue
@@ -117,8 +119,14 @@ def calibrated_codes(
             linear.weight.data.copy_(dequantize_tensor(raw, kind, linear.weight.shape).to(linear.weight.dtype))
 
     if statistics is None:
-        calibrate_sequentially(model, calibration_ids, ("hessian",), compress_block,
-                               description=f"GGUF {method} codes", true_sequential=method == "gptq")
+        calibrate_sequentially(
+            model,
+            calibration_ids,
+            ("hessian",),
+            compress_block,
+            description=f"GGUF {method} codes",
+            true_sequential=method == "gptq",
+        )
         head = head_importance(model, calibration_ids)
     else:
         for index in range(len(decoder_blocks(model))):

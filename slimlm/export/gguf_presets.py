@@ -29,8 +29,16 @@ from dataclasses import dataclass
 from slimlm.errors import SlimlmError
 from slimlm.export.gguf_types import TYPES, WRITABLE, gguf_type, tensor_bytes, types_for_shape
 
-PRESETS = {"q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q8_0": "q8_0",
-           "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}  # preset -> its default type
+PRESETS = {
+    "q4_0": "q4_0",
+    "q4_1": "q4_1",
+    "q5_0": "q5_0",
+    "q5_1": "q5_1",
+    "q8_0": "q8_0",
+    "q4_k_m": "q4_k",
+    "q5_k_m": "q5_k",
+    "q6_k": "q6_k",
+}  # preset -> its default type
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0"}
 QUANTIZED = tuple(name for name in WRITABLE if TYPES[name].block > 1)
 
@@ -43,8 +51,12 @@ class TypeChoice:
 
 def quantizable(name: str, shape: Sequence[int]) -> bool:
     """The tensors llama-quantize quantizes (`tensor_allows_quantization`): 2-D weights, not norms or positions."""
-    return (len(shape) >= 2 and name.endswith("weight") and "_norm.weight" not in name
-            and name not in ("position_embd.weight", "token_types.weight"))
+    return (
+        len(shape) >= 2
+        and name.endswith("weight")
+        and "_norm.weight" not in name
+        and name not in ("position_embd.weight", "token_types.weight")
+    )
 
 
 def use_more_bits(layer: int, layers: int) -> bool:
@@ -105,11 +117,15 @@ def parse_tensor_type(spec: str) -> tuple[str, str]:
     """'REGEX=TYPE' (llama-quantize's --tensor-type) -> (regex, type); the regex compiled to check it."""
     pattern, sep, type_name = spec.rpartition("=")
     if not sep or not pattern:
-        raise SlimlmError(f"--tensor-type '{spec}' is not REGEX=TYPE", r"write e.g. --tensor-type 'blk\.\d+\.ffn_down\.weight=q6_k'")
+        raise SlimlmError(
+            f"--tensor-type '{spec}' is not REGEX=TYPE", r"write e.g. --tensor-type 'blk\.\d+\.ffn_down\.weight=q6_k'"
+        )
     try:
         re.compile(pattern)
     except re.error as err:
-        raise SlimlmError(f"--tensor-type '{spec}': '{pattern}' is not a regular expression ({err})", "fix the pattern") from None
+        raise SlimlmError(
+            f"--tensor-type '{spec}': '{pattern}' is not a regular expression ({err})", "fix the pattern"
+        ) from None
     return pattern, check_type_name(type_name.strip().lower(), f"--tensor-type {pattern}")
 
 
@@ -126,8 +142,9 @@ def resolve_tensor_types(
     `shapes` are torch shapes (rows last) by GGUF name; `default` a preset name or a type (every tensor at that
     type, shape fallbacks as llama-quantize --pure); `patterns` (regex, type) pairs in order, first match wins."""
     if default not in PRESETS and default not in QUANTIZED:
-        raise SlimlmError(f"unknown GGUF preset or type '{default}'",
-                          f"presets: {', '.join(PRESETS)}; types: {', '.join(QUANTIZED)}")
+        raise SlimlmError(
+            f"unknown GGUF preset or type '{default}'", f"presets: {', '.join(PRESETS)}; types: {', '.join(QUANTIZED)}"
+        )
     for kind, value in (("--embedding-type", embedding_type), ("--output-type", output_type)):
         if value is not None:
             check_type_name(value, kind)
@@ -153,8 +170,10 @@ def resolve_tensor_types(
             chosen[name] = _fallback(name, shape, default, f"--gguf-type {default}")
     unmatched = [p for p, _ in patterns if p not in matched]
     if unmatched:
-        raise SlimlmError(f"--tensor-type '{unmatched[0]}' matches no tensor of this model",
-                          f"GGUF tensor names look like: {', '.join(names[:3])}, …, {names[-1]}")
+        raise SlimlmError(
+            f"--tensor-type '{unmatched[0]}' matches no tensor of this model",
+            f"GGUF tensor names look like: {', '.join(names[:3])}, …, {names[-1]}",
+        )
     return chosen
 
 

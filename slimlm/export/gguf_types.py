@@ -176,8 +176,9 @@ def _codes(x: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int) -> torch.Tens
     return torch.round(x * inv[:, None]).clamp(qmin, qmax)
 
 
-def affine_blocks(x: torch.Tensor, w: torch.Tensor, qmax: int, steps: int = 40, round_to=_fp16,
-                  nonpositive_min: bool = False):
+def affine_blocks(
+    x: torch.Tensor, w: torch.Tensor, qmax: int, steps: int = 40, round_to=_fp16, nonpositive_min: bool = False
+):
     """x, w (N, B) -> (d, m (N,) as `round_to` leaves them, codes (N, B) in [0, qmax]) minimising Σ w·(x − (d·u + m))².
 
     Candidate ranges shrink the block's [min, max] (llama.cpp's make_qkx2_quants sweep); each is refit by the
@@ -290,8 +291,9 @@ def _grid_from_fields(name: str, rows: int, fields: dict[str, torch.Tensor]) -> 
     if name in SYMMETRIC or name in AFFINE:
         qmin, qmax = SYMMETRIC.get(name, (0, AFFINE.get(name)))
         m = fields.get("m")
-        return BlockGrid(name, 32, qmin, qmax, fields["d"].reshape(rows, -1),
-                         None if m is None else m.reshape(rows, -1), fields)
+        return BlockGrid(
+            name, 32, qmin, qmax, fields["d"].reshape(rows, -1), None if m is None else m.reshape(rows, -1), fields
+        )
     k = KQUANTS[name]
     d = fields["d"][:, None]  # (N, 1) per super-block
     scale = (d * fields["sc"].float()).reshape(rows, -1)  # d·sc_j
@@ -375,7 +377,7 @@ def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, tor
     s, mn = s.reshape(n, k), mn.reshape(n, k)
     sw = ws.sum(-1)  # (N, K): how much each sub-block's scale matters
     d, sc = _superscale(s, sw, slo, shi)
-    dmin, mi = (_superscale(mn, sw, 0, mhi) if not symmetric else (torch.zeros_like(d), torch.zeros_like(sc)))
+    dmin, mi = _superscale(mn, sw, 0, mhi) if not symmetric else (torch.zeros_like(d), torch.zeros_like(sc))
 
     def total(d, sc, dmin, mi):
         return _subblock_error(xs, ws, d[:, None] * sc, -(dmin[:, None] * mi), lo, hi)
@@ -429,7 +431,9 @@ def choose_grid(weight: torch.Tensor, name: str, importance: torch.Tensor | None
     w = _element_weights(importance, x)
     block = t.block
     xb, wb = x.reshape(-1, block), w.reshape(-1, block)
-    chunks = [_block_fields(name, xc, wc) for xc, wc in zip(xb.split(SWEEP_CHUNK // block), wb.split(SWEEP_CHUNK // block))]
+    chunks = [
+        _block_fields(name, xc, wc) for xc, wc in zip(xb.split(SWEEP_CHUNK // block), wb.split(SWEEP_CHUNK // block))
+    ]
     return _grid_from_fields(name, rows, {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]})
 
 
@@ -439,7 +443,9 @@ SWEEP_CHUNK = 65536  # values per sweep: its temporaries stay in cache (measured
 def _block_fields(name: str, xb: torch.Tensor, wb: torch.Tensor) -> dict[str, torch.Tensor]:
     """Blocks xb, wb (N, block) -> the file's fields of type `name` for them."""
     if name in SYMMETRIC:
-        d, _ = symmetric_blocks(xb, wb, *SYMMETRIC[name], steps=4 if name == "q8_0" else 20)  # 8-bit: levels are fine already
+        d, _ = symmetric_blocks(
+            xb, wb, *SYMMETRIC[name], steps=4 if name == "q8_0" else 20
+        )  # 8-bit: levels are fine already
         return {"d": d}
     if name in AFFINE:
         d, m, _ = affine_blocks(xb, wb, AFFINE[name])
@@ -493,27 +499,52 @@ def pack(q: torch.Tensor, grid: BlockGrid) -> np.ndarray:
         return torch.cat(parts, 1).reshape(rows, -1).numpy()
     if name == "q6_k":
         u = u + 32
-        ql = torch.cat([torch.cat([_nibbles(torch.cat([u[:, c + 0:c + 32], u[:, c + 64:c + 96]], 1), 32),
-                                   _nibbles(torch.cat([u[:, c + 32:c + 64], u[:, c + 96:c + 128]], 1), 32)], 1)
-                        for c in (0, 128)], 1)  # (N, 128)
+        ql = torch.cat(
+            [
+                torch.cat(
+                    [
+                        _nibbles(torch.cat([u[:, c + 0 : c + 32], u[:, c + 64 : c + 96]], 1), 32),
+                        _nibbles(torch.cat([u[:, c + 32 : c + 64], u[:, c + 96 : c + 128]], 1), 32),
+                    ],
+                    1,
+                )
+                for c in (0, 128)
+            ],
+            1,
+        )  # (N, 128)
         high = u >> 4
-        qh = torch.cat([(high[:, c:c + 32] | (high[:, c + 32:c + 64] << 2) | (high[:, c + 64:c + 96] << 4)
-                         | (high[:, c + 96:c + 128] << 6)).to(torch.uint8) for c in (0, 128)], 1)  # (N, 64)
+        qh = torch.cat(
+            [
+                (
+                    high[:, c : c + 32]
+                    | (high[:, c + 32 : c + 64] << 2)
+                    | (high[:, c + 64 : c + 96] << 4)
+                    | (high[:, c + 96 : c + 128] << 6)
+                ).to(torch.uint8)
+                for c in (0, 128)
+            ],
+            1,
+        )  # (N, 64)
         scales = f["sc"].to(torch.int8).view(torch.uint8)
         data = torch.cat([ql, qh, scales, _fp16_bytes(f["d"][:, None])], 1)
         return data.reshape(rows, -1).numpy()
     sc, mn = f["sc"].to(torch.int64), f["mn"].to(torch.int64)  # (N, 8) 6-bit
-    scales = torch.cat([
-        (sc[:, :4] | ((sc[:, 4:] >> 4) << 6)),
-        (mn[:, :4] | ((mn[:, 4:] >> 4) << 6)),
-        ((sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)),
-    ], 1).to(torch.uint8)  # (N, 12), get_scale_min_k4's layout
-    qs = torch.cat([_nibbles(u[:, c:c + 64], 32) for c in range(0, SUPER, 64)], 1)  # (N, 128)
+    scales = torch.cat(
+        [
+            (sc[:, :4] | ((sc[:, 4:] >> 4) << 6)),
+            (mn[:, :4] | ((mn[:, 4:] >> 4) << 6)),
+            ((sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)),
+        ],
+        1,
+    ).to(torch.uint8)  # (N, 12), get_scale_min_k4's layout
+    qs = torch.cat([_nibbles(u[:, c : c + 64], 32) for c in range(0, SUPER, 64)], 1)  # (N, 128)
     parts = [_fp16_bytes(f["d"][:, None]), _fp16_bytes(f["dmin"][:, None]), scales]
     if name == "q5_k":
         high = (u >> 4) & 1
-        qh = sum((high[:, c * 64:c * 64 + 32] << (2 * c)) | (high[:, c * 64 + 32:c * 64 + 64] << (2 * c + 1))
-                 for c in range(4))
+        qh = sum(
+            (high[:, c * 64 : c * 64 + 32] << (2 * c)) | (high[:, c * 64 + 32 : c * 64 + 64] << (2 * c + 1))
+            for c in range(4)
+        )
         parts.append(qh.to(torch.uint8))
     parts.append(qs)
     return torch.cat(parts, 1).reshape(rows, -1).numpy()
@@ -550,7 +581,9 @@ quantize_for_type = quantize_tensor  # the name the search calls it by
 GGUF_GPTQ_DAMP = 1.0
 
 
-def gptq_grid_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid, damp: float = GGUF_GPTQ_DAMP) -> torch.Tensor:
+def gptq_grid_codes(
+    weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid, damp: float = GGUF_GPTQ_DAMP
+) -> torch.Tensor:
     """GPTQ's error-feedback loop (`quantize.gptq.error_feedback_`) on a fixed GGUF grid: weight (R, C), hessian
     (C, C) -> codes (R, C) on `grid`, exactly the ones the loop committed. Columns are visited by descending H_jj
     (act order with the grid's static groups), dead inputs (H_jj = 0) zeroed."""
@@ -567,8 +600,13 @@ def gptq_grid_codes(weight: torch.Tensor, hessian: torch.Tensor, grid: BlockGrid
     return grid_codes(Wt[torch.argsort(order)].t(), grid)
 
 
-def gptq_for_type(weight: torch.Tensor, hessian: torch.Tensor, type_name: str, damp: float = GGUF_GPTQ_DAMP,
-                  importance: torch.Tensor | None = None) -> np.ndarray:
+def gptq_for_type(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    type_name: str,
+    damp: float = GGUF_GPTQ_DAMP,
+    importance: torch.Tensor | None = None,
+) -> np.ndarray:
     """GPTQ on GGUF type `type_name`'s own grid: weight (out, in), hessian (in, in) -> the raw bytes the file holds.
 
     Each block's (or k-quant sub-block's) scale and minimum are chosen as `quantize_tensor` chooses them, from the
@@ -579,8 +617,10 @@ def gptq_for_type(weight: torch.Tensor, hessian: torch.Tensor, type_name: str, d
     if TYPES[type_name].block == 1:
         return quantize_tensor(x, type_name)  # float types hold the weight itself
     if hessian.shape != (x.shape[1], x.shape[1]):
-        raise SlimlmError(f"gptq: weight {tuple(x.shape)} and Hessian {tuple(hessian.shape)} do not match",
-                          "pass an (out, in) weight and its (in, in) Hessian")
+        raise SlimlmError(
+            f"gptq: weight {tuple(x.shape)} and Hessian {tuple(hessian.shape)} do not match",
+            "pass an (out, in) weight and its (in, in) Hessian",
+        )
     h = hessian.detach().float().cpu()
     grid = choose_grid(x, type_name, h.diagonal().clamp(min=0) if importance is None else importance)
     return pack(gptq_grid_codes(x, h, grid, damp), grid)

@@ -104,7 +104,10 @@ def sentencepiece_prefix(backend: dict) -> bool | None:
 def _vocab_by_id(tokenizer, config) -> dict[int, str]:
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= config.vocab_size:
-        raise SlimlmError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {config.vocab_size}", "resize the embeddings or fix the tokenizer")
+        raise SlimlmError(
+            f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size {config.vocab_size}",
+            "resize the embeddings or fix the tokenizer",
+        )
     return {index: token for token, index in vocab.items()}
 
 
@@ -119,7 +122,13 @@ def _bpe_vocab(writer, tokenizer, config, model: dict, pre: str) -> None:
             types.append(TokenType.UNUSED)
         else:
             tokens.append(by_id[index])
-            types.append(TokenType.NORMAL if index not in added else TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
+            types.append(
+                TokenType.NORMAL
+                if index not in added
+                else TokenType.CONTROL
+                if added[index].special
+                else TokenType.USER_DEFINED
+            )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -152,7 +161,9 @@ def _sentencepiece_vocab(writer, tokenizer, config, model: dict, prefix: bool) -
             types.append(TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED)
             continue
         scores.append(-float(rank[token] + 1) if token in rank else 0.0)  # pieces no merge makes: single characters
-        types.append(TokenType.BYTE if BYTE_PIECE.fullmatch(token) else TokenType.UNKNOWN if token == unk else TokenType.NORMAL)
+        types.append(
+            TokenType.BYTE if BYTE_PIECE.fullmatch(token) else TokenType.UNKNOWN if token == unk else TokenType.NORMAL
+        )
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

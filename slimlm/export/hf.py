@@ -19,7 +19,13 @@ def dequantize_linears_(model: nn.Module) -> int:
     """Replace every QuantizedLinear by an nn.Linear holding its dequantized weight; returns how many."""
     quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     for name, module in quantized:
-        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.compute_dtype, device=module.weight_q.device)
+        dense = nn.Linear(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            dtype=module.compute_dtype,
+            device=module.weight_q.device,
+        )
         dense.weight.data.copy_(module.dequantized_weight())
         if module.bias is not None:
             dense.bias.data.copy_(module.bias.data)

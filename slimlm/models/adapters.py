@@ -123,7 +123,10 @@ ADAPTERS: dict[str, ArchAdapter] = {
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
         shared_inputs=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),),
-        input_norms=(("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), ("final_layer_norm", ("fc1",))),
+        input_norms=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",)),
+        ),
         mlp_producers=(("fc1", "c"),),
         mlp_consumer="fc2",
         mlp_width="ffn_dim",

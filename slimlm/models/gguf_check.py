@@ -46,4 +46,6 @@ def check_gguf_file(path: Path) -> None:
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
-            raise SlimlmError(f"GGUF file '{path}': tensor '{tensor.name}' ends at byte {end}, past the file's {size} bytes", fix)
+            raise SlimlmError(
+                f"GGUF file '{path}': tensor '{tensor.name}' ends at byte {end}, past the file's {size} bytes", fix
+            )

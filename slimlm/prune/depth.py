@@ -45,14 +45,18 @@ class DepthConfig(StageConfig):
     """Remove whole decoder blocks, the least influential first (ShortGPT)."""
 
     method: ClassVar[str] = "depth"
-    fraction: float | None = None  # share of blocks removed, rounded half up, at least 1 and at most all but one (default 0.25)
+    fraction: float | None = (
+        None  # share of blocks removed, rounded half up, at least 1 and at most all but one (default 0.25)
+    )
     blocks: int | None = None  # exact number of blocks removed (instead of fraction)
     metric: str = "block-influence"  # "block-influence" (1 − cos(in, out), one pass) or "perplexity" (loss with the block skipped, one pass per block)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.targets is not None:
-            self.fail("targets", "does not apply: depth pruning removes whole blocks", "remove 'targets' from the stage")
+            self.fail(
+                "targets", "does not apply: depth pruning removes whole blocks", "remove 'targets' from the stage"
+            )
         if self.fraction is not None and self.blocks is not None:
             self.fail("blocks", "and 'fraction' are both set", "give either 'fraction' (a share) or 'blocks' (a count)")
         if self.fraction is not None:
@@ -60,9 +64,15 @@ class DepthConfig(StageConfig):
             if self.fraction == 0:
                 self.fail("fraction", "is 0, which removes nothing", "set 'fraction' above 0, e.g. 0.25")
         if self.blocks is not None and self.blocks < 1:
-            self.fail("blocks", f"is {self.blocks}, but at least one block must be removed", "set 'blocks' to 1 or more")
+            self.fail(
+                "blocks", f"is {self.blocks}, but at least one block must be removed", "set 'blocks' to 1 or more"
+            )
         if self.metric not in METRICS:
-            self.fail("metric", f"is '{self.metric}', not one of {', '.join(METRICS)}", "use 'block-influence' (ShortGPT) or 'perplexity'")
+            self.fail(
+                "metric",
+                f"is '{self.metric}', not one of {', '.join(METRICS)}",
+                "use 'block-influence' (ShortGPT) or 'perplexity'",
+            )
 
 
 def round_half_up(x: float) -> int:
@@ -73,7 +83,10 @@ def blocks_to_remove(n_blocks: int, config: DepthConfig) -> int:
     """How many of `n_blocks` blocks the stage removes: `blocks`, or `fraction`·n rounded half up, clamped to [1, n−1]."""
     if config.blocks is not None:
         if config.blocks >= n_blocks:
-            raise SlimlmError(f"depth: 'blocks' is {config.blocks}, but the model has only {n_blocks} blocks", f"remove at most {n_blocks - 1}")
+            raise SlimlmError(
+                f"depth: 'blocks' is {config.blocks}, but the model has only {n_blocks} blocks",
+                f"remove at most {n_blocks - 1}",
+            )
         return config.blocks
     fraction = 0.25 if config.fraction is None else config.fraction
     return min(max(round_half_up(fraction * n_blocks), 1), n_blocks - 1)
@@ -86,7 +99,9 @@ def block_influence(hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def block_influences(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device | None = None) -> list[float]:
+def block_influences(
+    model: nn.Module, calibration_ids: torch.Tensor, device: torch.device | None = None
+) -> list[float]:
     """Block Influence of every block of the dense model, block by block on the calibration windows (N, T).
 
     Uses the shared driver's capture of block 0's inputs, then runs each block once (on `device`, the rest of
@@ -163,7 +178,9 @@ def _layer_changes(config, kept: list[int]) -> dict[str, object]:
         values = getattr(config, name, None)
         if values is not None:
             changes[name] = [values[i] for i in kept]
-    if getattr(config, "max_window_layers", None) is not None:  # Qwen: the first max_window_layers blocks use full attention
+    if (
+        getattr(config, "max_window_layers", None) is not None
+    ):  # Qwen: the first max_window_layers blocks use full attention
         changes["max_window_layers"] = sum(i < config.max_window_layers for i in kept)
     return changes
 
@@ -175,7 +192,10 @@ def check_depth(model: nn.Module, config: DepthConfig) -> None:
         raise SlimlmError(f"depth: the model has {n_blocks} block, so none can be removed", "use width pruning instead")
     hf_config = model.config
     if getattr(hf_config, "is_heterogeneous", False):
-        raise SlimlmError("depth: the model has a per-layer config (per_layer_config), which slimlm cannot yet re-index", "prune a model with a uniform config")
+        raise SlimlmError(
+            "depth: the model has a per-layer config (per_layer_config), which slimlm cannot yet re-index",
+            "prune a model with a uniform config",
+        )
     if getattr(hf_config, "scale_attn_by_inverse_layer_idx", False):
         raise SlimlmError(
             "depth: this GPT-2 scales attention by 1/(layer_idx+1), so a block moved to a new index would compute something else",
@@ -184,7 +204,10 @@ def check_depth(model: nn.Module, config: DepthConfig) -> None:
     known = {"num_hidden_layers", "max_window_layers", *PER_LAYER_LISTS}
     for key, value in hf_config.to_dict().items():
         if isinstance(value, list) and len(value) == n_blocks and key not in known and not key.endswith("token_id"):
-            raise SlimlmError(f"depth: config field '{key}' looks like one entry per block, which slimlm does not know how to shorten", "add it to PER_LAYER_LISTS in slimlm/prune/depth.py if it is per-layer")
+            raise SlimlmError(
+                f"depth: config field '{key}' looks like one entry per block, which slimlm does not know how to shorten",
+                "add it to PER_LAYER_LISTS in slimlm/prune/depth.py if it is per-layer",
+            )
     removed = blocks_to_remove(n_blocks, config)
     config_after(hf_config, _layer_changes(hf_config, list(range(n_blocks - removed))))
 
@@ -204,7 +227,9 @@ def remove_blocks_(model: nn.Module, removed: list[int]) -> None:
         setattr(model.config, key, value)
 
 
-def prune_depth_(model: nn.Module, config: DepthConfig, calibration_ids: torch.Tensor, device: torch.device | None = None) -> list[int]:
+def prune_depth_(
+    model: nn.Module, config: DepthConfig, calibration_ids: torch.Tensor, device: torch.device | None = None
+) -> list[int]:
     """Score every block on the calibration windows (N, T), remove the lowest-scoring ones; return their indices."""
     check_depth(model, config)
     n_blocks = len(decoder_blocks(model))

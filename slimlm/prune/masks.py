@@ -24,7 +24,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"(\d+):(\d+)", pattern)
     if not match or not 0 < int(match[1]) < int(match[2]):
-        raise SlimlmError(f"sparsity pattern '{pattern}' is not understood", "use 'unstructured' or 'n:m' with 0 < n < m, e.g. '2:4' or '4:8'")
+        raise SlimlmError(
+            f"sparsity pattern '{pattern}' is not understood",
+            "use 'unstructured' or 'n:m' with 0 < n < m, e.g. '2:4' or '4:8'",
+        )
     return int(match[1]), int(match[2])
 
 
@@ -46,7 +49,10 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest-scoring weights in every group of m consecutive input weights. scores: (out, in)."""
     out_features, in_features = scores.shape
     if in_features % m:
-        raise SlimlmError(f"the n:m pattern needs the input dimension ({in_features}) to be a multiple of m={m}", "use a pattern whose m divides every pruned layer's input size")
+        raise SlimlmError(
+            f"the n:m pattern needs the input dimension ({in_features}) to be a multiple of m={m}",
+            "use a pattern whose m divides every pruned layer's input size",
+        )
     groups = scores.reshape(out_features, in_features // m, m)
     kept = torch.topk(groups, n, dim=2).indices
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, kept, True)
@@ -62,7 +68,9 @@ def mask_from_scores(scores: torch.Tensor, sparsity: float, pattern: str) -> tor
 class SparsityConfig(StageConfig):
     """Fields shared by unstructured / n:m pruning methods."""
 
-    sparsity: float | None = None  # share of weights removed per row (unstructured; default 0.5); implied by an n:m pattern
+    sparsity: float | None = (
+        None  # share of weights removed per row (unstructured; default 0.5); implied by an n:m pattern
+    )
     pattern: str = "unstructured"  # "unstructured" or "n:m" (keep n of every m consecutive weights), e.g. "2:4"
 
     def __post_init__(self) -> None:
@@ -71,7 +79,11 @@ class SparsityConfig(StageConfig):
         if self.sparsity is not None:
             check_range(self, "sparsity", self.sparsity, 0.0, 1.0, upper_open=True)
             if n_m and abs(self.sparsity - (1 - n_m[0] / n_m[1])) > 1e-9:
-                self.fail("sparsity", f"{self.sparsity} contradicts pattern {self.pattern} (which means {1 - n_m[0] / n_m[1]:g})", "drop 'sparsity' or make it match the pattern")
+                self.fail(
+                    "sparsity",
+                    f"{self.sparsity} contradicts pattern {self.pattern} (which means {1 - n_m[0] / n_m[1]:g})",
+                    "drop 'sparsity' or make it match the pattern",
+                )
 
     @property
     def target_sparsity(self) -> float:

@@ -49,14 +49,26 @@ class OWLConfig(SparsityConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pattern != "unstructured":
-            self.fail("pattern", f"is {self.pattern}, but OWL gives each block a different sparsity, which an n:m pattern fixes", "use pattern: unstructured (for n:m, use wanda or sparsegpt directly)")
+            self.fail(
+                "pattern",
+                f"is {self.pattern}, but OWL gives each block a different sparsity, which an n:m pattern fixes",
+                "use pattern: unstructured (for n:m, use wanda or sparsegpt directly)",
+            )
         if self.base not in BASE_CONFIGS:
-            self.fail("base", f"is '{self.base}'; OWL prunes with {' or '.join(BASE_CONFIGS)}", "set base: wanda (the paper's choice) or base: magnitude")
+            self.fail(
+                "base",
+                f"is '{self.base}'; OWL prunes with {' or '.join(BASE_CONFIGS)}",
+                "set base: wanda (the paper's choice) or base: magnitude",
+            )
         check_range(self, "outlier_threshold", self.outlier_threshold, 1.0, math.inf)
         check_range(self, "max_deviation", self.max_deviation, 0.0, 1.0, upper_open=True)
         low, high = self.target_sparsity - self.max_deviation, self.target_sparsity + self.max_deviation
         if low < 0 or high >= 1:
-            self.fail("max_deviation", f"{self.max_deviation} lets block sparsities reach [{low:g}, {high:g}], outside [0, 1)", "lower 'max_deviation' or move 'sparsity' away from 0 and 1")
+            self.fail(
+                "max_deviation",
+                f"{self.max_deviation} lets block sparsities reach [{low:g}, {high:g}], outside [0, 1)",
+                "lower 'max_deviation' or move 'sparsity' away from 0 and 1",
+            )
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], threshold: float) -> float:
@@ -75,7 +87,9 @@ def owl_sparsities(ratios: Sequence[float], target: float, max_deviation: float)
     return [target - max_deviation * deviation / widest for deviation in deviations]
 
 
-def owl_block_configs(model: nn.Module, config: OWLConfig, calibration: CalibrationSet, device: torch.device | None) -> list[SparsityConfig]:
+def owl_block_configs(
+    model: nn.Module, config: OWLConfig, calibration: CalibrationSet, device: torch.device | None
+) -> list[SparsityConfig]:
     """One base-method config per decoder block, at that block's OWL sparsity.
 
     Runs a calibration pass over the dense model that only records each block's outlier ratio; a block with no
@@ -85,7 +99,9 @@ def owl_block_configs(model: nn.Module, config: OWLConfig, calibration: Calibrat
 
     def record(index: int, linears: dict[str, nn.Module], stats: dict[str, InputStats]) -> None:
         if linears:
-            scores = [wanda_scores(linear_weight(module), stats[name].input_norm) for name, module in linears.items()]  # each (out, in)
+            scores = [
+                wanda_scores(linear_weight(module), stats[name].input_norm) for name, module in linears.items()
+            ]  # each (out, in)
             ratios[index] = outlier_ratio(scores, config.outlier_threshold)
 
     calibrate_sequentially(
@@ -97,9 +113,14 @@ def owl_block_configs(model: nn.Module, config: OWLConfig, calibration: Calibrat
         device=device,
         description="owl: outlier ratios",
     )
-    allocated = dict(zip(ratios, owl_sparsities(list(ratios.values()), config.target_sparsity, config.max_deviation), strict=True))
+    allocated = dict(
+        zip(ratios, owl_sparsities(list(ratios.values()), config.target_sparsity, config.max_deviation), strict=True)
+    )
     base = BASE_CONFIGS[config.base]
-    return [base(targets=config.targets, sparsity=allocated.get(index, config.target_sparsity)) for index in range(len(decoder_blocks(model)))]
+    return [
+        base(targets=config.targets, sparsity=allocated.get(index, config.target_sparsity))
+        for index in range(len(decoder_blocks(model)))
+    ]
 
 
 def prune_owl_(linears: dict[str, nn.Module], config: SparsityConfig, stats: dict[str, InputStats]) -> None:

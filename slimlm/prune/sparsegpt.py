@@ -51,7 +51,9 @@ class SparseGPTConfig(SparsityConfig):
     """Prune by OBS saliency w²/[H⁻¹]_jj and update the remaining weights to compensate (SparseGPT)."""
 
     method: ClassVar[str] = "sparsegpt"
-    block_size: int = 128  # columns per lazy-update block (speed only for n:m; also the mask-selection window for unstructured)
+    block_size: int = (
+        128  # columns per lazy-update block (speed only for n:m; also the mask-selection window for unstructured)
+    )
     dampening: float = 0.01  # share of mean(diag H) added to H's diagonal before inverting it
     true_sequential: bool = True  # within a block, prune q/k/v, then o, then gate/up, then down, each on inputs from the already-pruned earlier ones
 
@@ -61,7 +63,11 @@ class SparseGPTConfig(SparsityConfig):
         check_dampening(self)
         n_m = parse_pattern(self.pattern)
         if n_m and self.block_size % n_m[1]:
-            self.fail("block_size", f"{self.block_size} is not a multiple of m={n_m[1]} (pattern {self.pattern})", f"use a block_size divisible by {n_m[1]}, e.g. 128")
+            self.fail(
+                "block_size",
+                f"{self.block_size} is not a multiple of m={n_m[1]} (pattern {self.pattern})",
+                f"use a block_size divisible by {n_m[1]}, e.g. 128",
+            )
 
 
 def sparsegpt_prune(
@@ -80,7 +86,10 @@ def sparsegpt_prune(
     n_m = parse_pattern(pattern)
     in_features = weight.shape[1]
     if n_m and (in_features % n_m[1] or block_size % n_m[1]):
-        raise SlimlmError(f"sparsegpt: pattern {pattern} needs the input size ({in_features}) and block_size ({block_size}) to be multiples of {n_m[1]}", "pick an n:m pattern whose m divides both")
+        raise SlimlmError(
+            f"sparsegpt: pattern {pattern} needs the input size ({in_features}) and block_size ({block_size}) to be multiples of {n_m[1]}",
+            "pick an n:m pattern whose m divides both",
+        )
     W, H = working_copies(weight, hessian)  # float32 (out, in), (in, in); dead inputs zeroed
     U = dampened_inverse_cholesky(H, dampening, "sparsegpt")  # (in, in)
 
@@ -114,7 +123,9 @@ def sparsegpt_prune(
 
 def prune_sparsegpt_(linears: dict[str, nn.Module], config: SparseGPTConfig, stats: dict[str, InputStats]) -> None:
     for names, weight, hessian in stacked_by_input(linears, stats):  # q/k/v (gate/up) in one call: rows are independent
-        pruned = sparsegpt_prune(weight, hessian, config.target_sparsity, config.pattern, config.block_size, config.dampening)
+        pruned = sparsegpt_prune(
+            weight, hessian, config.target_sparsity, config.pattern, config.block_size, config.dampening
+        )
         for name, rows in zip(names, pruned.split([linear_weight(linears[name]).shape[0] for name in names])):
             set_linear_weight_(linears[name], rows.contiguous())
 

@@ -31,7 +31,9 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     return weight.abs().float() * input_norm.float().unsqueeze(0)
 
 
-def wanda_prune(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, pattern: str = "unstructured") -> torch.Tensor:
+def wanda_prune(
+    weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, pattern: str = "unstructured"
+) -> torch.Tensor:
     """weight (out, in), input_norm (in,) -> weight with the lowest |W|·‖X‖ entries zeroed."""
     return weight * mask_from_scores(wanda_scores(weight, input_norm), sparsity, pattern)
 

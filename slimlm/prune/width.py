@@ -47,7 +47,9 @@ class WidthConfig(StageConfig):
     """Narrow every block alike: drop the least active MLP channels and key/value groups (Minitron)."""
 
     method: ClassVar[str] = "width"
-    mlp: float = 0.0  # share of MLP channels removed per block; the kept count is rounded half up to a multiple of multiple_of
+    mlp: float = (
+        0.0  # share of MLP channels removed per block; the kept count is rounded half up to a multiple of multiple_of
+    )
     heads: float = 0.0  # share of key/value groups removed per block, each with its query heads; rounded half up
     hidden: float = 0.0  # share of the hidden (embedding) size: not yet supported, must be 0
     multiple_of: int = 8  # the kept MLP channel count is a multiple of this (1 = exact)
@@ -55,15 +57,27 @@ class WidthConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.targets is not None:
-            self.fail("targets", "does not apply: width pruning narrows every block alike", "remove 'targets' from the stage")
+            self.fail(
+                "targets", "does not apply: width pruning narrows every block alike", "remove 'targets' from the stage"
+            )
         check_range(self, "mlp", self.mlp, 0.0, 1.0, upper_open=True)
         check_range(self, "heads", self.heads, 0.0, 1.0, upper_open=True)
         if self.hidden != 0:
-            self.fail("hidden", "pruning (the embedding dimension) is not yet supported", "set 'hidden' to 0 and prune 'mlp' and/or 'heads'")
+            self.fail(
+                "hidden",
+                "pruning (the embedding dimension) is not yet supported",
+                "set 'hidden' to 0 and prune 'mlp' and/or 'heads'",
+            )
         if self.multiple_of < 1:
-            self.fail("multiple_of", f"is {self.multiple_of}, must be at least 1", "use 8 (default), or 1 for an exact count")
+            self.fail(
+                "multiple_of", f"is {self.multiple_of}, must be at least 1", "use 8 (default), or 1 for an exact count"
+            )
         if self.mlp == 0 and self.heads == 0:
-            self.fail("mlp", "and 'heads' are both 0, so nothing would be pruned", "set 'mlp' and/or 'heads' above 0, e.g. mlp: 0.25")
+            self.fail(
+                "mlp",
+                "and 'heads' are both 0, so nothing would be pruned",
+                "set 'mlp' and/or 'heads' above 0, e.g. mlp: 0.25",
+            )
 
 
 @dataclass(frozen=True)
@@ -122,7 +136,9 @@ def layout_rows(layout: str, sizes: dict[str, int], kept: dict[str, torch.Tensor
     return torch.cat(parts)
 
 
-def sliced_linear(module: nn.Module, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Module:
+def sliced_linear(
+    module: nn.Module, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None
+) -> nn.Module:
     """A new dense linear of the same kind (nn.Linear or GPT-2's Conv1D) holding only `rows` (outputs) and `columns` (inputs)."""
     weight = linear_weight(module).detach()  # (out, in)
     if rows is not None:
@@ -189,20 +205,32 @@ def width_plan(model: nn.Module, config: WidthConfig) -> WidthPlan:
     for index, block in enumerate(blocks):
         for path in paths:
             if not is_linear(block.get_submodule(path)):
-                raise SlimlmError(f"width: block {index}'s {path} is a {type(block.get_submodule(path)).__name__}, not a dense linear", "apply structured pruning before quantization")
+                raise SlimlmError(
+                    f"width: block {index}'s {path} is a {type(block.get_submodule(path)).__name__}, not a dense linear",
+                    "apply structured pruning before quantization",
+                )
 
     mlp_channels = mlp_keep = 0
     if adapter.mlp_producers:
         widths = {linear_weight(block.get_submodule(adapter.mlp_consumer)).shape[1] for block in blocks}
         if len(widths) > 1:
-            raise SlimlmError(f"width: the blocks' MLP widths differ ({sorted(widths)})", "width pruning needs a model whose blocks all have the same MLP width")
+            raise SlimlmError(
+                f"width: the blocks' MLP widths differ ({sorted(widths)})",
+                "width pruning needs a model whose blocks all have the same MLP width",
+            )
         mlp_channels = mlp_keep = widths.pop()
         if config.mlp > 0:
             mlp_keep = config.multiple_of * round_half_up(mlp_channels * (1 - config.mlp) / config.multiple_of)
             if mlp_keep >= mlp_channels:
-                raise SlimlmError(f"width: mlp={config.mlp} removes none of the {mlp_channels} MLP channels (kept rounds to {mlp_keep}, a multiple of {config.multiple_of})", "raise 'mlp' or lower 'multiple_of'")
+                raise SlimlmError(
+                    f"width: mlp={config.mlp} removes none of the {mlp_channels} MLP channels (kept rounds to {mlp_keep}, a multiple of {config.multiple_of})",
+                    "raise 'mlp' or lower 'multiple_of'",
+                )
             if mlp_keep <= 0:
-                raise SlimlmError(f"width: mlp={config.mlp} would remove all {mlp_channels} MLP channels (kept rounds to 0, a multiple of {config.multiple_of})", "lower 'mlp' or 'multiple_of'")
+                raise SlimlmError(
+                    f"width: mlp={config.mlp} would remove all {mlp_channels} MLP channels (kept rounds to 0, a multiple of {config.multiple_of})",
+                    "lower 'mlp' or 'multiple_of'",
+                )
 
     kv_groups = kv_keep = heads_per_group = head_dim = 0
     if adapter.head_producers:
@@ -211,13 +239,22 @@ def width_plan(model: nn.Module, config: WidthConfig) -> WidthPlan:
         kv_groups = kv_keep = getattr(model.config, "num_key_value_heads", None) or num_heads
         heads_per_group, head_dim = num_heads // kv_groups, attention.head_dim
         if linear_weight(blocks[0].get_submodule(adapter.head_consumer)).shape[1] != num_heads * head_dim:
-            raise SlimlmError("width: o_proj's input size is not num_attention_heads × head_dim", "the model's config does not match its weights")
+            raise SlimlmError(
+                "width: o_proj's input size is not num_attention_heads × head_dim",
+                "the model's config does not match its weights",
+            )
         if config.heads > 0:
             kv_keep = kv_groups - round_half_up(config.heads * kv_groups)
             if kv_keep == kv_groups:
-                raise SlimlmError(f"width: heads={config.heads} removes none of the {kv_groups} key/value groups (rounds to 0)", f"set 'heads' to at least {1 / (2 * kv_groups):.3g}")
+                raise SlimlmError(
+                    f"width: heads={config.heads} removes none of the {kv_groups} key/value groups (rounds to 0)",
+                    f"set 'heads' to at least {1 / (2 * kv_groups):.3g}",
+                )
             if kv_keep <= 0:
-                raise SlimlmError(f"width: heads={config.heads} would remove all {kv_groups} key/value groups", f"set 'heads' below {1 - 1 / (2 * kv_groups):.3g}")
+                raise SlimlmError(
+                    f"width: heads={config.heads} would remove all {kv_groups} key/value groups",
+                    f"set 'heads' below {1 - 1 / (2 * kv_groups):.3g}",
+                )
     plan = WidthPlan(mlp_channels, mlp_keep, kv_groups, kv_keep, heads_per_group, head_dim)
     config_after(model.config, config_changes(model, plan))
     return plan
@@ -228,7 +265,9 @@ def check_width(model: nn.Module, config: WidthConfig) -> None:
 
 
 @torch.no_grad()
-def width_importance(model: nn.Module, plan: WidthPlan, calibration_ids: torch.Tensor, device: torch.device | None = None) -> dict[str, list[torch.Tensor]]:
+def width_importance(
+    model: nn.Module, plan: WidthPlan, calibration_ids: torch.Tensor, device: torch.device | None = None
+) -> dict[str, list[torch.Tensor]]:
     """Per block, MLP channel importance (channels,) and key/value group importance (groups,), from one dense pass."""
     adapter = adapter_for(model)
     consumers = {}
@@ -243,7 +282,9 @@ def width_importance(model: nn.Module, plan: WidthPlan, calibration_ids: torch.T
             if "mlp" in consumers and name.endswith(consumers["mlp"]):
                 importance["mlp"].append(stats[name].input_norm.cpu())
             if "heads" in consumers and name.endswith(consumers["heads"]):
-                importance["heads"].append(group_importance(stats[name].input_norm.cpu(), plan.kv_groups, plan.head_dim))
+                importance["heads"].append(
+                    group_importance(stats[name].input_norm.cpu(), plan.kv_groups, plan.head_dim)
+                )
 
     calibrate_sequentially(
         model,
@@ -257,10 +298,24 @@ def width_importance(model: nn.Module, plan: WidthPlan, calibration_ids: torch.T
     return importance
 
 
-def _narrow_(model: nn.Module, prefix: str, producers: tuple[tuple[str, str], ...], consumer: str, sizes: dict[str, int], kept: dict[str, torch.Tensor], columns: torch.Tensor) -> None:
+def _narrow_(
+    model: nn.Module,
+    prefix: str,
+    producers: tuple[tuple[str, str], ...],
+    consumer: str,
+    sizes: dict[str, int],
+    kept: dict[str, torch.Tensor],
+    columns: torch.Tensor,
+) -> None:
     for path, layout in producers:
-        replace_module_(model, f"{prefix}.{path}", sliced_linear(model.get_submodule(f"{prefix}.{path}"), rows=layout_rows(layout, sizes, kept)))
-    replace_module_(model, f"{prefix}.{consumer}", sliced_linear(model.get_submodule(f"{prefix}.{consumer}"), columns=columns))
+        replace_module_(
+            model,
+            f"{prefix}.{path}",
+            sliced_linear(model.get_submodule(f"{prefix}.{path}"), rows=layout_rows(layout, sizes, kept)),
+        )
+    replace_module_(
+        model, f"{prefix}.{consumer}", sliced_linear(model.get_submodule(f"{prefix}.{consumer}"), columns=columns)
+    )
 
 
 def _set_int_attributes_(module: nn.Module, values: dict[str, int]) -> None:
@@ -270,7 +325,9 @@ def _set_int_attributes_(module: nn.Module, values: dict[str, int]) -> None:
             setattr(module, name, value)
 
 
-def prune_width_(model: nn.Module, config: WidthConfig, calibration_ids: torch.Tensor, device: torch.device | None = None) -> WidthPruned:
+def prune_width_(
+    model: nn.Module, config: WidthConfig, calibration_ids: torch.Tensor, device: torch.device | None = None
+) -> WidthPruned:
     """Score channels and groups on the calibration windows (N, T), then keep the most important in every block."""
     plan = width_plan(model, config)
     adapter = adapter_for(model)
@@ -281,17 +338,43 @@ def prune_width_(model: nn.Module, config: WidthConfig, calibration_ids: torch.T
         prefix = f"{adapter.blocks}.{index}"
         if mlp_kept is not None:
             channels = mlp_kept[index]
-            _narrow_(model, prefix, adapter.mlp_producers, adapter.mlp_consumer, {"c": plan.mlp_channels}, {"c": channels}, channels)
-            _set_int_attributes_(model.get_submodule(_owner(prefix, adapter.mlp_consumer)), {"intermediate_size": plan.mlp_keep})
+            _narrow_(
+                model,
+                prefix,
+                adapter.mlp_producers,
+                adapter.mlp_consumer,
+                {"c": plan.mlp_channels},
+                {"c": channels},
+                channels,
+            )
+            _set_int_attributes_(
+                model.get_submodule(_owner(prefix, adapter.mlp_consumer)), {"intermediate_size": plan.mlp_keep}
+            )
         if groups_kept is not None:
             groups, per_group, head_dim = groups_kept[index], plan.heads_per_group, plan.head_dim
             kv_rows = head_rows(groups, 1, head_dim)
             q_rows = head_rows(groups, per_group, head_dim)
-            sizes = {"q": plan.kv_groups * per_group * head_dim, "k": plan.kv_groups * head_dim, "v": plan.kv_groups * head_dim}
-            _narrow_(model, prefix, adapter.head_producers, adapter.head_consumer, sizes, {"q": q_rows, "k": kv_rows, "v": kv_rows}, q_rows)
+            sizes = {
+                "q": plan.kv_groups * per_group * head_dim,
+                "k": plan.kv_groups * head_dim,
+                "v": plan.kv_groups * head_dim,
+            }
+            _narrow_(
+                model,
+                prefix,
+                adapter.head_producers,
+                adapter.head_consumer,
+                sizes,
+                {"q": q_rows, "k": kv_rows, "v": kv_rows},
+                q_rows,
+            )
             _set_int_attributes_(
                 model.get_submodule(_owner(prefix, adapter.head_consumer)),
-                {"num_heads": plan.kv_keep * per_group, "num_attention_heads": plan.kv_keep * per_group, "num_key_value_heads": plan.kv_keep},
+                {
+                    "num_heads": plan.kv_keep * per_group,
+                    "num_attention_heads": plan.kv_keep * per_group,
+                    "num_key_value_heads": plan.kv_keep,
+                },
             )
     for key, value in config_changes(model, plan).items():
         setattr(model.config, key, value)
@@ -299,5 +382,10 @@ def prune_width_(model: nn.Module, config: WidthConfig, calibration_ids: torch.T
 
 
 WIDTH = Stage(
-    config=WidthConfig, apply=prune_width_, scope="model", needs=("calibration",), check=check_width, changes_architecture=True
+    config=WidthConfig,
+    apply=prune_width_,
+    scope="model",
+    needs=("calibration",),
+    check=check_width,
+    changes_architecture=True,
 )

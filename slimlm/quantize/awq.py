@@ -91,7 +91,9 @@ def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return (delta @ hessian).mul_(delta).sum()
 
 
-def awq_scale_candidates(mean_abs: torch.Tensor, alpha_grid: int, weight_mean: torch.Tensor | None = None) -> torch.Tensor:
+def awq_scale_candidates(
+    mean_abs: torch.Tensor, alpha_grid: int, weight_mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """(alpha_grid, in): row k is s = mean|x|^α, α = k/alpha_grid, or with `weight_mean` (in,) (duo scaling)
     s = mean|x|^α / (weight_mean^(1−α) + 1e-4); floored at 1e-4, divided by sqrt(max(s)·min(s))."""
     alphas = torch.arange(alpha_grid, device=mean_abs.device, dtype=torch.float32).unsqueeze(1) / alpha_grid
@@ -109,7 +111,9 @@ def relative_weight_mean(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     return (magnitude / magnitude.amax(dim=-1, keepdim=True).clamp(min=1e-12)).reshape(weight.shape).mean(dim=0)
 
 
-def scaled_quantization_error(weights: Sequence[torch.Tensor], hessian: torch.Tensor, scales: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+def scaled_quantization_error(
+    weights: Sequence[torch.Tensor], hessian: torch.Tensor, scales: torch.Tensor, grid: QuantGrid
+) -> torch.Tensor:
     """Σ over readers of tr(ΔW·H·ΔWᵀ), ΔW = W − Q(W·diag(s))·diag(1/s); weights (out_i, in), H (in, in), s (in,).
 
     Computed in the scaled domain: ΔW = D·diag(1/s) with D = W·diag(s) − Q(W·diag(s)), so the loss is
@@ -117,19 +121,28 @@ def scaled_quantization_error(weights: Sequence[torch.Tensor], hessian: torch.Te
     """
     scaled = torch.cat([w.float() for w in weights]) * scales  # (Σ out_i, in): readers stack (rounding is per row)
     groups, low, high = group_ranges(scaled, grid)
-    rounding_error = fake_quantize_in_ranges(groups, low, high, grid).sub_(groups).reshape(scaled.shape)  # −D: the loss is even
+    rounding_error = (
+        fake_quantize_in_ranges(groups, low, high, grid).sub_(groups).reshape(scaled.shape)
+    )  # −D: the loss is even
     return output_error(rounding_error, hessian.float() / torch.outer(scales, scales))
 
 
 def awq_search_scale(
-    weights: Sequence[torch.Tensor], hessian: torch.Tensor, mean_abs: torch.Tensor, grid: QuantGrid, alpha_grid: int, duo_scaling: bool = False
+    weights: Sequence[torch.Tensor],
+    hessian: torch.Tensor,
+    mean_abs: torch.Tensor,
+    grid: QuantGrid,
+    alpha_grid: int,
+    duo_scaling: bool = False,
 ) -> torch.Tensor:
     """The candidate s (in,) with the smallest output error of all readers; ties go to the smaller α (RTN first),
     and to activation-only scales over duo ones."""
     weight = torch.cat([w.float() for w in weights])  # (Σ out_i, in): rounding is per row, so readers stack
     candidates = awq_scale_candidates(mean_abs, alpha_grid)
     if duo_scaling:
-        candidates = torch.cat([candidates, awq_scale_candidates(mean_abs, alpha_grid, relative_weight_mean(weight, grid))])
+        candidates = torch.cat(
+            [candidates, awq_scale_candidates(mean_abs, alpha_grid, relative_weight_mean(weight, grid))]
+        )
     losses = torch.stack([scaled_quantization_error([weight], hessian, s, grid) for s in candidates])
     return candidates[int(torch.argmin(losses))]  # argmin returns the first of equal minima
 
@@ -140,7 +153,9 @@ def _diagonal_blocks(hessian: torch.Tensor, groups: int) -> torch.Tensor:
     return hessian.float().reshape(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def awq_clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, ratios: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def awq_clip_quantize(
+    weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, ratios: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per output row and group, clip then round with the ratio of smallest ΔW_g·H_gg·ΔW_gᵀ (ΔW = W − Ŵ).
 
     Clipping by r clamps a group to r·[min(w, 0), max(w, 0)] before RTN. weight (out, in), hessian (in, in) of
@@ -200,7 +215,10 @@ def scale_groups(model: nn.Module, linears: dict[str, nn.Module]) -> list[ScaleG
     index = int(next(iter(linears)).removeprefix(f"{adapter.blocks}.").split(".")[0])
     block = decoder_blocks(model)[index]
     prefix = f"{adapter.blocks}.{index}."
-    groups = [ScaleGroup(tuple(prefix + r for r in readers), norm=block.get_submodule(norm)) for norm, readers in adapter.input_norms]
+    groups = [
+        ScaleGroup(tuple(prefix + r for r in readers), norm=block.get_submodule(norm))
+        for norm, readers in adapter.input_norms
+    ]
     for producer, reader, step in PRODUCER_PAIRS.get(model.config.model_type, ()):
         if prefix + producer in linears and _step_commutes(model.config, step):
             groups.append(ScaleGroup((prefix + reader,), producer=linears[prefix + producer]))
@@ -208,7 +226,9 @@ def scale_groups(model: nn.Module, linears: dict[str, nn.Module]) -> list[ScaleG
 
 
 @torch.no_grad()
-def quantize_awq_(model: nn.Module, linears: dict[str, nn.Module], config: AWQConfig, stats: dict[str, InputStats]) -> None:
+def quantize_awq_(
+    model: nn.Module, linears: dict[str, nn.Module], config: AWQConfig, stats: dict[str, InputStats]
+) -> None:
     """AWQ on the decoder block that `linears` belong to: search and fold each group's s, then clip and round.
 
     `stats` (hessian, input_norm) were collected on the block's original inputs. With `quantize: false` the
@@ -218,7 +238,9 @@ def quantize_awq_(model: nn.Module, linears: dict[str, nn.Module], config: AWQCo
     for group in scale_groups(model, linears):
         first = stats[group.readers[0]]
         weights = [linear_weight(linears[name]) for name in group.readers]
-        scales = awq_search_scale(weights, first.hessian, first.mean_abs, config.grid, config.alpha_grid, config.duo_scaling)
+        scales = awq_search_scale(
+            weights, first.hessian, first.mean_abs, config.grid, config.alpha_grid, config.duo_scaling
+        )
         group.fold_(linears, scales)
         input_scales.update(dict.fromkeys(group.readers, scales))
     if not config.quantize:

@@ -98,13 +98,22 @@ def gptq_quantize(
     `clip_ratios` ((1.0,): plain min/max).
     """
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise SlimlmError(f"gptq: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match", "pass an (out, in) weight and its (in, in) Hessian")
+        raise SlimlmError(
+            f"gptq: weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not match",
+            "pass an (out, in) weight and its (in, in) Hessian",
+        )
     out_features, in_features = weight.shape
     group = grid.group_size or in_features
     if in_features % group:
-        raise SlimlmError(f"gptq: group_size {grid.group_size} does not divide the input size {in_features}", "use a group_size that divides it, or null for per-channel")
+        raise SlimlmError(
+            f"gptq: group_size {grid.group_size} does not divide the input size {in_features}",
+            "use a group_size that divides it, or null for per-channel",
+        )
     if not torch.isfinite(weight).all():
-        raise SlimlmError("gptq: the weight holds NaN or Inf", "check the model loads correctly (e.g. in float32) before quantizing it")
+        raise SlimlmError(
+            "gptq: the weight holds NaN or Inf",
+            "check the model loads correctly (e.g. in float32) before quantizing it",
+        )
     W, H = working_copies(weight, hessian)  # float32 (out, in), (in, in); dead inputs zeroed
 
     row_grid = QuantGrid(grid.bits, None, grid.symmetric)  # one group per row: qparams of one group's columns
@@ -113,8 +122,16 @@ def gptq_quantize(
         scale, zero_point = choose_qparams(clip_by_error(W, grid, clip_ratios), grid)  # (out, groups)
     else:
         scale = torch.empty(out_features, in_features // group, dtype=torch.float16, device=W.device)
-        zero_point = None if grid.symmetric else torch.empty(out_features, in_features // group, dtype=torch.int8, device=W.device)
-    order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(in_features, device=W.device)
+        zero_point = (
+            None
+            if grid.symmetric
+            else torch.empty(out_features, in_features // group, dtype=torch.int8, device=W.device)
+        )
+    order = (
+        torch.argsort(H.diagonal(), descending=True, stable=True)
+        if act_order
+        else torch.arange(in_features, device=W.device)
+    )
     if act_order:
         W, H = W[:, order], H[order][:, order]
     group_of = (order // group).tolist()  # visiting position -> group of the original column
@@ -123,7 +140,10 @@ def gptq_quantize(
     Wt = W.t().contiguous()  # (in, out)
     float_scale = scale.t().float().contiguous()  # (groups, out)
     zero = zero_point.t().float() if zero_point is not None else torch.zeros_like(float_scale)
-    lowest, highest = (grid.qmin - zero).contiguous(), (grid.qmax - zero).contiguous()  # (groups, out) clamp bounds of round(w / s)
+    lowest, highest = (
+        (grid.qmin - zero).contiguous(),
+        (grid.qmax - zero).contiguous(),
+    )  # (groups, out) clamp bounds of round(w / s)
 
     def refill(g: int, current: torch.Tensor) -> None:
         """Group g's qparams from its columns as updated so far, current (group, out), into the loop's tables."""
@@ -135,7 +155,9 @@ def gptq_quantize(
             lowest[g] = grid.qmin - z[:, 0].float()
             highest[g] = grid.qmax - z[:, 0].float()
 
-    error_feedback_(Wt, U, group_of, group, (float_scale, lowest, highest, None), block_size, None if static else refill)
+    error_feedback_(
+        Wt, U, group_of, group, (float_scale, lowest, highest, None), block_size, None if static else refill
+    )
     if act_order:
         Wt = Wt[torch.argsort(order)]
     return quantize_with(Wt.t(), scale, zero_point, grid), scale, zero_point
@@ -175,7 +197,11 @@ def error_feedback_(
             W1 = Wt[start:end]  # (B, out), a view: updated in place
             U1 = U[start:end, start:end]  # (B, B)
             err1 = torch.zeros_like(W1)  # (B, out): (w − q)/U_jj of each column, for the lazy update
-            errors, later_columns, later_u = err1.unbind(0), [W1[j + 1 :] for j in range(end - start)], [U1[j, j + 1 :] for j in range(end - start)]
+            errors, later_columns, later_u = (
+                err1.unbind(0),
+                [W1[j + 1 :] for j in range(end - start)],
+                [U1[j, j + 1 :] for j in range(end - start)],
+            )
             for j in range(end - start):
                 col = start + j
                 g = group_of[col]
@@ -189,9 +215,18 @@ def error_feedback_(
                     refill(g, current)
                 w, err = columns[col], errors[j]  # (out,)
                 if offsets is None:
-                    q = torch.div(w, scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g])  # quantize_with's codes, dequantized
+                    q = (
+                        torch.div(w, scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g])
+                    )  # quantize_with's codes, dequantized
                 else:
-                    q = torch.sub(w, offsets[g]).div_(scales[g]).round_().clamp_(lows[g], highs[g]).mul_(scales[g]).add_(offsets[g])
+                    q = (
+                        torch.sub(w, offsets[g])
+                        .div_(scales[g])
+                        .round_()
+                        .clamp_(lows[g], highs[g])
+                        .mul_(scales[g])
+                        .add_(offsets[g])
+                    )
                 torch.sub(w, q, out=err).div_(diagonal[col])
                 later_columns[j].addr_(later_u[j], err, alpha=-1)  # (B − j − 1, out): the columns after j
             Wt[end:].addmm_(U[start:end, end:].t(), err1, alpha=-1)  # lazy batch update of every later column
@@ -218,9 +253,13 @@ def gptq_by_input(
             yield name, linears[name], c.clone(), s.clone(), None if z is None else z.clone()
 
 
-def quantize_gptq_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQConfig, stats: dict[str, InputStats]) -> None:
+def quantize_gptq_(
+    model: nn.Module, linears: dict[str, nn.Module], config: GPTQConfig, stats: dict[str, InputStats]
+) -> None:
     """Replace each linear by a QuantizedLinear whose codes GPTQ chose (`gptq_by_input`)."""
-    for name, linear, codes, scale, zero_point in gptq_by_input(linears, stats, config.grid, config.block_size, config.dampening, config.act_order, config.clip_ratios):
+    for name, linear, codes, scale, zero_point in gptq_by_input(
+        linears, stats, config.grid, config.block_size, config.dampening, config.act_order, config.clip_ratios
+    ):
         replace_with_codes_(model, name, linear, codes, scale, zero_point, config.grid)
 
 

@@ -62,7 +62,9 @@ def group_ranges(weight: torch.Tensor, grid: QuantGrid) -> tuple[torch.Tensor, t
     return groups, groups.amin(dim=2, keepdim=True).clamp(max=0), groups.amax(dim=2, keepdim=True).clamp(min=0)
 
 
-def fake_quantize_in_ranges(groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+def fake_quantize_in_ranges(
+    groups: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: QuantGrid
+) -> torch.Tensor:
     """Round `groups` (out, G, size) clamped to [low, high] (out, G, 1; low ≤ 0 ≤ high) and dequantize.
 
     The grid's choose_qparams → quantize_with → dequantize of the clamped weight, as one chain of float ops
@@ -82,7 +84,9 @@ def shrink_ratios(count: int = 20, smallest: float = 0.5) -> tuple[float, ...]:
     return tuple(torch.linspace(1.0, smallest, count).tolist())
 
 
-def clip_by_error(weight: torch.Tensor, grid: QuantGrid, ratios: tuple[float, ...], group_hessians: torch.Tensor | None = None) -> torch.Tensor:
+def clip_by_error(
+    weight: torch.Tensor, grid: QuantGrid, ratios: tuple[float, ...], group_hessians: torch.Tensor | None = None
+) -> torch.Tensor:
     """`weight` (out, in) with each group clamped to r·[min(w, 0), max(w, 0)] for the ratio r in `ratios` whose
     rounding error is smallest (ties keep the earlier ratio; (1.0,) returns the weight unchanged): ‖W_g − Ŵ_g‖², or
     with `group_hessians` (G, size, size), the output error ΔW_g·H_gg·ΔW_gᵀ (AWQ's clipping search).
@@ -102,7 +106,10 @@ def clip_by_error(weight: torch.Tensor, grid: QuantGrid, ratios: tuple[float, ..
         best_ratio = torch.where(better, ratio, best_ratio)
     return torch.clamp(groups, low * best_ratio, high * best_ratio).reshape(weight.shape)
 
-def quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid) -> torch.Tensor:
+
+def quantize_with(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid
+) -> torch.Tensor:
     """Codes (out, in) int8 for given qparams (scale/zero_point (out, groups))."""
     groups = _grouped(weight, grid)
     codes = torch.round(groups / scale.float().unsqueeze(2))
@@ -111,7 +118,9 @@ def quantize_with(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return codes.clamp(grid.qmin, grid.qmax).to(torch.int8).reshape(weight.shape)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(q - zero_point) * scale, broadcast per group. codes (out, in); scale/zero_point (out, groups)."""
     out_features, in_features = codes.shape
     groups = scale.shape[1]

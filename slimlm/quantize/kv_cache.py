@@ -79,13 +79,21 @@ class KVCacheConfig(StageConfig):
         super().__post_init__()
         for key in ("targets", "exclude"):
             if getattr(self, key) is not None:
-                self.fail(key, "does not apply: the KV cache of every attention layer is quantized", f"remove '{key}' from the stage")
+                self.fail(
+                    key,
+                    "does not apply: the KV cache of every attention layer is quantized",
+                    f"remove '{key}' from the stage",
+                )
         if self.bits not in BITS:
             self.fail("bits", f"is {self.bits}, not one of 2, 4, 8", "use 2, 4 or 8 bits (KIVI: 2 and 4)")
         check_range(self, "group_size", self.group_size, 1, 2**16)
         check_range(self, "residual", self.residual, 0, 2**20)
         if self.residual % self.group_size:
-            self.fail("residual", f"is {self.residual}, not a multiple of group_size {self.group_size}", f"use a multiple of {self.group_size}, e.g. {self.group_size * max(1, round(self.residual / self.group_size))}")
+            self.fail(
+                "residual",
+                f"is {self.residual}, not a multiple of group_size {self.group_size}",
+                f"use a multiple of {self.group_size}, e.g. {self.group_size * max(1, round(self.residual / self.group_size))}",
+            )
 
     def setting(self) -> dict[str, int]:
         """What a model records and a report shows: bits, group_size, residual."""
@@ -117,7 +125,9 @@ def quantize_keys(keys: torch.Tensor, bits: int, group_size: int) -> tuple[torch
     return codes.reshape(b, h, t, d), scale.squeeze(3), minimum.squeeze(3)
 
 
-def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_keys(
+    codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """codes (B, H, T, D), scale/min (B, H, T/G, D) -> (B, H, T, D) in `dtype`."""
     b, h, t, d = codes.shape
     groups = scale.shape[2]
@@ -125,7 +135,9 @@ def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Ten
     return x.reshape(b, h, t, d).to(dtype)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_values(
+    values: torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token over groups of `group_size` channels. values (B, H, T, D), D a multiple of the group ->
     codes (B, H, T, D) uint8, scale and min (B, H, T, D/G) float16."""
     b, h, t, d = values.shape
@@ -133,7 +145,9 @@ def quantize_values(values: torch.Tensor, bits: int, group_size: int) -> tuple[t
     return codes.reshape(b, h, t, d), scale.squeeze(4), minimum.squeeze(4)
 
 
-def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_values(
+    codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """codes (B, H, T, D), scale/min (B, H, T, D/G) -> (B, H, T, D) in `dtype`."""
     b, h, t, d = codes.shape
     groups = scale.shape[3]
@@ -171,13 +185,18 @@ class KIVILayer(DynamicLayer):
         residual = self.keys.shape[-2] if self.is_initialized else 0
         return self.quantized_length() + residual
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H, t, D) new states; return what attention reads: dequantized past ++ residual ++ new."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             head_dim = key_states.shape[-1]
             if head_dim % value_group(self.config, head_dim):
-                raise SlimlmError(f"kv-cache: group_size {self.config.group_size} does not divide head_dim {head_dim}", f"use a group_size that divides {head_dim}")
+                raise SlimlmError(
+                    f"kv-cache: group_size {self.config.group_size} does not divide head_dim {head_dim}",
+                    f"use a group_size that divides {head_dim}",
+                )
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         keys, values = self.keys, self.values
@@ -201,7 +220,11 @@ class KIVILayer(DynamicLayer):
             *quantize_keys(self.keys[..., :moved, :], self.config.bits, group),
             *quantize_values(self.values[..., :moved, :], self.config.bits, value_groups),
         ]
-        self.quantized = block if self.quantized is None else [torch.cat([old, new], dim=2) for old, new in zip(self.quantized, block)]
+        self.quantized = (
+            block
+            if self.quantized is None
+            else [torch.cat([old, new], dim=2) for old, new in zip(self.quantized, block)]
+        )
         self.keys = self.keys[..., moved:, :].clone()
         self.values = self.values[..., moved:, :].clone()
 
@@ -210,7 +233,10 @@ class KIVILayer(DynamicLayer):
         self.quantized = None
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise SlimlmError("the quantized KV cache cannot be rolled back (assisted / speculative decoding crops the cache)", "generate without an assistant model, or without the kv-cache setting")
+        raise SlimlmError(
+            "the quantized KV cache cannot be rolled back (assisted / speculative decoding crops the cache)",
+            "generate without an assistant model, or without the kv-cache setting",
+        )
 
     def _on_batch(self, select) -> None:
         """Apply a batch-dimension selection to the residual and every quantized tensor."""
@@ -236,7 +262,10 @@ def cache_layer_types(model_config) -> tuple[list[str], list[dict]]:
     layer_types, kwargs = get_layer_types_and_kwargs(text_config)
     unsupported = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
     if unsupported:
-        raise SlimlmError(f"kv-cache: this model's cache has {', '.join(unsupported)} layers, not only standard attention", "use the kv-cache stage on models whose layers are full or sliding-window attention")
+        raise SlimlmError(
+            f"kv-cache: this model's cache has {', '.join(unsupported)} layers, not only standard attention",
+            "use the kv-cache stage on models whose layers are full or sliding-window attention",
+        )
     if "full_attention" not in layer_types:
         raise SlimlmError(
             "kv-cache: every attention layer of this model uses a sliding window, whose cache stays in full precision: nothing to quantize",
@@ -250,7 +279,10 @@ class KIVICache(Cache):
 
     def __init__(self, model_config, config: KVCacheConfig):
         layer_types, kwargs = cache_layer_types(model_config)
-        layers = [KIVILayer(config) if kind == "full_attention" else DynamicSlidingWindowLayer(**kw) for kind, kw in zip(layer_types, kwargs)]
+        layers = [
+            KIVILayer(config) if kind == "full_attention" else DynamicSlidingWindowLayer(**kw)
+            for kind, kw in zip(layer_types, kwargs)
+        ]
         super().__init__(layers=layers)
         self.config = config
 
@@ -273,7 +305,10 @@ def check_kv_cache(model: nn.Module, config: KVCacheConfig) -> None:
     _, head_dim = _geometry(model.config)
     if head_dim % value_group(config, head_dim):
         divisors = [g for g in (8, 16, 32, 64, 128) if head_dim % g == 0]
-        raise SlimlmError(f"kv-cache: group_size {config.group_size} does not divide head_dim {head_dim} (value groups)", f"use a group_size that divides {head_dim}, e.g. {', '.join(map(str, divisors))}")
+        raise SlimlmError(
+            f"kv-cache: group_size {config.group_size} does not divide head_dim {head_dim} (value groups)",
+            f"use a group_size that divides {head_dim}, e.g. {', '.join(map(str, divisors))}",
+        )
 
 
 def set_kv_cache_(model: nn.Module, config: KVCacheConfig) -> None:
@@ -310,7 +345,9 @@ def forward_in_chunks(model: nn.Module, input_ids: torch.Tensor, chunk_size: int
     what the cache holds of the earlier ones. With a `DynamicCache` this equals one full forward (up to float
     rounding of the different matmul shapes)."""
     if chunk_size < 1:
-        raise SlimlmError(f"chunk_size must be at least 1, got {chunk_size}", f"pass a positive chunk size (default {DEFAULT_CHUNK})")
+        raise SlimlmError(
+            f"chunk_size must be at least 1, got {chunk_size}", f"pass a positive chunk size (default {DEFAULT_CHUNK})"
+        )
     length = input_ids.shape[1]
     logits = None
     for start in range(0, length, chunk_size):
@@ -358,7 +395,13 @@ def kv_cache_summary(config: KVCacheConfig, model_config, context_len: int) -> d
     """The setting and its memory at `context_len`, against the float16 cache."""
     quantized = kv_cache_bytes(config, model_config, context_len)
     fp16 = kv_cache_bytes(None, model_config, context_len)
-    return {"setting": config.setting(), "context_len": context_len, "bytes": quantized, "fp16_bytes": fp16, "share_of_fp16": quantized / fp16}
+    return {
+        "setting": config.setting(),
+        "context_len": context_len,
+        "bytes": quantized,
+        "fp16_bytes": fp16,
+        "share_of_fp16": quantized / fp16,
+    }
 
 
 KV_CACHE = Stage(config=KVCacheConfig, apply=set_kv_cache_, scope="model", check=check_kv_cache, edits_weights=False)

@@ -89,11 +89,23 @@ class QATConfig(GridConfig, TrainingStageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (self.learn_weights or self.learn_scales):
-            self.fail("learn_weights", "and 'learn_scales' are both false, so nothing would train", "set either (or both) to true")
+            self.fail(
+                "learn_weights",
+                "and 'learn_scales' are both false, so nothing would train",
+                "set either (or both) to true",
+            )
         if self.loss not in LOGIT_LOSSES:
-            self.fail("loss", f"is '{self.loss}'", f"use one of {', '.join(LOGIT_LOSSES)} (the base and the quantized model share a vocabulary)")
+            self.fail(
+                "loss",
+                f"is '{self.loss}'",
+                f"use one of {', '.join(LOGIT_LOSSES)} (the base and the quantized model share a vocabulary)",
+            )
         if self.samples not in ("corpus", "teacher"):
-            self.fail("samples", f"is '{self.samples}'", "use corpus (windows of 'data') or teacher (text the base model generates)")
+            self.fail(
+                "samples",
+                f"is '{self.samples}'",
+                "use corpus (windows of 'data') or teacher (text the base model generates)",
+            )
 
     def distillation(self) -> DistillConfig:
         """The training half of this stage as the distill stage's config (its data, loss and trainer settings),
@@ -114,7 +126,9 @@ class _FakeQuantize(torch.autograd.Function):
     """ŵ = (clamp(round(w / s) + z, qmin, qmax) − z) · s per group, with the STE / LSQ gradients above."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid) -> torch.Tensor:
+    def forward(
+        ctx, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight, scale, zero_point)
         ctx.grid = grid
         _, q, _, step = _fake_quantize_parts(weight, scale, zero_point, grid)
@@ -148,7 +162,9 @@ def _fake_quantize_parts(weight: torch.Tensor, scale: torch.Tensor, zero_point: 
     return x, q, inside, step
 
 
-def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid) -> torch.Tensor:
+def fake_quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, grid: QuantGrid
+) -> torch.Tensor:
     """weight (out, in), scale (out, groups) float, zero_point (out, groups) int8 | None -> ŵ (out, in), weight's dtype.
 
     Equals `dequantize(quantize_with(weight, scale16, zero_point, grid), scale16, zero_point)` with scale16 the
@@ -189,7 +205,9 @@ class FakeQuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=learn_weights)
 
     @classmethod
-    def from_linear(cls, module: nn.Module, grid: QuantGrid, learn_weights: bool = True, learn_scales: bool = True) -> FakeQuantLinear:
+    def from_linear(
+        cls, module: nn.Module, grid: QuantGrid, learn_weights: bool = True, learn_scales: bool = True
+    ) -> FakeQuantLinear:
         """Start from a float linear (nn.Linear or GPT-2's Conv1D) with min/max qparams; exact zeros stay zero."""
         weight = linear_weight(module).detach()
         scale, zero_point = choose_qparams(weight, grid)
@@ -198,7 +216,9 @@ class FakeQuantLinear(nn.Module):
         return cls(weight, scale, zero_point, grid, bias, weight.dtype, learn_weights, learn_scales, mask)
 
     @classmethod
-    def from_quantized(cls, module: QuantizedLinear, learn_weights: bool = True, learn_scales: bool = True) -> FakeQuantLinear:
+    def from_quantized(
+        cls, module: QuantizedLinear, learn_weights: bool = True, learn_scales: bool = True
+    ) -> FakeQuantLinear:
         """Start from a quantized linear: its dequantized weight, its own scale, zero point and grid."""
         return cls(
             module.dequantized_weight().float(),
@@ -254,7 +274,10 @@ def qat_linears(model: nn.Module, config: QATConfig) -> dict[str, nn.Module]:
             if not config.selects(name):
                 continue
             if isinstance(module, Int8Linear):
-                raise SlimlmError(f"qat: {name} is a W8A8 layer (int8 activations too); qat trains weight-only grids", "exclude it with 'exclude', or run qat instead of w8a8")
+                raise SlimlmError(
+                    f"qat: {name} is a W8A8 layer (int8 activations too); qat trains weight-only grids",
+                    "exclude it with 'exclude', or run qat instead of w8a8",
+                )
             if isinstance(module, QuantizedLinear):
                 if module.grid != config.grid:
                     raise SlimlmError(
@@ -262,7 +285,10 @@ def qat_linears(model: nn.Module, config: QATConfig) -> dict[str, nn.Module]:
                         "set bits / group_size / symmetric to the earlier stage's values (qat refines its codes), or drop the earlier quantization",
                     )
             elif not is_linear(module):
-                raise SlimlmError(f"qat: {name} is a {type(module).__name__}, not a linear layer", "narrow the stage with 'targets' / 'exclude'")
+                raise SlimlmError(
+                    f"qat: {name} is a {type(module).__name__}, not a linear layer",
+                    "narrow the stage with 'targets' / 'exclude'",
+                )
             elif config.group_size is not None and linear_weight(module).shape[1] % config.group_size:
                 in_features = linear_weight(module).shape[1]
                 divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
@@ -272,7 +298,10 @@ def qat_linears(model: nn.Module, config: QATConfig) -> dict[str, nn.Module]:
                 )
             chosen[name] = module
     if not chosen:
-        raise SlimlmError(f"qat: no linear layer is selected (targets={config.targets!r}, exclude={config.exclude!r})", "fix the regexes; names look like 'model.layers.0.mlp.up_proj'")
+        raise SlimlmError(
+            f"qat: no linear layer is selected (targets={config.targets!r}, exclude={config.exclude!r})",
+            "fix the regexes; names look like 'model.layers.0.mlp.up_proj'",
+        )
     return chosen
 
 
@@ -304,7 +333,14 @@ def qat_(model: nn.Module, base: Base, config: QATConfig, device: torch.device |
         source = distillation_source(training, model, teacher, base.tokenizer)
         stage = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every")}
         run = {"stage": stage, "teacher": teacher_fingerprint(teacher)}
-        return train(model, distillation_loss_fn(training, teacher, None, []), source, training.train_config(), run=run, description="qat")
+        return train(
+            model,
+            distillation_loss_fn(training, teacher, None, []),
+            source,
+            training.train_config(),
+            run=run,
+            description="qat",
+        )
     finally:
         for name in linears:
             replace_module_(model, name, model.get_submodule(name).to_quantized())

@@ -59,9 +59,17 @@ class RotateConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.targets is not None or self.exclude is not None:
-            self.fail("targets", "does not apply: the rotation changes every layer that touches the residual stream", "remove 'targets' / 'exclude' from the stage")
+            self.fail(
+                "targets",
+                "does not apply: the rotation changes every layer that touches the residual stream",
+                "remove 'targets' / 'exclude' from the stage",
+            )
         if self.matrix not in MATRICES:
-            self.fail("matrix", f"is '{self.matrix}', not one of {', '.join(MATRICES)}", "use 'hadamard' (default) or 'orthogonal'")
+            self.fail(
+                "matrix",
+                f"is '{self.matrix}', not one of {', '.join(MATRICES)}",
+                "use 'hadamard' (default) or 'orthogonal'",
+            )
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,14 @@ def paley(m: int) -> torch.Tensor:
     jacobsthal = _jacobsthal(q)
     ones = torch.ones(q, 1, dtype=torch.float64)
     if kind == "I":  # H = I + [[0, 1ᵀ], [−1, Q]]; Q is antisymmetric
-        s = torch.cat([torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones.t()], 1), torch.cat([-ones, jacobsthal], 1)], 0)
+        s = torch.cat(
+            [torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones.t()], 1), torch.cat([-ones, jacobsthal], 1)], 0
+        )
         return s + torch.eye(q + 1, dtype=torch.float64)
     # II: C = [[0, 1ᵀ], [1, Q]] is a symmetric conference matrix; H = C ⊗ [[1, −1], [−1, −1]] + I ⊗ [[1, 1], [1, −1]]
-    c = torch.cat([torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones.t()], 1), torch.cat([ones, jacobsthal], 1)], 0)
+    c = torch.cat(
+        [torch.cat([torch.zeros(1, 1, dtype=torch.float64), ones.t()], 1), torch.cat([ones, jacobsthal], 1)], 0
+    )
     a = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
     b = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
@@ -196,7 +208,9 @@ def _set_unit_gain_(norm: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _transform_(module: nn.Module, left: torch.Tensor | None = None, right: torch.Tensor | None = None, rows: slice = slice(None)) -> None:
+def _transform_(
+    module: nn.Module, left: torch.Tensor | None = None, right: torch.Tensor | None = None, rows: slice = slice(None)
+) -> None:
     """W[rows] ← left·W[rows]·right, b[rows] ← left·b[rows], in float64, written back in the module's dtype and layout."""
     weight = linear_weight(module).double().clone()  # (out, in)
     part = weight[rows]
@@ -228,13 +242,19 @@ def check_rotate(model: nn.Module, config: RotateConfig) -> None:
     for index, block in enumerate(decoder_blocks(model)):
         for path, _ in adapter.input_norms:
             norm = block.get_submodule(path)
-            if isinstance(norm, nn.LayerNorm) or "RMSNorm" not in type(norm).__name__ or getattr(norm, "bias", None) is not None:
+            if (
+                isinstance(norm, nn.LayerNorm)
+                or "RMSNorm" not in type(norm).__name__
+                or getattr(norm, "bias", None) is not None
+            ):
                 raise SlimlmError(
                     f"rotate: {model_type} normalises with {type(norm).__name__}, not RMSNorm; LayerNorm subtracts the mean, which does not commute with a rotation of the residual stream",
                     f"rotation supports {SUPPORTED}",
                 )
         fused = {path for path, _ in adapter.input_norms}
-        branch_norms = [name for name, child in block.named_children() if "Norm" in type(child).__name__ and name not in fused]
+        branch_norms = [
+            name for name, child in block.named_children() if "Norm" in type(child).__name__ and name not in fused
+        ]
         if branch_norms:
             raise SlimlmError(
                 f"rotate: {model_type} normalises branch outputs ({', '.join(branch_norms)}) before the residual add; a gain between a writer and the residual cannot be fused, so the rotation would change the model",
@@ -242,14 +262,23 @@ def check_rotate(model: nn.Module, config: RotateConfig) -> None:
             )
         linears = set(adapter.linears())
         if not adapter.head_consumer or linears != readers | set(_writers(adapter)):
-            raise SlimlmError(f"rotate: cannot tell which projections of {model_type} read and which write the residual stream", f"rotation supports {SUPPORTED}")
+            raise SlimlmError(
+                f"rotate: cannot tell which projections of {model_type} read and which write the residual stream",
+                f"rotation supports {SUPPORTED}",
+            )
         for rel in adapter.linears():
             module = block.get_submodule(rel)
             if not isinstance(module, nn.Linear):
-                raise SlimlmError(f"rotate: {adapter.blocks}.{index}.{rel} is a {type(module).__name__}, not a dense nn.Linear", "rotate before any quantization stage")
+                raise SlimlmError(
+                    f"rotate: {adapter.blocks}.{index}.{rel} is a {type(module).__name__}, not a dense nn.Linear",
+                    "rotate before any quantization stage",
+                )
     final_norm = model.get_submodule(adapter.final_norm)
     if "RMSNorm" not in type(final_norm).__name__:
-        raise SlimlmError(f"rotate: the final norm of {model_type} is a {type(final_norm).__name__}, not RMSNorm", f"rotation supports {SUPPORTED}")
+        raise SlimlmError(
+            f"rotate: the final norm of {model_type} is a {type(final_norm).__name__}, not RMSNorm",
+            f"rotation supports {SUPPORTED}",
+        )
     if not isinstance(model.get_submodule(adapter.lm_head), nn.Linear):
         raise SlimlmError(f"rotate: {adapter.lm_head} is not a dense nn.Linear", "rotate before any quantization stage")
     gain = _gain(final_norm)
@@ -266,12 +295,18 @@ def _value_rows(model: nn.Module, adapter: ArchAdapter, block: nn.Module) -> tup
     """The projection holding the value heads, which of its rows they are, and head_dim."""
     attention = block.get_submodule(adapter.head_consumer.rpartition(".")[0])
     head_dim = attention.head_dim
-    sizes = {"q": model.config.num_attention_heads * head_dim, "k": model.config.num_key_value_heads * head_dim, "v": model.config.num_key_value_heads * head_dim}
+    sizes = {
+        "q": model.config.num_attention_heads * head_dim,
+        "k": model.config.num_key_value_heads * head_dim,
+        "v": model.config.num_key_value_heads * head_dim,
+    }
     for path, layout in adapter.head_producers:
         if "v" in layout:
             start = sum(sizes[letter] for letter in layout[: layout.index("v")])
             return path, slice(start, start + sizes["v"]), head_dim
-    raise SlimlmError(f"rotate: the adapter of {model.config.model_type} names no value projection", "set value_heads: false")
+    raise SlimlmError(
+        f"rotate: the adapter of {model.config.model_type} names no value projection", "set value_heads: false"
+    )
 
 
 @torch.no_grad()
@@ -292,7 +327,9 @@ def rotate_(model: nn.Module, config: RotateConfig) -> RotationSummary:
             for reader in readers:
                 _transform_(block.get_submodule(reader), right=torch.diag(gain))
             _set_unit_gain_(norm)
-    embed, lm_head, final_norm = (model.get_submodule(path) for path in (adapter.embed, adapter.lm_head, adapter.final_norm))
+    embed, lm_head, final_norm = (
+        model.get_submodule(path) for path in (adapter.embed, adapter.lm_head, adapter.final_norm)
+    )
     gain = _gain(final_norm)
     tied = _ties_embeddings(model, adapter)
     untied_bytes = 0

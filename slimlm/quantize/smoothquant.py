@@ -38,7 +38,9 @@ class SmoothQuantConfig(StageConfig):
 
     method: ClassVar[str] = "smoothquant"
 
-    alpha: float = 0.5  # migration strength in [0, 1]: 0 leaves activations as they are, 1 moves all their range into the weights
+    alpha: float = (
+        0.5  # migration strength in [0, 1]: 0 leaves activations as they are, 1 moves all their range into the weights
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,7 +64,9 @@ def _block_index(model: nn.Module, name: str) -> int:
 
 
 @torch.no_grad()
-def smooth_quant_(model: nn.Module, linears: dict[str, nn.Module], config: SmoothQuantConfig, stats: dict[str, InputStats]) -> None:
+def smooth_quant_(
+    model: nn.Module, linears: dict[str, nn.Module], config: SmoothQuantConfig, stats: dict[str, InputStats]
+) -> None:
     """Smooth every norm group of one decoder block whose readers this stage targets (`linears` from one block)."""
     if not linears:  # 'targets' selects nothing in this block
         return

@@ -63,7 +63,9 @@ class GPTQW8A8Config(W8A8Config):
     act_order: bool = GPTQConfig.act_order  # visit columns by descending Hessian diagonal
     block_size: int = GPTQConfig.block_size  # columns per lazy-update block (speed only)
     dampening: float = GPTQConfig.dampening  # share of mean(diag H) added to H's diagonal before inverting it
-    true_sequential: bool = GPTQConfig.true_sequential  # quantize q/k/v, o, gate/up, down in turn, each on inputs from the earlier quantized ones
+    true_sequential: bool = (
+        GPTQConfig.true_sequential
+    )  # quantize q/k/v, o, gate/up, down in turn, each on inputs from the earlier quantized ones
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,14 +92,25 @@ class Int8Linear(QuantizedLinear):
     takes on the module's current device. Not saved: a reloaded model runs the simulated path.
     """
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype, int8_matmul: bool = False):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        int8_matmul: bool = False,
+    ):
         super().__init__(codes, scale, None, INT8, bias, compute_dtype)
         self.int8_matmul = int8_matmul
 
     @property
     def matmul(self) -> str:
         """'int8' (torch._int_mm, int32 accumulation: CPU) or 'simulated' (dequantize, float32 matmul)."""
-        return "int8" if self.int8_matmul and self.weight_q.device.type == "cpu" and hasattr(torch, "_int_mm") else "simulated"
+        return (
+            "int8"
+            if self.int8_matmul and self.weight_q.device.type == "cpu" and hasattr(torch, "_int_mm")
+            else "simulated"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
@@ -117,7 +130,9 @@ class Int8Linear(QuantizedLinear):
 
 def w8a8_linear(module: nn.Module, int8_matmul: bool = False) -> Int8Linear:
     """An Int8Linear from a float linear (nn.Linear or GPT-2's Conv1D), weights rounded to nearest."""
-    weight = linear_weight(module).detach().contiguous()  # (out, in) rows contiguous for the int8 matmul (Conv1D stores Wᵀ)
+    weight = (
+        linear_weight(module).detach().contiguous()
+    )  # (out, in) rows contiguous for the int8 matmul (Conv1D stores Wᵀ)
     codes, scale, _ = rtn_quantize(weight, INT8)
     bias = module.bias.detach() if module.bias is not None else None
     return Int8Linear(codes, scale, bias, weight.dtype, int8_matmul)
@@ -128,10 +143,14 @@ def quantize_w8a8_(model: nn.Module, linears: dict[str, nn.Module], config: W8A8
         replace_module_(model, name, w8a8_linear(module, config.int8_matmul))
 
 
-def quantize_gptq_w8a8_(model: nn.Module, linears: dict[str, nn.Module], config: GPTQW8A8Config, stats: dict[str, InputStats]) -> None:
+def quantize_gptq_w8a8_(
+    model: nn.Module, linears: dict[str, nn.Module], config: GPTQW8A8Config, stats: dict[str, InputStats]
+) -> None:
     """Int8Linears whose codes GPTQ chose on the per-channel int8 grid (`gptq_by_input`: linears reading one input
     are quantized in one call)."""
-    for name, linear, codes, scale, _ in gptq_by_input(linears, stats, INT8, config.block_size, config.dampening, config.act_order):
+    for name, linear, codes, scale, _ in gptq_by_input(
+        linears, stats, INT8, config.block_size, config.dampening, config.act_order
+    ):
         bias = linear.bias.detach() if linear.bias is not None else None
         replace_module_(model, name, Int8Linear(codes, scale, bias, linear.weight.dtype, config.int8_matmul))
 

@@ -49,8 +49,13 @@ class ExportStep:
         """The `export.GGUFOptions` this step asks for."""
         from slimlm.export import GGUFOptions
 
-        return GGUFOptions(preset=self.preset, tensor_types=tuple(f"{p}={t}" for p, t in self.tensor_types),
-                           embedding_type=self.embedding_type, output_type=self.output_type, method=self.method)
+        return GGUFOptions(
+            preset=self.preset,
+            tensor_types=tuple(f"{p}={t}" for p, t in self.tensor_types),
+            embedding_type=self.embedding_type,
+            output_type=self.output_type,
+            method=self.method,
+        )
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,6 @@ TOP_LEVEL_KEYS = ("name", "description", "stages", "export")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few lines; anything near this is not one
 
 
-
 def _short(value: object) -> str:
     """repr(value) cut to a few dozen characters: an error message never prints an unbounded value."""
     bounded = reprlib.Repr()
@@ -97,7 +101,8 @@ def _unknown_keys(where: str, keys, allowed) -> None:
     if unknown:
         key = unknown[0]
         raise SlimlmError(
-            f"{where}: unknown key {_short(key)}", f"allowed keys: {', '.join(map(str, allowed))}{_closest(key, allowed)}"
+            f"{where}: unknown key {_short(key)}",
+            f"allowed keys: {', '.join(map(str, allowed))}{_closest(key, allowed)}",
         )
 
 
@@ -119,7 +124,10 @@ def read_recipe_yaml(path: Path) -> object:
     """The YAML of a recipe file, bounded: refused past MAX_RECIPE_BYTES and when it uses aliases."""
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise SlimlmError(f"recipe '{path}' is {size} bytes", f"a recipe is a short YAML list of stages (at most {MAX_RECIPE_BYTES} bytes)")
+        raise SlimlmError(
+            f"recipe '{path}' is {size} bytes",
+            f"a recipe is a short YAML list of stages (at most {MAX_RECIPE_BYTES} bytes)",
+        )
     return yaml.load(path.read_text(), Loader=_NoAliasLoader)
 
 
@@ -158,7 +166,10 @@ def parse_stage(raw: object, where: str) -> StageConfig:
         raise SlimlmError(f"{where}: a stage must be a mapping with a 'method' key", "write e.g. '- method: magnitude'")
     method = raw["method"]
     if not isinstance(method, str) or method not in METHODS:
-        raise SlimlmError(f"{where}: unknown method {_short(method)}", f"known methods: {', '.join(sorted(METHODS))}{_closest(method, METHODS)}")
+        raise SlimlmError(
+            f"{where}: unknown method {_short(method)}",
+            f"known methods: {', '.join(sorted(METHODS))}{_closest(method, METHODS)}",
+        )
     config_class = METHODS[method].config
     fields = _field_types(config_class)
     values = {}
@@ -168,9 +179,12 @@ def parse_stage(raw: object, where: str) -> StageConfig:
         _unknown_keys(f"{where} ({method})", [key], fields)
         values[key] = _coerce(value, fields[key])
         if values[key] is _NOT_ALLOWED:
-            hint = " (YAML reads an unquoted 2:4 as a number: quote it, \"2:4\")" if key == "pattern" else ""
+            hint = ' (YAML reads an unquoted 2:4 as a number: quote it, "2:4")' if key == "pattern" else ""
             expected = _type_names(fields[key])
-            raise SlimlmError(f"{where} ({method}): '{key}' is {_short(value)}, expected {expected}{hint}", f"fix '{key}' in the recipe")
+            raise SlimlmError(
+                f"{where} ({method}): '{key}' is {_short(value)}, expected {expected}{hint}",
+                f"fix '{key}' in the recipe",
+            )
     try:
         return config_class(**values)
     except SlimlmError as err:
@@ -186,26 +200,48 @@ def parse_export(raw: object, name: str) -> ExportStep:
     if isinstance(raw, str):
         raw = {"format": raw}
     if not isinstance(raw, dict) or "format" not in raw:
-        raise SlimlmError(f"{where}: expected a format name or a mapping with 'format'", f"write e.g. 'export: gguf' or 'export: {{format: gguf, gguf_type: q4_0}}' (formats: {', '.join(FORMATS)})")
+        raise SlimlmError(
+            f"{where}: expected a format name or a mapping with 'format'",
+            f"write e.g. 'export: gguf' or 'export: {{format: gguf, gguf_type: q4_0}}' (formats: {', '.join(FORMATS)})",
+        )
     gguf_keys = ("preset", "tensor_types", "embedding_type", "output_type", "method")
     replay_keys = ("tensors", "remove_blocks", "calibration")
     _unknown_keys(where, raw, ("format", "gguf_type", *gguf_keys, *replay_keys))
     if "tensors" in raw:
         return _parse_replay(raw, where, gguf_keys)
     if any(key in raw for key in replay_keys):
-        raise SlimlmError(f"{where}: {', '.join(k for k in replay_keys if k in raw)} go with 'tensors' (a searched file's recipe)", "add tensors: {GGUF name: TYPE/METHOD}, or drop them")
+        raise SlimlmError(
+            f"{where}: {', '.join(k for k in replay_keys if k in raw)} go with 'tensors' (a searched file's recipe)",
+            "add tensors: {GGUF name: TYPE/METHOD}, or drop them",
+        )
     tensor_types = raw.get("tensor_types") or {}
     if not isinstance(tensor_types, dict):
-        raise SlimlmError(f"{where}: tensor_types must map regexes to types", r"write e.g. tensor_types: {'blk\.\d+\.ffn_down\.weight': q6_k}")
-    optional = {key: None if raw.get(key) is None else str(raw[key]) for key in ("preset", "embedding_type", "output_type")}
-    step = ExportStep(str(raw["format"]), str(raw.get("gguf_type", "auto")), tensor_types=tuple((str(p), str(t)) for p, t in tensor_types.items()),
-                      method=str(raw.get("method", "rtn")), **optional)
+        raise SlimlmError(
+            f"{where}: tensor_types must map regexes to types",
+            r"write e.g. tensor_types: {'blk\.\d+\.ffn_down\.weight': q6_k}",
+        )
+    optional = {
+        key: None if raw.get(key) is None else str(raw[key]) for key in ("preset", "embedding_type", "output_type")
+    }
+    step = ExportStep(
+        str(raw["format"]),
+        str(raw.get("gguf_type", "auto")),
+        tensor_types=tuple((str(p), str(t)) for p, t in tensor_types.items()),
+        method=str(raw.get("method", "rtn")),
+        **optional,
+    )
     if step.format not in FORMATS:
         raise SlimlmError(f"{where}: unknown format '{step.format}'", f"use one of: {', '.join(FORMATS)}")
     if step.gguf_type != "auto" and (step.format != "gguf" or step.gguf_type not in GGUF_TYPES):
-        raise SlimlmError(f"{where}: gguf_type '{step.gguf_type}' does not apply here", f"gguf_type is for format gguf: auto or one of {', '.join(GGUF_TYPES)}")
+        raise SlimlmError(
+            f"{where}: gguf_type '{step.gguf_type}' does not apply here",
+            f"gguf_type is for format gguf: auto or one of {', '.join(GGUF_TYPES)}",
+        )
     if step.format != "gguf" and any(key in raw for key in gguf_keys):
-        raise SlimlmError(f"{where}: {', '.join(k for k in gguf_keys if k in raw)} apply to format gguf only", "drop them or use format: gguf")
+        raise SlimlmError(
+            f"{where}: {', '.join(k for k in gguf_keys if k in raw)} apply to format gguf only",
+            "drop them or use format: gguf",
+        )
     if step.format == "gguf":
         from slimlm.export import check_gguf_options
 
@@ -222,10 +258,16 @@ def _parse_replay(raw: dict, where: str, gguf_keys: tuple[str, ...]) -> ExportSt
     from slimlm.settings import CalibrationSettings
 
     if raw["format"] not in ("gguf", "compressed-tensors") or any(key in raw for key in (*gguf_keys, "gguf_type")):
-        raise SlimlmError(f"{where}: 'tensors' (a searched file) goes with format gguf or compressed-tensors alone, without {', '.join(gguf_keys)} or gguf_type", "keep the export step slimlm search wrote")
+        raise SlimlmError(
+            f"{where}: 'tensors' (a searched file) goes with format gguf or compressed-tensors alone, without {', '.join(gguf_keys)} or gguf_type",
+            "keep the export step slimlm search wrote",
+        )
     tensors = raw["tensors"]
     if not isinstance(tensors, dict) or not tensors:
-        raise SlimlmError(f"{where}: tensors must map GGUF tensor names to TYPE/METHOD", "write e.g. tensors: {blk.0.attn_q.weight: q4_0/gptq, ...}")
+        raise SlimlmError(
+            f"{where}: tensors must map GGUF tensor names to TYPE/METHOD",
+            "write e.g. tensors: {blk.0.attn_q.weight: q4_0/gptq, ...}",
+        )
     for tensor, label in tensors.items():
         try:
             Option.parse(str(label))
@@ -233,16 +275,27 @@ def _parse_replay(raw: dict, where: str, gguf_keys: tuple[str, ...]) -> ExportSt
             raise SlimlmError(f"{where}: tensors: {tensor}: '{label}' is not TYPE/METHOD", err.fix) from None
     removed = raw.get("remove_blocks") or []
     if not isinstance(removed, list) or not all(isinstance(b, int) and b >= 0 for b in removed):
-        raise SlimlmError(f"{where}: remove_blocks must be a list of block indices", "write e.g. remove_blocks: [27, 12]")
+        raise SlimlmError(
+            f"{where}: remove_blocks must be a list of block indices", "write e.g. remove_blocks: [27, 12]"
+        )
     calibration = raw.get("calibration") or {}
     if not isinstance(calibration, dict):
-        raise SlimlmError(f"{where}: calibration must be a mapping", "write e.g. calibration: {samples: 8, seqlen: 512, seed: 0}")
+        raise SlimlmError(
+            f"{where}: calibration must be a mapping", "write e.g. calibration: {samples: 8, seqlen: 512, seed: 0}"
+        )
     _unknown_keys(f"{where}, calibration", calibration, ("data", "samples", "seqlen", "seed"))
     try:
         settings = CalibrationSettings(**calibration)
     except (TypeError, ValueError) as err:
-        raise SlimlmError(f"{where}, calibration: {err}", "write e.g. calibration: {samples: 8, seqlen: 512, seed: 0}") from None
-    return ExportStep(str(raw["format"]), tensors=tuple((str(t), str(o)) for t, o in tensors.items()), remove_blocks=tuple(removed), calibration=settings)
+        raise SlimlmError(
+            f"{where}, calibration: {err}", "write e.g. calibration: {samples: 8, seqlen: 512, seed: 0}"
+        ) from None
+    return ExportStep(
+        str(raw["format"]),
+        tensors=tuple((str(t), str(o)) for t, o in tensors.items()),
+        remove_blocks=tuple(removed),
+        calibration=settings,
+    )
 
 
 def parse_recipe(data: object, name: str, description: str = "") -> Recipe:
@@ -278,7 +331,10 @@ def load_recipe(name_or_path: str) -> Recipe:
     else:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise SlimlmError(f"recipe '{name_or_path}' is neither a shipped recipe nor a file", f"shipped recipes: {', '.join(shipped)} (see 'slimlm recipes')")
+            raise SlimlmError(
+                f"recipe '{name_or_path}' is neither a shipped recipe nor a file",
+                f"shipped recipes: {', '.join(shipped)} (see 'slimlm recipes')",
+            )
     try:
         data = read_recipe_yaml(path)
     except yaml.YAMLError as err:

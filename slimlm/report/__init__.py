@@ -29,25 +29,42 @@ def _peak(context: dict) -> str:
 def notes(variants: list[dict], context: dict) -> list[str]:
     """What every column means and what exactly it was measured on."""
     model = context.get("model", {})
-    lines = [f"model: {model.get('source')} ({model.get('resolved')}), {model.get('dtype')}, on {context.get('device')}"]
+    lines = [
+        f"model: {model.get('source')} ({model.get('resolved')}), {model.get('dtype')}, on {context.get('device')}"
+    ]
     evaluation = context.get("evaluation") or {}
     if evaluation.get("protocol"):
         lines.append(f"perplexity: {evaluation['protocol']}")
-        lines.append(evaluation.get("kl") or f"KL(base‖variant) in nats/token and top-1 agreement with the base over the first {evaluation.get('kl_windows')} windows")
+        lines.append(
+            evaluation.get("kl")
+            or f"KL(base‖variant) in nats/token and top-1 agreement with the base over the first {evaluation.get('kl_windows')} windows"
+        )
     for task in task_names(variants):
-        protocol = next((get(v["metrics"], "tasks", task, "protocol") for v in variants if get(v["metrics"], "tasks", task, "protocol")), None)
+        protocol = next(
+            (
+                get(v["metrics"], "tasks", task, "protocol")
+                for v in variants
+                if get(v["metrics"], "tasks", task, "protocol")
+            ),
+            None,
+        )
         if protocol:
             lines.append(f"{task}: {protocol}")
     lines += [f"row {v['name']}: {v['purpose']}" for v in variants if v.get("purpose")]
     if task_names(variants):
-        lines.append("zero-shot scores: acc_norm for HellaSwag, PIQA, ARC, OpenBookQA, acc otherwise; 0-shot avg = their mean (CrowS-Pairs excluded: a bias share, lower is better); standard errors in report.json")
+        lines.append(
+            "zero-shot scores: acc_norm for HellaSwag, PIQA, ARC, OpenBookQA, acc otherwise; 0-shot avg = their mean (CrowS-Pairs excluded: a bias share, lower is better); standard errors in report.json"
+        )
     speed = next((v["metrics"]["speed"] for v in variants if v["metrics"].get("speed")), None)
     if speed:
         lines.append(
             f"speed on {speed['device']}: TTFT = prompt of {speed['prompt_tokens']} tokens to first token, TPOT = per decoded token (batch 1, KV cache, "
             f"median of {speed['repeats']} after a warm-up); tok/s @B = decoded tokens per second at batch B; peak RSS during the measurement ({speed['cpu_peak_scope']})"
         )
-        lines.append(f"energy: {speed['energy_meter']}" + ("" if speed.get("energy_joules_per_token") is not None else " — J/token not reported"))
+        lines.append(
+            f"energy: {speed['energy_meter']}"
+            + ("" if speed.get("energy_joules_per_token") is not None else " — J/token not reported")
+        )
     lines += [
         "MB: tensor bytes of the saved safetensors (base: dense at 16-bit weights, as it would be shipped); ratio = base bytes / variant bytes",
         "q/fp16: bytes on disk of the quantized linear layers / their fp16 bytes",
@@ -66,7 +83,9 @@ def markdown(variants: list[dict], context: dict, figures: dict[str, str], missi
         lines.append("")
     if len(variants) > 1:
         lines += ["## Variants", ""]
-        lines += [f"- `{v['name']}`: saved to `{v.get('path')}`; recipe `{json.dumps(v.get('recipe'))}`" for v in variants[1:]]
+        lines += [
+            f"- `{v['name']}`: saved to `{v.get('path')}`; recipe `{json.dumps(v.get('recipe'))}`" for v in variants[1:]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -81,12 +100,16 @@ def render(out_dir: Path, variants: list[dict], context: dict) -> dict[str, Path
     for cost, file in FIGURES.items():
         png = plot(variants, cost, device)
         if png is None:
-            missing.append(f"No quality-vs-{cost} plot: fewer than two variants have both a quality figure and {'weight bytes' if cost == 'size' else 'a speed measurement (run with --speed)'}.")
+            missing.append(
+                f"No quality-vs-{cost} plot: fewer than two variants have both a quality figure and {'weight bytes' if cost == 'size' else 'a speed measurement (run with --speed)'}."
+            )
         else:
             pngs[file] = png
             (out_dir / file).write_bytes(png)
     written = {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}
-    written["markdown"].write_text(markdown(variants, context, {cost: file for cost, file in FIGURES.items() if file in pngs}, missing))
+    written["markdown"].write_text(
+        markdown(variants, context, {cost: file for cost, file in FIGURES.items() if file in pngs}, missing)
+    )
     title = f"slimlm report — {context.get('model', {}).get('source', '')}"
     written["html"].write_text(page(variants, notes(variants, context), pngs, missing, title))
     return {**written, **{file: out_dir / file for file in pngs}}
@@ -112,12 +135,22 @@ def report_run_dir(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     source = run_dir / "report.json"
     if not source.is_file():
-        raise SlimlmError(f"'{run_dir}' has no report.json", "pass the directory `slimlm run` wrote (e.g. slimlm-runs/<timestamp>)")
+        raise SlimlmError(
+            f"'{run_dir}' has no report.json", "pass the directory `slimlm run` wrote (e.g. slimlm-runs/<timestamp>)"
+        )
     try:
         payload = json.loads(source.read_text())
         variants, context = payload["variants"], payload["context"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise SlimlmError(f"'{source}' is not a slimlm report ({type(err).__name__}: {err})", "re-run `slimlm run` to write it again") from None
-    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) and "name" in v and isinstance(v.get("metrics"), dict) for v in variants):
-        raise SlimlmError(f"'{source}' lists no variants with names and metrics", "re-run `slimlm run` to write it again")
+        raise SlimlmError(
+            f"'{source}' is not a slimlm report ({type(err).__name__}: {err})", "re-run `slimlm run` to write it again"
+        ) from None
+    if (
+        not isinstance(variants, list)
+        or not variants
+        or not all(isinstance(v, dict) and "name" in v and isinstance(v.get("metrics"), dict) for v in variants)
+    ):
+        raise SlimlmError(
+            f"'{source}' lists no variants with names and metrics", "re-run `slimlm run` to write it again"
+        )
     return render(run_dir, variants, context)

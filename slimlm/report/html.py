@@ -27,14 +27,15 @@ def page(variants: list[dict], notes: list[str], figures: dict[str, bytes], miss
     head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in cols)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(v, cols)) + "</tr>" for v in variants)
     images = "".join(
-        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>' for name, png in figures.items()
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
+        for name, png in figures.items()
     )
     missing_html = "".join(f'<p class="muted">{html.escape(m)}</p>' for m in missing)
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return (
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><ul class=\"notes\">{notes_html}</ul>"
-        f"<h2>Variants</h2><div class=\"wide\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
-        f"<h2>Quality against cost</h2><div class=\"figures\">{images}</div>{missing_html}"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head><body>'
+        f'<h1>{html.escape(title)}</h1><ul class="notes">{notes_html}</ul>'
+        f'<h2>Variants</h2><div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        f'<h2>Quality against cost</h2><div class="figures">{images}</div>{missing_html}'
         "</body></html>\n"
     )

@@ -20,7 +20,9 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     front = []
     for i, (x, y) in enumerate(points):
         dominated = any(
-            (ox <= x and sign * oy >= sign * y) and (ox < x or sign * oy > sign * y) for j, (ox, oy) in enumerate(points) if j != i
+            (ox <= x and sign * oy >= sign * y) and (ox < x or sign * oy > sign * y)
+            for j, (ox, oy) in enumerate(points)
+            if j != i
         )
         if not dominated:
             front.append(i)
@@ -40,7 +42,10 @@ def quality_axis(variants: list[dict]) -> tuple[str, list[float | None], bool] |
 
 
 COSTS = {
-    "size": ("weights on disk (MB)", lambda v: v["metrics"]["weight_bytes"] / 1e6 if v["metrics"].get("weight_bytes") else None),
+    "size": (
+        "weights on disk (MB)",
+        lambda v: v["metrics"]["weight_bytes"] / 1e6 if v["metrics"].get("weight_bytes") else None,
+    ),
     "latency": ("time per output token, batch 1 (ms)", lambda v: get(v["metrics"], "speed", "tpot_ms")),
 }
 
@@ -65,7 +70,9 @@ def figure(variants: list[dict], cost: str, device: str = ""):
         return None
     quality_label, qualities, higher_is_better = axis
     cost_label, read_cost = COSTS[cost]
-    named = [(v["name"], read_cost(v), q) for v, q in zip(variants, qualities) if read_cost(v) is not None and q is not None]
+    named = [
+        (v["name"], read_cost(v), q) for v, q in zip(variants, qualities) if read_cost(v) is not None and q is not None
+    ]
     if len(named) < 2:
         return None
     import matplotlib
@@ -77,8 +84,24 @@ def figure(variants: list[dict], cost: str, device: str = ""):
     front = pareto_front(points, higher_is_better)
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
     others = [i for i in range(len(points)) if i not in front]
-    ax.scatter([points[i][0] for i in others], [points[i][1] for i in others], s=46, color="#9aa5b1", label="dominated", zorder=3)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-o", color="#d1495b", markersize=8, linewidth=2, label="Pareto front", zorder=4)
+    ax.scatter(
+        [points[i][0] for i in others],
+        [points[i][1] for i in others],
+        s=46,
+        color="#9aa5b1",
+        label="dominated",
+        zorder=3,
+    )
+    ax.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        "-o",
+        color="#d1495b",
+        markersize=8,
+        linewidth=2,
+        label="Pareto front",
+        zorder=4,
+    )
     if not higher_is_better:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 10, 20, 100 rather than 10^1
@@ -87,18 +110,40 @@ def figure(variants: list[dict], cost: str, device: str = ""):
     labels = []
     for name, x, y in named:
         right = high > low and (x - low) / (high - low) > 0.7  # labels of the rightmost points go to their left
-        labels.append(ax.annotate(name, (x, y), textcoords="offset points", xytext=(-7 if right else 7, 7), ha="right" if right else "left", fontsize=8.5,
-                                  color="#243b53", bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8}, zorder=5,
-                                  arrowprops={"arrowstyle": "-", "color": "#9aa5b1", "lw": 0.6}))
+        labels.append(
+            ax.annotate(
+                name,
+                (x, y),
+                textcoords="offset points",
+                xytext=(-7 if right else 7, 7),
+                ha="right" if right else "left",
+                fontsize=8.5,
+                color="#243b53",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
+                zorder=5,
+                arrowprops={"arrowstyle": "-", "color": "#9aa5b1", "lw": 0.6},
+            )
+        )
     ax.set_xlabel(cost_label)
-    ax.set_ylabel(quality_label if len(quality_label) < 32 else quality_label.split(" (")[0])  # the tasks are in the notes
+    ax.set_ylabel(
+        quality_label if len(quality_label) < 32 else quality_label.split(" (")[0]
+    )  # the tasks are in the notes
     if higher_is_better:
         ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
     title = f"quality vs {'size' if cost == 'size' else 'latency'}"
     ax.set_title(title + (f" — {device}" if cost == "latency" and device else ""), fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.2, y=0.15)
-    ax.text(0.99, 0.01, f"better: left, {'up' if higher_is_better else 'down'}", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#7b8794")
+    ax.text(
+        0.99,
+        0.01,
+        f"better: left, {'up' if higher_is_better else 'down'}",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color="#7b8794",
+    )
     ax.legend(loc="best", fontsize=8.5, frameon=False)
     fig.tight_layout()
     separate_labels(fig, labels)

@@ -11,7 +11,14 @@ from collections.abc import Callable
 from rich.table import Table
 
 # The one number per task that the table, the average and the plots use (lm-eval's headline metric for it).
-TASK_METRIC = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "piqa": "acc_norm", "crows_pairs": "pct_stereotype"}
+TASK_METRIC = {
+    "hellaswag": "acc_norm",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "openbookqa": "acc_norm",
+    "piqa": "acc_norm",
+    "crows_pairs": "pct_stereotype",
+}
 NOT_IN_AVERAGE = {"crows_pairs"}  # a bias measure, lower is better: reported, not averaged with accuracies
 
 
@@ -53,7 +60,15 @@ def columns(variants: list[dict]) -> list[tuple[str, Callable[[dict], object], s
     candidates: list[tuple[str, Callable[[dict], object], str]] = [
         ("variant", lambda v: v["name"], "{}"),
         ("ppl", lambda v: get(v["metrics"], "quality", "perplexity"), "{:.2f}"),
-        ("Δppl", lambda v: (get(v["metrics"], "quality", "perplexity") / base_ppl - 1) if base_ppl and get(v["metrics"], "quality", "perplexity") and v is not variants[0] else None, "{:+.1%}"),
+        (
+            "Δppl",
+            lambda v: (
+                (get(v["metrics"], "quality", "perplexity") / base_ppl - 1)
+                if base_ppl and get(v["metrics"], "quality", "perplexity") and v is not variants[0]
+                else None
+            ),
+            "{:+.1%}",
+        ),
         ("KL", lambda v: get(v["metrics"], "quality", "kl_divergence"), "{:.4f}"),
         ("top-1", lambda v: get(v["metrics"], "quality", "top1_agreement"), "{:.1%}"),
         *[(f"accept k={k}", lambda v, k=k: draft_acceptance(v["metrics"], k), "{:.1%}") for k in ks],
@@ -76,7 +91,9 @@ def columns(variants: list[dict]) -> list[tuple[str, Callable[[dict], object], s
 
 def draft_acceptance(metrics: dict, draft_tokens: int) -> float | None:
     """Greedy acceptance of the variant drafting `draft_tokens` per round for the base (`slimlm.evaluate.speculative`)."""
-    return next((f["acceptance"] for f in metrics.get("draft_acceptance") or [] if f["draft_tokens"] == draft_tokens), None)
+    return next(
+        (f["acceptance"] for f in metrics.get("draft_acceptance") or [] if f["draft_tokens"] == draft_tokens), None
+    )
 
 
 def _throughput(metrics: dict, batch: int) -> float | None:

@@ -54,7 +54,9 @@ def renumber(tensor: str, removed: tuple[int, ...]) -> str:
     return f"blk.{index - sum(r < index for r in removed)}.{rest}"
 
 
-def measure_layout(model: nn.Module, tokenizer, source_gguf: Path | None, removed: tuple[int, ...], searched: set[str]) -> Layout:
+def measure_layout(
+    model: nn.Module, tokenizer, source_gguf: Path | None, removed: tuple[int, ...], searched: set[str]
+) -> Layout:
     """Write the header of the file alone (a temporary file) and count the tensors the search does not choose
     (1-D tensors as F32, any other 2-D tensor as F16: what `write_configuration` writes for them)."""
     import gguf
@@ -95,15 +97,30 @@ def _in_removed(tensor: str, removed: tuple[int, ...]) -> bool:
     return tensor.startswith("blk.") and int(tensor.split(".")[1]) in removed
 
 
-def write_configuration(model: nn.Module, tokenizer, source_gguf: Path | None, removed: tuple[int, ...], packed: dict[str, tuple[str, np.ndarray]], out: Path, overwrite: bool = False):
+def write_configuration(
+    model: nn.Module,
+    tokenizer,
+    source_gguf: Path | None,
+    removed: tuple[int, ...],
+    packed: dict[str, tuple[str, np.ndarray]],
+    out: Path,
+    overwrite: bool = False,
+):
     """Write the GGUF of `model` without `removed` blocks, each searched tensor as its database bytes."""
     from slimlm.export.gguf import write_gguf
 
     pruned = pruned_copy(model, removed)
     kept = {renumber(t, removed): value for t, value in packed.items() if not _in_removed(t, removed)}
     return write_gguf(
-        pruned, tokenizer, out, gguf_type="f16", source_gguf=source_gguf, name=SEARCH_NAME, overwrite=overwrite,
-        tensor_types={t: type_ for t, (type_, _) in kept.items()}, packed={t: data for t, (_, data) in kept.items()},
+        pruned,
+        tokenizer,
+        out,
+        gguf_type="f16",
+        source_gguf=source_gguf,
+        name=SEARCH_NAME,
+        overwrite=overwrite,
+        tensor_types={t: type_ for t, (type_, _) in kept.items()},
+        packed={t: data for t, (_, data) in kept.items()},
     )
 
 

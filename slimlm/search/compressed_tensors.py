@@ -65,7 +65,9 @@ def ct_grid(type_: str) -> QuantGrid | None:
         bits = int(parts[0].removeprefix("int"))
         group = None if parts[1] == "channel" else int(parts[1].removeprefix("g"))
     except (ValueError, IndexError):
-        raise SlimlmError(f"'{type_}' is not a compressed-tensors type", f"use some of: {', '.join(CT_TYPES)}") from None
+        raise SlimlmError(
+            f"'{type_}' is not a compressed-tensors type", f"use some of: {', '.join(CT_TYPES)}"
+        ) from None
     if bits not in (4, 8) or parts[2:] not in ([], ["asym"]):
         raise SlimlmError(f"'{type_}' is not a compressed-tensors type", f"use some of: {', '.join(CT_TYPES)}")
     return QuantGrid(bits, group, symmetric=parts[2:] != ["asym"])
@@ -83,7 +85,9 @@ def ct_options(shape: tuple[int, int], types: tuple[str, ...], methods: tuple[st
     return tuple(options)
 
 
-def ct_search_space(model: nn.Module, types: tuple[str, ...] | None = None, methods: tuple[str, ...] = CT_METHODS) -> SearchSpace:
+def ct_search_space(
+    model: nn.Module, types: tuple[str, ...] | None = None, methods: tuple[str, ...] = CT_METHODS
+) -> SearchSpace:
     """One knob per decoder-block linear (named by its HF module); the embedding and head are not searched."""
     from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 
@@ -98,7 +102,10 @@ def ct_search_space(model: nn.Module, types: tuple[str, ...] | None = None, meth
             shape = tuple(linear_weight(model.get_submodule(module)).shape)
             options = ct_options(shape, types, methods)
             if not options:
-                raise SlimlmError(f"{module} {shape}: no searched type's group size divides {shape[1]}", f"search other --types, e.g. {DENSE} or int4-channel")
+                raise SlimlmError(
+                    f"{module} {shape}: no searched type's group size divides {shape[1]}",
+                    f"search other --types, e.g. {DENSE} or int4-channel",
+                )
             shared = next((group[0] for group in adapter.shared_inputs if rel in group), rel)
             knobs.append(Knob(module, module, index, shape, options, shared=shared))
     return SearchSpace(TARGET, tuple(knobs))
@@ -119,18 +126,25 @@ def ct_encode(weight: torch.Tensor, option: Option, hessian: torch.Tensor | None
         from slimlm.quantize.gptq import gptq_quantize
         from slimlm.quantize.grid import shrink_ratios
 
-        codes, scale, zero_point = gptq_quantize(w, hessian, grid, dampening=GGUF_GPTQ_DAMP, clip_ratios=shrink_ratios())
+        codes, scale, zero_point = gptq_quantize(
+            w, hessian, grid, dampening=GGUF_GPTQ_DAMP, clip_ratios=shrink_ratios()
+        )
     else:
         from slimlm.quantize.rtn import rtn_quantize
 
         codes, scale, zero_point = rtn_quantize(w, grid)
-    parts = [codes.to(torch.int8).numpy().view(np.uint8).reshape(-1), scale.to(torch.float16).numpy().view(np.uint8).reshape(-1)]
+    parts = [
+        codes.to(torch.int8).numpy().view(np.uint8).reshape(-1),
+        scale.to(torch.float16).numpy().view(np.uint8).reshape(-1),
+    ]
     if zero_point is not None:
         parts.append(zero_point.to(torch.int8).numpy().view(np.uint8).reshape(-1))
     return np.concatenate(parts)
 
 
-def ct_unpack(data: np.ndarray, option: Option, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def ct_unpack(
+    data: np.ndarray, option: Option, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The payload of `ct_encode` -> (codes int8 (out, in), scale fp16 (out, groups), zero point int8 | None)."""
     grid = ct_grid(option.type)
     out_features, in_features = shape
@@ -139,7 +153,13 @@ def ct_unpack(data: np.ndarray, option: Option, shape: tuple[int, int]) -> tuple
     n, s = out_features * in_features, out_features * groups * 2
     codes = torch.from_numpy(data[:n].view(np.int8).copy()).reshape(shape)
     scale = torch.from_numpy(data[n : n + s].view(np.float16).copy()).reshape(out_features, groups)
-    zero_point = None if grid.symmetric else torch.from_numpy(data[n + s : n + s + out_features * groups].view(np.int8).copy()).reshape(out_features, groups)
+    zero_point = (
+        None
+        if grid.symmetric
+        else torch.from_numpy(data[n + s : n + s + out_features * groups].view(np.int8).copy()).reshape(
+            out_features, groups
+        )
+    )
     return codes, scale, zero_point
 
 
@@ -148,7 +168,12 @@ def ct_decode(data: np.ndarray, option: Option, shape: tuple[int, int]) -> torch
     from slimlm.quantize.grid import dequantize
 
     if option.type == DENSE:
-        return torch.from_numpy(np.ascontiguousarray(data).view(np.int16).copy()).view(STORAGE_DTYPE).reshape(shape).float()
+        return (
+            torch.from_numpy(np.ascontiguousarray(data).view(np.int16).copy())
+            .view(STORAGE_DTYPE)
+            .reshape(shape)
+            .float()
+        )
     codes, scale, zero_point = ct_unpack(data, option, shape)
     return dequantize(codes, scale, zero_point, torch.float32)
 
@@ -233,7 +258,9 @@ class CTSizer:
 # --- the live model and the written checkpoint ---------------------------------------------------------------------
 
 
-def checkpoint_model(model: nn.Module, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]]) -> nn.Module:
+def checkpoint_model(
+    model: nn.Module, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]]
+) -> nn.Module:
     """The model the checkpoint holds: `removed` blocks gone, dense tensors bfloat16, each searched linear (HF module
     at the base's numbering -> option, payload) a QuantizedLinear of those codes (the file holds what was scored)."""
     from slimlm.models.adapters import adapter_for, linear_weight, set_linear_weight_
@@ -252,15 +279,29 @@ def checkpoint_model(model: nn.Module, removed: tuple[int, ...], payloads: dict[
             continue
         codes, scale, zero_point = ct_unpack(data, option, shape)
         bias = module.bias.detach() if module.bias is not None else None
-        replace_module_(pruned, name, QuantizedLinear(codes, scale, zero_point, ct_grid(option.type), bias, STORAGE_DTYPE))
+        replace_module_(
+            pruned, name, QuantizedLinear(codes, scale, zero_point, ct_grid(option.type), bias, STORAGE_DTYPE)
+        )
     return pruned
 
 
-def write_ct_checkpoint(model: nn.Module, tokenizer, removed: tuple[int, ...], payloads: dict[str, tuple[Option, np.ndarray]], out: Path, manifest: dict, overwrite: bool = False) -> Path:
+def write_ct_checkpoint(
+    model: nn.Module,
+    tokenizer,
+    removed: tuple[int, ...],
+    payloads: dict[str, tuple[Option, np.ndarray]],
+    out: Path,
+    manifest: dict,
+    overwrite: bool = False,
+) -> Path:
     from slimlm.checkpoint.save import save_model
 
     return save_model(checkpoint_model(model, removed, payloads), tokenizer, out, manifest, overwrite=overwrite).path
 
 
-def write_ct_configuration(model: nn.Module, tokenizer, configuration, database, out: Path, manifest: dict, overwrite: bool = False) -> Path:
-    return write_ct_checkpoint(model, tokenizer, configuration.removed, database.chosen(configuration), out, manifest, overwrite)
+def write_ct_configuration(
+    model: nn.Module, tokenizer, configuration, database, out: Path, manifest: dict, overwrite: bool = False
+) -> Path:
+    return write_ct_checkpoint(
+        model, tokenizer, configuration.removed, database.chosen(configuration), out, manifest, overwrite
+    )

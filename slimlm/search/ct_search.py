@@ -77,11 +77,24 @@ def _ct_types(settings) -> tuple[str, ...] | None:
         return FAST_CT_TYPES
     unknown = [t for t in settings.types if not is_ct_type(t)]
     if unknown:
-        raise SlimlmError(f"--types {','.join(unknown)}: not compressed-tensors types", f"use some of: {', '.join(CT_TYPES)}")
+        raise SlimlmError(
+            f"--types {','.join(unknown)}: not compressed-tensors types", f"use some of: {', '.join(CT_TYPES)}"
+        )
     return settings.types
 
 
-def run_ct_search(model: str, out: Path, constraints, settings, evaluation, database_dir=None, overwrite: bool = False, allow_pickle: bool = False, device: str | None = None, extra_budgets: tuple[str, ...] = ()):
+def run_ct_search(
+    model: str,
+    out: Path,
+    constraints,
+    settings,
+    evaluation,
+    database_dir=None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    device: str | None = None,
+    extra_budgets: tuple[str, ...] = (),
+):
     """Search `model` for the best compressed-tensors checkpoint within `constraints.max_size`; write it to DIR
     (config.json, model.safetensors, tokenizer, slimlm.json) with DIR/{recipe.yaml, front.json, report.html}."""
     import time
@@ -112,23 +125,48 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
 
     started = time.perf_counter()
     if constraints.min_decode_tps is not None or constraints.max_ram is not None:
-        raise SlimlmError("--min-decode-tps / --max-ram are measured in llama.cpp: the compressed-tensors target has no cost model", "drop them, or search --target gguf")
+        raise SlimlmError(
+            "--min-decode-tps / --max-ram are measured in llama.cpp: the compressed-tensors target has no cost model",
+            "drop them, or search --target gguf",
+        )
     out = Path(out)
     check_output_dir(out, overwrite)
     base = load_model(model, allow_pickle=allow_pickle, device=device)
     base.model.eval()
-    space = ct_search_space(base.model, _ct_types(settings), tuple(m for m in settings.methods if m in CT_METHODS) or CT_METHODS)
+    space = ct_search_space(
+        base.model, _ct_types(settings), tuple(m for m in settings.methods if m in CT_METHODS) or CT_METHODS
+    )
     stats = settings.statistics
-    drawn = sample_calibration(base.tokenizer, load_text(stats.data, "calibration"), stats.samples + settings.rerank_windows, stats.seqlen, stats.seed)
+    drawn = sample_calibration(
+        base.tokenizer,
+        load_text(stats.data, "calibration"),
+        stats.samples + settings.rerank_windows,
+        stats.seqlen,
+        stats.seed,
+    )
     statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
     database_path = Path(database_dir) if database_dir else default_ct_database(base.model, ids_sha256(statistics_ids))
     with stage("search: database of tensor variants"):
-        database = build_database(database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), ids_sha256(statistics_ids))
+        database = build_database(
+            database_path,
+            base.model,
+            space,
+            lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed),
+            ids_sha256(statistics_ids),
+        )
     db_info = describe_database(database)
-    plain_line(f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}")
+    plain_line(
+        f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}"
+    )
     stages = _stages(base.model, rerank_ids, base.tokenizer)
     with stage("search: depth candidates"):
-        depth = depth_candidates(base.model, statistics_ids, stages[1], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
+        depth = depth_candidates(
+            base.model,
+            statistics_ids,
+            stages[1],
+            settings.depth_candidates,
+            database_path / f"depth-{settings.depth_candidates}.json",
+        )
     live = ct_live_copy(base.model, database)
     sizer = CTSizer(base.model, database)
     searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
@@ -141,33 +179,67 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
             f"--max-size {limit / 1e6:.2f} MB is below the smallest checkpoint this search reaches: about {smallest / 1e6:.2f} MB (blocks {list(smallest_removed)} removed)",
             "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
         )
-    budgets = sorted({limit, *(_ct_limit(b, uniform_sizes, parse_bytes) for b in extra_budgets), *(s for s in uniform_sizes.values() if smallest <= s < limit)})
+    budgets = sorted(
+        {
+            limit,
+            *(_ct_limit(b, uniform_sizes, parse_bytes) for b in extra_budgets),
+            *(s for s in uniform_sizes.values() if smallest <= s < limit),
+        }
+    )
     searcher.capacity = max(budgets)
     points = []
     with stage("search: knapsack + re-ranking"):
         for budget in budgets:
             generations = settings.generations if budget == limit else settings.front_generations
-            configuration, proxy, knapsack_kl, reranked_kl, ran = searcher.search(budget, [c for _, _, c in uniform], generations)
+            configuration, proxy, knapsack_kl, reranked_kl, ran = searcher.search(
+                budget, [c for _, _, c in uniform], generations
+            )
             name = searched_name(budget)
             plain_line(searched_line(name, knapsack_kl, reranked_kl, ran, generations, settings.patience))
-            points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
+            points.append(
+                Point(
+                    name,
+                    "searched",
+                    configuration,
+                    sizer(configuration),
+                    proxy,
+                    reranked_kl,
+                    budget=budget,
+                    note=f"knapsack answer's KL {knapsack_kl:.4f}",
+                )
+            )
     points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)
     with stage("search: held-out evaluation of every point"):
-        windows = make_windows(base.tokenizer, load_text(evaluation.data, evaluation.split), evaluation.seqlen, evaluation.max_windows)
-        base_quality, reference = evaluate_quality(base.model, windows, keep_reference=evaluation.kl_windows, progress=False)
+        windows = make_windows(
+            base.tokenizer, load_text(evaluation.data, evaluation.split), evaluation.seqlen, evaluation.max_windows
+        )
+        base_quality, reference = evaluate_quality(
+            base.model, windows, keep_reference=evaluation.kl_windows, progress=False
+        )
         for point in points:
             point.metrics = _metrics(live.quality(point.configuration, windows, reference))
             if point.rerank_kl is None:
                 point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
     chosen = _choose(points, limit, constraints)
-    manifest = {"recipe": {"search": TARGET, "point": chosen.name}, "source": {"model": base.source}, "metrics": chosen.metrics}
+    manifest = {
+        "recipe": {"search": TARGET, "point": chosen.name},
+        "source": {"model": base.source},
+        "metrics": chosen.metrics,
+    }
     with stage(f"search: writing the checkpoint {out}"):
-        write_ct_configuration(base.model, base.tokenizer, chosen.configuration, database, out, manifest, overwrite=overwrite)
+        write_ct_configuration(
+            base.model, base.tokenizer, chosen.configuration, database, out, manifest, overwrite=overwrite
+        )
         written = (out / WEIGHTS).stat().st_size
         if written != chosen.file_bytes:
-            raise SlimlmError(f"the written model.safetensors has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's compressed-tensors byte accounting")
+            raise SlimlmError(
+                f"the written model.safetensors has {written} bytes, the search counted {chosen.file_bytes}",
+                "report this as a bug in slimlm's compressed-tensors byte accounting",
+            )
     everything = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    base_entries = [e for e in sizer.layout(()).fixed] + [e for k in space.knobs for e in tensor_entries(k.module, Option(DENSE, "ref"), k.shape)]
+    base_entries = [e for e in sizer.layout(()).fixed] + [
+        e for k in space.knobs for e in tensor_entries(k.module, Option(DENSE, "ref"), k.shape)
+    ]
     base_point = Point("base (bfloat16)", "base", None, safetensors_bytes(base_entries), metrics=_metrics(base_quality))
     context = {
         "model": {"source": base.source, "resolved": base.resolved},
@@ -177,8 +249,17 @@ def run_ct_search(model: str, out: Path, constraints, settings, evaluation, data
         "budget_counts": "model.safetensors (header included); config.json, tokenizer and slimlm.json are not budgeted",
         "checkpoint_directory_bytes": everything,
         "settings": asdict(settings) | {"types": list(_ct_types(settings))},
-        "statistics": {"windows": int(statistics_ids.shape[0]), "seqlen": int(statistics_ids.shape[1]), "source": drawn.source, "sha256": ids_sha256(statistics_ids)},
-        "rerank": {"windows": int(rerank_ids.shape[0]), "seqlen": int(rerank_ids.shape[1]), "held_out_from": "the statistics windows (other offsets of the same calibration text)"},
+        "statistics": {
+            "windows": int(statistics_ids.shape[0]),
+            "seqlen": int(statistics_ids.shape[1]),
+            "source": drawn.source,
+            "sha256": ids_sha256(statistics_ids),
+        },
+        "rerank": {
+            "windows": int(rerank_ids.shape[0]),
+            "seqlen": int(rerank_ids.shape[1]),
+            "held_out_from": "the statistics windows (other offsets of the same calibration text)",
+        },
         "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
         "depth": [{"block": b, "kl": kl} for b, kl in depth],
         "sparsity": "not searched: vLLM and compressed-tensors > 0.14 no longer read sparse-compressed layouts",
@@ -195,5 +276,8 @@ def _ct_limit(max_size: str | None, uniform_sizes: dict[str, int], parse_bytes) 
     if key in uniform_sizes:
         return uniform_sizes[key]
     if max_size is None:
-        raise SlimlmError("no --max-size given and the search has no uniform int4-g64/gptq point to size it by", "pass --max-size, e.g. 120MB")
+        raise SlimlmError(
+            "no --max-size given and the search has no uniform int4-g64/gptq point to size it by",
+            "pass --max-size, e.g. 120MB",
+        )
     return parse_bytes(max_size, "--max-size")

@@ -41,7 +41,9 @@ from slimlm.search.statistics import (
     shaped_proxy,
 )
 
-VERSION = 4  # 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01); 3: exact reference codes reused, one thread;
+VERSION = (
+    4  # 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01); 3: exact reference codes reused, one thread;
+)
 # 4: the embedding's rounding weighted per element
 BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: always encoded (the presets use it)
 
@@ -66,7 +68,9 @@ def model_fingerprint(model: nn.Module) -> str:
 # --- encoding one tensor ---------------------------------------------------------------------------------------
 
 
-def encode(weight: torch.Tensor, option: Option, hessian: torch.Tensor | None, importance: torch.Tensor | None) -> np.ndarray:
+def encode(
+    weight: torch.Tensor, option: Option, hessian: torch.Tensor | None, importance: torch.Tensor | None
+) -> np.ndarray:
     """weight (out, in) -> the GGUF bytes (out, row bytes) uint8 that `option` writes for it (for a
     compressed-tensors type, `search.compressed_tensors.ct_encode`'s payload)."""
     from slimlm.export.gguf_types import quantize_tensor
@@ -89,7 +93,9 @@ def encode(weight: torch.Tensor, option: Option, hessian: torch.Tensor | None, i
     return np.ascontiguousarray(quantize_tensor(w, option.type, importance))
 
 
-def gptq_encode(weight: torch.Tensor, hessian: torch.Tensor, type_: str, importance: torch.Tensor | None = None) -> np.ndarray:
+def gptq_encode(
+    weight: torch.Tensor, hessian: torch.Tensor, type_: str, importance: torch.Tensor | None = None
+) -> np.ndarray:
     """GPTQ on the GGUF type's grid; the codes it commits are the file's codes."""
     from slimlm.export import gguf_types
 
@@ -114,7 +120,9 @@ def stored_bytes(knob: Knob, option: Option, data: np.ndarray) -> int:
     return variant_bytes(knob.module, option, knob.shape) if is_ct_type(option.type) else int(data.nbytes)
 
 
-def proxy_terms(knob: Knob, delta: torch.Tensor, statistics: SearchStatistics, gradients: torch.Tensor, head: str | None) -> tuple[float, float]:
+def proxy_terms(
+    knob: Knob, delta: torch.Tensor, statistics: SearchStatistics, gradients: torch.Tensor, head: str | None
+) -> tuple[float, float]:
     """(shaped, projection) estimates of one tensor's KL (see `search.statistics`), `gradients` its
     `knob_gradients`; `head` names the output head a tied embedding also is."""
     if knob.role in ("linear", "output"):
@@ -198,7 +206,12 @@ def _identity(model_id: str, calibration_sha: str, space: SearchSpace) -> dict:
 
 def _check_identity(path: Path, wanted: dict) -> None:
     found = json.loads((path / "database.json").read_text())
-    for key, what in (("version", "format version"), ("model", "model weights"), ("calibration", "calibration tokens"), ("target", "target format")):
+    for key, what in (
+        ("version", "format version"),
+        ("model", "model weights"),
+        ("calibration", "calibration tokens"),
+        ("target", "target format"),
+    ):
         if found.get(key) != wanted[key]:
             raise SlimlmError(
                 f"the search database in {path} was built for other {what} ({key} {str(found.get(key))[:16]} here, {str(wanted[key])[:16]} now)",
@@ -232,7 +245,10 @@ def _read_variants(path: Path, knob: Knob) -> list[Variant] | None:
     wanted = [o.label for o in (*knob.options, *baseline_options(knob))]
     if any(label not in meta for label in wanted):
         return None
-    return [Variant(Option.parse(label), meta[label]["bytes"], meta[label]["proxy"], meta[label].get("same_as")) for label in wanted]
+    return [
+        Variant(Option.parse(label), meta[label]["bytes"], meta[label]["proxy"], meta[label].get("same_as"))
+        for label in wanted
+    ]
 
 
 def baseline_options(knob: Knob) -> tuple[Option, ...]:
@@ -289,7 +305,9 @@ def build_database(
 MAX_WORKERS = 8  # forked encoders at most (each holds its own temporaries beside the shared statistics)
 
 
-def _encode_all(model: nn.Module, groups: list[list[Knob]], statistics: SearchStatistics, embed: str, head: str | None, path: Path):
+def _encode_all(
+    model: nn.Module, groups: list[list[Knob]], statistics: SearchStatistics, embed: str, head: str | None, path: Path
+):
     """Yield (knob, its variants) for every knob of `groups`, encoded by this process and by forked workers,
     one per core, each single-threaded (1.9x one process on 2 cores, measured). The workers share the
     statistics copy-on-write and write their knobs' files; whatever a worker leaves undone, this process encodes."""
@@ -434,7 +452,9 @@ def shared_input_groups(space: SearchSpace) -> list[list[Knob]]:
     return list(groups.values())
 
 
-def group_inputs(model: nn.Module, group: list[Knob], statistics: SearchStatistics, head: str | None) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+def group_inputs(
+    model: nn.Module, group: list[Knob], statistics: SearchStatistics, head: str | None
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """(each knob's float32 weight, the Hessian and importance of the input the group reads)."""
     weights = [_weight(model, knob).detach().float().cpu() for knob in group]
     module = head if group[0].role == "embedding" else group[0].module
@@ -445,14 +465,24 @@ def group_inputs(model: nn.Module, group: list[Knob], statistics: SearchStatisti
     return weights, hessian, importance
 
 
-def encode_group(weights: list[torch.Tensor], options: list[tuple[Option, ...]], hessian: torch.Tensor | None, importance: torch.Tensor | None) -> list[dict[str, np.ndarray]]:
+def encode_group(
+    weights: list[torch.Tensor],
+    options: list[tuple[Option, ...]],
+    hessian: torch.Tensor | None,
+    importance: torch.Tensor | None,
+) -> list[dict[str, np.ndarray]]:
     """Each weight's payload by option label. GPTQ runs once per type on the group's stacked rows; the database
     and a recipe's replay (`search.replay`) both encode through here, so they write the same bytes."""
     with single_threaded():
         return _encode_group_payloads(weights, options, hessian, importance)
 
 
-def _encode_group_payloads(weights: list[torch.Tensor], options: list[tuple[Option, ...]], hessian: torch.Tensor | None, importance: torch.Tensor | None) -> list[dict[str, np.ndarray]]:
+def _encode_group_payloads(
+    weights: list[torch.Tensor],
+    options: list[tuple[Option, ...]],
+    hessian: torch.Tensor | None,
+    importance: torch.Tensor | None,
+) -> list[dict[str, np.ndarray]]:
     stacked: dict[str, list[np.ndarray]] = {}  # GPTQ type -> each knob's rows
     exact: dict[str, list[np.ndarray] | None] = {}  # type -> the group's lossless reference codes, if they are
     encoded = []
@@ -468,7 +498,9 @@ def _encode_group_payloads(weights: list[torch.Tensor], options: list[tuple[Opti
             if option.method == "gptq" and len(weights) > 1 and space_target(option) == "gguf":
                 if option.type not in stacked:
                     rows = np.cumsum([w.shape[0] for w in weights])[:-1]
-                    stacked[option.type] = np.split(gptq_encode(torch.cat(weights), hessian, option.type, importance), rows)
+                    stacked[option.type] = np.split(
+                        gptq_encode(torch.cat(weights), hessian, option.type, importance), rows
+                    )
                 data = stacked[option.type][position]
             else:
                 data = encode(weight, option, hessian, importance)
@@ -492,7 +524,9 @@ def lossless_reference(weights: list[torch.Tensor], type_: str) -> list[np.ndarr
     return payloads
 
 
-def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatistics, embed: str, head: str | None, path: Path):
+def _encode_group(
+    model: nn.Module, group: list[Knob], statistics: SearchStatistics, embed: str, head: str | None, path: Path
+):
     """Encode each knob of `group` in every option, write its file, yield (knob, its variants' metadata)."""
     from safetensors.numpy import save_file
 
@@ -501,14 +535,31 @@ def _encode_group(model: nn.Module, group: list[Knob], statistics: SearchStatist
     for knob, weight, payloads in zip(group, weights, encoded):
         gradients = knob_gradients(knob, statistics, embed, head)
         same_as = _duplicates(payloads)
-        terms = {label: proxy_terms(knob, decode(data, Option.parse(label), knob.shape) - weight, statistics, gradients, head) for label, data in payloads.items() if label not in same_as}
+        terms = {
+            label: proxy_terms(
+                knob, decode(data, Option.parse(label), knob.shape) - weight, statistics, gradients, head
+            )
+            for label, data in payloads.items()
+            if label not in same_as
+        }
         terms = {label: terms[same_as.get(label, label)] for label in payloads}
         proxies = scaled_proxies(terms)
-        meta = {label: {"bytes": stored_bytes(knob, Option.parse(label), payloads[label]), "proxy": proxies[label], "shaped": sh, "projection": pr} for label, (sh, pr) in terms.items()}
+        meta = {
+            label: {
+                "bytes": stored_bytes(knob, Option.parse(label), payloads[label]),
+                "proxy": proxies[label],
+                "shaped": sh,
+                "projection": pr,
+            }
+            for label, (sh, pr) in terms.items()
+        }
         for label, first in same_as.items():
             meta[label]["same_as"] = first
         stored = {label: data for label, data in payloads.items() if label not in same_as}
-        _atomic_write(_knob_file(path, knob.tensor), lambda p, d=stored, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}))
+        _atomic_write(
+            _knob_file(path, knob.tensor),
+            lambda p, d=stored, m=meta: save_file(d, str(p), metadata={"variants": json.dumps(m)}),
+        )
         yield knob, meta
 
 
@@ -518,7 +569,16 @@ def _duplicates(payloads: dict[str, np.ndarray]) -> dict[str, str]:
     same_as: dict[str, str] = {}
     labels = sorted(payloads, key=lambda label: not label.endswith("/" + BASELINE_METHOD))
     for position, label in enumerate(labels):
-        first = next((e for e in labels[:position] if e not in same_as and e.split("/")[0] == label.split("/")[0] and np.array_equal(payloads[e], payloads[label])), None)
+        first = next(
+            (
+                e
+                for e in labels[:position]
+                if e not in same_as
+                and e.split("/")[0] == label.split("/")[0]
+                and np.array_equal(payloads[e], payloads[label])
+            ),
+            None,
+        )
         if first is not None:
             same_as[label] = first
     return same_as
@@ -530,7 +590,9 @@ def space_target(option: Option) -> str:
     return TARGET if is_ct_type(option.type) else "gguf"
 
 
-def _wait_for_others(path: Path, space: SearchSpace, variants: dict[str, list[Variant]], timeout_s: float = 86400) -> None:
+def _wait_for_others(
+    path: Path, space: SearchSpace, variants: dict[str, list[Variant]], timeout_s: float = 86400
+) -> None:
     start = time.monotonic()
     while len(variants) < len(space.knobs):
         for knob in space.knobs:
@@ -540,7 +602,10 @@ def _wait_for_others(path: Path, space: SearchSpace, variants: dict[str, list[Va
                     variants[knob.tensor] = stored
         if len(variants) < len(space.knobs):
             if time.monotonic() - start > timeout_s:
-                raise SlimlmError("the other search processes did not finish their share of the database", "check their logs; rerun to resume")
+                raise SlimlmError(
+                    "the other search processes did not finish their share of the database",
+                    "check their logs; rerun to resume",
+                )
             time.sleep(2)
 
 
@@ -552,6 +617,10 @@ def _weight(model: nn.Module, knob: Knob) -> torch.Tensor:
 
 
 def describe(database: Database) -> dict:
-    return {"path": str(database.path), "bytes": database.size_bytes(), "knobs": len(database.variants), "variants": sum(len(v) for v in database.variants.values()),
-            "options": sorted({v.option.label for vs in database.variants.values() for v in vs})}
-
+    return {
+        "path": str(database.path),
+        "bytes": database.size_bytes(),
+        "knobs": len(database.variants),
+        "variants": sum(len(v) for v in database.variants.values()),
+        "options": sorted({v.option.label for vs in database.variants.values() for v in vs}),
+    }

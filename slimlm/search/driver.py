@@ -1,8 +1,8 @@
 """`slimlm search`: from a user's constraints to the best deployable file, with the measured front around it.
 
-    statistics (1 forward + backward)  ->  database of tensor variants (disk, resumable)  ->  depth candidates
-    ->  exact knapsack on the additive proxy, per number of removed blocks  ->  re-ranking by true KL (EvoPress)
-    ->  every front point and baseline measured on held-out text  ->  the chosen file written, its bytes checked
+statistics (1 forward + backward)  ->  database of tensor variants (disk, resumable)  ->  depth candidates
+->  exact knapsack on the additive proxy, per number of removed blocks  ->  re-ranking by true KL (EvoPress)
+->  every front point and baseline measured on held-out text  ->  the chosen file written, its bytes checked
 """
 
 from __future__ import annotations
@@ -71,10 +71,16 @@ def searched_name(budget: int) -> str:
     return f"searched ≤ {budget / 1e6:.1f} MB" if budget >= 1e7 else f"searched ≤ {budget / 1e3:.1f} kB"
 
 
-def searched_line(name: str, knapsack_kl: float, reranked_kl: float, generations: int, asked: int, patience: int) -> str:
+def searched_line(
+    name: str, knapsack_kl: float, reranked_kl: float, generations: int, asked: int, patience: int
+) -> str:
     """The plain progress line of one searched budget (`generations` run of the `asked`)."""
     if reranked_kl > 0:
-        stopped = f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}" if generations < asked else " generation" + "s" * (generations != 1)
+        stopped = (
+            f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}"
+            if generations < asked
+            else " generation" + "s" * (generations != 1)
+        )
         return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> re-ranked {reranked_kl:.4f} ({generations}{stopped})"
     return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> {reranked_kl:.4f}, the base's own logits (re-ranking stopped)"
 
@@ -110,8 +116,14 @@ class Sizer:
     def __call__(self, configuration: Configuration) -> int:
         layout = self.layout(configuration.removed)
         variants = self.database.variants
-        return layout.header_bytes + layout.fixed_bytes + sum(
-            padded(variants[k.tensor][i].bytes) for k, i in zip(self.database.space.knobs, configuration.choice) if k.block not in configuration.removed
+        return (
+            layout.header_bytes
+            + layout.fixed_bytes
+            + sum(
+                padded(variants[k.tensor][i].bytes)
+                for k, i in zip(self.database.space.knobs, configuration.choice)
+                if k.block not in configuration.removed
+            )
         )
 
 
@@ -142,14 +154,23 @@ def preset_configuration(database: Database, tensor_types: dict[str, str]) -> Co
     choice = []
     for knob in database.space.knobs:
         type_ = tensor_types.get(knob.tensor)
-        index = next((i for method in ("ref", "rtn", "gptq") if (i := _index(database, knob.tensor, Option(type_, method))) is not None), None)
+        index = next(
+            (
+                i
+                for method in ("ref", "rtn", "gptq")
+                if (i := _index(database, knob.tensor, Option(type_, method))) is not None
+            ),
+            None,
+        )
         if index is None:
             return None
         choice.append(index)
     return Configuration(tuple(choice))
 
 
-def baselines(database: Database, mixes: dict[str, dict[str, str]] | None = None) -> list[tuple[str, str, Configuration]]:
+def baselines(
+    database: Database, mixes: dict[str, dict[str, str]] | None = None
+) -> list[tuple[str, str, Configuration]]:
     """slimlm's uniform codes (each type × method) and llama.cpp's presets (its reference quantizer, no imatrix;
     the k-quant mixes in `mixes`: preset name -> GGUF tensor -> type)."""
     found = []
@@ -166,7 +187,9 @@ def baselines(database: Database, mixes: dict[str, dict[str, str]] | None = None
         for method in ("gptq", "rtn"):
             if method in methods:
                 uniform = uniform_configuration(database, Option(type_, method), Option(embedding_type, "rtn"))
-                uniform = uniform or uniform_configuration(database, Option(type_, method), Option(embedding_type, "ref"))
+                uniform = uniform or uniform_configuration(
+                    database, Option(type_, method), Option(embedding_type, "ref")
+                )
                 if uniform is not None:
                     found.append((f"slimlm uniform {type_}/{method}", "uniform", uniform))
     return found
@@ -175,7 +198,9 @@ def baselines(database: Database, mixes: dict[str, dict[str, str]] | None = None
 # --- depth candidates ---------------------------------------------------------------------------------------------
 
 
-def depth_candidates(model: nn.Module, calibration_ids: torch.Tensor, stage_: Stage, count: int, cache: Path) -> list[tuple[int, float]]:
+def depth_candidates(
+    model: nn.Module, calibration_ids: torch.Tensor, stage_: Stage, count: int, cache: Path
+) -> list[tuple[int, float]]:
     """The `count` blocks whose removal alone costs the least KL (measured), as (block, KL), least first.
 
     Candidates are the 2·count blocks of lowest Block Influence (ShortGPT; one forward), each then measured on
@@ -218,8 +243,25 @@ def _size_limit(constraints: Constraints, baseline_sizes: dict[str, int]) -> int
 class Searcher:
     """Holds what every budget reuses: the database, the live model, the knapsack tables and the scoring stages."""
 
-    def __init__(self, database: Database, live: LiveModel, sizer: Sizer, stages: tuple[Stage, Stage], depth: list[tuple[int, float]], settings: SearchSettings, capacity: int, pricer=None):
-        self.database, self.live, self.sizer, self.stages, self.depth, self.settings = database, live, sizer, stages, depth, settings
+    def __init__(
+        self,
+        database: Database,
+        live: LiveModel,
+        sizer: Sizer,
+        stages: tuple[Stage, Stage],
+        depth: list[tuple[int, float]],
+        settings: SearchSettings,
+        capacity: int,
+        pricer=None,
+    ):
+        self.database, self.live, self.sizer, self.stages, self.depth, self.settings = (
+            database,
+            live,
+            sizer,
+            stages,
+            depth,
+            settings,
+        )
         self.space = database.space
         self.capacity = capacity  # the largest budget asked: one knapsack table per removal set answers all below it
         self.pricer = pricer  # speed / RAM constraints (None: bytes only)
@@ -241,8 +283,14 @@ class Searcher:
             kept = [i for i, k in enumerate(self.space.knobs) if k.block not in removed]
             every = searchable_variants(self.database)
             searchable = [every[i] for i in kept]
-            costs = [np.array([self.database.variants[self.space.knobs[i].tensor][j].proxy for j in options]) for i, options in zip(kept, searchable)]
-            sizes = [np.array([padded(self.database.variants[self.space.knobs[i].tensor][j].bytes) for j in options]) for i, options in zip(kept, searchable)]
+            costs = [
+                np.array([self.database.variants[self.space.knobs[i].tensor][j].proxy for j in options])
+                for i, options in zip(kept, searchable)
+            ]
+            sizes = [
+                np.array([padded(self.database.variants[self.space.knobs[i].tensor][j].bytes) for j in options])
+                for i, options in zip(kept, searchable)
+            ]
             self.tables[key] = (knapsack(costs, sizes, capacity), capacity, kept, searchable)
         return self.tables[key]
 
@@ -251,8 +299,14 @@ class Searcher:
         best = None
         for removed in self.removal_sets():
             layout = self.sizer.layout(removed)
-            size = layout.header_bytes + layout.fixed_bytes + sum(
-                min(padded(v.bytes) for v in self.database.variants[k.tensor] if v.option in k.options) for k in self.space.knobs if k.block not in removed
+            size = (
+                layout.header_bytes
+                + layout.fixed_bytes
+                + sum(
+                    min(padded(v.bytes) for v in self.database.variants[k.tensor] if v.option in k.options)
+                    for k in self.space.knobs
+                    if k.block not in removed
+                )
             )
             if best is None or size < best[0]:
                 best = (size, removed)
@@ -283,7 +337,9 @@ class Searcher:
         answers.sort(key=lambda item: item[0])
         return answers
 
-    def search(self, budget: int, uniform: list[Configuration], generations: int) -> tuple[Configuration, float, float, float, int]:
+    def search(
+        self, budget: int, uniform: list[Configuration], generations: int
+    ) -> tuple[Configuration, float, float, float, int]:
         """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL, generations run)
         within `budget`.
 
@@ -297,21 +353,37 @@ class Searcher:
         if not seeds:
             raise SlimlmError(
                 f"nothing within {budget / 1e6:.2f} MB meets the speed / RAM constraints by the cost model"
-                if self.pricer is not None else f"nothing fits in {budget / 1e6:.2f} MB",
-                "relax --max-size or --min-decode-tps / --max-ram (they conflict here)" if self.pricer is not None else "raise --max-size",
+                if self.pricer is not None
+                else f"nothing fits in {budget / 1e6:.2f} MB",
+                "relax --max-size or --min-decode-tps / --max-ram (they conflict here)"
+                if self.pricer is not None
+                else "raise --max-size",
             )
         # opened before the seeds are scored, with or without generations to follow: the first budget's seeds take
         # half a minute on SmolLM2, which a piped log showed as silence; a budget with nothing left to measure
         # (its seeds scored at an earlier budget, no generations) prints nothing
         small, large = self.stages
         first = self.live.scored(seeds[0], large.windows, large.reference)
-        others = first and (self.live.kl(seeds[0], large.windows, large.reference) <= 0.0 or all(self.live.scored(s, small.windows, small.reference) for s in seeds[1:]))
+        others = first and (
+            self.live.kl(seeds[0], large.windows, large.reference) <= 0.0
+            or all(self.live.scored(s, small.windows, small.reference) for s in seeds[1:])
+        )
         measured = first and others  # rerank stops at a KL of 0 without scoring the others
         description = f"search: re-ranking {len(seeds)} seeds at {budget / 1e6:.1f} MB"
-        with progress_bar(description, generations, unit="generations", show=generations > 0 or not measured) as advance:
+        with progress_bar(
+            description, generations, unit="generations", show=generations > 0 or not measured
+        ) as advance:
             result = rerank(
-                self.live, seeds, self.priced_size, budget, self.stages, generations, self.settings.offspring,
-                self.settings.survivors, seed=self.settings.seed, progress=lambda generation, kl: advance(),
+                self.live,
+                seeds,
+                self.priced_size,
+                budget,
+                self.stages,
+                generations,
+                self.settings.offspring,
+                self.settings.survivors,
+                seed=self.settings.seed,
+                progress=lambda generation, kl: advance(),
                 patience=self.settings.patience,
             )
         knapsack_kl = result.first_seed_kl if answers else float("nan")
@@ -360,20 +432,34 @@ def run_gguf_search(
     space = gguf_search_space(base.model, linear_types=settings.types, methods=settings.methods)
     calibration_text = load_text(settings.statistics.data, "calibration")
     stats = settings.statistics
-    drawn = sample_calibration(base.tokenizer, calibration_text, stats.samples + settings.rerank_windows, stats.seqlen, stats.seed)
+    drawn = sample_calibration(
+        base.tokenizer, calibration_text, stats.samples + settings.rerank_windows, stats.seqlen, stats.seed
+    )
     statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
     database_path = Path(database_dir) if database_dir else default_database(base.model, ids_sha256(statistics_ids))
     with stage("search: database of tensor variants"):
         database = build_database(
-            database_path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), ids_sha256(statistics_ids),
+            database_path,
+            base.model,
+            space,
+            lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed),
+            ids_sha256(statistics_ids),
         )
     from slimlm.search.database import describe as describe_database
 
     db_info = describe_database(database)
-    plain_line(f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}")
+    plain_line(
+        f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}"
+    )
     stages = _stages(base.model, rerank_ids, base.tokenizer)
     with stage("search: depth candidates"):
-        depth = depth_candidates(base.model, statistics_ids, stages[0], settings.depth_candidates, database_path / f"depth-{settings.depth_candidates}.json")
+        depth = depth_candidates(
+            base.model,
+            statistics_ids,
+            stages[0],
+            settings.depth_candidates,
+            database_path / f"depth-{settings.depth_candidates}.json",
+        )
     live = live_copy(base.model, database)
     sizer = Sizer(base.model, base.tokenizer, source_gguf(base), database)
     searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
@@ -401,13 +487,26 @@ def run_gguf_search(
             configuration, proxy, knapsack_kl, reranked_kl, ran = searcher.search(budget, uniform_configs, generations)
             name = searched_name(budget)
             plain_line(searched_line(name, knapsack_kl, reranked_kl, ran, generations, settings.patience))
-            points.append(Point(name, "searched", configuration, sizer(configuration), proxy, reranked_kl, budget=budget, note=f"knapsack answer's KL {knapsack_kl:.4f}"))
+            points.append(
+                Point(
+                    name,
+                    "searched",
+                    configuration,
+                    sizer(configuration),
+                    proxy,
+                    reranked_kl,
+                    budget=budget,
+                    note=f"knapsack answer's KL {knapsack_kl:.4f}",
+                )
+            )
     for name, kind, configuration in uniform:
         points.append(Point(name, kind, configuration, sizer(configuration)))
     with stage("search: held-out evaluation of every point"):
         text = load_text(evaluation.data, evaluation.split)
         windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-        base_quality, reference = evaluate_quality(base.model, windows, keep_reference=evaluation.kl_windows, progress=False)
+        base_quality, reference = evaluate_quality(
+            base.model, windows, keep_reference=evaluation.kl_windows, progress=False
+        )
         for point in points:
             point.metrics = _metrics(live.quality(point.configuration, windows, reference))
             if point.rerank_kl is None:
@@ -415,15 +514,34 @@ def run_gguf_search(
     chosen = _choose(points, chosen_budget, constraints)
     with stage(f"search: writing {out / 'model.gguf'}"):
         out.mkdir(parents=True, exist_ok=True)
-        summary = write_configuration(base.model, base.tokenizer, source_gguf(base), chosen.configuration.removed, _packed(chosen.configuration, database), out / "model.gguf", overwrite=overwrite)
+        summary = write_configuration(
+            base.model,
+            base.tokenizer,
+            source_gguf(base),
+            chosen.configuration.removed,
+            _packed(chosen.configuration, database),
+            out / "model.gguf",
+            overwrite=overwrite,
+        )
         written = file_bytes(summary.path)
         if written != chosen.file_bytes:
-            raise SlimlmError(f"the written file has {written} bytes, the search counted {chosen.file_bytes}", "report this as a bug in slimlm's GGUF byte accounting")
+            raise SlimlmError(
+                f"the written file has {written} bytes, the search counted {chosen.file_bytes}",
+                "report this as a bug in slimlm's GGUF byte accounting",
+            )
     if export_front:
         for point in points:
             if point.kind == "searched" and point is not chosen:
                 path = out / "front" / f"{point.budget / 1e6:.1f}MB.gguf"
-                write_configuration(base.model, base.tokenizer, source_gguf(base), point.configuration.removed, _packed(point.configuration, database), path, overwrite=overwrite)
+                write_configuration(
+                    base.model,
+                    base.tokenizer,
+                    source_gguf(base),
+                    point.configuration.removed,
+                    _packed(point.configuration, database),
+                    path,
+                    overwrite=overwrite,
+                )
                 point.note += f"; file {path.relative_to(out)}"
     problems = []
     if _llama_cpp_installed():
@@ -433,14 +551,31 @@ def run_gguf_search(
                 measured = pricer.check_written(summary.path, constraints.threads)
                 problems = measured.pop("problems")
                 chosen.metrics["llama.cpp"]["cost_model"] = measured
-    base_point = Point("base (16-bit)", "base", None, sizer.layout(()).header_bytes + sizer.layout(()).fixed_bytes + sum(padded(2 * k.shape[0] * k.shape[1]) for k in space.knobs), metrics=_metrics(base_quality))
+    base_point = Point(
+        "base (16-bit)",
+        "base",
+        None,
+        sizer.layout(()).header_bytes
+        + sizer.layout(()).fixed_bytes
+        + sum(padded(2 * k.shape[0] * k.shape[1]) for k in space.knobs),
+        metrics=_metrics(base_quality),
+    )
     context = {
         "model": {"source": base.source, "resolved": base.resolved},
         "constraints": asdict(constraints),
         "budget_bytes": chosen_budget,
         "settings": asdict(settings),
-        "statistics": {"windows": int(statistics_ids.shape[0]), "seqlen": int(statistics_ids.shape[1]), "source": drawn.source, "sha256": ids_sha256(statistics_ids)},
-        "rerank": {"windows": int(rerank_ids.shape[0]), "seqlen": int(rerank_ids.shape[1]), "held_out_from": "the statistics windows (other offsets of the same calibration text)"},
+        "statistics": {
+            "windows": int(statistics_ids.shape[0]),
+            "seqlen": int(statistics_ids.shape[1]),
+            "source": drawn.source,
+            "sha256": ids_sha256(statistics_ids),
+        },
+        "rerank": {
+            "windows": int(rerank_ids.shape[0]),
+            "seqlen": int(rerank_ids.shape[1]),
+            "held_out_from": "the statistics windows (other offsets of the same calibration text)",
+        },
         "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
         "depth": [{"block": b, "kl": kl} for b, kl in depth],
         "sparsity": "not searched: neither GGUF nor llama.cpp stores or runs unstructured / 2:4 sparse weights smaller or faster",
@@ -449,7 +584,10 @@ def run_gguf_search(
     result = SearchResult(out, chosen, [base_point, *points], db_info, context)
     write_search_report(result, database)
     if problems:
-        raise SlimlmError(f"the chosen file {'; '.join(problems)}", f"the report is in {out}; tighten --max-size or rerun on an idle machine (the cost model is in {database_path})")
+        raise SlimlmError(
+            f"the chosen file {'; '.join(problems)}",
+            f"the report is in {out}; tighten --max-size or rerun on an idle machine (the cost model is in {database_path})",
+        )
     return result
 
 
@@ -458,9 +596,15 @@ def _pricer(base, database: Database, sizer: Sizer, constraints: Constraints, ma
     from slimlm.search.speed import Pricer, cost_model_for
 
     types = sorted({v.option.type for vs in database.variants.values() for v in vs} | {"f16"})
-    cost_model = cost_model_for(base, types, constraints.threads, database_path / f"costs-{constraints.threads}threads.json")
+    cost_model = cost_model_for(
+        base, types, constraints.threads, database_path / f"costs-{constraints.threads}threads.json"
+    )
     searched = {k.tensor for k in database.space.knobs}
-    extra = {name: ("f16", tuple(shape)) for name, shape in tensor_layout(base.model).items() if len(shape) == 2 and name not in searched}
+    extra = {
+        name: ("f16", tuple(shape))
+        for name, shape in tensor_layout(base.model).items()
+        if len(shape) == 2 and name not in searched
+    }
     return Pricer(cost_model, database, extra, constraints.min_decode_tps, max_ram)
 
 
@@ -505,14 +649,24 @@ def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stag
 
     made = []
     for rows in (ids[:1], ids):
-        windows = EvalWindows(input_ids=rows, source="held-out calibration windows", seqlen=rows.shape[1], total_windows=rows.shape[0], bos_token_id=bos_token_id(tokenizer))
+        windows = EvalWindows(
+            input_ids=rows,
+            source="held-out calibration windows",
+            seqlen=rows.shape[1],
+            total_windows=rows.shape[0],
+            bos_token_id=bos_token_id(tokenizer),
+        )
         _, reference = evaluate_quality(model, windows, keep_reference=rows.shape[0], progress=False)
         made.append(Stage(windows, reference))
     return made[0], made[1]
 
 
 def _metrics(quality) -> dict:
-    return {"perplexity": quality.perplexity, "kl_divergence": quality.kl_divergence, "top1_agreement": quality.top1_agreement}
+    return {
+        "perplexity": quality.perplexity,
+        "kl_divergence": quality.kl_divergence,
+        "top1_agreement": quality.top1_agreement,
+    }
 
 
 def _choose(points: list[Point], budget: int, constraints: Constraints) -> Point:

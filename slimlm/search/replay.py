@@ -40,13 +40,22 @@ def check_replay(model: nn.Module, target: str, tensors: Mapping[str, str], remo
     known = {k.tensor: k for k in space.knobs}
     unknown = [t for t in tensors if t not in known]
     if unknown:
-        raise SlimlmError(f"recipe export tensors: '{unknown[0]}' is not a searchable tensor of this model", "replay the recipe on the model the search ran on")
+        raise SlimlmError(
+            f"recipe export tensors: '{unknown[0]}' is not a searchable tensor of this model",
+            "replay the recipe on the model the search ran on",
+        )
     blocks = {k.block for k in space.knobs if k.block is not None}
     if set(removed) - blocks:
-        raise SlimlmError(f"recipe export remove_blocks: {sorted(set(removed) - blocks)} not among the model's blocks 0..{max(blocks)}", "replay the recipe on the model the search ran on")
+        raise SlimlmError(
+            f"recipe export remove_blocks: {sorted(set(removed) - blocks)} not among the model's blocks 0..{max(blocks)}",
+            "replay the recipe on the model the search ran on",
+        )
     missing = [k.tensor for k in space.knobs if k.block not in removed and k.tensor not in tensors]
     if missing:
-        raise SlimlmError(f"recipe export tensors: no type for {missing[0]} ({len(missing)} tensors unnamed)", "name every kept tensor's TYPE/METHOD, as the search's recipe.yaml does")
+        raise SlimlmError(
+            f"recipe export tensors: no type for {missing[0]} ({len(missing)} tensors unnamed)",
+            "name every kept tensor's TYPE/METHOD, as the search's recipe.yaml does",
+        )
     chosen = []
     for knob in space.knobs:
         if knob.block in removed:
@@ -54,12 +63,26 @@ def check_replay(model: nn.Module, target: str, tensors: Mapping[str, str], remo
         option = Option.parse(tensors[knob.tensor])
         allowed = (*knob.options, *baseline_options(knob))
         if option not in allowed:
-            raise SlimlmError(f"recipe export tensors: {knob.tensor} {knob.shape} cannot be {option.label}", f"use one of: {', '.join(o.label for o in allowed)}")
+            raise SlimlmError(
+                f"recipe export tensors: {knob.tensor} {knob.shape} cannot be {option.label}",
+                f"use one of: {', '.join(o.label for o in allowed)}",
+            )
         chosen.append(knob)
     return chosen
 
 
-def replay(model: nn.Module, tokenizer, target: str, tensors: Mapping[str, str], removed: tuple[int, ...], calibration_ids: torch.Tensor, out: Path, source_gguf: Path | None = None, manifest: dict | None = None, overwrite: bool = False):
+def replay(
+    model: nn.Module,
+    tokenizer,
+    target: str,
+    tensors: Mapping[str, str],
+    removed: tuple[int, ...],
+    calibration_ids: torch.Tensor,
+    out: Path,
+    source_gguf: Path | None = None,
+    manifest: dict | None = None,
+    overwrite: bool = False,
+):
     """Write the artifact a search chose (see the module docstring): GGUF -> `write_gguf`'s summary; compressed-tensors
     -> the checkpoint directory."""
     from slimlm.models.adapters import adapter_for
@@ -79,7 +102,9 @@ def replay(model: nn.Module, tokenizer, target: str, tensors: Mapping[str, str],
         for group in shared_input_groups(SearchSpace(target, tuple(knobs))):
             weights, hessian, importance = group_inputs(model, group, statistics, head)
             options = [Option.parse(tensors[k.tensor]) for k in group]
-            for knob, option, encoded in zip(group, options, encode_group(weights, [(o,) for o in options], hessian, importance)):
+            for knob, option, encoded in zip(
+                group, options, encode_group(weights, [(o,) for o in options], hessian, importance)
+            ):
                 payloads[knob.tensor] = (option, encoded[option.label])
                 advance()
     if target == "gguf":

@@ -15,7 +15,12 @@ import yaml
 
 from slimlm.report.plots import pareto_front
 
-KIND_STYLE = {"searched": ("#d64545", "o"), "uniform": ("#2f6fbd", "s"), "preset": ("#7b8794", "^"), "base": ("#1f2933", "D")}
+KIND_STYLE = {
+    "searched": ("#d64545", "o"),
+    "uniform": ("#2f6fbd", "s"),
+    "preset": ("#7b8794", "^"),
+    "base": ("#1f2933", "D"),
+}
 
 
 def _rows(result, database) -> list[dict]:
@@ -40,7 +45,11 @@ def recipe_dict(point, database, statistics: dict) -> dict:
     if point.configuration.removed:
         export["remove_blocks"] = list(point.configuration.removed)
     export["calibration"] = {key: statistics[key] for key in ("data", "samples", "seqlen", "seed")}
-    return {"description": f"slimlm search: {point.name}, {point.file_bytes / 1e6:.2f} MB", "stages": [], "export": export}
+    return {
+        "description": f"slimlm search: {point.name}, {point.file_bytes / 1e6:.2f} MB",
+        "stages": [],
+        "export": export,
+    }
 
 
 def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes | None:
@@ -56,13 +65,33 @@ def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes 
     for kind, (colour, marker) in KIND_STYLE.items():
         mine = [r for r in points if r["kind"] == kind]
         if mine:
-            ax.scatter([r[x_key] for r in mine], [max(r["metrics"]["kl_divergence"], 1e-5) for r in mine], c=colour, marker=marker, label=kind, s=36, zorder=3)
+            ax.scatter(
+                [r[x_key] for r in mine],
+                [max(r["metrics"]["kl_divergence"], 1e-5) for r in mine],
+                c=colour,
+                marker=marker,
+                label=kind,
+                s=36,
+                zorder=3,
+            )
     searched = sorted((r for r in points if r["kind"] == "searched"), key=lambda r: r[x_key])
     if len(searched) > 1:
-        ax.plot([r[x_key] for r in searched], [max(r["metrics"]["kl_divergence"], 1e-5) for r in searched], c=KIND_STYLE["searched"][0], lw=1, zorder=2)
+        ax.plot(
+            [r[x_key] for r in searched],
+            [max(r["metrics"]["kl_divergence"], 1e-5) for r in searched],
+            c=KIND_STYLE["searched"][0],
+            lw=1,
+            zorder=2,
+        )
     for r in points:
         if r["kind"] != "searched":
-            ax.annotate(r["name"].replace("slimlm uniform ", "").replace("llama.cpp ", "lc "), (r[x_key], max(r["metrics"]["kl_divergence"], 1e-5)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(
+                r["name"].replace("slimlm uniform ", "").replace("llama.cpp ", "lc "),
+                (r[x_key], max(r["metrics"]["kl_divergence"], 1e-5)),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
     ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("KL(base ‖ model), held-out, nats/token (log)")
@@ -80,16 +109,18 @@ def table_rows(data: dict) -> list[list[str]]:
     rows = []
     for r in sorted(data["points"], key=lambda r: r["file_bytes"]):
         m = r["metrics"]
-        rows.append([
-            ("★ " if r["name"] == data["chosen"] else "") + r["name"],
-            r["kind"],
-            f"{r['file_bytes'] / 1e6:.2f}",
-            "—" if m.get("kl_divergence") is None else f"{m['kl_divergence']:.4f}",
-            "—" if m.get("perplexity") is None else f"{m['perplexity']:.3f}",
-            "—" if m.get("top1_agreement") is None else f"{100 * m['top1_agreement']:.1f}",
-            "—" if r.get("rerank_kl") is None else f"{r['rerank_kl']:.4f}",
-            "yes" if r.get("on_front") else "",
-        ])
+        rows.append(
+            [
+                ("★ " if r["name"] == data["chosen"] else "") + r["name"],
+                r["kind"],
+                f"{r['file_bytes'] / 1e6:.2f}",
+                "—" if m.get("kl_divergence") is None else f"{m['kl_divergence']:.4f}",
+                "—" if m.get("perplexity") is None else f"{m['perplexity']:.3f}",
+                "—" if m.get("top1_agreement") is None else f"{100 * m['top1_agreement']:.1f}",
+                "—" if r.get("rerank_kl") is None else f"{r['rerank_kl']:.4f}",
+                "yes" if r.get("on_front") else "",
+            ]
+        )
     return rows
 
 
@@ -100,8 +131,17 @@ def write_search_report(result, database) -> None:
     out: Path = result.out
     data = front_dict(result, database)
     (out / "front.json").write_text(json.dumps(data, indent=1))
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(result.chosen, database, result.context["settings"]["statistics"]), sort_keys=False))
-    figure = plot_front(data["points"], "file_bytes", "GGUF file size (bytes)" if data["context"].get("target", "gguf") == "gguf" else "model.safetensors size (bytes)", f"{data['context']['model']['source']}: held-out KL against file size")
+    (out / "recipe.yaml").write_text(
+        yaml.safe_dump(recipe_dict(result.chosen, database, result.context["settings"]["statistics"]), sort_keys=False)
+    )
+    figure = plot_front(
+        data["points"],
+        "file_bytes",
+        "GGUF file size (bytes)"
+        if data["context"].get("target", "gguf") == "gguf"
+        else "model.safetensors size (bytes)",
+        f"{data['context']['model']['source']}: held-out KL against file size",
+    )
     figures = {}
     if figure is not None:
         (out / "front-size.png").write_bytes(figure)
@@ -116,7 +156,10 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(data))
-    images = "".join(f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>' for n, png in figures.items())
+    images = "".join(
+        f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
+        for n, png in figures.items()
+    )
     context = data["context"]
     notes = [
         f"model: {context['model']['source']}; chosen: {data['chosen']} (written to {'model.gguf' if context.get('target', 'gguf') == 'gguf' else 'this directory, a compressed-tensors checkpoint'})",
@@ -126,10 +169,10 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
     ]
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return (
-        f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>slimlm search</title><style>{STYLE}</style></head><body>"
-        f"<h1>slimlm search</h1><ul class=\"notes\">{notes_html}</ul>"
-        f"<h2>Front and baselines</h2><div class=\"wide\"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
-        f"<h2>Quality against size</h2><div class=\"figures\">{images}</div></body></html>\n"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>slimlm search</title><style>{STYLE}</style></head><body>'
+        f'<h1>slimlm search</h1><ul class="notes">{notes_html}</ul>'
+        f'<h2>Front and baselines</h2><div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        f'<h2>Quality against size</h2><div class="figures">{images}</div></body></html>\n'
     )
 
 
@@ -144,4 +187,6 @@ def print_table(data: dict) -> None:
         table.add_column(h, justify="left" if h in ("point", "kind") else "right")
     for row in table_rows(data):
         table.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log or pipe gets the whole row, as progress lines do
+    Console(width=None if sys.stdout.isatty() else 160).print(
+        table
+    )  # a log or pipe gets the whole row, as progress lines do

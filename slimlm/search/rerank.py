@@ -60,7 +60,10 @@ class LiveModel:
         if key not in self.cache:
             variant = self.database.variants[knob.tensor][index]
             decoded = decode(self.database.payload(knob.tensor, variant.option), variant.option, knob.shape)
-            while self.cache and sum(t.numel() * 4 for t in self.cache.values()) + decoded.numel() * 4 > self.cache_limit_bytes:
+            while (
+                self.cache
+                and sum(t.numel() * 4 for t in self.cache.values()) + decoded.numel() * 4 > self.cache_limit_bytes
+            ):
                 self.cache.pop(next(iter(self.cache)))
             self.cache[key] = decoded
         return self.cache[key]
@@ -141,7 +144,15 @@ class RerankResult:
     first_seed_kl: float  # the first seed's (the knapsack's answer's) KL on the last stage's tokens
 
 
-def mutate(configuration: Configuration, database: Database, size_of: Callable[[Configuration], int], budget: int, rng: random.Random, searchable: list[list[int]], attempts: int = 20) -> Configuration | None:
+def mutate(
+    configuration: Configuration,
+    database: Database,
+    size_of: Callable[[Configuration], int],
+    budget: int,
+    rng: random.Random,
+    searchable: list[list[int]],
+    attempts: int = 20,
+) -> Configuration | None:
     """One tensor moves to another searched option; if the budget breaks, random others step down until it fits."""
     knobs = database.space.knobs
     alive = [i for i, k in enumerate(knobs) if k.block not in configuration.removed and len(searchable[i]) > 1]
@@ -202,9 +213,15 @@ def rerank(
         if parent_kl <= 0.0 or (patience is not None and stale >= patience):
             break
         stale += 1
-        children = [c for c in (mutate(parent, database, size_of, budget, rng, searchable) for _ in range(offspring)) if c is not None]
+        children = [
+            c
+            for c in (mutate(parent, database, size_of, budget, rng, searchable) for _ in range(offspring))
+            if c is not None
+        ]
         if children:
-            quick = sorted(((live.kl(c, small.windows, small.reference), c) for c in children), key=lambda item: item[0])
+            quick = sorted(
+                ((live.kl(c, small.windows, small.reference), c) for c in children), key=lambda item: item[0]
+            )
             evaluations += len(children)
             for _, child in quick[:survivors]:
                 child_kl = live.kl(child, large.windows, large.reference)

@@ -27,9 +27,34 @@ def run_search(
     if settings.target == "compressed-tensors":
         from slimlm.search.ct_search import run_ct_search
 
-        return run_ct_search(model, Path(out), constraints, settings, evaluation, database_dir, overwrite, allow_pickle, device, extra_budgets)
+        return run_ct_search(
+            model,
+            Path(out),
+            constraints,
+            settings,
+            evaluation,
+            database_dir,
+            overwrite,
+            allow_pickle,
+            device,
+            extra_budgets,
+        )
     if settings.target != "gguf":
-        raise SlimlmError(f"unknown search target '{settings.target}'", "use --target gguf or --target compressed-tensors")
+        raise SlimlmError(
+            f"unknown search target '{settings.target}'", "use --target gguf or --target compressed-tensors"
+        )
     from slimlm.search.driver import run_gguf_search
 
-    return run_gguf_search(model, out, constraints, settings, evaluation, database_dir, overwrite, allow_pickle, device, extra_budgets, export_front)
+    return run_gguf_search(
+        model,
+        out,
+        constraints,
+        settings,
+        evaluation,
+        database_dir,
+        overwrite,
+        allow_pickle,
+        device,
+        extra_budgets,
+        export_front,
+    )

@@ -36,7 +36,9 @@ class KnapsackTable:
         return picks[::-1]
 
 
-def knapsack(costs: list[np.ndarray], sizes: list[np.ndarray], capacity: int, resolution: int = DEFAULT_RESOLUTION) -> KnapsackTable:
+def knapsack(
+    costs: list[np.ndarray], sizes: list[np.ndarray], capacity: int, resolution: int = DEFAULT_RESOLUTION
+) -> KnapsackTable:
     """Tabulate the multiple-choice knapsack for every budget up to `capacity` bytes (see the module docstring)."""
     unit = max(1, -(-capacity // resolution))
     cap = capacity // unit

@@ -33,7 +33,10 @@ GGUF_KQUANT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GGUF_EMBEDDING_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 GPTQ_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k")  # where error feedback pays
 METHODS = ("rtn", "gptq", "ref")
-DEFAULT_METHODS = ("gptq", "ref")  # GPTQ on 4/5-bit blocks (the embedding: importance-weighted rounding), the reference quantizer for Q8_0
+DEFAULT_METHODS = (
+    "gptq",
+    "ref",
+)  # GPTQ on 4/5-bit blocks (the embedding: importance-weighted rounding), the reference quantizer for Q8_0
 REFERENCE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")  # the types the gguf package quantizes itself
 
 
@@ -50,7 +53,10 @@ class Option:
     def parse(cls, label: str) -> Option:
         type_, _, method = label.partition("/")
         if not type_ or method not in METHODS:
-            raise SlimlmError(f"'{label}' is not a search option", f"write TYPE/METHOD, e.g. q4_0/gptq (methods: {', '.join(METHODS)})")
+            raise SlimlmError(
+                f"'{label}' is not a search option",
+                f"write TYPE/METHOD, e.g. q4_0/gptq (methods: {', '.join(METHODS)})",
+            )
         return cls(type_, method)
 
 
@@ -114,7 +120,9 @@ def gguf_tensor_name(model: nn.Module, module: str) -> str:
 
 def tied_output(model: nn.Module) -> bool:
     adapter = adapter_for(model)
-    return model.get_submodule(adapter.lm_head).weight.data_ptr() == model.get_submodule(adapter.embed).weight.data_ptr()
+    return (
+        model.get_submodule(adapter.lm_head).weight.data_ptr() == model.get_submodule(adapter.embed).weight.data_ptr()
+    )
 
 
 def gguf_search_space(
@@ -141,7 +149,9 @@ def gguf_search_space(
         shape = tuple(weight.shape)
         # GPTQ has no input to feed errors forward through in a lookup table: the embedding gets importance-weighted
         # rounding in its place (per weight, `search.statistics.embedding_importance`; 2.7x less KL at Q4_0's size)
-        options = gguf_options(shape, embedding_types, tuple(dict.fromkeys("rtn" if m == "gptq" else m for m in methods)))
+        options = gguf_options(
+            shape, embedding_types, tuple(dict.fromkeys("rtn" if m == "gptq" else m for m in methods))
+        )
         knobs.append(Knob(module, gguf_tensor_name(model, module), None, shape, options, role))
     for index in range(len(decoder_blocks(model))):
         for rel in adapter.linears():
@@ -149,7 +159,9 @@ def gguf_search_space(
             shape = tuple(linear_weight(model.get_submodule(module)).shape)
             options = gguf_options(shape, linear_types, methods)
             if not options:
-                raise SlimlmError(f"{module} {shape}: no searched GGUF type holds rows of {shape[1]}", "search other --types")
+                raise SlimlmError(
+                    f"{module} {shape}: no searched GGUF type holds rows of {shape[1]}", "search other --types"
+                )
             shared = next((group[0] for group in adapter.shared_inputs if rel in group), rel)
             knobs.append(Knob(module, gguf_tensor_name(model, module), index, shape, options, shared=shared))
     return SearchSpace("gguf", tuple(knobs))

@@ -71,7 +71,10 @@ class Pricer:
 
     def predict(self, configuration: Configuration) -> dict:
         types, shapes = self.tensor_types(configuration)
-        return {"decode_tokens_per_s": self.cost_model.predict_decode_tps(types, shapes), "peak_rss_bytes": self.cost_model.predict_ram_bytes(types, shapes)}
+        return {
+            "decode_tokens_per_s": self.cost_model.predict_decode_tps(types, shapes),
+            "peak_rss_bytes": self.cost_model.predict_ram_bytes(types, shapes),
+        }
 
     def fits(self, configuration: Configuration) -> bool:
         predicted = self.predict(configuration)
@@ -84,10 +87,14 @@ class Pricer:
         measured = self.cost_model.check_file(path)
         problems = []
         if self.min_decode_tps is not None and measured["measured_decode_tokens_per_s"] < self.min_decode_tps:
-            problems.append(f"decodes at {measured['measured_decode_tokens_per_s']:.1f} tok/s measured ({threads} threads), below --min-decode-tps {self.min_decode_tps:g} "
-                            f"(the cost model predicted {measured['predicted_decode_tokens_per_s']:.1f})")
+            problems.append(
+                f"decodes at {measured['measured_decode_tokens_per_s']:.1f} tok/s measured ({threads} threads), below --min-decode-tps {self.min_decode_tps:g} "
+                f"(the cost model predicted {measured['predicted_decode_tokens_per_s']:.1f})"
+            )
         if self.max_ram_bytes is not None and measured["measured_ram_bytes"] > self.max_ram_bytes:
-            problems.append(f"peaks at {measured['measured_ram_bytes'] / 1e6:.1f} MB RSS measured, above --max-ram {self.max_ram_bytes / 1e6:.1f} MB")
+            problems.append(
+                f"peaks at {measured['measured_ram_bytes'] / 1e6:.1f} MB RSS measured, above --max-ram {self.max_ram_bytes / 1e6:.1f} MB"
+            )
         measured["problems"] = problems
         return measured
 

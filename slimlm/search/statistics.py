@@ -68,7 +68,9 @@ def tracked_linears(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0, progress: bool = True, gradients: bool = True) -> SearchStatistics:
+def collect_statistics(
+    model: nn.Module, input_ids: torch.Tensor, seed: int = 0, progress: bool = True, gradients: bool = True
+) -> SearchStatistics:
     """Hessians, output Fishers and per-window gradients of every tracked linear and of the embedding, from
     `input_ids` (N, T); one window per forward + backward, the model itself unchanged. `gradients=False`: the
     Hessians alone (forward only; the same Hessians, what encoding needs), the rest left empty."""
@@ -95,7 +97,9 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
                 seen_inputs.add(key)
                 hessians[key] = hessians.get(key, 0) + x.t() @ x
             if output.requires_grad:
-                output.register_hook(lambda g: _on_output_gradient(name, g.detach().reshape(-1, g.shape[-1]).float(), x))
+                output.register_hook(
+                    lambda g: _on_output_gradient(name, g.detach().reshape(-1, g.shape[-1]).float(), x)
+                )
 
         return hook
 
@@ -130,7 +134,15 @@ def collect_statistics(model: nn.Module, input_ids: torch.Tensor, seed: int = 0,
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with hooks_removed_after(handles), progress_bar(f"search: statistics ({'forward + backward' if gradients else 'forward'})", len(input_ids), unit="windows", show=progress) as advance:
+        with (
+            hooks_removed_after(handles),
+            progress_bar(
+                f"search: statistics ({'forward + backward' if gradients else 'forward'})",
+                len(input_ids),
+                unit="windows",
+                show=progress,
+            ) as advance,
+        ):
             for window[0], row in enumerate(input_ids):
                 ids = row[None].to(device)
                 current_ids[:] = [ids]
@@ -177,7 +189,9 @@ def embedding_importance(statistics: SearchStatistics, head: str | None) -> torc
     head's F_r · H_cc. A rare token's row costs little as an input; llama.cpp's imatrix weights columns only."""
     importance = statistics.embedding_fisher / statistics.tokens
     if head is not None:
-        importance = importance + statistics.output_fisher[head][:, None] * statistics.hessians[head].diagonal()[None, :]
+        importance = (
+            importance + statistics.output_fisher[head][:, None] * statistics.hessians[head].diagonal()[None, :]
+        )
     return importance
 
 
@@ -194,5 +208,7 @@ def embedding_shaped_proxy(delta: torch.Tensor, statistics: SearchStatistics) ->
 
 def projection_proxy(delta: torch.Tensor, gradients: torch.Tensor, tokens: int) -> float:
     """½ Σ_n ⟨G_n, ΔW⟩² / (N·T): the Fisher estimate of the KL, from the windows' gradients (N, out, in)."""
-    dots = gradients.reshape(len(gradients), -1).float() @ delta.reshape(-1).float()  # (N,): one matrix-vector product (40x einsum's speed)
+    dots = (
+        gradients.reshape(len(gradients), -1).float() @ delta.reshape(-1).float()
+    )  # (N,): one matrix-vector product (40x einsum's speed)
     return 0.5 * float(dots.pow(2).sum()) / tokens

@@ -57,7 +57,9 @@ class Generation:
     @property
     def decode_tokens_per_s(self) -> float | None:
         """Tokens after the first, per second of decoding (the first token's time is TTFT)."""
-        return (self.completion_tokens - 1) / self.decode_s if self.completion_tokens > 1 and self.decode_s > 0 else None
+        return (
+            (self.completion_tokens - 1) / self.decode_s if self.completion_tokens > 1 and self.decode_s > 0 else None
+        )
 
     def usage(self) -> dict:
         total = self.prompt_tokens + self.completion_tokens
@@ -72,7 +74,9 @@ class Generation:
             parts.append(f"{self.decode_tokens_per_s:.1f} tok/s")
         if self.speculative and self.speculative["drafted"]:
             spec = self.speculative
-            parts.append(f"draft acceptance {spec['accepted'] / spec['drafted']:.0%}, {spec['accepted'] / spec['rounds']:.2f} accepted per target step")
+            parts.append(
+                f"draft acceptance {spec['accepted'] / spec['drafted']:.0%}, {spec['accepted'] / spec['rounds']:.2f} accepted per target step"
+            )
         return " · ".join(parts)
 
 
@@ -170,14 +174,19 @@ class TransformersBackend:
         self.kv_cache = kv_cache if kv_cache is not None else kv_cache_setting(self.model)
         if self.kv_cache is not None:
             check_kv_cache(self.model, self.kv_cache)
-        how = {"alias-gguf": "GGUF via transformers' GGUF loader (dequantized)", "gguf": "GGUF via transformers' GGUF loader (dequantized)"}
+        how = {
+            "alias-gguf": "GGUF via transformers' GGUF loader (dequantized)",
+            "gguf": "GGUF via transformers' GGUF loader (dequantized)",
+        }
         self.description = f"{loaded.resolved} · transformers ({how.get(loaded.kind, loaded.kind)}) on {next(self.model.parameters()).device}"
         if unpacked:
             self.description += f" · {unpacked} packed linears unpacked once to dense weights"
         if self.kv_cache is not None:
             self.description += f" · {self.kv_cache.describe()}"
         config = self.model.config.get_text_config(decoder=True)
-        self.context_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+        self.context_length = int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        )
         self.chat_template = getattr(self.tokenizer, "chat_template", None) or None
         self.end_ids = turn_end_ids(self.model, self.tokenizer)
         self.vocab_size = len(self.tokenizer)
@@ -189,7 +198,9 @@ class TransformersBackend:
         check_draft(self, draft)
         other = copy.copy(self)
         other.draft, other.draft_tokens = draft, draft_tokens
-        other.description = f"{self.description} · speculative: {draft_tokens} tokens drafted by {draft.source} in {draft.engine}"
+        other.description = (
+            f"{self.description} · speculative: {draft_tokens} tokens drafted by {draft.source} in {draft.engine}"
+        )
         return other
 
     def drafter(self):
@@ -200,11 +211,17 @@ class TransformersBackend:
     def render_chat(self, messages: list[dict]) -> list[int]:
         """The conversation through the model's own chat template, ending where the assistant speaks."""
         if not self.chat_template:
-            raise SlimlmError(f"{self.source} has no chat template", "use plain completion (/v1/completions), or a model with a template")
+            raise SlimlmError(
+                f"{self.source} has no chat template",
+                "use plain completion (/v1/completions), or a model with a template",
+            )
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as err:  # jinja2's TemplateError, or the template's own raise_exception()
-            raise SlimlmError(f"the chat template of {self.source} fails to render these messages ({type(err).__name__}: {err})", "check the roles and their order (system first, then user/assistant turns)") from None
+            raise SlimlmError(
+                f"the chat template of {self.source} fails to render these messages ({type(err).__name__}: {err})",
+                "check the roles and their order (system first, then user/assistant turns)",
+            ) from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, text: str) -> list[int]:
@@ -237,7 +254,9 @@ class TransformersBackend:
             from slimlm.serve.speculative import speculative_tokens
 
             context = min(self.context_length, self.draft.context_length)
-            return speculative_tokens(self.model, self.draft.drafter(), prompt_ids, settings, self.draft_tokens, stats, context)
+            return speculative_tokens(
+                self.model, self.draft.drafter(), prompt_ids, settings, self.draft_tokens, stats, context
+            )
         return self._plain_tokens(prompt_ids, settings)
 
     def _plain_tokens(self, prompt_ids: list[int], settings: SamplingSettings) -> Iterator[int]:
@@ -272,7 +291,9 @@ def check_draft(target: Backend, draft: Backend) -> None:
     engines: the same text gives the same ids, and the target's end-of-turn ids are the same tokens in the draft
     (llama.cpp counts more tokens as ends of generation than a transformers config lists)."""
     probe = "Speculative decoding: the draft's token ids must mean the target's. 1234 ünïcode"
-    same_ends = all(end < draft.vocab_size and draft.detokenize([end]) == target.detokenize([end]) for end in target.end_ids)
+    same_ends = all(
+        end < draft.vocab_size and draft.detokenize([end]) == target.detokenize([end]) for end in target.end_ids
+    )
     if target.encode(probe) != draft.encode(probe) or not same_ends:
         raise SlimlmError(
             f"the draft {draft.source} does not share the tokenizer of {target.source} (the same text gives other token ids)",
@@ -289,7 +310,10 @@ def check_chat_template(backend: Backend) -> None:
     text = backend.detokenize(rendered)
     missing = [m["content"] for m in PROBE_CONVERSATION[1:] if m["content"] not in text]
     if missing:
-        raise SlimlmError(f"the chat template of {backend.source} drops messages (e.g. {missing[0]!r} is not in the prompt it renders)", "fix tokenizer_config.json's chat_template, or re-export from the original model")
+        raise SlimlmError(
+            f"the chat template of {backend.source} drops messages (e.g. {missing[0]!r} is not in the prompt it renders)",
+            "fix tokenizer_config.json's chat_template, or re-export from the original model",
+        )
 
 
 # --- llama.cpp -------------------------------------------------------------------------------------------------
@@ -300,7 +324,15 @@ class LlamaCppBackend:
 
     engine = "llama.cpp"
 
-    def __init__(self, path: Path, source: str, context_length: int | None = None, threads: int | None = None, logits_all: bool = False, reuse_prompt: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        source: str,
+        context_length: int | None = None,
+        threads: int | None = None,
+        logits_all: bool = False,
+        reuse_prompt: bool = True,
+    ):
         import llama_cpp
 
         from slimlm.models.gguf_check import check_gguf_file
@@ -309,7 +341,9 @@ class LlamaCppBackend:
         try:
             self.llm = _llama(path, context_length, threads, logits_all)
         except (ValueError, RuntimeError) as err:
-            raise SlimlmError(f"llama.cpp could not load '{path}' ({err})", "check that the file is a complete GGUF model") from None
+            raise SlimlmError(
+                f"llama.cpp could not load '{path}' ({err})", "check that the file is a complete GGUF model"
+            ) from None
         self.source = source
         self.reuse_prompt = reuse_prompt
         self.context_length = self.llm.n_ctx()
@@ -325,12 +359,23 @@ class LlamaCppBackend:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if not self.chat_template:
-            raise SlimlmError(f"{self.source} has no chat template (no tokenizer.chat_template in the GGUF)", "use plain completion (/v1/completions), or export from a model with a template")
-        bos, eos = (self.llm.detokenize([t], special=True).decode(errors="replace") for t in (self.llm.token_bos(), self.llm.token_eos()))
+            raise SlimlmError(
+                f"{self.source} has no chat template (no tokenizer.chat_template in the GGUF)",
+                "use plain completion (/v1/completions), or export from a model with a template",
+            )
+        bos, eos = (
+            self.llm.detokenize([t], special=True).decode(errors="replace")
+            for t in (self.llm.token_bos(), self.llm.token_eos())
+        )
         try:
-            prompt = Jinja2ChatFormatter(template=self.chat_template, eos_token=eos, bos_token=bos)(messages=messages).prompt
+            prompt = Jinja2ChatFormatter(template=self.chat_template, eos_token=eos, bos_token=bos)(
+                messages=messages
+            ).prompt
         except Exception as err:  # jinja2 errors, or the template's raise_exception()
-            raise SlimlmError(f"the chat template of {self.source} fails to render these messages ({type(err).__name__}: {err})", "check the roles and their order (system first, then user/assistant turns)") from None
+            raise SlimlmError(
+                f"the chat template of {self.source} fails to render these messages ({type(err).__name__}: {err})",
+                "check the roles and their order (system first, then user/assistant turns)",
+            ) from None
         return self.llm.tokenize(prompt.encode(), add_bos=self.add_bos and not prompt.startswith(bos), special=True)
 
     def encode(self, text: str) -> list[int]:
@@ -371,7 +416,9 @@ class LlamaCppBackend:
         import torch
 
         if not self.llm._logits_all:
-            raise SlimlmError("this llama.cpp model was loaded without per-position logits", "load it with logits_all=True")
+            raise SlimlmError(
+                "this llama.cpp model was loaded without per-position logits", "load it with logits_all=True"
+            )
         self.llm.reset()
         self.llm.eval(ids)
         scores = torch.from_numpy(self.llm.scores[start - 1 : len(ids) - 1].copy())
@@ -385,7 +432,9 @@ def _llama(path: Path, context_length: int | None, threads: int | None, logits_a
     660 -> 843 tok/s, decode 162 -> 177). Without it where this llama.cpp cannot run it for the model."""
     import llama_cpp
 
-    options = dict(model_path=str(path), n_ctx=context_length or 0, n_threads=threads, logits_all=logits_all, verbose=False)
+    options = dict(
+        model_path=str(path), n_ctx=context_length or 0, n_threads=threads, logits_all=logits_all, verbose=False
+    )
     try:
         return llama_cpp.Llama(**options, flash_attn=True)
     except (ValueError, RuntimeError):
@@ -449,13 +498,21 @@ def load_backend(
     needs_transformers = [flag for flag, value in (("--kv-bits", kv_bits), ("--draft", draft)) if value is not None]
     if engine == "llama.cpp":
         if not is_gguf:
-            raise SlimlmError(f"--engine llama.cpp runs .gguf files; {source} is not one", "export it with `slimlm export MODEL --format gguf`, or use --engine transformers")
+            raise SlimlmError(
+                f"--engine llama.cpp runs .gguf files; {source} is not one",
+                "export it with `slimlm export MODEL --format gguf`, or use --engine transformers",
+            )
         if needs_transformers:
-            raise SlimlmError(f"{needs_transformers[0]} runs in the transformers engine, not llama.cpp", f"drop {needs_transformers[0]} or use --engine transformers")
+            raise SlimlmError(
+                f"{needs_transformers[0]} runs in the transformers engine, not llama.cpp",
+                f"drop {needs_transformers[0]} or use --engine transformers",
+            )
         if not llama_cpp_available():
             raise SlimlmError("--engine llama.cpp needs llama-cpp-python", "pip install 'slimlm[engines]'")
     if is_gguf and engine != "transformers" and not needs_transformers and llama_cpp_available():
-        return LlamaCppBackend(path, source, threads=threads or os.cpu_count(), logits_all=logits, reuse_prompt=reuse_prompt)
+        return LlamaCppBackend(
+            path, source, threads=threads or os.cpu_count(), logits_all=logits, reuse_prompt=reuse_prompt
+        )
     import torch
 
     from slimlm.models.load import load_model
@@ -476,14 +533,21 @@ def load_backend(
     target = TransformersBackend(load_model(source, device=device), kv_cache=kv_cache)
     if draft_backend is not None:
         if target.kv_cache is not None:
-            raise SlimlmError(f"{source} carries a quantized KV-cache setting, which cannot be rolled back for speculative decoding", "drop --draft, or use a copy of the model without the kv-cache stage")
+            raise SlimlmError(
+                f"{source} carries a quantized KV-cache setting, which cannot be rolled back for speculative decoding",
+                "drop --draft, or use a copy of the model without the kv-cache stage",
+            )
         target = target.with_draft(draft_backend, draft_tokens)
     if is_gguf and not llama_cpp_available():
-        target.description += " (llama-cpp-python is not installed: pip install 'slimlm[engines]' to run it in llama.cpp)"
+        target.description += (
+            " (llama-cpp-python is not installed: pip install 'slimlm[engines]' to run it in llama.cpp)"
+        )
     return target
 
 
-def load_draft(source: str, engine: str = "auto", device: str | None = None, threads: int | None = None, allow_pickle: bool = False) -> Backend:
+def load_draft(
+    source: str, engine: str = "auto", device: str | None = None, threads: int | None = None, allow_pickle: bool = False
+) -> Backend:
     """A speculative draft: a .gguf (or the alias) in llama.cpp when llama-cpp-python is installed and engine is not
     "transformers" (its decode costs a fraction of a transformers forward: the draft that speeds the target up),
     else the model in transformers. Drafting and verifying alternate, so llama.cpp may take every core."""

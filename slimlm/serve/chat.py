@@ -62,7 +62,11 @@ def run_chat(
     if compare is not None:
         _check_same_tokens(backend, compare)
         say(f"compared with: {compare.description}\n", dim=True)
-    mode = "chat, the model's own template" if backend.chat_template else "plain completion (the model has no chat template)"
+    mode = (
+        "chat, the model's own template"
+        if backend.chat_template
+        else "plain completion (the model has no chat template)"
+    )
     if system and not backend.chat_template:
         say("--system is ignored: this model has no chat template\n", dim=True)
     say(f"{mode} · {HELP}\n", dim=True)
@@ -101,7 +105,11 @@ def _ctrl_c_interrupts() -> None:
     import signal
     import threading
 
-    if sys.stdin.isatty() and threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if (
+        sys.stdin.isatty()
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -115,7 +123,9 @@ def _writer(out: TextIO) -> Callable[..., None]:
     return say
 
 
-def _answer(conversation: Conversation, text: str, settings: SamplingSettings, say, stream: bool = True) -> Generation | None:
+def _answer(
+    conversation: Conversation, text: str, settings: SamplingSettings, say, stream: bool = True
+) -> Generation | None:
     """One answer, streamed when `stream`; Ctrl-C stops it (nothing is added to the history then)."""
     answer = generate(conversation.backend, conversation.prompt(text), settings)
     if stream and not conversation.chat:

@@ -155,7 +155,11 @@ class Worker:
             if job.cancelled.is_set():
                 continue
             try:
-                prompt_ids = self.backend.render_chat(job.prompt) if isinstance(job.prompt, list) else self.backend.encode(job.prompt)
+                prompt_ids = (
+                    self.backend.render_chat(job.prompt)
+                    if isinstance(job.prompt, list)
+                    else self.backend.encode(job.prompt)
+                )
                 answer = generate(self.backend, prompt_ids, job.settings)
             except SlimlmError as err:
                 job.send("error", err)
@@ -228,8 +232,15 @@ def create_app(backend: Backend, model_id: str, api_key: str | None = None, max_
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
-            return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"), status_code=401)
+        if (
+            api_key
+            and request.url.path.startswith("/v1/")
+            and request.headers.get("authorization") != f"Bearer {api_key}"
+        ):
+            return JSONResponse(
+                error_body("missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"),
+                status_code=401,
+            )
         return await call_next(request)
 
     @app.get("/health")
@@ -238,8 +249,15 @@ def create_app(backend: Backend, model_id: str, api_key: str | None = None, max_
 
     @app.get("/v1/models")
     async def models():
-        meta = {"engine": backend.engine, "context_length": backend.context_length, "chat_template": bool(backend.chat_template)}
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "slimlm", "meta": meta}]}
+        meta = {
+            "engine": backend.engine,
+            "context_length": backend.context_length,
+            "chat_template": bool(backend.chat_template),
+        }
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "slimlm", "meta": meta}],
+        }
 
     async def start(prompt: object, settings: SamplingSettings) -> tuple[Job, Generation]:
         job = Job(prompt, settings, asyncio.get_running_loop())
@@ -250,7 +268,9 @@ def create_app(backend: Backend, model_id: str, api_key: str | None = None, max_
             job.cancelled.set()
             raise
         if kind == "error":
-            raise RequestError(getattr(value, "problem", str(value)), "messages" if isinstance(prompt, list) else "prompt")
+            raise RequestError(
+                getattr(value, "problem", str(value)), "messages" if isinstance(prompt, list) else "prompt"
+            )
         return job, value
 
     async def pieces(job: Job) -> AsyncIterator[tuple[str, object]]:
@@ -280,7 +300,9 @@ def create_app(backend: Backend, model_id: str, api_key: str | None = None, max_
                         yield f"data: {json.dumps(chunk(None, None, False) | {'choices': [], 'usage': answer.usage()})}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def collect(job: Job) -> Generation:
         answer = None
@@ -300,14 +322,27 @@ def create_app(backend: Backend, model_id: str, api_key: str | None = None, max_
         ident, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": ident, "created": now, "model": model_id}
         if body.stream:
+
             def chunk(text, finish, opening):
                 delta = {"role": "assistant", "content": ""} if opening else ({} if text is None else {"content": text})
-                return base | {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                return base | {
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
 
             return stream(job, answer, chunk, bool(body.stream_options and body.stream_options.include_usage))
         answer = await collect(job)
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": answer.finish_reason}
-        return base | {"object": "chat.completion", "choices": [choice], "usage": answer.usage(), "timings": _timings(answer)}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": answer.text},
+            "finish_reason": answer.finish_reason,
+        }
+        return base | {
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": answer.usage(),
+            "timings": _timings(answer),
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -319,6 +354,7 @@ def create_app(backend: Backend, model_id: str, api_key: str | None = None, max_
         ident, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": ident, "created": now, "model": model_id, "object": "text_completion"}
         if body.stream:
+
             def chunk(text, finish, opening):
                 if opening:
                     return None
@@ -343,7 +379,9 @@ def port_holder(host: str, port: int) -> str | None:
             return None
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
-                raise SlimlmError(f"cannot listen on {host}:{port} ({err.strerror})", "pass another --host or --port") from None
+                raise SlimlmError(
+                    f"cannot listen on {host}:{port} ({err.strerror})", "pass another --host or --port"
+                ) from None
     import psutil
 
     try:
@@ -358,11 +396,16 @@ def port_holder(host: str, port: int) -> str | None:
     return "another process (not visible to you)"
 
 
-def serve(backend: Backend, model_id: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None) -> None:
+def serve(
+    backend: Backend, model_id: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None
+) -> None:
     """Run the server until Ctrl-C; refuses a port another process holds, naming it."""
     import uvicorn
 
     holder = port_holder(host, port)
     if holder is not None:
-        raise SlimlmError(f"port {port} on {host} is already in use by {holder}", f"stop that process or pass another --port (e.g. --port {port + 1})")
+        raise SlimlmError(
+            f"port {port} on {host} is already in use by {holder}",
+            f"stop that process or pass another --port (e.g. --port {port + 1})",
+        )
     uvicorn.run(create_app(backend, model_id, api_key), host=host, port=port, log_level="warning")

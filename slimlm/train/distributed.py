@@ -108,7 +108,9 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
     return model_state, optimizer_state
 
 
-def load_full_state_(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
+def load_full_state_(
+    model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict
+) -> None:
     """Load unsharded state dicts (as `full_state` returns them) into a plain or FSDP2-sharded model and optimizer."""
     if not is_sharded(model):
         model.load_state_dict(model_state)

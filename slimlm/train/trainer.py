@@ -77,12 +77,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
-                raise SlimlmError(f"training: '{key}' is {getattr(self, key)}, must be at least 1", f"set '{key}' to 1 or more")
+                raise SlimlmError(
+                    f"training: '{key}' is {getattr(self, key)}, must be at least 1", f"set '{key}' to 1 or more"
+                )
         for key in ("warmup_steps", "checkpoint_every", "eval_every"):
             if getattr(self, key) < 0:
-                raise SlimlmError(f"training: '{key}' is {getattr(self, key)}, must be 0 or more", f"set '{key}' to 0 or more")
+                raise SlimlmError(
+                    f"training: '{key}' is {getattr(self, key)}, must be 0 or more", f"set '{key}' to 0 or more"
+                )
         if not self.lr > 0 or not math.isfinite(self.lr):
-            raise SlimlmError(f"training: 'lr' is {self.lr}, must be a positive number", "use e.g. 1e-4 (full fine-tuning) or 1e-3 (LoRA)")
+            raise SlimlmError(
+                f"training: 'lr' is {self.lr}, must be a positive number",
+                "use e.g. 1e-4 (full fine-tuning) or 1e-3 (LoRA)",
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise SlimlmError(f"training: 'min_lr_ratio' is {self.min_lr_ratio}, outside [0, 1]", "use e.g. 0.1")
         if self.schedule not in SCHEDULES:
@@ -90,7 +97,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise SlimlmError(f"training: unknown optimizer '{self.optimizer}'", f"use one of {', '.join(OPTIMIZERS)}")
         if self.clip_norm is not None and not self.clip_norm > 0:
-            raise SlimlmError(f"training: 'clip_norm' is {self.clip_norm}, must be above 0", "use e.g. 1.0, or null for no clipping")
+            raise SlimlmError(
+                f"training: 'clip_norm' is {self.clip_norm}, must be above 0", "use e.g. 1.0, or null for no clipping"
+            )
 
 
 class BatchSource(Protocol):
@@ -150,7 +159,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     """AdamW or Adafactor over the trainable parameters; weight decay on matrices only."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
-        raise SlimlmError("the model has no trainable parameters", "unfreeze some parameters (or add LoRA adapters) before training")
+        raise SlimlmError(
+            "the model has no trainable parameters", "unfreeze some parameters (or add LoRA adapters) before training"
+        )
     groups = [
         {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
@@ -196,7 +207,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, identity: dict, losses: list[float], evaluations: list[dict]) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    step: int,
+    identity: dict,
+    losses: list[float],
+    evaluations: list[dict],
+) -> None:
     """Write the full training state to `path` atomically (temporary file, then rename); collective under FSDP."""
     model_state, optimizer_state = full_state(model, optimizer)
     if not world().is_main:
@@ -222,9 +242,15 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # a truncated or foreign file
-        raise SlimlmError(f"cannot read checkpoint '{path}' ({type(err).__name__})", "delete it to start over, or point checkpoint_dir elsewhere") from None
+        raise SlimlmError(
+            f"cannot read checkpoint '{path}' ({type(err).__name__})",
+            "delete it to start over, or point checkpoint_dir elsewhere",
+        ) from None
     if not isinstance(payload, dict) or "identity" not in payload:
-        raise SlimlmError(f"'{path}' is not a slimlm training checkpoint", "delete it to start over, or point checkpoint_dir elsewhere")
+        raise SlimlmError(
+            f"'{path}' is not a slimlm training checkpoint",
+            "delete it to start over, or point checkpoint_dir elsewhere",
+        )
     if payload["identity"] != identity:
         differences = "; ".join(_differences(payload["identity"], identity)[:4])
         raise SlimlmError(
@@ -271,9 +297,14 @@ def train(
     clipping and noise before each step)."""
     place = world()
     if config.batch_size % place.size:
-        raise SlimlmError(f"batch_size {config.batch_size} does not split evenly over {place.size} processes", f"use a batch_size divisible by {place.size}")
+        raise SlimlmError(
+            f"batch_size {config.batch_size} does not split evenly over {place.size} processes",
+            f"use a batch_size divisible by {place.size}",
+        )
     if place.size > 1 and not is_sharded(model):
-        raise SlimlmError("training under torchrun needs a sharded model", "call slimlm.train.distributed.shard_(model, blocks) first")
+        raise SlimlmError(
+            "training under torchrun needs a sharded model", "call slimlm.train.distributed.shard_(model, blocks) first"
+        )
     device = next(model.parameters()).device
     identity = run_identity(model, config, {**(run or {}), "data": source.describe()})
     optimizer = build_optimizer(model, config)
@@ -289,7 +320,12 @@ def train(
         load_full_state_(model, optimizer, payload["model"], payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(payload["rng"])
-        result = TrainResult(steps=payload["step"], losses=payload["losses"], evaluations=payload["evaluations"], resumed_from=payload["step"])
+        result = TrainResult(
+            steps=payload["step"],
+            losses=payload["losses"],
+            evaluations=payload["evaluations"],
+            resumed_from=payload["step"],
+        )
 
     def save(step: int) -> None:
         if checkpoint is not None:
@@ -328,7 +364,11 @@ def train(
                     what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                     optimizer.zero_grad(set_to_none=True)
                     save(step)  # the parameters are still those after step `step`: the last good state
-                    kept = f"the last good state (after step {step}) is in {checkpoint}" if checkpoint else "no checkpoint_dir was set, so nothing was saved"
+                    kept = (
+                        f"the last good state (after step {step}) is in {checkpoint}"
+                        if checkpoint
+                        else "no checkpoint_dir was set, so nothing was saved"
+                    )
                     raise SlimlmError(
                         f"{description}: the {what} became {step_loss if what == 'loss' else norm} at step {step + 1}; training stopped, {kept}",
                         "lower lr, raise warmup_steps or set clip_norm; check the data and the teacher's outputs",
@@ -346,7 +386,11 @@ def train(
                     with torch.no_grad():
                         result.evaluations.append({"step": result.steps, **eval_fn(model)})
                     model.train()
-                if config.checkpoint_every and result.steps % config.checkpoint_every == 0 and result.steps < config.steps:
+                if (
+                    config.checkpoint_every
+                    and result.steps % config.checkpoint_every == 0
+                    and result.steps < config.steps
+                ):
                     save(result.steps)
                 report(step_loss, result.tokens_per_second)
         save(result.steps)

@@ -56,7 +56,12 @@ TASKS: dict[str, Task] = {
         crows_pairs.TASK,
     )
 }
-ALIASES = {"lambada_openai": "lambada", "crows_pairs_english": "crows_pairs", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
+ALIASES = {
+    "lambada_openai": "lambada",
+    "crows_pairs_english": "crows_pairs",
+    "arc_e": "arc_easy",
+    "arc_c": "arc_challenge",
+}
 DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "lambada")
 
 
@@ -111,7 +116,9 @@ def load_task_data(spec: str, data_root: str | Path | None = None) -> TaskData:
     else:
         rows, source = list(hub_rows(task)), f"hub:{task.hub[0]}"  # hub_rows raises without a hub
     if not rows:
-        raise SlimlmError(f"the data for task '{task.name}' ({source}) holds no examples", "pass a file with at least one example")
+        raise SlimlmError(
+            f"the data for task '{task.name}' ({source}) holds no examples", "pass a file with at least one example"
+        )
     warning = check_revision(task, len(rows), source)
     _say_read(task.name, source, len(rows), warning)
     return TaskData(task, rows, task.parse(rows), source, warning)
@@ -121,12 +128,19 @@ def _say_read(name: str, source: str, count: int, warning: str | None) -> None:
     from slimlm.progress import console, quiet
 
     if warning or not quiet():  # a warning is shown even when quiet
-        console.print(f"{name}: read {source} ({count} examples)" + (f" [yellow]warning: {warning}[/yellow]" if warning else ""), highlight=False, soft_wrap=True)
+        console.print(
+            f"{name}: read {source} ({count} examples)" + (f" [yellow]warning: {warning}[/yellow]" if warning else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
-        raise SlimlmError(f"--limit must be at least 1, got {limit}", "pass a positive number of examples per task, or leave it out for all")
+        raise SlimlmError(
+            f"--limit must be at least 1, got {limit}",
+            "pass a positive number of examples per task, or leave it out for all",
+        )
 
 
 def select(total: int, limit: int | None, seed: int) -> list[int]:
@@ -156,7 +170,15 @@ def evaluate_tasks(
     return [score_task(model, tokenizer, data, limit, seed, token_budget, progress) for data in loaded]
 
 
-def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, seed: int, token_budget: int = 2048, progress: bool = True) -> TaskResult:
+def score_task(
+    model: nn.Module,
+    tokenizer,
+    data: TaskData,
+    limit: int | None,
+    seed: int,
+    token_budget: int = 2048,
+    progress: bool = True,
+) -> TaskResult:
     from slimlm.progress import progress_bar, quiet
 
     task = data.task
@@ -171,7 +193,13 @@ def score_task(model: nn.Module, tokenizer, data: TaskData, limit: int | None, s
     try:
         with progress_bar(task.name, len(flat), unit="requests") as advance:
             show = progress and not quiet()
-            results = score_requests(model, tokenizer, flat, token_budget, advance=(lambda n: [advance() for _ in range(n)]) if show else None)
+            results = score_requests(
+                model,
+                tokenizer,
+                flat,
+                token_budget,
+                advance=(lambda n: [advance() for _ in range(n)]) if show else None,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:

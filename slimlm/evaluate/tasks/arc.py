@@ -46,29 +46,58 @@ def parse(rows: Rows) -> list[MultipleChoice]:
 def converted_rows(folder: Path) -> Rows:
     items = read_json(folder / "test.json")
     if not isinstance(items, list):
-        raise SlimlmError(f"{folder / 'test.json'} holds a JSON {type(items).__name__}, not a list", "pass the LLM-Adapters ARC test.json")
+        raise SlimlmError(
+            f"{folder / 'test.json'} holds a JSON {type(items).__name__}, not a list",
+            "pass the LLM-Adapters ARC test.json",
+        )
     keys_path = folder / "question-answers.jsonl"
-    keys = [(field(row, "id", where), field(row, "answerKey", where)) for where, row in read_jsonl(keys_path)] if keys_path.is_file() else None
+    keys = (
+        [(field(row, "id", where), field(row, "answerKey", where)) for where, row in read_jsonl(keys_path)]
+        if keys_path.is_file()
+        else None
+    )
     if keys is not None and len(keys) != len(items):
-        raise SlimlmError(f"{folder / 'test.json'} has {len(items)} questions but {keys_path} has {len(keys)} keys", "the two files must be line-aligned")
+        raise SlimlmError(
+            f"{folder / 'test.json'} has {len(items)} questions but {keys_path} has {len(keys)} keys",
+            "the two files must be line-aligned",
+        )
     out = []
     for i, item in enumerate(items):
         where = f"{folder / 'test.json'} item {i}"
         head, sep, rest = field(item, "instruction", where).partition("\n\nAnswer1: ")
         if not head.startswith(_PREFIX) or not sep:
-            raise bad_row(where, "field 'instruction' is not 'Please choose the correct answer to the question: Q\\n\\nAnswer1: ...'", "pass the LLM-Adapters ARC conversion")
-        texts = _OPTION.split("Answer1: " + rest.partition("\n\nAnswer format:")[0])[2::2]  # ['', '1', text, '2', text, ...]
+            raise bad_row(
+                where,
+                "field 'instruction' is not 'Please choose the correct answer to the question: Q\\n\\nAnswer1: ...'",
+                "pass the LLM-Adapters ARC conversion",
+            )
+        texts = _OPTION.split("Answer1: " + rest.partition("\n\nAnswer format:")[0])[
+            2::2
+        ]  # ['', '1', text, '2', text, ...]
         answer = field(item, "answer", where)
         if not answer.startswith("answer") or not answer[6:].isdigit() or not 1 <= int(answer[6:]) <= len(texts):
-            raise bad_row(where, f"field 'answer' is {answer!r}, not answer1..answer{len(texts)}", "pass the LLM-Adapters ARC conversion")
+            raise bad_row(
+                where,
+                f"field 'answer' is {answer!r}, not answer1..answer{len(texts)}",
+                "pass the LLM-Adapters ARC conversion",
+            )
         gold = int(answer[6:]) - 1
         labels = [chr(ord("A") + k) for k in range(len(texts))]
-        row = {"id": f"item-{i}", "question": head[len(_PREFIX) :], "choices": {"text": texts, "label": labels}, "answerKey": labels[gold]}
+        row = {
+            "id": f"item-{i}",
+            "question": head[len(_PREFIX) :],
+            "choices": {"text": texts, "label": labels},
+            "answerKey": labels[gold],
+        }
         if keys is not None:  # AI2's key: letters A.. or, for a few questions, digits 1..
             key_id, key = keys[i]
             official = ord(key) - ord("A") if key.isalpha() else int(key) - 1 if key.isdigit() else -1
             if official != gold:
-                raise bad_row(f"{keys_path} line {i + 1}", f"answerKey {key!r} disagrees with test.json's {answer!r}", "the two files must describe the same questions in the same order")
+                raise bad_row(
+                    f"{keys_path} line {i + 1}",
+                    f"answerKey {key!r} disagrees with test.json's {answer!r}",
+                    "the two files must describe the same questions in the same order",
+                )
             if key.isdigit():
                 labels = [str(k + 1) for k in range(len(texts))]
             row = {**row, "id": key_id, "choices": {"text": texts, "label": labels}, "answerKey": key}

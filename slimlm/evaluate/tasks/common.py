@@ -65,7 +65,9 @@ def check_revision(task: Task, count: int, source: str) -> str | None:
                 f"pass the released file ({' or '.join(task.layouts) or task.local}): --tasks {task.name}:FILE",
             )
     if task.size is not None and count != task.size:
-        return f"{count} examples where the released split has {task.size}: scores are not comparable with published ones"
+        return (
+            f"{count} examples where the released split has {task.size}: scores are not comparable with published ones"
+        )
     return None
 
 
@@ -127,11 +129,19 @@ def field(row: dict, name: str, where: str, kind: type | tuple[type, ...] = str)
     if not isinstance(row, dict):
         raise bad_row(where, f"expected a JSON object, got {type(row).__name__}", "each line must be one JSON object")
     if name not in row:
-        raise bad_row(where, f"missing field '{name}' (has: {', '.join(sorted(row)) or 'nothing'})", "is this file in the task's format? see `slimlm eval --help`")
+        raise bad_row(
+            where,
+            f"missing field '{name}' (has: {', '.join(sorted(row)) or 'nothing'})",
+            "is this file in the task's format? see `slimlm eval --help`",
+        )
     value = row[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         wanted = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise bad_row(where, f"field '{name}' should be {wanted}, got {type(value).__name__} {str(value)[:40]!r}", "fix that line of the file")
+        raise bad_row(
+            where,
+            f"field '{name}' should be {wanted}, got {type(value).__name__} {str(value)[:40]!r}",
+            "fix that line of the file",
+        )
     return value
 
 
@@ -144,7 +154,11 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise bad_row(f"{path} line {number}", f"not valid JSON ({err.msg} at column {err.colno})", "each line must be one JSON object") from None
+                raise bad_row(
+                    f"{path} line {number}",
+                    f"not valid JSON ({err.msg} at column {err.colno})",
+                    "each line must be one JSON object",
+                ) from None
             yield f"{path} line {number}", row
 
 
@@ -153,7 +167,9 @@ def read_json(path: Path) -> Any:
         try:
             return json.load(handle)
         except json.JSONDecodeError as err:
-            raise bad_row(f"{path} line {err.lineno}", f"not valid JSON ({err.msg})", "pass the file in the task's format") from None
+            raise bad_row(
+                f"{path} line {err.lineno}", f"not valid JSON ({err.msg})", "pass the file in the task's format"
+            ) from None
 
 
 def open_text(path: Path):
@@ -172,7 +188,10 @@ def rows_file(path: Path) -> Rows:
         return read_jsonl(path)
     data = read_json(path)
     if not isinstance(data, list):
-        raise SlimlmError(f"'{path}' holds a JSON {type(data).__name__}, not a list of examples", "pass a .jsonl file or a JSON list of objects")
+        raise SlimlmError(
+            f"'{path}' holds a JSON {type(data).__name__}, not a list of examples",
+            "pass a .jsonl file or a JSON list of objects",
+        )
     return ((f"{path} item {i}", row) for i, row in enumerate(data))
 
 
@@ -185,7 +204,10 @@ def ai2_to_hub(row: dict, where: str) -> dict:
     return {
         **row,
         "question": field(question, "stem", f"{where}, field 'question'"),
-        "choices": {"text": [field(c, "text", f"{where}, question.choices") for c in choices], "label": [field(c, "label", f"{where}, question.choices") for c in choices]},
+        "choices": {
+            "text": [field(c, "text", f"{where}, question.choices") for c in choices],
+            "label": [field(c, "label", f"{where}, question.choices") for c in choices],
+        },
     }
 
 
@@ -193,7 +215,10 @@ def keyed_choices(row: dict, where: str, lstrip_key: bool = False) -> tuple[tupl
     """The hub's `choices: {text, label}` and `answerKey` (ARC, OpenBookQA) -> (option texts, gold index), as
     lm-eval's `choices.label.index(answerKey)` (`answerKey.lstrip()` with `lstrip_key`, as its OpenBookQA does)."""
     choices = field(row, "choices", where, dict)
-    texts, labels = field(choices, "text", f"{where}, field 'choices'", list), field(choices, "label", f"{where}, field 'choices'", list)
+    texts, labels = (
+        field(choices, "text", f"{where}, field 'choices'", list),
+        field(choices, "label", f"{where}, field 'choices'", list),
+    )
     key = field(row, "answerKey", where)
     if lstrip_key:
         key = key.lstrip()
@@ -207,7 +232,11 @@ def default_data_root() -> Path | None:
     or beside this checkout (the layout of the project's own machines)."""
     if os.environ.get("SLIMLM_DATA"):
         return Path(os.environ["SLIMLM_DATA"])
-    for candidate in (Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[4] / "shared" / "data"):
+    for candidate in (
+        Path.cwd() / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+        Path(__file__).resolve().parents[4] / "shared" / "data",
+    ):
         if candidate.is_dir():
             return candidate
     return None
@@ -223,11 +252,13 @@ def hub_rows(task: Task) -> Rows:
         import datasets
     except ImportError:
         raise SlimlmError(
-            f"no local data for '{task.name}', and the hub fallback needs the 'datasets' package", f"pass a file (--tasks {task.name}:PATH), set SLIMLM_DATA, or pip install datasets"
+            f"no local data for '{task.name}', and the hub fallback needs the 'datasets' package",
+            f"pass a file (--tasks {task.name}:PATH), set SLIMLM_DATA, or pip install datasets",
         ) from None
     if not hub_reachable():
         raise SlimlmError(
-            f"no local data for '{task.name}' and the Hugging Face hub is unreachable", f"pass a file: --tasks {task.name}:PATH, or set SLIMLM_DATA to a folder holding {task.local}"
+            f"no local data for '{task.name}' and the Hugging Face hub is unreachable",
+            f"pass a file: --tasks {task.name}:PATH, or set SLIMLM_DATA to a folder holding {task.local}",
         )
     name, config, split = task.hub
     rows = datasets.load_dataset(name, config, split=split)

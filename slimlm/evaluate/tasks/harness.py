@@ -94,16 +94,36 @@ def score_with_lm_eval(lm, data: TaskData, indices: list[int], workdir: Path) ->
     rows_file.write_text("".join(json.dumps(_json_ready(data.rows[i][1])) + "\n" for i in indices))
     lm.loglikelihood_seconds = 0.0
     config = lm_eval_task_config(data.task.name, rows_file)
-    output = simple_evaluate(model=lm, tasks=[config], task_manager=lm.task_manager, log_samples=True, bootstrap_iters=1000, verbosity="ERROR")
+    output = simple_evaluate(
+        model=lm,
+        tasks=[config],
+        task_manager=lm.task_manager,
+        log_samples=True,
+        bootstrap_iters=1000,
+        verbosity="ERROR",
+    )
     name = f"slimlm_{data.task.name}"
     raw = output["results"][name]
     metrics = {key.split(",")[0]: value for key, value in raw.items() if "," in key and "_stderr" not in key}
-    stderr = {key.split("_stderr")[0]: (value if isinstance(value, float) else None) for key, value in raw.items() if "_stderr" in key}
+    stderr = {
+        key.split("_stderr")[0]: (value if isinstance(value, float) else None)
+        for key, value in raw.items()
+        if "_stderr" in key
+    }
     samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
     requests = [[tuple(arg) for arg in sample["arguments"]] for sample in samples]
     per_example = [{k: sample[k] for k in metrics if k in sample} for sample in samples]
     seconds = lm.loglikelihood_seconds
-    return LmEvalResult(data.task.name, metrics, stderr, len(samples), seconds, len(samples) / seconds if seconds else float("inf"), requests, per_example)
+    return LmEvalResult(
+        data.task.name,
+        metrics,
+        stderr,
+        len(samples),
+        seconds,
+        len(samples) / seconds if seconds else float("inf"),
+        requests,
+        per_example,
+    )
 
 
 def make_hflm(model: nn.Module, tokenizer, batch_size: int | str = 16):
@@ -147,8 +167,12 @@ def run_lm_eval(
         loaded = load_model(model, device=device)
         model, tokenizer = loaded.model, loaded.tokenizer
     elif tokenizer is None:
-        raise SlimlmError("a model object needs its tokenizer", "pass tokenizer=..., or pass the model's directory or alias instead")
+        raise SlimlmError(
+            "a model object needs its tokenizer", "pass tokenizer=..., or pass the model's directory or alias instead"
+        )
     loaded_data = [load_task_data(spec, data_root) for spec in tasks]
     lm = make_hflm(model, tokenizer, batch_size)
     with tempfile.TemporaryDirectory(prefix="slimlm-lm-eval-") as workdir:
-        return [score_with_lm_eval(lm, data, select(len(data.rows), limit, seed), Path(workdir)) for data in loaded_data]
+        return [
+            score_with_lm_eval(lm, data, select(len(data.rows), limit, seed), Path(workdir)) for data in loaded_data
+        ]

@@ -46,7 +46,9 @@ def parse(rows: Rows) -> list[MultipleChoice]:
         endings = field(row, "endings", where, list)
         label = field(row, "label", where, (int, str))
         if not str(label).isdigit() or not 0 <= int(label) < len(endings):
-            raise bad_row(where, f"field 'label' is {label!r}, not an index into the {len(endings)} endings", "labels are 0..3")
+            raise bad_row(
+                where, f"field 'label' is {label!r}, not an index into the {len(endings)} endings", "labels are 0..3"
+            )
         ctx = field(row, "ctx_a", where) + " " + field(row, "ctx_b", where).capitalize()
         query = preprocess(field(row, "activity_label", where) + ": " + ctx)
         examples.append(MultipleChoice(query, tuple(preprocess(e) for e in endings), int(label)))
@@ -60,17 +62,36 @@ def text_rows(path: Path) -> Rows:
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
-        raise bad_row(f"{path}", f"{len(lines)} lines is not a multiple of 6", "the llama.cpp HellaSwag format has 6 lines per task: context, gold label, 4 endings")
+        raise bad_row(
+            f"{path}",
+            f"{len(lines)} lines is not a multiple of 6",
+            "the llama.cpp HellaSwag format has 6 lines per task: context, gold label, 4 endings",
+        )
     for start in range(0, len(lines), 6):
         query, gold, *endings = lines[start : start + 6]
         if gold.strip() not in ("0", "1", "2", "3"):
-            raise bad_row(f"{path} line {start + 2}", f"gold label {gold[:20]!r} is not 0..3", "line 2 of every 6-line task is the gold ending's index")
+            raise bad_row(
+                f"{path} line {start + 2}",
+                f"gold label {gold[:20]!r} is not 0..3",
+                "line 2 of every 6-line task is the gold ending's index",
+            )
         label, colon, ctx = query.partition(": ")
         if not colon:
-            raise bad_row(f"{path} line {start + 1}", "no 'activity_label: ' before the context", "line 1 of every 6-line task is 'label: context'")
+            raise bad_row(
+                f"{path} line {start + 1}",
+                "no 'activity_label: ' before the context",
+                "line 1 of every 6-line task is 'label: context'",
+            )
         fragment = _CTX_B.search(ctx)
-        ctx_a, ctx_b = (ctx[: fragment.start()].rstrip(), fragment.group(1)) if fragment and fragment.group(1)[:1].islower() else (ctx, "")
-        yield f"{path} line {start + 1}", {"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": endings, "label": int(gold)}
+        ctx_a, ctx_b = (
+            (ctx[: fragment.start()].rstrip(), fragment.group(1))
+            if fragment and fragment.group(1)[:1].islower()
+            else (ctx, "")
+        )
+        yield (
+            f"{path} line {start + 1}",
+            {"activity_label": label, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": endings, "label": int(gold)},
+        )
 
 
 def rows(path: Path) -> Rows:

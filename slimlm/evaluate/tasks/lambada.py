@@ -25,7 +25,11 @@ def parse(rows: Rows) -> list[Cloze]:
     for where, row in rows:
         words = field(row, "text", where).split(" ")
         if len(words) < 2 or not words[-1]:
-            raise bad_row(where, "field 'text' needs at least two space-separated words and must not end in a space", "LAMBADA passages end with the target word")
+            raise bad_row(
+                where,
+                "field 'text' needs at least two space-separated words and must not end in a space",
+                "LAMBADA passages end with the target word",
+            )
         examples.append(Cloze(" ".join(words[:-1]), " " + words[-1]))
     return examples
 

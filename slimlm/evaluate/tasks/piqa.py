@@ -44,8 +44,17 @@ def rows(path: Path) -> Rows:
         labels = [line.strip() for line in handle if line.strip()]
     data = list(read_jsonl(path))
     if len(data) != len(labels):
-        raise SlimlmError(f"{path} has {len(data)} examples but {labels_path} has {len(labels)} labels", "the labels file must have one label per line of the jsonl")
-    return [(f"{where} (label: {labels_path.name} line {i + 1})", {**row, "label": int(label) if label.isdigit() else label} if isinstance(row, dict) else row) for i, ((where, row), label) in enumerate(zip(data, labels))]
+        raise SlimlmError(
+            f"{path} has {len(data)} examples but {labels_path} has {len(labels)} labels",
+            "the labels file must have one label per line of the jsonl",
+        )
+    return [
+        (
+            f"{where} (label: {labels_path.name} line {i + 1})",
+            {**row, "label": int(label) if label.isdigit() else label} if isinstance(row, dict) else row,
+        )
+        for i, ((where, row), label) in enumerate(zip(data, labels))
+    ]
 
 
 TASK = Task(

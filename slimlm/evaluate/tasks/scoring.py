@@ -54,12 +54,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     context. The tokenizer adds its own special tokens as configured (e.g. BOS for Llama-2 and Gemma, none for
     SmolLM2); an empty context becomes the BOS token (EOS without one) unless the continuation starts with it."""
     if continuation == "":
-        raise SlimlmError(f"empty continuation after context {context[-40:]!r}", "every choice of a task must be a non-empty string")
+        raise SlimlmError(
+            f"empty continuation after context {context[-40:]!r}", "every choice of a task must be a non-empty string"
+        )
     if context == "":
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
         if prefix is None:
-            raise SlimlmError("an empty context needs a BOS or EOS token to condition on", "use a tokenizer that defines bos_token or eos_token")
+            raise SlimlmError(
+                "an empty context needs a BOS or EOS token to condition on",
+                "use a tokenizer that defines bos_token or eos_token",
+            )
         return ([prefix], ids) if not ids or ids[0] != prefix else (ids[:1], ids[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -76,7 +81,6 @@ def _max_length(model: nn.Module) -> int:
         if isinstance(value, int) and value > 0:
             return min(value, 2**20)
     return 2048
-
 
 
 def _sliding_window(model: nn.Module) -> int | None:
@@ -112,7 +116,9 @@ def score_requests(
     plain: list[_Group] = []  # one continuation per row: the model's own causal mask
     for context, items in grouped.items():
         group = _Group(context, tuple(c for c, _ in items), tuple(i for _, i in items))
-        too_long = group.length > max_length or (window is not None and len(context) + max(len(c) for c in group.continuations) - 1 > window)
+        too_long = group.length > max_length or (
+            window is not None and len(context) + max(len(c) for c in group.continuations) - 1 > window
+        )
         if len(items) > 1 and not too_long:
             packed.append(group)
         else:
@@ -134,7 +140,9 @@ def score_requests(
     return results  # type: ignore[return-value]  # every request belongs to exactly one group
 
 
-def _score_batch(model: nn.Module, batch: Sequence[_Group], max_length: int, device: torch.device, own_masks: bool) -> list[list[LogLikelihood]]:
+def _score_batch(
+    model: nn.Module, batch: Sequence[_Group], max_length: int, device: torch.device, own_masks: bool
+) -> list[list[LogLikelihood]]:
     """One forward over packed rows (or, with `own_masks`, right-padded single-continuation rows under the model's
     own causal masks); returns each group's continuation scores."""
     rows, positions, owners, targets = [], [], [], []
@@ -154,7 +162,9 @@ def _score_batch(model: nn.Module, batch: Sequence[_Group], max_length: int, dev
         input_ids[i, len(row) :] = row[-1]  # any token: padding is never attended; not the pad id, which makes HF warn
         position_ids[i, : len(row)] = torch.tensor(pos)
         owner[i, : len(row)] = torch.tensor(own)
-    read = torch.zeros(n, width, dtype=torch.bool)  # positions whose logits are needed: the vocab projection skips the rest
+    read = torch.zeros(
+        n, width, dtype=torch.bool
+    )  # positions whose logits are needed: the vocab projection skips the rest
     for i, group_targets in enumerate(targets):
         for read_at, _ in group_targets:
             read[i, read_at] = True
@@ -189,10 +199,15 @@ def _keeps_logits_by_mask(model: nn.Module) -> bool:
 
     import transformers.modeling_utils
 
-    return hasattr(transformers.modeling_utils, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(model.forward).parameters
+    return (
+        hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+        and "logits_to_keep" in inspect.signature(model.forward).parameters
+    )
 
 
-def _pack(group: _Group, max_length: int) -> tuple[list[int], list[int], list[int], list[tuple[list[int], tuple[int, ...]]]]:
+def _pack(
+    group: _Group, max_length: int
+) -> tuple[list[int], list[int], list[int], list[tuple[list[int], tuple[int, ...]]]]:
     """Lay out one group as a row: token ids, position ids, owner per position (-1 context, k continuation k),
     and for each continuation the row positions whose logits predict its tokens, with the tokens."""
     context = list(group.context)
@@ -200,7 +215,10 @@ def _pack(group: _Group, max_length: int) -> tuple[list[int], list[int], list[in
         whole = (context + list(group.continuations[0]))[-(max_length + 1) :]
         context = whole[: len(whole) - len(group.continuations[0])]
         if not context:
-            raise SlimlmError(f"a continuation of {len(group.continuations[0])} tokens leaves no context within the model's {max_length} positions", "shorten the task's choices")
+            raise SlimlmError(
+                f"a continuation of {len(group.continuations[0])} tokens leaves no context within the model's {max_length} positions",
+                "shorten the task's choices",
+            )
     row = list(context)
     pos = list(range(len(context)))
     owner = [-1] * len(context)

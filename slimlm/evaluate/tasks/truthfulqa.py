@@ -52,7 +52,10 @@ class TrueSet:
 
 def _targets(row: dict, name: str, where: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     targets = field(row, name, where, dict)
-    choices, labels = field(targets, "choices", f"{where}, {name}", list), field(targets, "labels", f"{where}, {name}", list)
+    choices, labels = (
+        field(targets, "choices", f"{where}, {name}", list),
+        field(targets, "labels", f"{where}, {name}", list),
+    )
     if not choices or len(choices) != len(labels) or any(label not in (0, 1) for label in labels) or 1 not in labels:
         raise bad_row(where, f"'{name}' needs as many 0/1 labels as choices, with at least one 1", "fix that example")
     return tuple(choices), tuple(labels)
@@ -118,4 +121,6 @@ def _task(name: str, targets: str, summary: str, score) -> Task:
 
 
 MC1 = _task("truthfulqa_mc1", "mc1_targets", "TruthfulQA MC1 (817): one true answer among several; acc", mc1_score)
-MC2 = _task("truthfulqa_mc2", "mc2_targets", "TruthfulQA MC2 (817): probability mass on the true answers; acc", mc2_score)
+MC2 = _task(
+    "truthfulqa_mc2", "mc2_targets", "TruthfulQA MC2 (817): probability mass on the true answers; acc", mc2_score
+)

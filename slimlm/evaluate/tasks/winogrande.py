@@ -37,11 +37,19 @@ def parse(rows: Rows) -> list[Blank]:
             raise bad_row(where, "field 'sentence' has no '_' blank", "WinoGrande sentences mark the blank with '_'")
         answer = str(field(row, "answer", where, (str, int))).strip()
         if answer not in ("1", "2"):
-            raise bad_row(where, f"field 'answer' is {answer!r}, not '1' or '2'", "use a labelled split (the test split has no answers)")
+            raise bad_row(
+                where,
+                f"field 'answer' is {answer!r}, not '1' or '2'",
+                "use a labelled split (the test split has no answers)",
+            )
         blank = sentence.index("_")
         rest = sentence[blank + 1 :].strip()
         if not rest:
-            raise bad_row(where, "nothing follows the blank, so partial scoring has no continuation", "WinoGrande sentences continue after '_'")
+            raise bad_row(
+                where,
+                "nothing follows the blank, so partial scoring has no continuation",
+                "WinoGrande sentences continue after '_'",
+            )
         options = (sentence[:blank] + field(row, "option1", where), sentence[:blank] + field(row, "option2", where))
         examples.append(Blank(options, " " + rest, int(answer) - 1))
     return examples
