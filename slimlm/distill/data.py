@@ -44,7 +44,10 @@ class TokenWindows:
     def __init__(self, ids: torch.Tensor, seqlen: int, seed: int, label: str):
         n_windows = ids.numel() // seqlen
         if n_windows < 1:
-            raise SlimlmError(f"{label} has {ids.numel()} tokens, fewer than one window of {seqlen}", "use a shorter seqlen or a longer text")
+            raise SlimlmError(
+                f"{label} has {ids.numel()} tokens, fewer than one window of {seqlen}",
+                "use a shorter seqlen or a longer text",
+            )
         self.windows = ids[: n_windows * seqlen].view(n_windows, seqlen)  # (n, T)
         self.seed, self.label = seed, label
 
@@ -66,7 +69,14 @@ class TokenWindows:
 
     def describe(self) -> dict:
         n, seqlen = self.windows.shape
-        return {"kind": "corpus", "source": self.label, "windows": n, "seqlen": seqlen, "seed": self.seed, "sha256": ids_sha256(self.windows)[:16]}
+        return {
+            "kind": "corpus",
+            "source": self.label,
+            "windows": n,
+            "seqlen": seqlen,
+            "seed": self.seed,
+            "sha256": ids_sha256(self.windows)[:16],
+        }
 
 
 def loss_mask_after(ids: torch.Tensor, prompt_length: int, eos_token_id: int | None) -> torch.Tensor:
@@ -83,28 +93,43 @@ def loss_mask_after(ids: torch.Tensor, prompt_length: int, eos_token_id: int | N
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: torch.Tensor, new_tokens: int, sampling: SamplingSettings, seed: int, greedy_tokens: int = 0) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    prompts: torch.Tensor,
+    new_tokens: int,
+    sampling: SamplingSettings,
+    seed: int,
+    greedy_tokens: int = 0,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, P) prompts -> (B, P + new_tokens) ids: `greedy_tokens` top-1 tokens, then sampled ones, static KV cache.
 
-    Seeded: the same model, prompts and seed give the same ids. Rows that end early are padded (pad or eos id) to
-    the full length; `loss_mask_after` masks what follows a row's end."""
+    Prompts of different lengths come left-padded with their (B, P) `attention_mask` (0 on the padding; default:
+    all ones). Seeded: the same model, prompts and seed give the same ids. Rows that end early are padded (pad or
+    eos id) to the full length; `loss_mask_after` masks what follows a row's end."""
     device = next(model.parameters()).device
     config = model.generation_config
-    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id if isinstance(config.eos_token_id, int) else 0)
+    pad = (
+        config.pad_token_id
+        if config.pad_token_id is not None
+        else (config.eos_token_id if isinstance(config.eos_token_id, int) else 0)
+    )
     was_training = model.training
     model.eval()
     ids = prompts.to(device)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)
     common = {"pad_token_id": pad, "cache_implementation": "static", "use_cache": True}
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             greedy = min(greedy_tokens, new_tokens)
             if greedy:
-                ids = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=greedy, **common)
+                ids = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=greedy, **common)
+                mask = torch.nn.functional.pad(mask, (0, ids.shape[1] - mask.shape[1]), value=1)
             if new_tokens > greedy:
                 ids = model.generate(
                     ids,
-                    attention_mask=torch.ones_like(ids),
+                    attention_mask=mask,
                     do_sample=True,
                     temperature=sampling.temperature,
                     top_k=sampling.top_k or 0,
@@ -122,11 +147,23 @@ class GeneratedSamples:
     """Samples written by `model`: data-free from a random first token ("teacher", LLM-QAT) or continuations of
     corpus prompts ("student", on-policy GKD). The loss covers the generated tokens only."""
 
-    def __init__(self, model: nn.Module, seqlen: int, sampling: SamplingSettings, seed: int, kind: str, prompts: TokenWindows | None = None, prompt_tokens: int = 0):
+    def __init__(
+        self,
+        model: nn.Module,
+        seqlen: int,
+        sampling: SamplingSettings,
+        seed: int,
+        kind: str,
+        prompts: TokenWindows | None = None,
+        prompt_tokens: int = 0,
+    ):
         if kind == "student" and (prompts is None or prompt_tokens < 1):
             raise SlimlmError("on-policy samples need corpus prompts", "pass the prompt windows and prompt_tokens >= 1")
         if prompt_tokens >= seqlen:
-            raise SlimlmError(f"prompt_tokens {prompt_tokens} leaves nothing to generate in a window of {seqlen}", "use fewer prompt tokens or a longer seqlen")
+            raise SlimlmError(
+                f"prompt_tokens {prompt_tokens} leaves nothing to generate in a window of {seqlen}",
+                "use fewer prompt tokens or a longer seqlen",
+            )
         self.model, self.seqlen, self.sampling, self.seed, self.kind = model, seqlen, sampling, seed, kind
         self.prompts, self.prompt_tokens = prompts, prompt_tokens
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -142,7 +179,10 @@ class GeneratedSamples:
             ids = generate(self.model, prompt, self.seqlen - self.prompt_tokens, self.sampling, seed)
             prompt_length = self.prompt_tokens
         eos = self.model.generation_config.eos_token_id
-        return {"input_ids": ids, "loss_mask": loss_mask_after(ids, prompt_length, eos if isinstance(eos, int) else None)}
+        return {
+            "input_ids": ids,
+            "loss_mask": loss_mask_after(ids, prompt_length, eos if isinstance(eos, int) else None),
+        }
 
     def describe(self) -> dict:
         described = {"kind": self.kind, "seqlen": self.seqlen, "seed": self.seed, "sampling": asdict(self.sampling)}
@@ -171,4 +211,8 @@ class Retokenized:
         return {**batch, "teacher_input_ids": torch.stack(rows), "teacher_mask": torch.stack(masks)}
 
     def describe(self) -> dict:
-        return {**self.source.describe(), "teacher_tokenizer": type(self.teacher_tokenizer).__name__, "teacher_vocab": len(self.teacher_tokenizer)}
+        return {
+            **self.source.describe(),
+            "teacher_tokenizer": type(self.teacher_tokenizer).__name__,
+            "teacher_vocab": len(self.teacher_tokenizer),
+        }

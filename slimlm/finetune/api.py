@@ -1,11 +1,12 @@
-"""`slimlm finetune`: adapt a model to a user's data with a parameter-efficient method, optionally with DP-SGD and
-planted canaries, through the house training loop (`slimlm.train.trainer.train`).
+"""`slimlm finetune`: adapt a model to a user's data with a parameter-efficient method, optionally with DP-SGD,
+planted canaries and teacher-written extra rows (`slimlm.finetune.augment`), through the house training loop
+(`slimlm.train.trainer.train`).
 
 The output directory holds the adapter in peft's format (adapter_config.json + adapter_model.safetensors; load it
-with plain transformers + peft), the tokenizer, `finetune.json` (settings, data, held-out perplexity before and
-after, trainable parameters, peak memory, tokens/s, the privacy budget spent, canary exposure), and on request a
-merged Hugging Face model (`merged/`) and a GGUF LoRA adapter for llama.cpp (`adapter.gguf`). Full fine-tuning
-writes the whole model instead of an adapter.
+with plain transformers + peft), the tokenizer, `finetune.json` (settings, data and its augmentation, held-out
+perplexity before and after, trainable parameters, peak memory, tokens/s, the privacy budget spent, canary
+exposure), and on request a merged Hugging Face model (`merged/`) and a GGUF LoRA adapter for llama.cpp
+(`adapter.gguf`). Full fine-tuning writes the whole model instead of an adapter.
 """
 
 from __future__ import annotations
@@ -44,8 +45,13 @@ def base_fingerprint(model: nn.Module) -> dict:
     digest = hashlib.sha256()
     for name, tensor in list(model.state_dict().items())[:6]:
         digest.update(f"{name}:{tuple(tensor.shape)}:{float(tensor.float().sum()):.5e}".encode())
-    return {"model_type": config.model_type, "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
-            "vocab_size": config.vocab_size, "weights": digest.hexdigest()[:16]}
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "weights": digest.hexdigest()[:16],
+    }
 
 
 def reset_peak_rss() -> bool:
@@ -117,7 +123,9 @@ def finetune(
     save to `out` (see the module docstring). Returns the manifest written to `out/finetune.json`."""
     check_output_dir(out, overwrite)
     if merge and settings.method not in ("lora", "dora"):
-        raise SlimlmError(f"--merge folds LoRA/DoRA updates into the weights; {settings.method} has none to fold", "drop --merge")
+        raise SlimlmError(
+            f"--merge folds LoRA/DoRA updates into the weights; {settings.method} has none to fold", "drop --merge"
+        )
     if gguf and settings.method != "lora":
         raise SlimlmError("llama.cpp's GGUF adapters hold LoRA only", "use --method lora with --gguf")
     if settings.private:
@@ -127,33 +135,59 @@ def finetune(
     base = load_model(model, allow_pickle=allow_pickle, device=device)
     quantized = any(isinstance(m, QuantizedLinear) for m in base.model.modules())
     if merge and quantized:
-        raise SlimlmError("merging into packed quantized layers would re-quantize the update away", "drop --merge: the adapter loads onto the quantized model")
+        raise SlimlmError(
+            "merging into packed quantized layers would re-quantize the update away",
+            "drop --merge: the adapter loads onto the quantized model",
+        )
     if gguf and base.kind not in ("gguf", "alias-gguf"):
-        raise SlimlmError("--gguf writes an adapter for a GGUF base model, but this base is not a GGUF file", "fine-tune the .gguf (or the alias smollm2-135m), or export the merged model with slimlm export")
+        raise SlimlmError(
+            "--gguf writes an adapter for a GGUF base model, but this base is not a GGUF file",
+            "fine-tune the .gguf (or the alias smollm2-135m), or export the merged model with slimlm export",
+        )
     tokenizer = base.tokenizer
     fingerprint = base_fingerprint(base.model)
     with stage("reading the data"):
         rows, held = heldout_rows(tokenizer, read_rows(data, tokenizer, settings.seqlen), eval_data, settings)
-        canaries = []
-        if settings.canaries:
-            from slimlm.finetune.canaries import canary_rows, make_canaries
+    augmentation = None
+    if settings.augment:  # the training split only, before the canaries: the teacher never sees held-out rows
+        from slimlm.finetune.augment import augment_training
 
-            canaries = make_canaries(settings.canaries, settings.seed)
-            rows = concat_rows(rows, canary_rows(canaries, tokenizer, settings.canary_repeats), pad_id_of(tokenizer))
+        rows, augmentation = augment_training(rows, base.model, tokenizer, settings, model, allow_pickle)
+    canaries = []
+    if settings.canaries:
+        from slimlm.finetune.canaries import canary_rows, make_canaries
+
+        canaries = make_canaries(settings.canaries, settings.seed)
+        rows = concat_rows(rows, canary_rows(canaries, tokenizer, settings.canary_repeats), pad_id_of(tokenizer))
     metrics: dict = {}
     with stage("evaluating the base model on the held-out split"):
         metrics["base"] = heldout_perplexity(base.model, held)
     adapted = apply_method(base.model, settings)
     metrics["trainable_parameters"] = trainable_parameters(adapted)
     metrics["total_parameters"] = sum(p.numel() for p in adapted.parameters())
-    config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=settings.peak_lr, warmup_steps=min(settings.warmup, settings.steps - 1),
-                         clip_norm=None if settings.private else 1.0, seed=settings.seed, eval_every=settings.eval_every)
+    config = TrainConfig(
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.peak_lr,
+        warmup_steps=min(settings.warmup, settings.steps - 1),
+        clip_norm=None if settings.private else 1.0,
+        seed=settings.seed,
+        eval_every=settings.eval_every,
+    )
     trained, wrap, privacy = adapted, None, None
     if settings.private:
         from slimlm.finetune.privacy import make_private, plan_privacy
 
-        privacy = plan_privacy(len(rows), settings.batch_size, settings.steps, settings.dp_delta, settings.max_grad_norm, settings.accountant,
-                               settings.dp_epsilon, settings.noise_multiplier)
+        privacy = plan_privacy(
+            len(rows),
+            settings.batch_size,
+            settings.steps,
+            settings.dp_delta,
+            settings.max_grad_norm,
+            settings.accountant,
+            settings.dp_epsilon,
+            settings.noise_multiplier,
+        )
         trained, wrap = make_private(adapted, privacy, len(rows), settings.seed)
         source = PoissonRows(rows, settings.batch_size, settings.seed)
     else:
@@ -163,16 +197,31 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # peak_memory()'s CUDA figure is then the training's
     start = time.perf_counter()
-    result = train(trained, finetune_loss, source, config, eval_fn=lambda m: heldout_perplexity(m, held), run={"finetune": _plain(settings)},
-                   description=f"finetune ({settings.method}{', DP' if privacy else ''})", wrap_optimizer=wrap)
+    result = train(
+        trained,
+        finetune_loss,
+        source,
+        config,
+        eval_fn=lambda m: heldout_perplexity(m, held),
+        run={"finetune": _plain(settings)},
+        description=f"finetune ({settings.method}{', DP' if privacy else ''})",
+        wrap_optimizer=wrap,
+    )
     seconds = time.perf_counter() - start
     if privacy is not None:
         trained.remove_hooks()  # Opacus' per-sample hooks: not wanted for evaluation and saving
     with stage("evaluating the fine-tuned model on the held-out split"):
         metrics["finetuned"] = heldout_perplexity(adapted, held)
-    metrics.update(train_seconds=seconds, tokens_per_second=result.tokens_per_second, losses=result.losses, evaluations=result.evaluations,
-                   peak_memory=peak_memory(), training_peak_rss_mb=rss_mb() if peak_reset else None,
-                   training_start_rss_mb=start_rss, weight_bytes=sum(t.numel() * t.element_size() for t in [*adapted.parameters(), *adapted.buffers()]))
+    metrics.update(
+        train_seconds=seconds,
+        tokens_per_second=result.tokens_per_second,
+        losses=result.losses,
+        evaluations=result.evaluations,
+        peak_memory=peak_memory(),
+        training_peak_rss_mb=rss_mb() if peak_reset else None,
+        training_start_rss_mb=start_rss,
+        weight_bytes=sum(t.numel() * t.element_size() for t in [*adapted.parameters(), *adapted.buffers()]),
+    )
     if privacy is not None:
         metrics["privacy"] = privacy.record(len(rows))
     if canaries:
@@ -182,7 +231,14 @@ def finetune(
             metrics["canaries"] = exposure(adapted, tokenizer, canaries, settings.canary_candidates, seed=settings.seed)
     manifest = {
         "base_model": {"source": base.source, "resolved": base.resolved, "kind": base.kind, "fingerprint": fingerprint},
-        "method": settings.method, "settings": _plain(settings), "data": {"train": source.describe(), "heldout": held.label, "heldout_rows": len(held)},
+        "method": settings.method,
+        "settings": _plain(settings),
+        "data": {
+            "train": source.describe(),
+            "heldout": held.label,
+            "heldout_rows": len(held),
+            **({"augment": augmentation} if augmentation else {}),
+        },
         "metrics": metrics,
     }
     _save(adapted, base, tokenizer, out, manifest, settings, canaries, merge, gguf, overwrite)
@@ -193,7 +249,18 @@ def _plain(settings: FinetuneSettings) -> dict:
     return asdict(settings)
 
 
-def _save(adapted: nn.Module, base: LoadedModel, tokenizer, out, manifest: dict, settings: FinetuneSettings, canaries, merge: bool, gguf: bool, overwrite: bool) -> None:
+def _save(
+    adapted: nn.Module,
+    base: LoadedModel,
+    tokenizer,
+    out,
+    manifest: dict,
+    settings: FinetuneSettings,
+    canaries,
+    merge: bool,
+    gguf: bool,
+    overwrite: bool,
+) -> None:
     if settings.method == "full":
         save_model(adapted, tokenizer, out, {"finetune": manifest}, overwrite=overwrite)
         (Path(out) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -211,7 +278,12 @@ def _save(adapted: nn.Module, base: LoadedModel, tokenizer, out, manifest: dict,
             manifest["gguf_adapter"]["path"] = str(Path(out) / "adapter.gguf")
         if merge:
             merged = adapted.merge_and_unload()
-            save_model(merged, tokenizer, staging / "merged", {"finetune": {k: manifest[k] for k in ("base_model", "method", "settings")}})
+            save_model(
+                merged,
+                tokenizer,
+                staging / "merged",
+                {"finetune": {k: manifest[k] for k in ("base_model", "method", "settings")}},
+            )
             manifest["merged"] = str(Path(out) / "merged")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -232,7 +304,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     adapter_dir = Path(adapter_dir)
     manifest_path = adapter_dir / MANIFEST
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise SlimlmError(f"'{adapter_dir}' holds no peft adapter (adapter_config.json)", "pass the --out directory of slimlm finetune")
+        raise SlimlmError(
+            f"'{adapter_dir}' holds no peft adapter (adapter_config.json)",
+            "pass the --out directory of slimlm finetune",
+        )
     if manifest_path.is_file():
         recorded = json.loads(manifest_path.read_text())["base_model"]
         ours = base_fingerprint(model)

@@ -40,7 +40,10 @@ class Canary:
 def make_canaries(count: int, seed: int) -> list[Canary]:
     """`count` secrets of DIGITS random digits, seeded."""
     draw = random.Random(seed * 7919 + 17)
-    return [Canary(f"my secret code {k} is", " " + "".join(draw.choice("0123456789") for _ in range(DIGITS))) for k in range(count)]
+    return [
+        Canary(f"my secret code {k} is", " " + "".join(draw.choice("0123456789") for _ in range(DIGITS)))
+        for k in range(count)
+    ]
 
 
 def scored_rows(tokenizer, prefix: str, secrets: list[str]) -> Rows:
@@ -49,7 +52,9 @@ def scored_rows(tokenizer, prefix: str, secrets: list[str]) -> Rows:
     for secret in secrets:
         encoded = tokenizer(prefix + secret, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = encoded["input_ids"]
-        labels = [token if start >= len(prefix) else IGNORE for token, (start, _) in zip(ids, encoded["offset_mapping"])]
+        labels = [
+            token if start >= len(prefix) else IGNORE for token, (start, _) in zip(ids, encoded["offset_mapping"])
+        ]
         examples.append((ids, labels))
     return pad_rows(examples, pad_id_of(tokenizer), f"canary '{prefix}'")
 
@@ -92,12 +97,19 @@ def exposure(model: nn.Module, tokenizer, canaries: list[Canary], candidates: in
                     others.add(guess)
             scores = log_perplexities(model, scored_rows(tokenizer, canary.prefix, [canary.secret, *sorted(others)]))
             rank = 1 + int((scores[1:] < scores[0]).sum())
-            results.append({"prefix": canary.prefix, "rank": rank, "exposure": math.log2(candidates + 1) - math.log2(rank)})
+            results.append(
+                {"prefix": canary.prefix, "rank": rank, "exposure": math.log2(candidates + 1) - math.log2(rank)}
+            )
     finally:
         model.train(was_training)
     mean = sum(r["exposure"] for r in results) / len(results) if results else 0.0
-    return {"canaries": results, "mean_exposure": mean, "max_exposure": math.log2(candidates + 1), "candidates": candidates,
-            "protocol": f"Carlini et al. 2019: rank of each {DIGITS}-digit secret's log-perplexity among {candidates} random ones"}
+    return {
+        "canaries": results,
+        "mean_exposure": mean,
+        "max_exposure": math.log2(candidates + 1),
+        "candidates": candidates,
+        "protocol": f"Carlini et al. 2019: rank of each {DIGITS}-digit secret's log-perplexity among {candidates} random ones",
+    }
 
 
 def read_canaries(path) -> list[Canary]:
@@ -111,4 +123,7 @@ def read_canaries(path) -> list[Canary]:
         entries = json.loads(Path(path).read_text())
         return [Canary(entry["prefix"], entry["secret"]) for entry in entries]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SlimlmError(f"cannot read canaries from '{path}' ({type(err).__name__})", "pass the canaries.json that slimlm finetune --canaries wrote") from None
+        raise SlimlmError(
+            f"cannot read canaries from '{path}' ({type(err).__name__})",
+            "pass the canaries.json that slimlm finetune --canaries wrote",
+        ) from None

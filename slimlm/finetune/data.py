@@ -42,7 +42,11 @@ class Rows:
 
     def take(self, index: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         index = torch.as_tensor(index, dtype=torch.int64)
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index], "attention_mask": self.attention_mask[index]}
+        return {
+            "input_ids": self.input_ids[index],
+            "labels": self.labels[index],
+            "attention_mask": self.attention_mask[index],
+        }
 
     def loss_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
@@ -52,7 +56,13 @@ class Rows:
 
     def describe(self) -> dict:
         n, length = self.input_ids.shape
-        return {"source": self.label, "rows": n, "length": length, "loss_tokens": self.loss_tokens(), "sha256": ids_sha256(self.input_ids)[:16]}
+        return {
+            "source": self.label,
+            "rows": n,
+            "length": length,
+            "loss_tokens": self.loss_tokens(),
+            "sha256": ids_sha256(self.input_ids)[:16],
+        }
 
 
 def pad_rows(examples: list[tuple[list[int], list[int]]], pad_id: int, label: str) -> Rows:
@@ -102,7 +112,10 @@ def read_rows(source: str | Path, tokenizer, seqlen: int) -> Rows:
     path = Path(source).expanduser()
     if path.suffix == ".jsonl":
         if not path.is_file():
-            raise SlimlmError(f"fine-tuning data '{path}' is not a file", "pass a .txt file or a .jsonl file with \"text\" or \"messages\" on each line")
+            raise SlimlmError(
+                f"fine-tuning data '{path}' is not a file",
+                'pass a .txt file or a .jsonl file with "text" or "messages" on each line',
+            )
         return _jsonl_rows(path, tokenizer, seqlen)
     text = load_text(str(source), "calibration")
     return text_windows(text.text, tokenizer, seqlen, text.label)
@@ -113,7 +126,10 @@ def text_windows(text: str, tokenizer, seqlen: int, label: str) -> Rows:
     ids = tokenize_text(tokenizer, text)
     n = ids.numel() // seqlen
     if n < 1:
-        raise SlimlmError(f"{label} has {ids.numel()} tokens, fewer than one window of {seqlen}", "use a shorter --seqlen or more text")
+        raise SlimlmError(
+            f"{label} has {ids.numel()} tokens, fewer than one window of {seqlen}",
+            "use a shorter --seqlen or more text",
+        )
     windows = ids[: n * seqlen].view(n, seqlen)
     return Rows(windows, windows.clone(), torch.ones_like(windows), f"{label}: {n} windows x {seqlen} tokens")
 
@@ -131,8 +147,10 @@ def _jsonl_rows(path: Path, tokenizer, seqlen: int) -> Rows:
             examples.append(chat_example(row["messages"], tokenizer, seqlen, where))
         else:
             got = ", ".join(f'"{key}"' for key in row) if isinstance(row, dict) else type(row).__name__
-            raise SlimlmError(f'{where} has neither a string field "text" nor a "messages" list (it has {got or "nothing"})',
-                              'write {"text": "..."} or {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}')
+            raise SlimlmError(
+                f'{where} has neither a string field "text" nor a "messages" list (it has {got or "nothing"})',
+                'write {"text": "..."} or {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+            )
     if not examples:
         raise SlimlmError(f"{path} holds no examples", "write one JSON object per line")
     if all(all(t == IGNORE for t in labels[1:]) for _, labels in examples):
@@ -144,24 +162,42 @@ def chat_example(messages: object, tokenizer, seqlen: int, where: str) -> tuple[
     """One conversation -> (ids, labels) with labels only on the assistant messages' tokens (and what the template
     closes each answer with up to the next message)."""
     if not isinstance(messages, list) or not messages:
-        raise SlimlmError(f'{where}: "messages" is not a non-empty list', 'write "messages": [{"role": "user", "content": "..."}, ...]')
+        raise SlimlmError(
+            f'{where}: "messages" is not a non-empty list',
+            'write "messages": [{"role": "user", "content": "..."}, ...]',
+        )
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            raise SlimlmError(f'{where}: messages[{index}] needs string fields "role" and "content"', 'write {"role": "assistant", "content": "..."}')
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise SlimlmError(
+                f'{where}: messages[{index}] needs string fields "role" and "content"',
+                'write {"role": "assistant", "content": "..."}',
+            )
     if not any(m["role"] == "assistant" for m in messages):
-        raise SlimlmError(f"{where}: no message has role \"assistant\", so there is no answer to learn", "add the assistant's answer, or use {\"text\": ...}")
+        raise SlimlmError(
+            f'{where}: no message has role "assistant", so there is no answer to learn',
+            'add the assistant\'s answer, or use {"text": ...}',
+        )
     if not getattr(tokenizer, "chat_template", None):
-        raise SlimlmError(f"{where} holds chat messages, but the model's tokenizer has no chat template", 'use {"text": ...} rows, or a model with a chat template')
-    full = _render(tokenizer, messages, False, where)
+        raise SlimlmError(
+            f"{where} holds chat messages, but the model's tokenizer has no chat template",
+            'use {"text": ...} rows, or a model with a chat template',
+        )
+    full = render_chat(tokenizer, messages, False, where)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], True, where) if index else ""
-        through = _render(tokenizer, messages[: index + 1], False, where)
+        before = render_chat(tokenizer, messages[:index], True, where) if index else ""
+        through = render_chat(tokenizer, messages[: index + 1], False, where)
         if not full.startswith(through) or not through.startswith(before):
-            raise SlimlmError(f"{where}: the chat template does not render a conversation's beginning as a prefix of the whole",
-                              "use a template that renders messages in order (most do), or {\"text\": ...} rows")
+            raise SlimlmError(
+                f"{where}: the chat template does not render a conversation's beginning as a prefix of the whole",
+                'use a template that renders messages in order (most do), or {"text": ...} rows',
+            )
         spans.append((len(before), len(through)))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -169,12 +205,16 @@ def chat_example(messages: object, tokenizer, seqlen: int, where: str) -> tuple[
     return ids[:seqlen], labels[:seqlen]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    """The conversation as the model's chat template writes it (with the assistant's opening when
+    `generation_prompt`), a template error said as one line naming `where`."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as err:  # jinja2's TemplateError and whatever the template raises itself
-        raise SlimlmError(f"{where}: the model's chat template does not render these messages ({type(err).__name__}: {str(err)[:120]})",
-                          "check the roles and their order (e.g. user/assistant alternating), or use {\"text\": ...} rows") from None
+        raise SlimlmError(
+            f"{where}: the model's chat template does not render these messages ({type(err).__name__}: {str(err)[:120]})",
+            'check the roles and their order (e.g. user/assistant alternating), or use {"text": ...} rows',
+        ) from None
 
 
 def split_heldout(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
@@ -182,10 +222,14 @@ def split_heldout(rows: Rows, share: float, seed: int) -> tuple[Rows, Rows]:
     if not 0 < share < 1:
         raise SlimlmError(f"held-out share {share} is outside (0, 1)", "pass e.g. --heldout 0.1, or --eval-data FILE")
     if len(rows) < 2:
-        raise SlimlmError(f"{rows.label} has {len(rows)} example, too few to hold one out", "add data, or pass --eval-data FILE")
+        raise SlimlmError(
+            f"{rows.label} has {len(rows)} example, too few to hold one out", "add data, or pass --eval-data FILE"
+        )
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     n_held = max(1, round(len(rows) * share))
-    return rows.subset(order[n_held:].sort().values, f"{rows.label} (train)"), rows.subset(order[:n_held].sort().values, f"{rows.label} (held out)")
+    return rows.subset(order[n_held:].sort().values, f"{rows.label} (train)"), rows.subset(
+        order[:n_held].sort().values, f"{rows.label} (held out)"
+    )
 
 
 # --- batch sources for the trainer --------------------------------------------------------------------------------
@@ -220,8 +264,10 @@ class PoissonRows:
 
     def __init__(self, rows: Rows, batch_size: int, seed: int):
         if batch_size > len(rows):
-            raise SlimlmError(f"DP batch size {batch_size} exceeds the {len(rows)} training rows (sampling rate above 1)",
-                              f"use --batch-size {len(rows)} or less, or more data")
+            raise SlimlmError(
+                f"DP batch size {batch_size} exceeds the {len(rows)} training rows (sampling rate above 1)",
+                f"use --batch-size {len(rows)} or less, or more data",
+            )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
 
     @property

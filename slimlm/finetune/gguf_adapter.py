@@ -31,12 +31,20 @@ def lora_tensors(peft_model: nn.Module) -> tuple[str, float, list[tuple[str, tor
     model = peft_model.get_base_model()
     config = model.config
     if config.model_type not in ARCHITECTURES:
-        raise SlimlmError(f"a GGUF LoRA adapter for '{config.model_type}' is not offered", f"slimlm writes GGUF for {', '.join(ARCHITECTURES)}; keep the peft adapter for this model")
+        raise SlimlmError(
+            f"a GGUF LoRA adapter for '{config.model_type}' is not offered",
+            f"slimlm writes GGUF for {', '.join(ARCHITECTURES)}; keep the peft adapter for this model",
+        )
     lora = peft_model.peft_config[ADAPTER_NAME]
     if getattr(lora, "use_dora", False):
-        raise SlimlmError("llama.cpp's LoRA adapters cannot hold DoRA's magnitudes", "use --method lora for a GGUF adapter, or --merge and export the merged model")
+        raise SlimlmError(
+            "llama.cpp's LoRA adapters cannot hold DoRA's magnitudes",
+            "use --method lora for a GGUF adapter, or --merge and export the merged model",
+        )
     if getattr(lora, "use_rslora", False):
-        raise SlimlmError("llama.cpp scales adapters by α/r, not rsLoRA's α/√r", "train without rsLoRA for a GGUF adapter")
+        raise SlimlmError(
+            "llama.cpp scales adapters by α/r, not rsLoRA's α/√r", "train without rsLoRA for a GGUF adapter"
+        )
     arch = ARCHITECTURES[config.model_type]
     tensors = []
     for index, block in enumerate(decoder_blocks(model)):
@@ -103,4 +111,10 @@ def write_lora_gguf(peft_model: nn.Module, out: str | Path, base_gguf: str | Pat
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
-    return {"path": str(out), "architecture": arch, "alpha": alpha, "tensors": len(tensors), "bytes": out.stat().st_size}
+    return {
+        "path": str(out),
+        "architecture": arch,
+        "alpha": alpha,
+        "tensors": len(tensors),
+        "bytes": out.stat().st_size,
+    }

@@ -38,7 +38,10 @@ def adapter_targets(model: nn.Module, pattern: str | None) -> list[str]:
         if (is_linear(module) or isinstance(module, QuantizedLinear)) and (pattern is None or re.search(pattern, name))
     ]
     if not names:
-        raise SlimlmError(f"no decoder-block linear matches the targets '{pattern}'", "names look like 'model.layers.0.mlp.up_proj'; try --targets 'proj'")
+        raise SlimlmError(
+            f"no decoder-block linear matches the targets '{pattern}'",
+            "names look like 'model.layers.0.mlp.up_proj'; try --targets 'proj'",
+        )
     return names
 
 
@@ -46,7 +49,10 @@ def apply_method(model: nn.Module, settings: FinetuneSettings) -> nn.Module:
     """`model` with the method's trainable parts added (in place for peft methods); everything else frozen."""
     if settings.method == "full":
         if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-            raise SlimlmError("full fine-tuning cannot train packed quantized layers", "use --method lora (QLoRA) on a quantized model")
+            raise SlimlmError(
+                "full fine-tuning cannot train packed quantized layers",
+                "use --method lora (QLoRA) on a quantized model",
+            )
         return model.requires_grad_(True)
     require_peft()
     from peft import AdaptionPromptConfig, PromptTuningConfig, get_peft_model
@@ -54,26 +60,44 @@ def apply_method(model: nn.Module, settings: FinetuneSettings) -> nn.Module:
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if settings.method in ("lora", "dora"):
         if quantized and settings.method == "dora":
-            raise SlimlmError("DoRA needs the dense weight's column norms, which a packed quantized layer does not hold", "use --method lora (QLoRA) on a quantized model")
+            raise SlimlmError(
+                "DoRA needs the dense weight's column norms, which a packed quantized layer does not hold",
+                "use --method lora (QLoRA) on a quantized model",
+            )
         rank = settings.rank
-        config = lora_config(model, rank, settings.alpha or 2.0 * rank, adapter_targets(model, settings.targets), dora=settings.method == "dora", task_type="CAUSAL_LM")
+        config = lora_config(
+            model,
+            rank,
+            settings.alpha or 2.0 * rank,
+            adapter_targets(model, settings.targets),
+            dora=settings.method == "dora",
+            task_type="CAUSAL_LM",
+        )
         if quantized:
             from slimlm.finetune.qlora import register_quantized_lora
 
             register_quantized_lora(config)
         return get_peft_model(model, config)
     if quantized:
-        raise SlimlmError(f"{settings.method} on a quantized model is not offered", "use --method lora (QLoRA) on a quantized model")
+        raise SlimlmError(
+            f"{settings.method} on a quantized model is not offered", "use --method lora (QLoRA) on a quantized model"
+        )
     if settings.method == "prompt-tuning":
-        return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=settings.virtual_tokens))
+        return get_peft_model(
+            model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=settings.virtual_tokens)
+        )
     from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG
 
     model_type = model.config.model_type
     if model_type not in TRANSFORMERS_MODEL_CONFIG:
-        raise SlimlmError(f"peft's adaption prompts support {', '.join(TRANSFORMERS_MODEL_CONFIG)}, not '{model_type}'",
-                          "use --method lora or prompt-tuning for this model")
+        raise SlimlmError(
+            f"peft's adaption prompts support {', '.join(TRANSFORMERS_MODEL_CONFIG)}, not '{model_type}'",
+            "use --method lora or prompt-tuning for this model",
+        )
     layers = min(settings.adapter_layers or len(decoder_blocks(model)), len(decoder_blocks(model)))
-    return get_peft_model(model, AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=settings.adapter_len, adapter_layers=layers))
+    return get_peft_model(
+        model, AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=settings.adapter_len, adapter_layers=layers)
+    )
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -86,9 +110,13 @@ def per_sample_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     Prompt tuning prepends virtual tokens to the logits; the last T positions are the text's."""
     ids, labels = batch["input_ids"], batch["labels"]
     length = ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits[:, -length:]  # (B, T, V)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits[
+        :, -length:
+    ]  # (B, T, V)
     targets = labels[:, 1:]  # position t predicts token t + 1
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )
     return nll.view(targets.shape).sum(1), (targets != IGNORE).sum(1)
 
 

@@ -28,12 +28,18 @@ from torch import nn
 from slimlm.errors import SlimlmError
 
 # Names of the accountants in the report.
-ACCOUNTANT_NAMES = {"prv": "Opacus PRVAccountant (privacy random variables, Gopi et al. 2021)", "rdp": "Opacus RDPAccountant (Rényi DP, Mironov 2017)"}
+ACCOUNTANT_NAMES = {
+    "prv": "Opacus PRVAccountant (privacy random variables, Gopi et al. 2021)",
+    "rdp": "Opacus RDPAccountant (Rényi DP, Mironov 2017)",
+}
 
 
 def require_opacus() -> None:
     if importlib.util.find_spec("opacus") is None:
-        raise SlimlmError("differentially private fine-tuning needs the optional package 'opacus'", "pip install 'slimlm[privacy]' (or pip install opacus)")
+        raise SlimlmError(
+            "differentially private fine-tuning needs the optional package 'opacus'",
+            "pip install 'slimlm[privacy]' (or pip install opacus)",
+        )
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,13 @@ class PrivacyPlan:
         return epsilon_spent(self.noise_multiplier, self.sample_rate, self.steps, self.delta, self.accountant)
 
     def record(self, rows: int) -> dict:
-        return {**asdict(self), "epsilon": self.epsilon(), "expected_batch_size": self.sample_rate * rows, "accountant_name": ACCOUNTANT_NAMES[self.accountant],
-                "sampling": "Poisson (each row independently with probability sample_rate every step)"}
+        return {
+            **asdict(self),
+            "epsilon": self.epsilon(),
+            "expected_batch_size": self.sample_rate * rows,
+            "accountant_name": ACCOUNTANT_NAMES[self.accountant],
+            "sampling": "Poisson (each row independently with probability sample_rate every step)",
+        }
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
@@ -65,21 +76,42 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     return float(counter.get_epsilon(delta=delta))
 
 
-def plan_privacy(rows: int, batch_size: int, steps: int, delta: float, max_grad_norm: float, accountant: str,
-                 target_epsilon: float | None = None, noise_multiplier: float | None = None) -> PrivacyPlan:
+def plan_privacy(
+    rows: int,
+    batch_size: int,
+    steps: int,
+    delta: float,
+    max_grad_norm: float,
+    accountant: str,
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+) -> PrivacyPlan:
     """σ for the ε target (or the given σ), refusing a target the run cannot reach and saying what it can."""
     require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     if batch_size > rows:
-        raise SlimlmError(f"DP batch size {batch_size} exceeds the {rows} training rows (sampling rate above 1)", f"use --batch-size {rows} or less, or more data")
+        raise SlimlmError(
+            f"DP batch size {batch_size} exceeds the {rows} training rows (sampling rate above 1)",
+            f"use --batch-size {rows} or less, or more data",
+        )
     if delta >= 1 / rows:
-        raise SlimlmError(f"δ = {delta:g} is not below 1 / the {rows} training rows: it would allow publishing a row outright",
-                          f"pass --dp-delta {0.1 / rows:.0e} or smaller")
+        raise SlimlmError(
+            f"δ = {delta:g} is not below 1 / the {rows} training rows: it would allow publishing a row outright",
+            f"pass --dp-delta {0.1 / rows:.0e} or smaller",
+        )
     rate = batch_size / rows
     if noise_multiplier is None:
         try:
-            noise_multiplier = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=steps, accountant=accountant))
+            noise_multiplier = float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=rate,
+                    steps=steps,
+                    accountant=accountant,
+                )
+            )
         except (ValueError, RuntimeError):
             reachable = epsilon_spent(10.0, rate, steps, delta, accountant)
             raise SlimlmError(
@@ -96,7 +128,10 @@ def unsupported_layers(model: nn.Module) -> list[str]:
 
     found = []
     for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)) and type(module) not in GradSampleModule.GRAD_SAMPLERS:
+        if (
+            any(p.requires_grad for p in module.parameters(recurse=False))
+            and type(module) not in GradSampleModule.GRAD_SAMPLERS
+        ):
             found.append(f"{name} ({type(module).__name__})")
     return found
 
@@ -110,14 +145,22 @@ def make_private(model: nn.Module, plan: PrivacyPlan, rows: int, seed: int) -> t
     refused = unsupported_layers(model)
     if refused:
         shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
-        raise SlimlmError(f"DP fine-tuning: Opacus computes no per-sample gradients for the trainable {shown}",
-                          "use --method lora or prompt-tuning (norms and the tied embedding stay frozen)")
+        raise SlimlmError(
+            f"DP fine-tuning: Opacus computes no per-sample gradients for the trainable {shown}",
+            "use --method lora or prompt-tuning (norms and the tied embedding stay frozen)",
+        )
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     generator = torch.Generator().manual_seed(seed)
     expected = plan.sample_rate * rows
 
     def wrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        return DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                           expected_batch_size=expected, loss_reduction="mean", generator=generator)
+        return DPOptimizer(
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=expected,
+            loss_reduction="mean",
+            generator=generator,
+        )
 
     return wrapped, wrap_optimizer

@@ -12,11 +12,13 @@ METHODS = ("lora", "dora", "prompt-tuning", "adaption-prompt", "full")
 # random prompts and want a larger step than full fine-tuning (PEFT's examples: LoRA 1e-3 to 2e-4, prompt tuning 3e-2).
 DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "prompt-tuning": 3e-2, "adaption-prompt": 3e-2, "full": 5e-5}
 ACCOUNTANTS = ("prv", "rdp")
+AUGMENT_TOP_P = 0.9  # nucleus sampling of teacher-written rows: varied, without the tail's nonsense
 
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """One fine-tuning run: the method and its size, the training schedule, privacy and the memorization check."""
+    """One fine-tuning run: the method and its size, the training schedule, privacy, the memorization check and
+    teacher-written training rows."""
 
     method: str = "lora"  # lora, dora, prompt-tuning, adaption-prompt (LLaMA-Adapter) or full
     rank: int = 8  # lora/dora: rank r of B·A
@@ -42,6 +44,12 @@ class FinetuneSettings:
     canaries: int = 0  # insert N random secrets into the training data and report their exposure (0: none)
     canary_repeats: int = 8  # copies of each secret in the training data
     canary_candidates: int = 1023  # random secrets each true one is ranked among (exposure at most log2(this + 1))
+    augment: int = 0  # teacher-written rows per training example (slimlm.finetune.augment; 0: none)
+    augment_teacher: str | None = (
+        None  # the model that writes them (alias, directory, .gguf, hub id; default: the model fine-tuned)
+    )
+    augment_tokens: int = 128  # most tokens the teacher writes per row
+    augment_temperature: float = 0.7  # the teacher's sampling temperature (top-p AUGMENT_TOP_P)
 
     @property
     def private(self) -> bool:
@@ -58,27 +66,45 @@ class FinetuneSettings:
             raise SlimlmError(f"unknown privacy accountant '{self.accountant}'", f"use one of {', '.join(ACCOUNTANTS)}")
         for name in ("rank", "virtual_tokens", "adapter_len", "steps", "batch_size", "seqlen"):
             _positive(name, getattr(self, name))
-        for name in ("warmup", "eval_every", "canaries"):
+        for name in ("warmup", "eval_every", "canaries", "augment"):
             if getattr(self, name) < 0:
-                raise SlimlmError(f"finetune: {name} is {getattr(self, name)}, must be 0 or more", f"pass {name} 0 or more")
+                raise SlimlmError(
+                    f"finetune: {name} is {getattr(self, name)}, must be 0 or more", f"pass {name} 0 or more"
+                )
         _positive("canary_repeats", self.canary_repeats)
         _positive("canary_candidates", self.canary_candidates)
+        _positive("augment_tokens", self.augment_tokens)
         if self.adapter_layers is not None:
             _positive("adapter_layers", self.adapter_layers)
         if self.eval_windows is not None:
             _positive("eval_windows", self.eval_windows)
         if not 0 < self.heldout < 1:
             raise SlimlmError(f"finetune: heldout is {self.heldout}, outside (0, 1)", "pass e.g. 0.1")
-        for name in ("lr", "alpha", "dp_epsilon", "noise_multiplier"):
+        for name in ("lr", "alpha", "dp_epsilon", "noise_multiplier", "augment_temperature"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise SlimlmError(f"finetune: {name} is {value}, must be a positive number", f"pass a positive {name}")
         if not 0 < self.dp_delta < 1:
-            raise SlimlmError(f"finetune: dp_delta is {self.dp_delta}, outside (0, 1)", "pass e.g. 1e-5 (below 1 / the number of examples)")
+            raise SlimlmError(
+                f"finetune: dp_delta is {self.dp_delta}, outside (0, 1)",
+                "pass e.g. 1e-5 (below 1 / the number of examples)",
+            )
         if not self.max_grad_norm > 0:
             raise SlimlmError(f"finetune: max_grad_norm is {self.max_grad_norm}, must be above 0", "pass e.g. 1.0")
         if self.dp_epsilon is not None and self.noise_multiplier is not None:
-            raise SlimlmError("both an ε target and a noise multiplier are given", "pass --dp-epsilon or --noise-multiplier, not both")
+            raise SlimlmError(
+                "both an ε target and a noise multiplier are given", "pass --dp-epsilon or --noise-multiplier, not both"
+            )
+        if self.augment and self.private:
+            raise SlimlmError(
+                "teacher-written rows are derived from the private examples, so DP-SGD's per-example guarantee would not cover them",
+                "drop --augment, or train without DP",
+            )
+        if self.augment_teacher is not None and not self.augment:
+            raise SlimlmError(
+                f"an augmentation teacher ({self.augment_teacher}) is given, but augment is 0",
+                "pass --augment N (rows per example), or drop --augment-teacher",
+            )
 
 
 def _positive(name: str, value: int) -> None:

@@ -30,7 +30,8 @@ ADAPTERS = ("lora", "dora", "full")
 
 @dataclass(frozen=True)
 class FinetuneStageConfig(StageConfig):
-    """Fine-tune on `data` (causal LM on text, answers only on chat jsonl); `targets` selects the LoRA linears."""
+    """Fine-tune on `data` (causal LM on text, answers only on chat jsonl), optionally with teacher-written rows
+    (`augment`); `targets` selects the LoRA linears."""
 
     method: ClassVar[str] = "finetune"
     data: str = "default"  # .txt, .jsonl (text / chat messages), wikitext2:DIR, hf:NAME, default
@@ -47,6 +48,10 @@ class FinetuneStageConfig(StageConfig):
     dp_delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"
+    augment: int = FinetuneSettings.augment  # teacher-written rows per training example (0: none)
+    augment_teacher: str | None = FinetuneSettings.augment_teacher  # null: the model being fine-tuned
+    augment_tokens: int = FinetuneSettings.augment_tokens
+    augment_temperature: float = FinetuneSettings.augment_temperature
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,12 +67,36 @@ class FinetuneStageConfig(StageConfig):
             check_range(self, "dp_epsilon", self.dp_epsilon, 1e-6, 1e6)
         check_range(self, "dp_delta", self.dp_delta, 1e-30, 1 - 1e-12)
         check_range(self, "max_grad_norm", self.max_grad_norm, 1e-12, 1e12)
+        check_range(self, "augment", self.augment, 0, 2**31)
+        check_range(self, "augment_tokens", self.augment_tokens, 1, 2**31)
+        check_range(self, "augment_temperature", self.augment_temperature, 1e-6, 1e6)
+        if self.augment and self.dp_epsilon is not None:
+            self.fail(
+                "augment",
+                "is set with dp_epsilon: teacher-written rows derive from the private examples, outside DP-SGD's per-example guarantee",
+                "set augment: 0, or remove dp_epsilon",
+            )
 
     def settings(self) -> FinetuneSettings:
-        return FinetuneSettings(method=self.adapter, rank=self.rank, alpha=self.alpha, steps=self.steps, batch_size=self.batch_size,
-                                lr=self.lr if self.lr is not None else DEFAULT_LR[self.adapter], seqlen=self.seqlen, heldout=self.heldout,
-                                seed=self.seed, dp_epsilon=self.dp_epsilon, dp_delta=self.dp_delta, max_grad_norm=self.max_grad_norm,
-                                accountant=self.accountant)
+        return FinetuneSettings(
+            method=self.adapter,
+            rank=self.rank,
+            alpha=self.alpha,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr if self.lr is not None else DEFAULT_LR[self.adapter],
+            seqlen=self.seqlen,
+            heldout=self.heldout,
+            seed=self.seed,
+            dp_epsilon=self.dp_epsilon,
+            dp_delta=self.dp_delta,
+            max_grad_norm=self.max_grad_norm,
+            accountant=self.accountant,
+            augment=self.augment,
+            augment_teacher=self.augment_teacher,
+            augment_tokens=self.augment_tokens,
+            augment_temperature=self.augment_temperature,
+        )
 
 
 def check_finetune(model: nn.Module, config: FinetuneStageConfig) -> None:
@@ -96,6 +125,11 @@ def finetune_(model: nn.Module, base: Base, config: FinetuneStageConfig, device:
     if device is not None:
         model.to(device)
     rows, held = split_heldout(read_rows(config.data, base.tokenizer, config.seqlen), config.heldout, config.seed)
+    augmentation = {}
+    if config.augment:  # the training split only; the default teacher is the model as this stage receives it
+        from slimlm.finetune.augment import augment_training
+
+        rows, augmentation["augment"] = augment_training(rows, model, base.tokenizer, settings, "the recipe's model")
     before = heldout_perplexity(model, held)["perplexity"]
     if config.adapter == "full":
         adapted = model.requires_grad_(True)
@@ -104,25 +138,49 @@ def finetune_(model: nn.Module, base: Base, config: FinetuneStageConfig, device:
 
         targets = adapter_targets(model, config.targets)
         targets = [name for name in targets if config.selects(name)]
-        adapted = get_peft_model(model, lora_config(model, config.rank, config.alpha or 2.0 * config.rank, targets, dora=config.adapter == "dora"))
-    record: dict = {"trainable_parameters": trainable_parameters(adapted)}
+        adapted = get_peft_model(
+            model,
+            lora_config(model, config.rank, config.alpha or 2.0 * config.rank, targets, dora=config.adapter == "dora"),
+        )
+    record: dict = {"trainable_parameters": trainable_parameters(adapted), **augmentation}
     trained, wrap, source = adapted, None, ShuffledRows(rows, config.seed)
     if config.dp_epsilon is not None:
         from slimlm.finetune.privacy import make_private, plan_privacy
 
-        plan = plan_privacy(len(rows), config.batch_size, config.steps, config.dp_delta, config.max_grad_norm, config.accountant, config.dp_epsilon)
+        plan = plan_privacy(
+            len(rows),
+            config.batch_size,
+            config.steps,
+            config.dp_delta,
+            config.max_grad_norm,
+            config.accountant,
+            config.dp_epsilon,
+        )
         trained, wrap = make_private(adapted, plan, len(rows), config.seed)
         source = PoissonRows(rows, config.batch_size, config.seed)
         record["privacy"] = plan.record(len(rows))
-    train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=settings.peak_lr, warmup_steps=min(settings.warmup, config.steps - 1),
-                               clip_norm=None if wrap else 1.0, seed=config.seed)
-    result = train(trained, finetune_loss, source, train_config, description=f"finetune ({config.adapter})", wrap_optimizer=wrap)
+    train_config = TrainConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=settings.peak_lr,
+        warmup_steps=min(settings.warmup, config.steps - 1),
+        clip_norm=None if wrap else 1.0,
+        seed=config.seed,
+    )
+    result = train(
+        trained, finetune_loss, source, train_config, description=f"finetune ({config.adapter})", wrap_optimizer=wrap
+    )
     if wrap is not None:
         trained.remove_hooks()
     if config.adapter != "full":
         adapted.merge_and_unload()  # folds B·A into the linears of `model` itself and removes the adapters
     model.requires_grad_(False)
-    return {**record, "losses": result.losses, "heldout_perplexity_before": before, "heldout_perplexity_after": heldout_perplexity(model, held)["perplexity"]}
+    return {
+        **record,
+        "losses": result.losses,
+        "heldout_perplexity_before": before,
+        "heldout_perplexity_after": heldout_perplexity(model, held)["perplexity"],
+    }
 
 
 FINETUNE = Stage(config=FinetuneStageConfig, apply=finetune_, scope="model", needs=("base",), check=check_finetune)
