@@ -24,37 +24,15 @@ def run_search(
 ):
     """Search `model` under `constraints` for `settings.target`; returns the driver's SearchResult (see
     `driver.run_gguf_search` for what DIR holds)."""
-    if settings.target == "compressed-tensors":
-        from slimlm.search.ct_search import run_ct_search
-
-        return run_ct_search(
-            model,
-            Path(out),
-            constraints,
-            settings,
-            evaluation,
-            database_dir,
-            overwrite,
-            allow_pickle,
-            device,
-            extra_budgets,
-        )
-    if settings.target != "gguf":
+    if settings.target not in ("gguf", "compressed-tensors"):
         raise SlimlmError(
             f"unknown search target '{settings.target}'", "use --target gguf or --target compressed-tensors"
         )
+    common = (model, Path(out), constraints, settings, evaluation, database_dir, overwrite, allow_pickle, device)
+    if settings.target == "compressed-tensors":
+        from slimlm.search.ct_search import run_ct_search
+
+        return run_ct_search(*common, extra_budgets)
     from slimlm.search.driver import run_gguf_search
 
-    return run_gguf_search(
-        model,
-        out,
-        constraints,
-        settings,
-        evaluation,
-        database_dir,
-        overwrite,
-        allow_pickle,
-        device,
-        extra_budgets,
-        export_front,
-    )
+    return run_gguf_search(*common, extra_budgets, export_front)
