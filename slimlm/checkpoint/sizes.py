@@ -40,7 +40,7 @@ _DTYPE_RANK = {
     "I8": 5,
     "U8": 4,
     "BOOL": 0,
-}  # safetensors' order: wider first
+}  # safetensors writes tensors by dtype (its enum, largest first), then by name; offsets follow that order
 OFFSET_DIGITS = 12  # an upper bound counts an entry's offsets at this width (files under 1 TB)
 
 
@@ -58,21 +58,21 @@ def entry_json(name: str, dtype: str, shape: tuple[int, ...], start: int, end: i
     )
 
 
-def widest_entry_bytes(entry: Entry) -> int:
-    """Data plus the header entry at the widest offsets (and its comma): at least what the tensor adds to any file."""
+def widest_header_bytes(entry: Entry) -> int:
+    """The tensor's header entry at the widest offsets, and its comma: at least what it adds to any file's header."""
     wide = 10**OFFSET_DIGITS - 1
-    return data_bytes(entry) + len(entry_json(*entry, wide, wide)) + 1
+    return len(entry_json(*entry, wide, wide)) + 1
 
 
-def header_base_bytes(metadata: dict[str, str] = METADATA) -> int:
+def header_base_bytes() -> int:
     """Length prefix, braces, the metadata entry and at most 7 bytes of padding: what a file costs beyond its entries."""
-    return 8 + len(f'{{"__metadata__":{json.dumps(metadata, separators=(",", ":"))}}}') + 7
+    return 8 + len(f'{{"__metadata__":{json.dumps(METADATA, separators=(",", ":"))}}}') + 7
 
 
-def safetensors_bytes(entries: list[Entry], metadata: dict[str, str] = METADATA) -> int:
+def safetensors_bytes(entries: list[Entry]) -> int:
     """Exact size of the safetensors file holding `entries`, as safetensors (Rust) lays it out."""
     ordered = sorted(entries, key=lambda e: (-_DTYPE_RANK[e[1]], e[0]))
-    parts, offset = [f'"__metadata__":{json.dumps(metadata, separators=(",", ":"))}'], 0
+    parts, offset = [f'"__metadata__":{json.dumps(METADATA, separators=(",", ":"))}'], 0
     for name, dtype, shape in ordered:
         size = data_bytes((name, dtype, shape))
         parts.append(entry_json(name, dtype, shape, offset, offset + size))

@@ -38,7 +38,7 @@ from slimlm.checkpoint.sizes import (
     data_bytes,
     header_base_bytes,
     safetensors_bytes,
-    widest_entry_bytes,
+    widest_header_bytes,
 )
 from slimlm.errors import SlimlmError
 from slimlm.quantize.grid import QuantGrid
@@ -49,7 +49,6 @@ TARGET = "compressed-tensors"
 DENSE = "dense"
 STORAGE_DTYPE = torch.bfloat16  # of every dense tensor in the written checkpoint
 CT_METHODS = ("gptq", "rtn")
-# safetensors writes tensors by dtype (its enum, largest first), then by name; offsets follow that order.
 
 
 def is_ct_type(type_: str) -> bool:
@@ -188,7 +187,7 @@ def tensor_entries(module: str, option: Option, shape: tuple[int, int]) -> list[
 
 def variant_bytes(module: str, option: Option, shape: tuple[int, int]) -> int:
     """Data bytes plus the header entries at the widest offsets: ≥ what the variant adds to any file."""
-    return sum(map(widest_entry_bytes, tensor_entries(module, option, shape)))
+    return sum(data_bytes(entry) + widest_header_bytes(entry) for entry in tensor_entries(module, option, shape))
 
 
 # --- file bytes of a configuration ---------------------------------------------------------------------------------
@@ -235,9 +234,8 @@ class CTSizer:
                     continue
                 dtype = DTYPE_NAMES[STORAGE_DTYPE] if tensor.is_floating_point() else DTYPE_NAMES[tensor.dtype]
                 fixed.append((renamed(name, removed, self.blocks), dtype, tuple(tensor.shape)))
-            data = sum(map(data_bytes, fixed))
-            header = header_base_bytes() + sum(map(widest_entry_bytes, fixed)) - data
-            self.layouts[removed] = CTLayout(removed, header, data, tuple(fixed))
+            header = header_base_bytes() + sum(map(widest_header_bytes, fixed))
+            self.layouts[removed] = CTLayout(removed, header, sum(map(data_bytes, fixed)), tuple(fixed))
         return self.layouts[removed]
 
     def _entries(self, knob: Knob, index: int, removed: tuple[int, ...]) -> list:

@@ -101,26 +101,22 @@ def run_ct_search(
     from dataclasses import asdict
 
     from slimlm.checkpoint.atomic import check_output_dir
-    from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.models.load import load_model
     from slimlm.progress import plain_line, stage
-    from slimlm.search.database import build_database
-    from slimlm.search.database import describe as describe_database
     from slimlm.search.driver import (
         Point,
         Searcher,
         SearchResult,
         _choose,
         _metrics,
-        _stages,
         depth_candidates,
+        search_basis,
         searched_line,
         searched_name,
     )
     from slimlm.search.report import write_search_report
-    from slimlm.search.statistics import collect_statistics
     from slimlm.settings import parse_bytes
 
     started = time.perf_counter()
@@ -136,29 +132,8 @@ def run_ct_search(
     space = ct_search_space(
         base.model, _ct_types(settings), tuple(m for m in settings.methods if m in CT_METHODS) or CT_METHODS
     )
-    stats = settings.statistics
-    drawn = sample_calibration(
-        base.tokenizer,
-        load_text(stats.data, "calibration"),
-        stats.samples + settings.rerank_windows,
-        stats.seqlen,
-        stats.seed,
-    )
-    statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
-    database_path = Path(database_dir) if database_dir else default_ct_database(base.model, ids_sha256(statistics_ids))
-    with stage("search: database of tensor variants"):
-        database = build_database(
-            database_path,
-            base.model,
-            space,
-            lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed),
-            ids_sha256(statistics_ids),
-        )
-    db_info = describe_database(database)
-    plain_line(
-        f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}"
-    )
-    stages = _stages(base.model, rerank_ids, base.tokenizer)
+    basis = search_basis(base, space, settings, database_dir, default_ct_database)
+    database, database_path, statistics_ids, stages = basis.database, basis.path, basis.statistics_ids, basis.stages
     with stage("search: depth candidates"):
         depth = depth_candidates(
             base.model,
@@ -249,23 +224,13 @@ def run_ct_search(
         "budget_counts": "model.safetensors (header included); config.json, tokenizer and slimlm.json are not budgeted",
         "checkpoint_directory_bytes": everything,
         "settings": asdict(settings) | {"types": list(_ct_types(settings))},
-        "statistics": {
-            "windows": int(statistics_ids.shape[0]),
-            "seqlen": int(statistics_ids.shape[1]),
-            "source": drawn.source,
-            "sha256": ids_sha256(statistics_ids),
-        },
-        "rerank": {
-            "windows": int(rerank_ids.shape[0]),
-            "seqlen": int(rerank_ids.shape[1]),
-            "held_out_from": "the statistics windows (other offsets of the same calibration text)",
-        },
+        **basis.context(),
         "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
         "depth": [{"block": b, "kl": kl} for b, kl in depth],
         "sparsity": "not searched: vLLM and compressed-tensors > 0.14 no longer read sparse-compressed layouts",
         "seconds": round(time.perf_counter() - started, 1),
     }
-    result = SearchResult(out, chosen, [base_point, *points], db_info, context)
+    result = SearchResult(out, chosen, [base_point, *points], basis.info, context)
     write_search_report(result, database)
     return result
 

@@ -363,12 +363,13 @@ class Searcher:
         # half a minute on SmolLM2, which a piped log showed as silence; a budget with nothing left to measure
         # (its seeds scored at an earlier budget, no generations) prints nothing
         small, large = self.stages
-        first = self.live.scored(seeds[0], large.windows, large.reference)
-        others = first and (
-            self.live.kl(seeds[0], large.windows, large.reference) <= 0.0
-            or all(self.live.scored(s, small.windows, small.reference) for s in seeds[1:])
+        measured = (
+            self.live.scored(seeds[0], large.windows, large.reference)
+            and (
+                self.live.kl(seeds[0], large.windows, large.reference) <= 0.0  # rerank then scores no other seed
+                or all(self.live.scored(s, small.windows, small.reference) for s in seeds[1:])
+            )
         )
-        measured = first and others  # rerank stops at a KL of 0 without scoring the others
         description = f"search: re-ranking {len(seeds)} seeds at {budget / 1e6:.1f} MB"
         with progress_bar(
             description, generations, unit="generations", show=generations > 0 or not measured
@@ -408,13 +409,11 @@ def run_gguf_search(
     The front is searched at every llama.cpp preset's size for this model and at `extra_budgets` (sizes or preset
     names); `export_front` also writes each searched point's file to DIR/front/<MB>.gguf."""
     from slimlm.checkpoint.atomic import check_output_dir
-    from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.export import source_gguf
     from slimlm.models.load import load_model
     from slimlm.search.report import write_search_report
-    from slimlm.search.statistics import collect_statistics
 
     started = time.perf_counter()
     priced = constraints.min_decode_tps is not None or constraints.max_ram is not None
@@ -430,28 +429,8 @@ def run_gguf_search(
     base = load_model(model, allow_pickle=allow_pickle, device=device)
     base.model.eval()
     space = gguf_search_space(base.model, linear_types=settings.types, methods=settings.methods)
-    calibration_text = load_text(settings.statistics.data, "calibration")
-    stats = settings.statistics
-    drawn = sample_calibration(
-        base.tokenizer, calibration_text, stats.samples + settings.rerank_windows, stats.seqlen, stats.seed
-    )
-    statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
-    database_path = Path(database_dir) if database_dir else default_database(base.model, ids_sha256(statistics_ids))
-    with stage("search: database of tensor variants"):
-        database = build_database(
-            database_path,
-            base.model,
-            space,
-            lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed),
-            ids_sha256(statistics_ids),
-        )
-    from slimlm.search.database import describe as describe_database
-
-    db_info = describe_database(database)
-    plain_line(
-        f"search: database {db_info['knobs']} tensors × {len(db_info['options'])} options, {db_info['bytes'] / 1e6:.1f} MB on disk at {database_path}"
-    )
-    stages = _stages(base.model, rerank_ids, base.tokenizer)
+    basis = search_basis(base, space, settings, database_dir, default_database)
+    database, database_path, statistics_ids, stages = basis.database, basis.path, basis.statistics_ids, basis.stages
     with stage("search: depth candidates"):
         depth = depth_candidates(
             base.model,
@@ -565,23 +544,13 @@ def run_gguf_search(
         "constraints": asdict(constraints),
         "budget_bytes": chosen_budget,
         "settings": asdict(settings),
-        "statistics": {
-            "windows": int(statistics_ids.shape[0]),
-            "seqlen": int(statistics_ids.shape[1]),
-            "source": drawn.source,
-            "sha256": ids_sha256(statistics_ids),
-        },
-        "rerank": {
-            "windows": int(rerank_ids.shape[0]),
-            "seqlen": int(rerank_ids.shape[1]),
-            "held_out_from": "the statistics windows (other offsets of the same calibration text)",
-        },
+        **basis.context(),
         "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
         "depth": [{"block": b, "kl": kl} for b, kl in depth],
         "sparsity": "not searched: neither GGUF nor llama.cpp stores or runs unstructured / 2:4 sparse weights smaller or faster",
         "seconds": round(time.perf_counter() - started, 1),
     }
-    result = SearchResult(out, chosen, [base_point, *points], db_info, context)
+    result = SearchResult(out, chosen, [base_point, *points], basis.info, context)
     write_search_report(result, database)
     if problems:
         raise SlimlmError(
@@ -641,6 +610,66 @@ def _preset_mixes(model: nn.Module) -> dict[str, dict[str, str]]:
 def _packed(configuration: Configuration, database: Database) -> dict[str, tuple[str, np.ndarray]]:
     """GGUF name (base numbering) -> (type, database bytes) of every kept tensor: what the file will hold."""
     return {tensor: (option.type, data) for tensor, (option, data) in database.chosen(configuration).items()}
+
+
+@dataclass(frozen=True)
+class SearchBasis:
+    """What both targets' searches stand on, from one calibration sample: the variant database, the statistics
+    windows it was built from and the re-ranking's two token stages (held-out windows of the same text)."""
+
+    database: Database
+    path: Path  # the database's directory
+    statistics_ids: torch.Tensor  # (samples, seqlen)
+    rerank_ids: torch.Tensor  # (rerank_windows, seqlen)
+    source: str  # the calibration text's description
+    stages: tuple[Stage, Stage]
+    info: dict  # `database.describe`
+
+    def context(self) -> dict:
+        """The report's record of the statistics and re-ranking tokens."""
+        from slimlm.data.calibration import ids_sha256
+
+        return {
+            "statistics": {
+                "windows": int(self.statistics_ids.shape[0]),
+                "seqlen": int(self.statistics_ids.shape[1]),
+                "source": self.source,
+                "sha256": ids_sha256(self.statistics_ids),
+            },
+            "rerank": {
+                "windows": int(self.rerank_ids.shape[0]),
+                "seqlen": int(self.rerank_ids.shape[1]),
+                "held_out_from": "the statistics windows (other offsets of the same calibration text)",
+            },
+        }
+
+
+def search_basis(base, space, settings: SearchSettings, database_dir: str | Path | None, default_path) -> SearchBasis:
+    """Draw the statistics and re-ranking windows, build (or reuse) the database of `space` at `database_dir` (else
+    `default_path(model, statistics sha256)`), and say what it holds."""
+    from slimlm.data.calibration import ids_sha256, sample_calibration
+    from slimlm.data.text import load_text
+    from slimlm.search.database import describe as describe_database
+    from slimlm.search.statistics import collect_statistics
+
+    stats = settings.statistics
+    calibration_text = load_text(stats.data, "calibration")
+    drawn = sample_calibration(
+        base.tokenizer, calibration_text, stats.samples + settings.rerank_windows, stats.seqlen, stats.seed
+    )
+    statistics_ids, rerank_ids = drawn.input_ids[: stats.samples], drawn.input_ids[stats.samples :]
+    sha = ids_sha256(statistics_ids)
+    path = Path(database_dir) if database_dir else default_path(base.model, sha)
+    with stage("search: database of tensor variants"):
+        database = build_database(
+            path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), sha
+        )
+    info = describe_database(database)
+    plain_line(
+        f"search: database {info['knobs']} tensors × {len(info['options'])} options, {info['bytes'] / 1e6:.1f} MB on disk at {path}"
+    )
+    stages = _stages(base.model, rerank_ids, base.tokenizer)
+    return SearchBasis(database, path, statistics_ids, rerank_ids, drawn.source, stages, info)
 
 
 def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stage]:
