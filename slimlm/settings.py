@@ -144,7 +144,20 @@ class SearchSettings:
     # Block-linear types searched (None: every type slimlm writes, Q2_K/Q3_K included). Q4_1 stays in: a model
     # shipped as Q4_1 (the embedded SmolLM2 is) gets its own codes back from Q4_1's reference rounding, losslessly.
     # Q2_K/Q3_K: below Q4_0's size they replace removed blocks (SmolLM2 at 75 MB, --fast: KL 0.374 -> 0.159).
-    types: tuple[str, ...] | None = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+    # F16: the one type whose input llama.cpp does not round to 8 bits, where spare bytes buy most there.
+    types: tuple[str, ...] | None = (
+        "q4_0",
+        "q4_1",
+        "q5_0",
+        "q5_1",
+        "q8_0",
+        "f16",
+        "q2_k",
+        "q3_k",
+        "q4_k",
+        "q5_k",
+        "q6_k",
+    )
     statistics: CalibrationSettings = CalibrationSettings(samples=8, seqlen=512)  # Hessians, Fishers, GPTQ
     rerank_windows: int = 4  # held-out calibration windows that score whole configurations (the first: the quick stage)
     generations: int = 12  # re-ranking generations at the chosen budget (0: the knapsack's answer as it is)

@@ -55,24 +55,25 @@ class GGUFType:
     block_bytes: int
     ggml: str  # gguf.GGMLQuantizationType member name
     packed: bool  # slimlm can write it (else dequantize-only)
+    activations: str  # what llama.cpp's CPU matmul rounds the input to (ggml's vec_dot_type; `gguf_activations`)
 
 
 TYPES: dict[str, GGUFType] = {
     t.name: t
     for t in (
-        GGUFType("f32", 1, 4, "F32", True),
-        GGUFType("f16", 1, 2, "F16", True),
-        GGUFType("bf16", 1, 2, "BF16", True),
-        GGUFType("q8_0", 32, 34, "Q8_0", True),
-        GGUFType("q4_0", 32, 18, "Q4_0", True),
-        GGUFType("q4_1", 32, 20, "Q4_1", True),
-        GGUFType("q5_0", 32, 22, "Q5_0", True),
-        GGUFType("q5_1", 32, 24, "Q5_1", True),
-        GGUFType("q2_k", 256, 84, "Q2_K", True),
-        GGUFType("q3_k", 256, 110, "Q3_K", True),
-        GGUFType("q4_k", 256, 144, "Q4_K", True),
-        GGUFType("q5_k", 256, 176, "Q5_K", True),
-        GGUFType("q6_k", 256, 210, "Q6_K", True),
+        GGUFType("f32", 1, 4, "F32", True, "f32"),
+        GGUFType("f16", 1, 2, "F16", True, "f16"),
+        GGUFType("bf16", 1, 2, "BF16", True, "bf16"),
+        GGUFType("q8_0", 32, 34, "Q8_0", True, "q8_0"),
+        GGUFType("q4_0", 32, 18, "Q4_0", True, "q8_0"),
+        GGUFType("q4_1", 32, 20, "Q4_1", True, "q8_1"),
+        GGUFType("q5_0", 32, 22, "Q5_0", True, "q8_0"),
+        GGUFType("q5_1", 32, 24, "Q5_1", True, "q8_1"),
+        GGUFType("q2_k", 256, 84, "Q2_K", True, "q8_k"),
+        GGUFType("q3_k", 256, 110, "Q3_K", True, "q8_k"),
+        GGUFType("q4_k", 256, 144, "Q4_K", True, "q8_k"),
+        GGUFType("q5_k", 256, 176, "Q5_K", True, "q8_k"),
+        GGUFType("q6_k", 256, 210, "Q6_K", True, "q8_k"),
     )
 }
 WRITABLE = tuple(name for name, t in TYPES.items() if t.packed)

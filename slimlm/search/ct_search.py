@@ -111,7 +111,6 @@ def run_ct_search(
         SearchResult,
         _choose,
         _metrics,
-        depth_candidates,
         search_basis,
         searched_line,
         searched_name,
@@ -133,15 +132,7 @@ def run_ct_search(
         base.model, _ct_types(settings), tuple(m for m in settings.methods if m in CT_METHODS) or CT_METHODS
     )
     basis = search_basis(base, space, settings, database_dir, default_ct_database)
-    database, database_path, statistics_ids, stages = basis.database, basis.path, basis.statistics_ids, basis.stages
-    with stage("search: depth candidates"):
-        depth = depth_candidates(
-            base.model,
-            statistics_ids,
-            stages[1],
-            settings.depth_candidates,
-            database_path / f"depth-{settings.depth_candidates}.json",
-        )
+    database, stages, depth = basis.database, basis.stages, basis.depth
     live = ct_live_copy(base.model, database)
     sizer = CTSizer(base.model, database)
     searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)

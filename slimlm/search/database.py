@@ -38,13 +38,13 @@ from slimlm.search.statistics import (
     embedding_importance,
     embedding_shaped_proxy,
     projection_proxy,
+    rounding_proxy,
     shaped_proxy,
 )
 
-VERSION = (
-    4  # 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01); 3: exact reference codes reused, one thread;
-)
-# 4: the embedding's rounding weighted per element
+# 2: GPTQ codes at gguf_types.GGUF_GPTQ_DAMP (was GPTQ's 0.01); 3: exact reference codes reused, one thread;
+# 4: the embedding's rounding weighted per element; 5: llama.cpp's activation rounding in the proxy, F16 linears
+VERSION = 5
 BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: always encoded (the presets use it)
 
 
@@ -52,7 +52,7 @@ BASELINE_METHOD = "ref"  # llama.cpp's reference quantizer: always encoded (the 
 class Variant:
     option: Option
     bytes: int  # of the tensor's data in the file
-    proxy: float  # additive proxy KL (nats per token) of this tensor alone
+    proxy: float  # additive proxy KL (nats per token) of this tensor alone, llama.cpp's input rounding included
     same_as: str | None = None  # the label of an earlier option with the very same bytes (stored once, scored once)
 
 
@@ -132,6 +132,20 @@ def proxy_terms(
         if head is not None:
             shaped += shaped_proxy(delta, statistics.hessians[head], statistics.output_fisher[head])
     return shaped, projection_proxy(delta, gradients, statistics.tokens)
+
+
+def input_rounding_proxy(
+    knob: Knob, weight: torch.Tensor, type_: str, statistics: SearchStatistics, head: str | None
+) -> float:
+    """The proxy KL of llama.cpp rounding the input of this tensor's matmul for a `type_` weight (0 for a lookup
+    table, or where the statistics hold no noise: another target)."""
+    from slimlm.export.gguf_types import TYPES
+
+    module = head if knob.role == "embedding" else knob.module
+    if module is None or type_ not in TYPES:
+        return 0.0
+    noise = statistics.activation_noise.get(module, {}).get(TYPES[type_].activations)
+    return 0.0 if noise is None else rounding_proxy(weight, noise, statistics.output_fisher[module])
 
 
 def knob_gradients(knob: Knob, statistics: SearchStatistics, embed: str, head: str | None) -> torch.Tensor:
@@ -544,12 +558,15 @@ def _encode_group(
         }
         terms = {label: terms[same_as.get(label, label)] for label in payloads}
         proxies = scaled_proxies(terms)
+        types = {Option.parse(label).type for label in payloads}
+        rounding = {t: input_rounding_proxy(knob, weight, t, statistics, head) for t in types}
         meta = {
             label: {
                 "bytes": stored_bytes(knob, Option.parse(label), payloads[label]),
-                "proxy": proxies[label],
+                "proxy": proxies[label] + rounding[Option.parse(label).type],
                 "shaped": sh,
                 "projection": pr,
+                "input_rounding": rounding[Option.parse(label).type],
             }
             for label, (sh, pr) in terms.items()
         }

@@ -430,15 +430,7 @@ def run_gguf_search(
     base.model.eval()
     space = gguf_search_space(base.model, linear_types=settings.types, methods=settings.methods)
     basis = search_basis(base, space, settings, database_dir, default_database)
-    database, database_path, statistics_ids, stages = basis.database, basis.path, basis.statistics_ids, basis.stages
-    with stage("search: depth candidates"):
-        depth = depth_candidates(
-            base.model,
-            statistics_ids,
-            stages[0],
-            settings.depth_candidates,
-            database_path / f"depth-{settings.depth_candidates}.json",
-        )
+    database, database_path, stages, depth = basis.database, basis.path, basis.stages, basis.depth
     live = live_copy(base.model, database)
     sizer = Sizer(base.model, base.tokenizer, source_gguf(base), database)
     searcher = Searcher(database, live, sizer, stages, depth, settings, capacity=0)
@@ -615,7 +607,8 @@ def _packed(configuration: Configuration, database: Database) -> dict[str, tuple
 @dataclass(frozen=True)
 class SearchBasis:
     """What both targets' searches stand on, from one calibration sample: the variant database, the statistics
-    windows it was built from and the re-ranking's two token stages (held-out windows of the same text)."""
+    windows it was built from, the re-ranking's two token stages (held-out windows of the same text) and the blocks
+    that may be removed whole."""
 
     database: Database
     path: Path  # the database's directory
@@ -623,6 +616,7 @@ class SearchBasis:
     rerank_ids: torch.Tensor  # (rerank_windows, seqlen)
     source: str  # the calibration text's description
     stages: tuple[Stage, Stage]
+    depth: list[tuple[int, float]]  # `depth_candidates`: (block, KL of its removal alone), least first
     info: dict  # `database.describe`
 
     def context(self) -> dict:
@@ -646,7 +640,7 @@ class SearchBasis:
 
 def search_basis(base, space, settings: SearchSettings, database_dir: str | Path | None, default_path) -> SearchBasis:
     """Draw the statistics and re-ranking windows, build (or reuse) the database of `space` at `database_dir` (else
-    `default_path(model, statistics sha256)`), and say what it holds."""
+    `default_path(model, statistics sha256)`), say what it holds, and find the depth candidates."""
     from slimlm.data.calibration import ids_sha256, sample_calibration
     from slimlm.data.text import load_text
     from slimlm.search.database import describe as describe_database
@@ -662,14 +656,23 @@ def search_basis(base, space, settings: SearchSettings, database_dir: str | Path
     path = Path(database_dir) if database_dir else default_path(base.model, sha)
     with stage("search: database of tensor variants"):
         database = build_database(
-            path, base.model, space, lambda: collect_statistics(base.model, statistics_ids, seed=settings.seed), sha
+            path,
+            base.model,
+            space,
+            lambda: collect_statistics(
+                base.model, statistics_ids, seed=settings.seed, activation_kinds=space.activation_kinds()
+            ),
+            sha,
         )
     info = describe_database(database)
     plain_line(
         f"search: database {info['knobs']} tensors × {len(info['options'])} options, {info['bytes'] / 1e6:.1f} MB on disk at {path}"
     )
     stages = _stages(base.model, rerank_ids, base.tokenizer)
-    return SearchBasis(database, path, statistics_ids, rerank_ids, drawn.source, stages, info)
+    with stage("search: depth candidates"):
+        count = settings.depth_candidates
+        depth = depth_candidates(base.model, statistics_ids, stages[0], count, path / f"depth-{count}.json")
+    return SearchBasis(database, path, statistics_ids, rerank_ids, drawn.source, stages, depth, info)
 
 
 def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stage]:

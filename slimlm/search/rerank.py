@@ -2,7 +2,8 @@
 
 Per-layer damage is not additive: the knapsack's answer is optimal for the proxy, not for the model. So whole
 configurations are scored by the mean KL(base ‖ configuration) on held-out calibration tokens, with the live model
-holding each tensor's *decoded database bytes* (what the file holds) and removed blocks skipped. Starting from the
+holding each tensor's *decoded database bytes* (what the file holds), its matmul inputs rounded as llama.cpp rounds them
+for each weight type (`export.gguf_activations`; the GGUF target), and removed blocks skipped. Starting from the
 best of the seeds (the knapsack's answers, the uniform points within budget: the first answer, and the best of
 the others by a quick score, are scored on the large stage), each generation makes `offspring`
 budget-preserving mutations (one tensor changes option; if that breaks the budget, other tensors step down to a
@@ -21,10 +22,10 @@ from torch import nn
 
 from slimlm.calibration.sequential import hooks_removed_after
 from slimlm.evaluate.perplexity import EvalWindows, QualityResult, ReferenceLogits, evaluate_quality
-from slimlm.models.adapters import decoder_blocks, set_linear_weight_
+from slimlm.models.adapters import adapter_for, decoder_blocks, set_linear_weight_
 from slimlm.prune.depth import _skip_block
 from slimlm.search.database import Database, decode
-from slimlm.search.space import Knob
+from slimlm.search.space import Knob, SearchSpace
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class LiveModel:
     # (configuration, id(windows), id(reference)) -> (windows, reference, quality): the value keeps both token sets
     # alive, so their ids stay theirs
     scores: dict[tuple, tuple] = field(default_factory=dict)
+    # module -> the weight type whose activation rounding its input gets (GGUF: `engine_rounded_inputs`)
+    input_types: dict[str, str] = field(default_factory=dict)
 
     def weight(self, knob: Knob, index: int) -> torch.Tensor:
         key = (knob.tensor, index)
@@ -80,6 +83,9 @@ class LiveModel:
                 with torch.no_grad():
                     module.weight.copy_(weight.to(module.weight.dtype))
             self.applied[knob.tensor] = index
+            reader = _matmul_module(self.model, self.database.space, knob)
+            if reader is not None:
+                self.input_types[reader] = self.database.variants[knob.tensor][index].option.type
 
     def quality(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult:
         """Perplexity, KL and top-1 of the configuration on `windows` against `reference`; each configuration is
@@ -110,7 +116,44 @@ def blocks_skipped(model: nn.Module, removed: tuple[int, ...]):
 def live_copy(model: nn.Module, database: Database) -> LiveModel:
     import copy
 
-    return LiveModel(copy.deepcopy(model).eval(), database)
+    live = LiveModel(copy.deepcopy(model).eval(), database)
+    if database.space.target == "gguf":
+        engine_rounded_inputs(live.model, database, live.input_types)
+    return live
+
+
+def _matmul_module(model: nn.Module, space: SearchSpace, knob: Knob) -> str | None:
+    """The module whose matmul reads the knob's tensor: a tied embedding's is the output head, an untied one's
+    none (a lookup)."""
+    if knob.role != "embedding":
+        return knob.module
+    return None if any(k.role == "output" for k in space.knobs) else adapter_for(model).lm_head
+
+
+def engine_rounded_inputs(model: nn.Module, database: Database, input_types: dict[str, str]) -> None:
+    """Round each searched matmul's input as llama.cpp does for the weight type `input_types` names (a forward
+    pre-hook each, for the live copy's life). Linears reading one input (q/k/v, gate/up) at one type round it once."""
+    from slimlm.export.gguf_activations import engine_activations
+    from slimlm.search.space import tied_output
+
+    last: list = [None, None, None]  # (input, type, rounded) of the latest call
+
+    def hook(name: str):
+        def round_input(_module, args):
+            type_ = input_types.get(name)
+            if type_ is None:
+                return None
+            if args[0] is not last[0] or type_ != last[1]:
+                last[:] = [args[0], type_, engine_activations(args[0], type_)]
+            return (last[2], *args[1:])
+
+        return round_input
+
+    names = {k.module for k in database.space.knobs if k.role != "embedding"}
+    if tied_output(model):
+        names.add(adapter_for(model).lm_head)
+    for name in names:
+        model.get_submodule(name).register_forward_pre_hook(hook(name))
 
 
 def searchable_variants(database: Database) -> list[list[int]]:

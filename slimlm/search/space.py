@@ -28,7 +28,7 @@ from slimlm.models.adapters import adapter_for, decoder_blocks, linear_weight
 
 TARGETS = ("gguf", "compressed-tensors")  # the second: slimlm.search.compressed_tensors
 # Block-linear types searched by default, cheapest first; k-quants join where slimlm packs them and rows allow.
-GGUF_LINEAR_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+GGUF_LINEAR_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 GGUF_KQUANT_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 GGUF_EMBEDDING_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16")
 GPTQ_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k")  # where error feedback pays
@@ -79,6 +79,14 @@ class SearchSpace:
 
     def knob(self, tensor: str) -> Knob:
         return next(k for k in self.knobs if k.tensor == tensor)
+
+    def activation_kinds(self) -> tuple[str, ...]:
+        """The activation types llama.cpp rounds the searched tensors' inputs to (`export.gguf_activations`)."""
+        if self.target != "gguf":
+            return ()
+        from slimlm.export.gguf_types import TYPES
+
+        return tuple(sorted({TYPES[o.type].activations for k in self.knobs for o in k.options}))
 
 
 def _writable(type_: str) -> bool:

@@ -15,11 +15,17 @@ independent, so it misses how errors add up across the positions that later toke
 low on a tiny Llama). The database scales the shaped proxy per tensor by Σ projection / Σ shaped over that
 tensor's options: the shape from H and F, the size from the unbiased estimate. H is also GPTQ's Hessian (up to 2)
 and its diagonal llama.cpp's imatrix.
+
+llama.cpp also rounds every matmul's input to the weight type's activation type (`export.gguf_activations`): a
+noise e on x of variance σ²_c per column costs ½ Σ_r F_r Σ_c W_rc² σ²_c by the same expansion (`rounding_proxy`),
+with σ² measured on the calibration inputs (`activation_noise`). That noise is drawn anew at every position, which
+is what the shaped form assumes, so it is not rescaled; on SmolLM2 it came within 2× of the true KL of each
+projection's rounding alone (the q/k/v inputs 2× high, the others 0.7–1.3×).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +43,8 @@ class SearchStatistics:
     embedding_fisher: torch.Tensor  # (vocab, hidden): Σ over positions reading token v of g² at the embedding output
     tokens: int  # positions the expectations average over
     windows: int
+    # module -> activation type -> (in,) E[(round(x) − x)²] of its input (`collect_statistics(activation_kinds=)`)
+    activation_noise: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def importance(self, module: str) -> torch.Tensor:
         """llama.cpp's imatrix statistic: E[x_c²] per input column."""
@@ -69,16 +77,26 @@ def tracked_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def collect_statistics(
-    model: nn.Module, input_ids: torch.Tensor, seed: int = 0, progress: bool = True, gradients: bool = True
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    seed: int = 0,
+    progress: bool = True,
+    gradients: bool = True,
+    activation_kinds: tuple[str, ...] = (),
 ) -> SearchStatistics:
     """Hessians, output Fishers and per-window gradients of every tracked linear and of the embedding, from
     `input_ids` (N, T); one window per forward + backward, the model itself unchanged. `gradients=False`: the
-    Hessians alone (forward only; the same Hessians, what encoding needs), the rest left empty."""
+    Hessians alone (forward only; the same Hessians, what encoding needs), the rest left empty.
+    `activation_kinds`: llama.cpp activation types whose rounding noise to measure on each input (where its
+    blocks divide the row)."""
+    from slimlm.export.gguf_activations import ROUNDING_BLOCK, rounded_activations
+
     adapter = adapter_for(model)
     linears = tracked_linears(model)
     device = next(model.parameters()).device
     keys = {name: _shared_key(model, name) for name in linears}
     hessians: dict[str, torch.Tensor] = {}
+    noise: dict[str, dict[str, torch.Tensor]] = {}
     fisher = {name: torch.zeros(linear_weight(m).shape[0], device=device) for name, m in linears.items()}
     # (windows, out, in) float16 each, filled window by window (stacking lists of them took a seventh of the pass)
     window_gradients: dict[str, torch.Tensor] = {}
@@ -96,6 +114,9 @@ def collect_statistics(
             if key not in seen_inputs:  # the first reader of a shared input counts it
                 seen_inputs.add(key)
                 hessians[key] = hessians.get(key, 0) + x.t() @ x
+                per_kind = noise.setdefault(key, {})
+                for kind in (k for k in activation_kinds if x.shape[-1] % ROUNDING_BLOCK[k] == 0):
+                    per_kind[kind] = per_kind.get(kind, 0) + (rounded_activations(x, kind) - x).pow_(2).sum(0)
             if output.requires_grad:
                 output.register_hook(
                     lambda g: _on_output_gradient(name, g.detach().reshape(-1, g.shape[-1]).float(), x)
@@ -172,6 +193,11 @@ def collect_statistics(
         embedding_fisher=embedding_fisher,
         tokens=tokens,
         windows=len(input_ids),
+        activation_noise={
+            name: {kind: total / tokens for kind, total in noise[keys[name]].items()}
+            for name in linears
+            if noise.get(keys[name])
+        },
     )
 
 
@@ -199,6 +225,11 @@ def shaped_proxy(delta: torch.Tensor, hessian: torch.Tensor, output_fisher: torc
     """½ Σ_r F_r ΔW_r H ΔW_rᵀ for ΔW (out, in)."""
     per_row = ((delta @ hessian) * delta).sum(dim=1)  # (out,)
     return 0.5 * float((output_fisher * per_row).sum())
+
+
+def rounding_proxy(weight: torch.Tensor, noise: torch.Tensor, output_fisher: torch.Tensor) -> float:
+    """½ Σ_r F_r Σ_c W_rc² σ²_c: the KL of a noise of variance σ² (in,) on the input of W (out, in)."""
+    return 0.5 * float((output_fisher * (weight.pow(2) @ noise)).sum())
 
 
 def embedding_shaped_proxy(delta: torch.Tensor, statistics: SearchStatistics) -> float:
