@@ -46,6 +46,11 @@ def test_q8_k_rounds_blocks_of_256_to_the_grid_of_their_largest_value():
     assert error["q8_k"] > 2 * error["q8_0"]
 
 
+def test_rows_that_do_not_split_into_blocks_are_refused():
+    with pytest.raises(ValueError, match="blocks of 256"):
+        rounded_activations(torch.randn(4, 576), "q8_k")
+
+
 def test_every_writable_type_names_the_rounding_its_input_gets():
     x = _activations(2, 256)
     for name in WRITABLE:

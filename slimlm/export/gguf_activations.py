@@ -21,6 +21,8 @@ from slimlm.export.gguf_types import gguf_type
 
 def _int8_blocks(x: torch.Tensor, block: int, scale_to_fp16: bool) -> torch.Tensor:
     shape = x.shape
+    if shape[-1] % block:
+        raise ValueError(f"rows of {shape[-1]} do not split into llama.cpp's activation blocks of {block}")
     blocks = x.reshape(-1, block)
     amax = blocks.abs().amax(dim=1, keepdim=True)
     if scale_to_fp16:  # q8_0 / q8_1: q from the exact scale, the dot product uses the stored fp16 one
