@@ -558,15 +558,15 @@ def _encode_group(
         }
         terms = {label: terms[same_as.get(label, label)] for label in payloads}
         proxies = scaled_proxies(terms)
-        types = {Option.parse(label).type for label in payloads}
-        rounding = {t: input_rounding_proxy(knob, weight, t, statistics, head) for t in types}
+        options = {label: Option.parse(label) for label in payloads}
+        rounding = {o.type: input_rounding_proxy(knob, weight, o.type, statistics, head) for o in options.values()}
         meta = {
             label: {
-                "bytes": stored_bytes(knob, Option.parse(label), payloads[label]),
-                "proxy": proxies[label] + rounding[Option.parse(label).type],
+                "bytes": stored_bytes(knob, options[label], payloads[label]),
+                "proxy": proxies[label] + rounding[options[label].type],
                 "shaped": sh,
                 "projection": pr,
-                "input_rounding": rounding[Option.parse(label).type],
+                "input_rounding": rounding[options[label].type],
             }
             for label, (sh, pr) in terms.items()
         }

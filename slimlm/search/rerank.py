@@ -134,7 +134,6 @@ def engine_rounded_inputs(model: nn.Module, database: Database, input_types: dic
     """Round each searched matmul's input as llama.cpp does for the weight type `input_types` names (a forward
     pre-hook each, for the live copy's life). Linears reading one input (q/k/v, gate/up) at one type round it once."""
     from slimlm.export.gguf_activations import engine_activations
-    from slimlm.search.space import tied_output
 
     last: list = [None, None, None]  # (input, type, rounded) of the latest call
 
@@ -149,10 +148,8 @@ def engine_rounded_inputs(model: nn.Module, database: Database, input_types: dic
 
         return round_input
 
-    names = {k.module for k in database.space.knobs if k.role != "embedding"}
-    if tied_output(model):
-        names.add(adapter_for(model).lm_head)
-    for name in names:
+    space = database.space
+    for name in {reader for knob in space.knobs if (reader := _matmul_module(model, space, knob)) is not None}:
         model.get_submodule(name).register_forward_pre_hook(hook(name))
 
 
