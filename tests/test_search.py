@@ -370,6 +370,13 @@ def test_reranking_says_so_before_it_scores_the_seeds(tmp_path, monkeypatch, cap
     searcher.search(budget, uniform, generations=0)
     assert capsys.readouterr().err == ""
 
+    # a budget whose seeds are new and that has no generations: one stage, opened before the scoring
+    searcher.live = Scored()
+    searcher.search(budget, uniform, generations=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"\[slimlm [\d:]+\] search: scoring \d+ seeds at [\d.]+ MB …", lines[0]), lines
+    assert lines[1] == "scored" and re.search(r"scoring \d+ seeds at [\d.]+ MB: done in", lines[-1]), lines
+
 
 def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):
     from slimlm.search.rerank import Stage, rerank
@@ -416,6 +423,32 @@ def test_reranking_stops_after_its_patience_without_a_better_child(tmp_path):
     assert (
         len(creeping.history) == 2 and creeping.kl < 1.0
     )  # better children are kept, but gains under 1% run out the patience
+
+
+def test_reranking_rescores_only_children_that_beat_the_parent_on_the_quick_stage(tmp_path):
+    """The parent competes on the quick stage: a child it beats there never reaches the large stage."""
+    from slimlm.search.rerank import Stage, rerank
+
+    _, database = _database(tmp_path, types=("q4_0", "q4_1"))
+    seed = uniform_configuration(database, Option("q4_0", "gptq"), Option("q8_0", "rtn"))
+    small, large = Stage("small", None), Stage("large", None)
+
+    class Scored:
+        def __init__(self, child_quick):
+            self.database, self.child_quick, self.large_calls = database, child_quick, 0
+
+        def kl(self, configuration, windows, reference):
+            if windows == "large":
+                self.large_calls += int(configuration != seed)
+                return 0.5 if configuration != seed else 1.0
+            return 1.0 if configuration == seed else self.child_quick
+
+    worse = Scored(child_quick=2.0)
+    kept = rerank(worse, [seed], lambda c: 0, 1, (small, large), generations=3, offspring=4, survivors=2)
+    assert worse.large_calls == 0 and kept.best == seed and kept.kl == 1.0
+    better = Scored(child_quick=0.9)
+    moved = rerank(better, [seed], lambda c: 0, 1, (small, large), generations=1, offspring=4, survivors=2)
+    assert better.large_calls > 0 and moved.kl == 0.5
 
 
 def test_reranking_scores_the_first_seed_and_the_best_other_on_the_large_stage(tmp_path):
@@ -692,6 +725,9 @@ def test_replay_recipes_refuse_what_they_cannot_rebuild(searched, tmp_path):
 def test_searched_line_counts_generations_in_words():
     from slimlm.search.driver import searched_line
 
+    assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 0, 0, 4).endswith(
+        "knapsack KL 0.0051 -> best seed 0.0049"
+    )
     assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0051, 1, 1, 4).endswith("re-ranked 0.0051 (1 generation)")
     assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 3, 3, 4).endswith("(3 generations)")
     assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 4, 12, 4).endswith(

@@ -184,7 +184,7 @@ def run_ct_search(
         )
         for point in points:
             point.metrics = _metrics(live.quality(point.configuration, windows, reference))
-            if point.rerank_kl is None:
+            if point.rerank_kl is None and point.file_bytes <= limit:  # the search's objective, where it chose
                 point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
     chosen = _choose(points, limit, constraints)
     manifest = {

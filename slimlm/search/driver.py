@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,9 @@ class Point:
     configuration: Configuration | None
     file_bytes: int
     proxy_kl: float | None = None  # the knapsack's additive estimate
-    rerank_kl: float | None = None  # true KL on the held-out calibration windows
+    rerank_kl: float | None = (
+        None  # true KL on the held-out calibration windows (baselines: those within the chosen budget)
+    )
     metrics: dict = field(default_factory=dict)  # held-out evaluation: perplexity, kl_divergence, top1_agreement
     budget: int | None = None
     note: str = ""
@@ -75,6 +78,8 @@ def searched_line(
     name: str, knapsack_kl: float, reranked_kl: float, generations: int, asked: int, patience: int
 ) -> str:
     """The plain progress line of one searched budget (`generations` run of the `asked`)."""
+    if asked == 0:
+        return f"search: {name}: knapsack KL {knapsack_kl:.4f} -> best seed {reranked_kl:.4f}"
     if reranked_kl > 0:
         stopped = (
             f" of {asked} generations: the last {patience} gained less than {MIN_GAIN:.0%}"
@@ -370,9 +375,11 @@ class Searcher:
                 or all(self.live.scored(s, small.windows, small.reference) for s in seeds[1:])
             )
         )
-        description = f"search: re-ranking {len(seeds)} seeds at {budget / 1e6:.1f} MB"
-        with progress_bar(
-            description, generations, unit="generations", show=generations > 0 or not measured
+        at = f"{len(seeds)} seeds at {budget / 1e6:.1f} MB"
+        with (
+            progress_bar(f"search: re-ranking {at}", generations, unit="generations")
+            if generations > 0
+            else _seeds_stage(f"search: scoring {at}", show=not measured)
         ) as advance:
             result = rerank(
                 self.live,
@@ -389,6 +396,16 @@ class Searcher:
             )
         knapsack_kl = result.first_seed_kl if answers else float("nan")
         return result.best, answers[0][0] if answers else float("nan"), knapsack_kl, result.kl, len(result.history)
+
+
+@contextmanager
+def _seeds_stage(description: str, show: bool):
+    """A budget without generations: its seeds' scoring as one stage (start and end lines), `advance` unused."""
+    if not show:
+        yield lambda: None
+        return
+    with stage(description):
+        yield lambda: None
 
 
 def run_gguf_search(
@@ -480,7 +497,7 @@ def run_gguf_search(
         )
         for point in points:
             point.metrics = _metrics(live.quality(point.configuration, windows, reference))
-            if point.rerank_kl is None:
+            if point.rerank_kl is None and point.file_bytes <= chosen_budget:  # the search's objective, where it chose
                 point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
     chosen = _choose(points, chosen_budget, constraints)
     with stage(f"search: writing {out / 'model.gguf'}"):
