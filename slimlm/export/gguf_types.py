@@ -141,11 +141,13 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
 
 
 def _weighted_error(x: torch.Tensor, approx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (w * (x - approx) ** 2).sum(dim=-1)
+    """Σ w·(x − approx)² per row; `approx` is overwritten (the sweeps' temporaries are made in place, which is most
+    of their speed: the same arithmetic, fewer tensors allocated)."""
+    return approx.neg_().add_(x).square_().mul_(w).sum(dim=-1)
 
 
 def symmetric_blocks(x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, steps: int = 20, round_to=_fp16):
-    """x, w (N, B) -> (d (N,) as `round_to` leaves it, codes (N, B) int in [qmin, qmax]) minimising Σ w·(x − d·q)².
+    """x, w (N, B) -> d (N,) as `round_to` leaves it, the scale whose codes in [qmin, qmax] minimise Σ w·(x − d·q)².
 
     Candidates put the block's extreme value at qmin + k/steps·(a level) for k in −steps..steps (llama.cpp's
     make_qx_quants sweep), each refit by weighted least squares d = Σwxq / Σwq², then d rounded as the file holds
@@ -154,33 +156,31 @@ def symmetric_blocks(x: torch.Tensor, w: torch.Tensor, qmin: int, qmax: int, ste
     idx = x.abs().argmax(dim=-1, keepdim=True)
     extreme = x.gather(-1, idx).squeeze(-1)  # signed value with the largest magnitude
     best_d = round_to(extreme / qmin)
-    best_q = _codes(x, best_d, qmin, qmax)
-    best_err = _weighted_error(x, best_d[:, None] * best_q, w)
+    best_err = _weighted_error(x, _codes(x, best_d, qmin, qmax).mul_(best_d[:, None]), w)
     wx = w * x  # the candidates' shared products (the same arithmetic as spelling them out in the loop)
     for k in range(-steps, steps + 1):
         target = qmin + k / steps
         d0 = extreme / target
         q = _codes(x, d0, qmin, qmax)
-        den = (w * q * q).sum(-1)
-        d = round_to(torch.where(den > 0, (wx * q).sum(-1) / den.clamp(min=1e-30), d0))
-        q = _codes(x, d, qmin, qmax)
-        err = _weighted_error(x, d[:, None] * q, w)
+        den = (w * q).mul_(q).sum(-1)
+        d = round_to(torch.where(den > 0, q.mul_(wx).sum(-1) / den.clamp(min=1e-30), d0))
+        err = _weighted_error(x, _codes(x, d, qmin, qmax).mul_(d[:, None]), w)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_d = torch.where(better, d, best_d)
-        best_q = torch.where(better[:, None], q, best_q)
-    return best_d, best_q
+    return best_d
 
 
 def _codes(x: torch.Tensor, d: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return torch.round(x * inv[:, None]).clamp(qmin, qmax)
+    return (x * inv[:, None]).round_().clamp_(qmin, qmax)
 
 
 def affine_blocks(
     x: torch.Tensor, w: torch.Tensor, qmax: int, steps: int = 40, round_to=_fp16, nonpositive_min: bool = False
 ):
-    """x, w (N, B) -> (d, m (N,) as `round_to` leaves them, codes (N, B) in [0, qmax]) minimising Σ w·(x − (d·u + m))².
+    """x, w (N, B) -> (d, m (N,) as `round_to` leaves them): the scale and minimum whose codes in [0, qmax]
+    minimise Σ w·(x − (d·u + m))².
 
     Candidate ranges shrink the block's [min, max] (llama.cpp's make_qkx2_quants sweep); each is refit by the
     2×2 weighted least squares for (d, m), rounded as the file holds them, and the codes re-rounded for it.
@@ -191,15 +191,14 @@ def affine_blocks(
         low = low.clamp(max=0)
     span = (high - low).clamp(min=1e-30)
     best_d, best_m = round_to(span / qmax), round_to(low)
-    best_q = _affine_codes(x, best_d, best_m, qmax)
-    best_err = _weighted_error(x, best_d[:, None] * best_q + best_m[:, None], w)
+    best_err = _weighted_error(x, _affine_values(x, best_d, best_m, qmax), w)
     sw, sx = w.sum(-1), (w * x).sum(-1)
     shifted = x - low[:, None]
     for k in range(steps + 1):
         scale = (qmax + (2 * k - steps) / steps) / span  # levels per unit: qmax ± 1
-        q = torch.round(shifted * scale[:, None]).clamp(0, qmax)
+        q = (shifted * scale[:, None]).round_().clamp_(0, qmax)
         wq = w * q
-        sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), (wq * x).sum(-1)
+        sq, sqq, sqx = wq.sum(-1), (wq * q).sum(-1), wq.mul_(x).sum(-1)
         det = sw * sqq - sq * sq
         ok = det > 1e-30
         d = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, torch.ones_like(det)), 1 / scale)
@@ -209,18 +208,21 @@ def affine_blocks(
             d = torch.where(positive, sqx / sqq.clamp(min=1e-30), d)
             m = m.clamp(max=0)
         d, m = round_to(d.clamp(min=0)), round_to(m)
-        q = _affine_codes(x, d, m, qmax)
-        err = _weighted_error(x, d[:, None] * q + m[:, None], w)
+        err = _weighted_error(x, _affine_values(x, d, m, qmax), w)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_d, best_m = torch.where(better, d, best_d), torch.where(better, m, best_m)
-        best_q = torch.where(better[:, None], q, best_q)
-    return best_d, best_m, best_q
+    return best_d, best_m
 
 
 def _affine_codes(x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, qmax: int) -> torch.Tensor:
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-    return torch.round((x - m[:, None]) * inv[:, None]).clamp(0, qmax)
+    return (x - m[:, None]).mul_(inv[:, None]).round_().clamp_(0, qmax)
+
+
+def _affine_values(x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, qmax: int) -> torch.Tensor:
+    """What the file's (d, m) and their codes give back for x: d·u + m."""
+    return _affine_codes(x, d, m, qmax).mul_(d[:, None]).add_(m[:, None])
 
 
 def pack_blocks(name: str, u: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
@@ -355,9 +357,8 @@ def _subblock_error(x, w, scale, offset, qmin, qmax):
     """x, w (N, K, g); scale, offset (N, K) -> weighted error (N, K) of the nearest codes."""
     zero = scale == 0
     safe = torch.where(zero, torch.ones_like(scale), scale)[..., None]
-    q = torch.div(x - offset[..., None], safe).round().clamp(qmin, qmax)
-    q = torch.where(zero[..., None], torch.zeros_like(q), q)
-    return (w * (x - (q * scale[..., None] + offset[..., None])) ** 2).sum(-1), q
+    q = (x - offset[..., None]).div_(safe).round_().clamp_(qmin, qmax).masked_fill_(zero[..., None], 0.0)
+    return _weighted_error(x, (q * scale[..., None]).add_(offset[..., None]), w), q
 
 
 def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -370,10 +371,10 @@ def _kquant_fields(name: str, x: torch.Tensor, w: torch.Tensor) -> dict[str, tor
     k = xs.shape[1]
     flat_x, flat_w = xs.reshape(-1, g), ws.reshape(-1, g)
     if symmetric:
-        s, _ = symmetric_blocks(flat_x, flat_w, lo, hi, round_to=_exact)
+        s = symmetric_blocks(flat_x, flat_w, lo, hi, round_to=_exact)
         mn = torch.zeros_like(s)
     else:
-        s, m, _ = affine_blocks(flat_x, flat_w, hi, round_to=_exact, nonpositive_min=True)
+        s, m = affine_blocks(flat_x, flat_w, hi, round_to=_exact, nonpositive_min=True)
         mn = -m
     s, mn = s.reshape(n, k), mn.reshape(n, k)
     sw = ws.sum(-1)  # (N, K): how much each sub-block's scale matters
@@ -444,12 +445,12 @@ SWEEP_CHUNK = 65536  # values per sweep: its temporaries stay in cache (measured
 def _block_fields(name: str, xb: torch.Tensor, wb: torch.Tensor) -> dict[str, torch.Tensor]:
     """Blocks xb, wb (N, block) -> the file's fields of type `name` for them."""
     if name in SYMMETRIC:
-        d, _ = symmetric_blocks(
+        d = symmetric_blocks(
             xb, wb, *SYMMETRIC[name], steps=4 if name == "q8_0" else 20
         )  # 8-bit: levels are fine already
         return {"d": d}
     if name in AFFINE:
-        d, m, _ = affine_blocks(xb, wb, AFFINE[name])
+        d, m = affine_blocks(xb, wb, AFFINE[name])
         return {"d": d, "m": m}
     return _kquant_fields(name, xb, wb)
 

@@ -124,7 +124,7 @@ def dequantize(
     """(q - zero_point) * scale, broadcast per group. codes (out, in); scale/zero_point (out, groups)."""
     out_features, in_features = codes.shape
     groups = scale.shape[1]
-    values = codes.float().reshape(out_features, groups, in_features // groups)
+    values = codes.float().reshape(out_features, groups, in_features // groups)  # one buffer, updated in place
     if zero_point is not None:
-        values = values - zero_point.float().unsqueeze(2)
-    return (values * scale.float().unsqueeze(2)).reshape(out_features, in_features).to(dtype)
+        values.sub_(zero_point.float().unsqueeze(2))
+    return values.mul_(scale.float().unsqueeze(2)).reshape(out_features, in_features).to(dtype)
