@@ -101,8 +101,6 @@ def run_ct_search(
     from dataclasses import asdict
 
     from slimlm.checkpoint.atomic import check_output_dir
-    from slimlm.data.text import load_text
-    from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.models.load import load_model
     from slimlm.progress import plain_line, stage
     from slimlm.search.driver import (
@@ -111,6 +109,7 @@ def run_ct_search(
         SearchResult,
         _choose,
         _metrics,
+        evaluate_points,
         search_basis,
         searched_line,
         searched_name,
@@ -175,17 +174,7 @@ def run_ct_search(
                 )
             )
     points.extend(Point(name, kind, configuration, sizer(configuration)) for name, kind, configuration in uniform)
-    with stage("search: held-out evaluation of every point"):
-        windows = make_windows(
-            base.tokenizer, load_text(evaluation.data, evaluation.split), evaluation.seqlen, evaluation.max_windows
-        )
-        base_quality, reference = evaluate_quality(
-            base.model, windows, keep_reference=evaluation.kl_windows, progress=False
-        )
-        for point in points:
-            point.metrics = _metrics(live.quality(point.configuration, windows, reference))
-            if point.rerank_kl is None and point.file_bytes <= limit:  # the search's objective, where it chose
-                point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
+    base_quality, windows, reference = evaluate_points(base, points, live, evaluation, stages[1], limit)
     chosen = _choose(points, limit, constraints)
     manifest = {
         "recipe": {"search": TARGET, "point": chosen.name},

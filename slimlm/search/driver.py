@@ -50,9 +50,8 @@ class Point:
     configuration: Configuration | None
     file_bytes: int
     proxy_kl: float | None = None  # the knapsack's additive estimate
-    rerank_kl: float | None = (
-        None  # true KL on the held-out calibration windows (baselines: those within the chosen budget)
-    )
+    # true KL on the held-out calibration windows: the searched points, and the baselines within the chosen budget
+    rerank_kl: float | None = None
     metrics: dict = field(default_factory=dict)  # held-out evaluation: perplexity, kl_divergence, top1_agreement
     budget: int | None = None
     note: str = ""
@@ -426,8 +425,6 @@ def run_gguf_search(
     The front is searched at every llama.cpp preset's size for this model and at `extra_budgets` (sizes or preset
     names); `export_front` also writes each searched point's file to DIR/front/<MB>.gguf."""
     from slimlm.checkpoint.atomic import check_output_dir
-    from slimlm.data.text import load_text
-    from slimlm.evaluate.perplexity import evaluate_quality, make_windows
     from slimlm.export import source_gguf
     from slimlm.models.load import load_model
     from slimlm.search.report import write_search_report
@@ -489,16 +486,7 @@ def run_gguf_search(
             )
     for name, kind, configuration in uniform:
         points.append(Point(name, kind, configuration, sizer(configuration)))
-    with stage("search: held-out evaluation of every point"):
-        text = load_text(evaluation.data, evaluation.split)
-        windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
-        base_quality, reference = evaluate_quality(
-            base.model, windows, keep_reference=evaluation.kl_windows, progress=False
-        )
-        for point in points:
-            point.metrics = _metrics(live.quality(point.configuration, windows, reference))
-            if point.rerank_kl is None and point.file_bytes <= chosen_budget:  # the search's objective, where it chose
-                point.rerank_kl = live.kl(point.configuration, stages[1].windows, stages[1].reference)
+    base_quality, windows, reference = evaluate_points(base, points, live, evaluation, stages[1], chosen_budget)
     chosen = _choose(points, chosen_budget, constraints)
     with stage(f"search: writing {out / 'model.gguf'}"):
         out.mkdir(parents=True, exist_ok=True)
@@ -567,6 +555,26 @@ def run_gguf_search(
             f"the report is in {out}; tighten --max-size or rerun on an idle machine (the cost model is in {database_path})",
         )
     return result
+
+
+def evaluate_points(base, points: list[Point], live: LiveModel, evaluation: EvalSettings, large: Stage, budget: int):
+    """Every point's held-out metrics (the report's columns), and the search's own objective (KL on the large
+    re-ranking stage) where it chose: the searched points and the baselines within `budget`. Returns the base's
+    quality, the held-out windows and the base's reference on them."""
+    from slimlm.data.text import load_text
+    from slimlm.evaluate.perplexity import evaluate_quality, make_windows
+
+    with stage("search: held-out evaluation of every point"):
+        text = load_text(evaluation.data, evaluation.split)
+        windows = make_windows(base.tokenizer, text, evaluation.seqlen, evaluation.max_windows)
+        base_quality, reference = evaluate_quality(
+            base.model, windows, keep_reference=evaluation.kl_windows, progress=False
+        )
+        for point in points:
+            point.metrics = _metrics(live.quality(point.configuration, windows, reference))
+            if point.rerank_kl is None and point.file_bytes <= budget:
+                point.rerank_kl = live.kl(point.configuration, large.windows, large.reference)
+    return base_quality, windows, reference
 
 
 def _pricer(base, database: Database, sizer: Sizer, constraints: Constraints, max_ram: int | None, database_path: Path):
