@@ -194,7 +194,7 @@ def run(
     [bold]Examples[/bold]
 
       slimlm run                                   # SmolLM2-135M: search at Q4_0's size, front + chosen GGUF
-      slimlm run --fast                            # the same, about 2.5x quicker (fewer types and windows)
+      slimlm run --fast                            # the same, about 3x quicker (fewer types and windows)
       slimlm run --max-size 75MB                   # another budget
       slimlm run --recipes awq-gptq-w4-g64,sparsegpt-50 --eval-data wikitext2:../shared/data/wikitext-2-raw
       slimlm run --recipes gptq-w4-g64,wanda-50 --calib-samples 128 --calib-seqlen 2048   # the papers' calibration (slower)
@@ -1108,7 +1108,7 @@ def search(
         int | None,
         typer.Option(
             "--generations",
-            help=f"Re-ranking generations at the chosen budget (0: the knapsack's answer; default {SEARCH.generations}, --fast {FAST_SEARCH.generations}).",
+            help=f"Re-ranking generations at the chosen budget (0: the best seed by true KL, no mutations; default {SEARCH.generations}, --fast {FAST_SEARCH.generations}).",
         ),
     ] = None,
     front_generations: Annotated[
@@ -1129,7 +1129,7 @@ def search(
         bool,
         typer.Option(
             "--fast",
-            help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), {FAST_SEARCH.generations} re-ranking generation(s), held-out evaluation on {FAST_SEARCH_EVALUATION.max_windows} windows: about 40% of the time.",
+            help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), the seeds scored by true KL with {FAST_SEARCH.generations} re-ranking generations, held-out evaluation on {FAST_SEARCH_EVALUATION.max_windows} windows: about 40% of the time.",
         ),
     ] = False,
     eval_data: EvalData = SEARCH_EVALUATION.data,

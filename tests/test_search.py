@@ -733,3 +733,33 @@ def test_searched_line_counts_generations_in_words():
     assert searched_line("searched ≤ 91.7 MB", 0.0051, 0.0049, 4, 12, 4).endswith(
         "(4 of 12 generations: the last 4 gained less than 1%)"
     )
+
+
+def test_a_speed_constrained_search_chooses_only_a_point_priced_within_the_constraint():
+    """The front's other budgets are searched on bytes alone: a smaller budget's answer with lower KL that the cost
+    model prices too slow must not become the chosen file (session 26: a --min-decode-tps search at 105.5 MB chose
+    the 105.0 MB byte-only answer, measured 120.5 tok/s against the 125 asked)."""
+    from slimlm.search.driver import Point, _choose
+
+    slow, fast = Configuration((0,)), Configuration((1,))
+
+    class Priced:
+        def fits(self, configuration):
+            return configuration == fast
+
+    points = [
+        Point("searched ≤ 105.0 MB", "searched", slow, 105_000_000, rerank_kl=0.002, budget=105_000_000),
+        Point("searched ≤ 105.5 MB", "searched", fast, 105_400_000, rerank_kl=0.06, budget=105_500_000),
+        Point("uniform", "uniform", slow, 100_000_000, rerank_kl=0.001),
+    ]
+    constraints = Constraints(max_size="105.5MB", min_decode_tps=125)
+    assert _choose(points, 105_500_000, constraints).configuration == slow  # on bytes alone: the lower KL
+    assert _choose(points, 105_500_000, constraints, Priced()).configuration == fast
+
+
+def test_the_front_keeps_one_budget_per_name_and_the_chosen_one_wins():
+    from slimlm.search.driver import distinct_budgets, searched_name
+
+    budgets = distinct_budgets({91_726_624, 105_452_000, 144_810_784}, 105_454_080)
+    assert budgets == [91_726_624, 105_454_080, 144_810_784]
+    assert len({searched_name(b) for b in budgets}) == len(budgets)

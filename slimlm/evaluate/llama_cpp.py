@@ -172,9 +172,9 @@ def check_gguf(path: str | Path) -> Path:
 
 
 def gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
+    from slimlm.models.gguf_check import read_gguf
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
+    field = read_gguf(path).fields.get("general.architecture")
     return field.contents() if field is not None else "unknown"
 
 

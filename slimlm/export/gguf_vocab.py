@@ -47,10 +47,12 @@ def copy_tokenizer_metadata(writer, source: Path, vocab_size: int) -> bool:
 @functools.lru_cache(maxsize=2)
 def _tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple[int | None, tuple]:
     """(token count, each `tokenizer.*` key as (key, contents, type, array type)) of a GGUF file, read once per
-    process and file version: parsing a 49k-token vocabulary takes ~3 s, and a search writes several headers."""
-    from gguf import GGUFReader, GGUFValueType
+    process and file version (a search writes several headers; the parse is `read_gguf`'s, shared with the check)."""
+    from gguf import GGUFValueType
 
-    reader = GGUFReader(path)
+    from slimlm.models.gguf_check import read_gguf
+
+    reader = read_gguf(Path(path))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     fields = []
     for key, entry in reader.fields.items():

@@ -7,6 +7,7 @@ file has), then `gguf.GGUFReader` parses the rest inside one guard, and every te
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 
@@ -36,10 +37,8 @@ def check_gguf_file(path: Path) -> None:
             f"GGUF file '{path}' claims {n_tensors} tensors and {n_kv} metadata entries, more than its {size} bytes can hold",
             fix,
         )
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
+        reader = read_gguf(path)
     except (ValueError, struct.error, IndexError, UnicodeDecodeError, OverflowError, MemoryError, KeyError) as err:
         reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
         raise SlimlmError(f"GGUF file '{path}' is malformed: {reason}", fix) from None
@@ -49,3 +48,17 @@ def check_gguf_file(path: Path) -> None:
             raise SlimlmError(
                 f"GGUF file '{path}': tensor '{tensor.name}' ends at byte {end}, past the file's {size} bytes", fix
             )
+
+
+def read_gguf(path: Path):
+    """`gguf.GGUFReader` of `path`, parsed once per process and file version: parsing a 49k-token vocabulary takes
+    ~3 s, and a search on the embedded model checks, loads and sizes the same file."""
+    stat = path.stat()
+    return _parsed(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)

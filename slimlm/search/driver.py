@@ -35,6 +35,7 @@ from slimlm.search.rerank import (
 )
 from slimlm.search.solver import knapsack
 from slimlm.search.space import Option, gguf_search_space
+from slimlm.search.speed import Pricer, require_llama_cpp
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
 
 PRESET_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # llama.cpp's uniform presets this search places on its front
@@ -66,6 +67,16 @@ class Point:
                 counts[label] = counts.get(label, 0) + 1
             data["option_counts"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
         return data
+
+
+def distinct_budgets(budgets: set[int], chosen: int) -> list[int]:
+    """The front's budgets, one per name (`searched_name`): a budget within rounding of the chosen one (a --max-size
+    of a preset's exact bytes, 105,454,080 against its layout's 105,45x,xxx) would print as a second point of the
+    same name and write the same front file; the chosen budget is the one kept."""
+    kept = {searched_name(chosen): chosen}
+    for budget in sorted(budgets):
+        kept.setdefault(searched_name(budget), budget)
+    return sorted(kept.values())
 
 
 def searched_name(budget: int) -> str:
@@ -432,8 +443,6 @@ def run_gguf_search(
     started = time.perf_counter()
     priced = constraints.min_decode_tps is not None or constraints.max_ram is not None
     if priced:
-        from slimlm.search.speed import require_llama_cpp
-
         require_llama_cpp()
     max_ram = parse_bytes(constraints.max_ram, "--max-ram") if constraints.max_ram is not None else None
     out = Path(out)
@@ -459,8 +468,8 @@ def run_gguf_search(
             "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
         )
     extra = [_size_limit(dataclasses.replace(constraints, max_size=b), preset_sizes) for b in extra_budgets]
-    budgets = sorted({*preset_sizes.values(), *extra, *([limit] if limit else [])})
     chosen_budget = limit if limit is not None else max(preset_sizes.values())
+    budgets = distinct_budgets({*preset_sizes.values(), *extra}, chosen_budget)
     pricer = _pricer(base, database, sizer, constraints, max_ram, database_path) if priced else None
     searcher.capacity = max(budgets)
     points: list[Point] = []
@@ -487,7 +496,7 @@ def run_gguf_search(
     for name, kind, configuration in uniform:
         points.append(Point(name, kind, configuration, sizer(configuration)))
     base_quality, windows, reference = evaluate_points(base, points, live, evaluation, stages[1], chosen_budget)
-    chosen = _choose(points, chosen_budget, constraints)
+    chosen = _choose(points, chosen_budget, constraints, pricer)
     with stage(f"search: writing {out / 'model.gguf'}"):
         out.mkdir(parents=True, exist_ok=True)
         summary = write_configuration(
@@ -579,7 +588,7 @@ def evaluate_points(base, points: list[Point], live: LiveModel, evaluation: Eval
 
 def _pricer(base, database: Database, sizer: Sizer, constraints: Constraints, max_ram: int | None, database_path: Path):
     from slimlm.export.gguf import tensor_layout
-    from slimlm.search.speed import Pricer, cost_model_for
+    from slimlm.search.speed import cost_model_for
 
     types = sorted({v.option.type for vs in database.variants.values() for v in vs} | {"f16"})
     cost_model = cost_model_for(
@@ -701,21 +710,24 @@ def search_basis(base, space, settings: SearchSettings, database_dir: str | Path
 
 
 def _stages(model: nn.Module, ids: torch.Tensor, tokenizer) -> tuple[Stage, Stage]:
-    """The quick stage (first window) and the full stage (every re-ranking window), each with the base's reference."""
-    from slimlm.evaluate.perplexity import EvalWindows, bos_token_id, evaluate_quality
+    """The quick stage (first window) and the full stage (every re-ranking window), each with the base's reference
+    (one forward of the full stage's windows: the quick stage's reference is its first window's)."""
+    from slimlm.evaluate.perplexity import EvalWindows, ReferenceLogits, bos_token_id, evaluate_quality
 
-    made = []
-    for rows in (ids[:1], ids):
-        windows = EvalWindows(
+    def windows_of(rows: torch.Tensor) -> EvalWindows:
+        return EvalWindows(
             input_ids=rows,
             source="held-out calibration windows",
             seqlen=rows.shape[1],
             total_windows=rows.shape[0],
             bos_token_id=bos_token_id(tokenizer),
         )
-        _, reference = evaluate_quality(model, windows, keep_reference=rows.shape[0], progress=False)
-        made.append(Stage(windows, reference))
-    return made[0], made[1]
+
+    _, full = evaluate_quality(model, windows_of(ids), keep_reference=ids.shape[0], progress=False)
+    first = ReferenceLogits(
+        full.top_log_probs[:1], full.top_ids[:1], full.rest_log_mass[:1], full.input_ids[:1], full.vocab
+    )
+    return Stage(windows_of(ids[:1]), first), Stage(windows_of(ids), full)
 
 
 def _metrics(quality) -> dict:
@@ -726,9 +738,15 @@ def _metrics(quality) -> dict:
     }
 
 
-def _choose(points: list[Point], budget: int, constraints: Constraints) -> Point:
-    """The searched point at the user's budget (the least held-out-calibration KL among those within it)."""
-    within = [p for p in points if p.kind == "searched" and p.file_bytes <= budget]
+def _choose(points: list[Point], budget: int, constraints: Constraints, pricer: Pricer | None = None) -> Point:
+    """The searched point at the user's budget: the least held-out-calibration KL among those within it and, with
+    speed / RAM constraints, priced within them (the front's other budgets are searched on bytes alone, so a
+    smaller budget's answer may be slower than the constraint allows)."""
+    within = [
+        p
+        for p in points
+        if p.kind == "searched" and p.file_bytes <= budget and (pricer is None or pricer.fits(p.configuration))
+    ]
     best = min(within, key=lambda p: p.rerank_kl)
     if constraints.max_kl is not None and best.rerank_kl > constraints.max_kl:
         raise SlimlmError(
