@@ -1129,7 +1129,7 @@ def search(
         bool,
         typer.Option(
             "--fast",
-            help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), the seeds scored by true KL with {FAST_SEARCH.generations} re-ranking generations, held-out evaluation on {FAST_SEARCH_EVALUATION.max_windows} windows: about 40% of the time.",
+            help=f"Fewer types ({','.join(FAST_SEARCH.types)}), smaller statistics ({FAST_SEARCH.statistics.samples} windows), the seeds scored by true KL with {FAST_SEARCH.generations} re-ranking generations, held-out evaluation on {FAST_SEARCH_EVALUATION.max_windows} windows: about a third of the time.",
         ),
     ] = False,
     eval_data: EvalData = SEARCH_EVALUATION.data,
