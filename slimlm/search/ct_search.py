@@ -109,6 +109,7 @@ def run_ct_search(
         SearchResult,
         _choose,
         _metrics,
+        distinct_budgets,
         evaluate_points,
         search_basis,
         searched_line,
@@ -144,12 +145,12 @@ def run_ct_search(
             f"--max-size {limit / 1e6:.2f} MB is below the smallest checkpoint this search reaches: about {smallest / 1e6:.2f} MB (blocks {list(smallest_removed)} removed)",
             "raise --max-size, allow more removable blocks (--depth-candidates), or search smaller types (--types)",
         )
-    budgets = sorted(
+    budgets = distinct_budgets(
         {
-            limit,
             *(_ct_limit(b, uniform_sizes, parse_bytes) for b in extra_budgets),
             *(s for s in uniform_sizes.values() if smallest <= s < limit),
-        }
+        },
+        limit,
     )
     searcher.capacity = max(budgets)
     points = []
