@@ -2,7 +2,7 @@
 llama-cpp-python adds over llama.cpp's own llama-bench (needs `pip install -e '.[engines]'`).
 
     python benchmarks/llama_cpp_costs.py [--model smollm2-135m] [--types q8_0,q4_0,q4_1,q5_0,f16] [--threads 2]
-        [--prompt-tokens 512 --new-tokens 128 --repeats 3] [--llama-bench /work/llama-cache/build/bin/llama-bench]
+        [--prompt-tokens 512 --new-tokens 128 --repeats 10] [--llama-bench /work/llama-cache/build/bin/llama-bench]
         [--out benchmarks/results/llama_cpp_costs] [--work-dir /tmp/slimlm-llama-costs]
 
 1. `measure_type_costs` writes and measures the calibration files (uniform per type, block linears per type with
@@ -76,11 +76,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10, help="rounds of decoding every file side by side")
     parser.add_argument(
         "--statistic",
         default="median",
-        help="decode figure fitted: median (of repeats), p10 (of token latencies) or cpu (CPU time; with OMP_WAIT_POLICY=passive)",
+        help="decode figure fitted: median (of rounds), p10 (of token latencies) or cpu (CPU time; with OMP_WAIT_POLICY=passive)",
     )
     parser.add_argument("--llama-bench", default=str(DEFAULT_BENCH))
     parser.add_argument("--out", default="benchmarks/results/llama_cpp_costs", help="costs.json, validation.json")

@@ -21,7 +21,7 @@ from conftest import TEXT, WIKITEXT, run_cli, tiny_model, tiny_tokenizer
 
 from slimlm.data.text import Text, load_text
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.llama_cpp import llama_cpp_quality, llama_cpp_speed, require_llama_cpp
+from slimlm.evaluate.llama_cpp import llama_cpp_decode_rounds, llama_cpp_quality, llama_cpp_speed, require_llama_cpp
 from slimlm.evaluate.perplexity import evaluate_quality, make_windows
 from slimlm.export.gguf import write_gguf
 from slimlm.models.load import load_model
@@ -99,6 +99,45 @@ def test_llama_cpp_speed_measures_the_child(exported):
     assert speed.threads == 1 and (speed.prompt_tokens, speed.new_tokens, speed.repeats) == (16, 8, 2)
     assert speed.decode_tokens_per_s_p10 > 0 and speed.decode_cpu_tokens_per_s > 0
     assert "llama-cpp-python" in speed.llama_cpp and speed.load
+
+
+@needs_llama_cpp
+def test_decode_rounds_measures_files_side_by_side_in_the_order_given(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    paths = [tmp_path / "f16.gguf", tmp_path / "q8_0.gguf", tmp_path / "q4_0.gguf"]
+    for path in paths:
+        write_gguf(model, tokenizer, path, path.stem)
+    measured = llama_cpp_decode_rounds(paths[::-1], threads=1, prompt_tokens=8, new_tokens=4, rounds=3)
+    assert [m.path for m in measured] == [str(p) for p in paths[::-1]]
+    for m in measured:
+        assert len(m.rounds) == 3 and min(m.rounds) <= m.decode_tokens_per_s <= max(m.rounds)
+        assert m.decode_tokens_per_s_p10 > 0 and m.decode_cpu_tokens_per_s > 0
+    with pytest.raises(SlimlmError, match="at least 1"):
+        llama_cpp_decode_rounds(paths, rounds=0)
+    with pytest.raises(SlimlmError, match="is not a file"):
+        llama_cpp_decode_rounds([tmp_path / "missing.gguf"])
+
+
+@needs_llama_cpp
+def test_decode_rounds_beyond_memory_runs_groups_scaled_by_the_first_file(tokenizer, tmp_path, monkeypatch):
+    """Groups that each start with the first file: its rate in every group is scaled to its rate in the first."""
+    import slimlm.evaluate.llama_cpp as engine
+
+    model = tiny_model("qwen2")
+    paths = [tmp_path / f"{kind}.gguf" for kind in ("q8_0", "q4_0", "f16")]
+    for path in paths:
+        write_gguf(model, tokenizer, path, path.stem)
+    room = engine.MEMORY_PER_FILE_BYTE * (paths[0].stat().st_size + paths[1].stat().st_size) * 2
+    monkeypatch.setattr(engine, "_available_memory_bytes", lambda: room)
+    assert engine._memory_groups(paths) == [paths[:2], [paths[0], paths[2]]]
+    groups = []
+    real = engine._run_child
+    monkeypatch.setattr(
+        engine, "_run_child", lambda request, *a, **k: groups.append(request["paths"]) or real(request, *a, **k)
+    )
+    measured = llama_cpp_decode_rounds(paths, threads=1, prompt_tokens=8, new_tokens=4, rounds=2)
+    assert groups == [[str(paths[0]), str(paths[1])], [str(paths[0]), str(paths[2])]]
+    assert [m.path for m in measured] == [str(p) for p in paths] and all(m.decode_tokens_per_s > 0 for m in measured)
 
 
 @needs_llama_cpp
@@ -301,6 +340,7 @@ def test_measure_type_costs_prices_the_files_it_measured(tokenizer, tmp_path):
     )
     labels = [m.label for m in costs.measurements]
     assert labels == ["all-q8_0", "all-q4_0", "blocks-q4_0", "half-depth-q8_0", "half-mlp-q8_0"]
+    assert costs.method == "side-by-side" and all(len(m.rounds) == 1 for m in costs.measurements)
     for measurement in costs.measurements:  # the bytes the model prices are the bytes each file holds
         types, shapes = gguf_tensor_types(tmp_path / f"{measurement.label}.gguf")
         assert costs._bytes_by_type(types, shapes) == measurement.bytes_by_type

@@ -763,3 +763,37 @@ def test_the_front_keeps_one_budget_per_name_and_the_chosen_one_wins():
     budgets = distinct_budgets({91_726_624, 105_452_000, 144_810_784}, 105_454_080)
     assert budgets == [91_726_624, 105_454_080, 144_810_784]
     assert len({searched_name(b) for b in budgets}) == len(budgets)
+
+
+def test_a_speed_limit_spends_the_byte_budget_on_fast_types_not_on_a_smaller_file(tmp_path):
+    """With Q8_0 ten times slower per byte than Q4_0 (a made-up cost model), the knapsack that prices the speed
+    limit (a multiple of each variant's share of the room added to its proxy) fits the limit and does at least as
+    well as the largest byte budget whose bytes-only answer fits: session 26 shrank the budget until a slow
+    mixture fitted, and chose an 82 MB file for a 105.5 MB budget."""
+    from slimlm.evaluate.llama_cpp_costs import CostModel
+    from slimlm.search.driver import Searcher
+    from slimlm.search.rerank import Stage
+    from slimlm.search.speed import Pricer
+
+    model, database = _database(tmp_path, types=("q4_0", "q8_0"))
+    types = {v.option.type for vs in database.variants.values() for v in vs} | {"f16"}
+    per_byte = {t: (1e-8 if t == "q8_0" else 1e-9) for t in types}
+    costs = CostModel(0.0, 0.0, per_byte, 0.0, 0.0, dict.fromkeys(types, 1.0), {}, 2, 8, 8, 1, "median", "", "", "", "")
+    sizer = Sizer(model, tiny_tokenizer(), None, database)
+    budget = sizer(uniform_configuration(database, Option("q8_0", "rtn"), Option("q8_0", "rtn")))
+    searcher = Searcher(database, None, sizer, (Stage(None, None), Stage(None, None)), [], TINY_SEARCH, budget)
+    (_, bytes_only), *_ = searcher.knapsack_answers(budget)
+    pricer = Pricer(costs, database, {}, None, None)
+    slowest = pricer.predict(bytes_only)["decode_tokens_per_s"]
+    fastest = pricer.predict(uniform_configuration(database, *[Option("q4_0", "rtn")] * 2))["decode_tokens_per_s"]
+    pricer.min_decode_tps = (slowest + fastest) / 2
+    assert not pricer.fits(bytes_only)
+
+    searcher.pricer = pricer
+    (proxy, priced), *_ = searcher.knapsack_answers(budget)
+    assert pricer.fits(priced) and sizer(priced) <= budget
+    searcher.pricer = None
+    shrunk = budget
+    while not pricer.fits(searcher.knapsack_answers(shrunk)[0][1]):
+        shrunk -= 256
+    assert proxy <= searcher.knapsack_answers(shrunk)[0][0]

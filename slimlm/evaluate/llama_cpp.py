@@ -10,6 +10,9 @@ reference can come from a Hugging Face model (`evaluate_quality(..., keep_refere
 Speed, measured like gpt-fast: a random prompt (content does not change the cost) decoded from an empty cache,
 then `new_tokens` greedy tokens one `llama_decode` each; one warm-up round (pages the weights in, warms caches),
 then the median of `repeats`. Prefill tok/s = prompt tokens / prompt time; decode tok/s = new tokens / decode time.
+Several files side by side (`llama_cpp_decode_rounds`): one child holds them all and decodes each in turn, round
+after round. On a shared machine one file's decode rate drifts by ~10% from one minute to the next, while the ratio
+of two files measured in alternation stays within ~2%: compare files this way, not by separate runs.
 
 Every measurement runs in a child process (`python -m slimlm.evaluate.llama_cpp REQUEST`): a crash inside
 llama.cpp becomes a one-line error instead of killing the caller, the peak RSS is the child's own (llama.cpp, its
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 INSTALL_FIX = "pip install -e '.[engines]' (compiles llama.cpp: ~20 min on 2 cores)"
 QUALITY_BATCH = 512  # positions per llama_decode call when scoring: bounds llama.cpp's logits buffer (V floats each)
 SPEED_SEED = 0
+ROUND_DONE = "slimlm: round done"  # the rounds child's progress line
 GGML_LOG_WARN, GGML_LOG_CONT = 3, 5  # ggml.h enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
@@ -149,6 +153,103 @@ def llama_cpp_speed(
     )
 
 
+@dataclass(frozen=True)
+class DecodeRounds:
+    """One file's decode rate from `llama_cpp_decode_rounds`."""
+
+    path: str
+    decode_tokens_per_s: float  # new tokens / the median round's decode time
+    decode_tokens_per_s_p10: float  # 1 / the 10th percentile of single-token latencies over all rounds
+    decode_cpu_tokens_per_s: float  # threads x new tokens / the median round's CPU seconds
+    rounds: list[float]  # each round's decode tok/s, in the order measured
+
+
+MEMORY_PER_FILE_BYTE = 3  # peak RSS per byte of GGUF a loaded model can take (Q4_0 repacked for SIMD: ~2.3)
+
+
+def llama_cpp_decode_rounds(
+    paths: list[str | Path],
+    threads: int = 2,
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    rounds: int = 10,
+    progress: bool = False,
+) -> list[DecodeRounds]:
+    """Decode tok/s of several GGUFs measured side by side, in the order of `paths`. Each file gets the same random
+    prompt once, then `new_tokens` greedy tokens after it in every round, each file once per round (alternate
+    rounds in reverse order, so a drift within a round evens out), after one warm-up round. Files that do not fit in
+    half the free memory at once are measured in groups, each with the first file in it; a group's rates are scaled
+    by the first file's rate in the first group over its rate in that group."""
+    from slimlm.progress import progress_bar
+
+    if rounds < 1 or new_tokens < 1 or prompt_tokens < 1 or threads < 1:
+        raise SlimlmError(
+            f"rounds, new_tokens, prompt_tokens and threads must be at least 1, got {rounds}, {new_tokens}, "
+            f"{prompt_tokens}, {threads}",
+            "pass positive counts",
+        )
+    checked = [check_gguf(path) for path in paths]
+    if not checked:
+        return []
+    groups = _memory_groups(checked)
+    measured: dict[str, DecodeRounds] = {}
+    anchor_rate = None
+    with progress_bar("decode side by side", rounds * len(groups), unit="rounds", show=progress) as advance:
+        for group in groups:
+            request = {
+                "kind": "rounds",
+                "paths": [str(path) for path in group],
+                "path": str(group[0]),
+                "threads": threads,
+                "prompt_tokens": prompt_tokens,
+                "new_tokens": new_tokens,
+                "rounds": rounds,
+            }
+            with tempfile.TemporaryDirectory(prefix="slimlm-llama-") as scratch:
+                answer = _run_child(request, Path(scratch), on_round=advance)
+            results = [DecodeRounds(**row) for row in answer["result"]]
+            anchor_rate = anchor_rate or results[0].decode_tokens_per_s
+            scale = anchor_rate / results[0].decode_tokens_per_s
+            for row in results:
+                measured.setdefault(row.path, _scaled(row, scale))
+    return [measured[str(path)] for path in checked]
+
+
+def _scaled(row: DecodeRounds, scale: float) -> DecodeRounds:
+    return DecodeRounds(
+        row.path,
+        row.decode_tokens_per_s * scale,
+        row.decode_tokens_per_s_p10 * scale,
+        row.decode_cpu_tokens_per_s * scale,
+        [rate * scale for rate in row.rounds],
+    )
+
+
+def _memory_groups(paths: list[Path]) -> list[list[Path]]:
+    """The paths in groups that fit in half the free memory at once; every group starts with paths[0]."""
+    budget = _available_memory_bytes() / 2
+    groups: list[list[Path]] = [[paths[0]]]
+    held = MEMORY_PER_FILE_BYTE * paths[0].stat().st_size
+    for path in paths[1:]:
+        need = MEMORY_PER_FILE_BYTE * path.stat().st_size
+        if len(groups[-1]) > 1 and held + need > budget:
+            groups.append([paths[0]])
+            held = MEMORY_PER_FILE_BYTE * paths[0].stat().st_size
+        groups[-1].append(path)
+        held += need
+    return groups
+
+
+def _available_memory_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
 # --- the parent's side ------------------------------------------------------------------------------------------
 
 
@@ -178,8 +279,9 @@ def gguf_architecture(path: Path) -> str:
     return field.contents() if field is not None else "unknown"
 
 
-def _run_child(request: dict, scratch: Path) -> dict:
-    """Run one request in `python -m slimlm.evaluate.llama_cpp`; its answer, or a one-line error."""
+def _run_child(request: dict, scratch: Path, on_round=None) -> dict:
+    """Run one request in `python -m slimlm.evaluate.llama_cpp`; its answer, or a one-line error. The child prints
+    ROUND_DONE after each round of a "rounds" request; `on_round` is called for each."""
     (scratch / "request.json").write_text(json.dumps(request))
     package_root = str(Path(__file__).resolve().parents[2])  # the child imports this very slimlm
     env = {
@@ -188,14 +290,21 @@ def _run_child(request: dict, scratch: Path) -> dict:
         "OMP_NUM_THREADS": str(request["threads"]),
         "MKL_NUM_THREADS": str(request["threads"]),
     }
-    done = subprocess.run(
+    output = []
+    with subprocess.Popen(
         [sys.executable, "-m", "slimlm.evaluate.llama_cpp", str(scratch)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-    )
+    ) as done:
+        for line in done.stdout:
+            if line.strip() == ROUND_DONE:
+                if on_round is not None:
+                    on_round()
+            else:
+                output.append(line)
     answer_file = scratch / "answer.json"
     answer = json.loads(answer_file.read_text()) if answer_file.exists() else None
     path = request["path"]
@@ -211,7 +320,7 @@ def _run_child(request: dict, scratch: Path) -> dict:
         raise SlimlmError(problem, answer.get("fix"))
     if done.returncode != 0 or answer is None:
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
-        tail = (done.stdout.strip().splitlines() or ["no output"])[-1][:200]
+        tail = ("".join(output).strip().splitlines() or ["no output"])[-1][:200]
         raise SlimlmError(
             f"llama.cpp crashed ({how}) running '{path}': {tail}",
             "the file may use a layout this llama.cpp build mishandles; try another --gguf-type, or --engine transformers",
@@ -370,6 +479,57 @@ def _speed_child(request: dict) -> dict:
     }
 
 
+def _rounds_child(request: dict) -> dict:
+    import numpy as np
+
+    prompt_tokens, new_tokens, rounds = request["prompt_tokens"], request["new_tokens"], request["rounds"]
+    engines = [
+        _Engine(path, prompt_tokens + new_tokens + 1, prompt_tokens, request["threads"]) for path in request["paths"]
+    ]
+    lib = engines[0].lib
+    firsts = []
+    for engine in engines:  # every file's KV cache holds the same prompt; each round decodes after it
+        prompt = np.random.default_rng(SPEED_SEED).integers(0, engine.vocab, prompt_tokens).tolist()
+        engine.clear()
+        firsts.append(int(engine.decode(prompt, 0, all_logits=False)[0].argmax()))
+    seconds = [[] for _ in engines]
+    cpu = [[] for _ in engines]
+    tokens = [[] for _ in engines]
+    for round_ in range(rounds + 1):  # round 0 pages the weights in and warms the caches
+        order = range(len(engines)) if round_ % 2 else reversed(range(len(engines)))
+        for i in order:
+            engine, token = engines[i], firsts[i]
+            lib.llama_memory_seq_rm(lib.llama_get_memory(engine.ctx), 0, prompt_tokens, -1)
+            cpu_start = time.process_time()
+            start = last = time.perf_counter()
+            for position in range(prompt_tokens, prompt_tokens + new_tokens):
+                token = int(engine.decode([token], position, all_logits=False)[0].argmax())
+                now = time.perf_counter()
+                if round_:
+                    tokens[i].append(now - last)
+                last = now
+            if round_:
+                seconds[i].append(time.perf_counter() - start)
+                cpu[i].append(time.process_time() - cpu_start)
+        if round_:
+            print(ROUND_DONE, flush=True)
+    for engine in engines:
+        engine.close()
+    return {
+        "result": [
+            {
+                "path": path,
+                "decode_tokens_per_s": new_tokens / statistics.median(seconds[i]),
+                "decode_tokens_per_s_p10": 1
+                / (statistics.quantiles(tokens[i], n=10)[0] if len(tokens[i]) > 1 else tokens[i][0]),
+                "decode_cpu_tokens_per_s": request["threads"] * new_tokens / max(statistics.median(cpu[i]), 1e-9),
+                "rounds": [new_tokens / t for t in seconds[i]],
+            }
+            for i, path in enumerate(request["paths"])
+        ]
+    }
+
+
 def _wait_policy() -> str:
     """OpenMP's wait policy when set: on a machine busier than its cores, llama.cpp's spinning threads wait for
     each other a whole time slice per barrier (SmolLM2 at 2 threads under load 7 on 2 cores: 0.4 tok/s decode;
@@ -390,7 +550,12 @@ def _peak_rss_bytes() -> int:
 def _child_main(scratch: Path) -> None:
     request = json.loads((scratch / "request.json").read_text())
     try:
-        answer = _quality_child(request, scratch) if request["kind"] == "quality" else _speed_child(request)
+        if request["kind"] == "quality":
+            answer = _quality_child(request, scratch)
+        elif request["kind"] == "speed":
+            answer = _speed_child(request)
+        else:
+            answer = _rounds_child(request)
     except _LoadError as err:
         answer = {"problem": str(err), "load_failed": True}
     except SlimlmError as err:

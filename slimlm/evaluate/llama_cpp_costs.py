@@ -12,13 +12,19 @@ is what a block costs whatever its weights (attention over the KV cache, norms, 
 and `fixed` the rest. RAM: llama.cpp maps the file and touches every page, a type whose weights it repacks for
 its SIMD kernels (Q4_0 on AVX2) may hold a second copy, and the KV cache grows with L.
 
-Calibration (`measure_type_costs`), each file written by slimlm's GGUF writer and measured by `llama_cpp_speed`
-in a child process: per type t, one file with every 2-D tensor in t and one with the block linears in t and the
+Calibration (`measure_type_costs`), each file written by slimlm's GGUF writer: per type t, one file with every 2-D tensor in t and one with the block linears in t and the
 embedding / output in `types[0]` (the reference); then the reference-type model with half its blocks removed and
 with its MLPs half as wide. Mixtures of one model alone cannot separate a fixed cost from a per-byte cost (any
 mixture's bytes are a blend of the uniform files'); fewer blocks and narrower MLPs can. The coefficients are the
-least-squares fit over the 2n + 1 files (n + 3 unknowns for n types); each file's residual is kept, and
+least-squares fit over the distinct files (n + 3 unknowns for n types; a type no tensor of the embedding's shape
+can hold makes "all-t" and "blocks-t" the same file, measured once); each file's residual is kept, and
 `CostModel.check_file` measures a held-out file against its prediction.
+
+Measurement: every file's peak RSS in a process of its own (`llama_cpp_speed`), and the decode rates of all of them
+side by side (`llama_cpp_decode_rounds`): on a shared machine one file measured alone drifts by ~10% from one
+minute to the next, which is as large as the per-type differences being fitted; files decoded in alternation, round
+after round, keep their ratios within ~2%. A k-quant the 576-wide SmolLM2 holds only in ffn_down changes a file's
+decode time by a few percent, so a fit from separate runs priced it by noise (session 26: Q2_K at 5x Q8_0 per byte).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.llama_cpp import llama_cpp_speed
+from slimlm.evaluate.llama_cpp import llama_cpp_decode_rounds, llama_cpp_speed
 
 if TYPE_CHECKING:
     from slimlm.models.load import LoadedModel
@@ -48,12 +54,13 @@ class CostMeasurement:
     blocks: int  # decoder blocks
     bytes_by_type: dict[str, int]  # bytes of the file's 2-D tensors per GGUF type
     file_bytes: int
-    decode_tokens_per_s: float  # median of repeats
+    decode_tokens_per_s: float  # median of rounds
     decode_tokens_per_s_p10: float  # from the 10th percentile of token latencies (robust on a shared machine)
     decode_cpu_tokens_per_s: float  # from the CPU time of the decode (load-proof with OMP_WAIT_POLICY=passive)
     prefill_tokens_per_s: float
     peak_rss_bytes: int
     load: str  # load averages when it was measured
+    rounds: list[float] = field(default_factory=list)  # each round's decode tok/s (side by side with the others)
 
 
 @dataclass(frozen=True)
@@ -68,13 +75,14 @@ class CostModel:
     threads: int
     prompt_tokens: int  # decode measured after this much context
     new_tokens: int
-    repeats: int
-    statistic: str  # the decode figure fitted and checked: "median" (of repeats), "p10" (token latencies), "cpu"
+    repeats: int  # rounds of decoding every calibration file, side by side
+    statistic: str  # the decode figure fitted and checked: "median" (of rounds), "p10" (token latencies), "cpu"
     machine: str  # CPU, cores, OS
     llama_cpp: str  # llama-cpp-python version and llama.cpp's CPU features
     model: str  # what it was calibrated on
     created: str
     measurements: list[CostMeasurement] = field(default_factory=list)
+    method: str = "separate"  # "side-by-side": decode rates from llama_cpp_decode_rounds; "separate": one run each
 
     def _bytes_by_type(
         self, tensor_types: Mapping[str, str], shapes: Mapping[str, Sequence[int]] | None
@@ -136,14 +144,17 @@ class CostModel:
     def check_file(self, path: str | Path, repeats: int | None = None) -> dict:
         """Measure a GGUF in llama.cpp (same settings as the calibration) against this model's prediction."""
         types, shapes = gguf_tensor_types(path)
-        speed = llama_cpp_speed(path, self.threads, self.prompt_tokens, self.new_tokens, repeats or self.repeats)
+        speed = llama_cpp_speed(path, self.threads, self.prompt_tokens, self.new_tokens, repeats=1)
+        (decode,) = llama_cpp_decode_rounds(
+            [path], self.threads, self.prompt_tokens, self.new_tokens, repeats or self.repeats
+        )
         predicted_tps, predicted_ram = self.predict_decode_tps(types, shapes), self.predict_ram_bytes(types, shapes)
-        measured = decode_rate(speed, self.statistic)
+        measured = decode_rate(decode, self.statistic)
         return {
             "file": str(path),
             "predicted_decode_tokens_per_s": predicted_tps,
             "measured_decode_tokens_per_s": measured,
-            "measured_decode_tokens_per_s_median": speed.decode_tokens_per_s,
+            "measured_decode_tokens_per_s_median": decode.decode_tokens_per_s,
             "decode_error": predicted_tps / measured - 1,
             "predicted_ram_bytes": predicted_ram,
             "measured_ram_bytes": speed.peak_rss_bytes,
@@ -255,15 +266,16 @@ def measure_type_costs(
     threads: int = 2,
     prompt_tokens: int = 512,
     new_tokens: int = 128,
-    repeats: int = 3,
+    repeats: int = 10,
     work_dir: str | Path | None = None,
     progress: bool = True,
     statistic: str = "median",
 ) -> CostModel:
     """Calibrate the cost model on this machine: write the model's GGUF once per calibration file (see the module
-    docstring) into `work_dir` (default: a temporary directory, removed after), measure each in llama.cpp, fit.
+    docstring) into `work_dir` (default: a temporary directory, removed after; it holds every file at once), measure
+    each one's peak RSS alone and all their decode rates side by side (`repeats` rounds), fit.
     `types[0]` is the reference type the mixed files keep for the embedding (q8_0 is a good one). `statistic`
-    "p10" fits the decode rate from the 10th percentile of token latencies instead of the median of repeats, "cpu"
+    "p10" fits the decode rate from the 10th percentile of token latencies instead of the median of rounds, "cpu"
     from the decode's CPU time (threads x tokens / CPU seconds): on a machine other processes share, those stay
     nearer the idle machine's figure than the median (cpu only when waiting threads sleep: OMP_WAIT_POLICY=passive)."""
     from slimlm.export.gguf import GGUF_TYPES, write_gguf
@@ -287,30 +299,38 @@ def measure_type_costs(
         probe = write_gguf(loaded.model, loaded.tokenizer, folder / "probe.gguf", reference, overwrite=True)
         (folder / "probe.gguf").unlink()
         shapes = {t["name"]: t["shape"] for t in probe.tensors if len(t["shape"]) == 2}
-        jobs = [
-            (label, lambda: loaded.model, tensor_types)
-            for label, tensor_types in calibration_files(shapes, types).items()
-        ]
+        distinct: dict[tuple, str] = {}  # the same per-tensor types under two labels: one file
+        for label, tensor_types in calibration_files(shapes, types).items():
+            distinct.setdefault(tuple(sorted(tensor_types.items())), label)
+        jobs = [(label, lambda: loaded.model, dict(key)) for key, label in distinct.items()]
         jobs += [
             (f"half-depth-{reference}", lambda: _pruned(loaded.model, "depth"), None),
             (f"half-mlp-{reference}", lambda: _pruned(loaded.model, "width"), None),
         ]
-        measurements, engine = [], ""
-        with progress_bar("cost model", len(jobs), unit="files", show=progress) as advance:
+        files, alone, engine = [], [], ""
+        with progress_bar("cost model: files written, peak RAM", len(jobs), unit="files", show=progress) as advance:
             for label, build, tensor_types in jobs:
                 path = folder / f"{label}.gguf"
                 model = build()
                 summary = write_gguf(
                     model, loaded.tokenizer, path, reference, overwrite=True, tensor_types=tensor_types
                 )
-                measurement, engine = _measure(
-                    path, label, threads, prompt_tokens, new_tokens, repeats, summary.tensors
-                )
-                measurements.append(measurement)
                 del model
-                if work_dir is None:
-                    path.unlink()
+                speed = llama_cpp_speed(path, threads, prompt_tokens, new_tokens, repeats=1)
+                engine = speed.llama_cpp
+                files.append((label, path, summary.tensors))
+                alone.append(speed)
                 advance()
+        decodes = llama_cpp_decode_rounds(
+            [path for _, path, _ in files], threads, prompt_tokens, new_tokens, repeats, progress=progress
+        )
+        measurements = [
+            _measurement(label, tensors, speed, decode)
+            for (label, _, tensors), speed, decode in zip(files, alone, decodes)
+        ]
+        if work_dir is None:
+            for _, path, _ in files:
+                path.unlink()
     seconds, ram = fit(measurements, list(dict.fromkeys(types)), statistic)
     return CostModel(
         fixed_seconds=seconds[0],
@@ -330,6 +350,7 @@ def measure_type_costs(
         model=loaded.source,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         measurements=measurements,
+        method="side-by-side",
     )
 
 
@@ -351,47 +372,23 @@ def _pruned(model, how: str):
     return pruned
 
 
-def measure_file(
-    path: str | Path, label: str, threads: int = 2, prompt_tokens: int = 512, new_tokens: int = 128, repeats: int = 3
-) -> CostMeasurement:
-    """One GGUF measured in llama.cpp, with the bytes of its 2-D tensors per type."""
-    return _measure(Path(path), label, threads, prompt_tokens, new_tokens, repeats)[0]
-
-
-def _measure(
-    path: Path,
-    label: str,
-    threads: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    repeats: int,
-    tensors: list[dict] | None = None,
-) -> tuple[CostMeasurement, str]:
-    """(the measurement, llama.cpp's version line); bytes per type from the writer's summary, else from the file."""
-    from slimlm.export.gguf_types import tensor_bytes
-
-    if tensors is None:
-        types, shapes = gguf_tensor_types(path)
-        tensors = [
-            {"name": name, "type": kind, "shape": shapes[name], "bytes": tensor_bytes(kind, shapes[name])}
-            for name, kind in types.items()
-        ]
+def _measurement(label: str, tensors: list[dict], speed, decode) -> CostMeasurement:
+    """A file's measurement: bytes per type of its 2-D tensors, peak RSS and prefill from its own run (`speed`),
+    decode rates from the side-by-side rounds (`decode`)."""
     bytes_by_type: dict[str, int] = {}
     for tensor in tensors:
         if len(tensor["shape"]) == 2:
             bytes_by_type[tensor["type"]] = bytes_by_type.get(tensor["type"], 0) + tensor["bytes"]
-    speed = llama_cpp_speed(path, threads, prompt_tokens, new_tokens, repeats)
-    blocks = blocks_of({tensor["name"]: tensor["type"] for tensor in tensors})
-    measured = CostMeasurement(
+    return CostMeasurement(
         label,
-        blocks,
+        blocks_of({tensor["name"]: tensor["type"] for tensor in tensors}),
         bytes_by_type,
         speed.file_bytes,
-        speed.decode_tokens_per_s,
-        speed.decode_tokens_per_s_p10,
-        speed.decode_cpu_tokens_per_s,
+        decode.decode_tokens_per_s,
+        decode.decode_tokens_per_s_p10,
+        decode.decode_cpu_tokens_per_s,
         speed.prefill_tokens_per_s,
         speed.peak_rss_bytes,
         speed.load,
+        decode.rounds,
     )
-    return measured, speed.llama_cpp

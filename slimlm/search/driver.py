@@ -38,6 +38,7 @@ from slimlm.search.space import Option, gguf_search_space
 from slimlm.search.speed import Pricer, require_llama_cpp
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
 
+PENALTY_START, PENALTY_MAX, PENALTY_BISECTIONS = 1e-4, 1e4, 6  # the speed / RAM multiplier's search (proxy KL units)
 PRESET_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # llama.cpp's uniform presets this search places on its front
 EMBEDDING_AT_8_BITS = ("q4_0", "q4_1", "q5_0", "q5_1")  # llama-quantize keeps the (tied) output at Q8_0 for these
 
@@ -292,22 +293,33 @@ class Searcher:
         blocks = [b for b, _ in self.depth]
         return [tuple(sorted(blocks[:d])) for d in range(len(blocks) + 1)]
 
-    def table(self, removed: tuple[int, ...], capacity: int):
-        key = removed
-        if key not in self.tables or self.tables[key][1] < capacity:
-            kept = [i for i, k in enumerate(self.space.knobs) if k.block not in removed]
-            every = searchable_variants(self.database)
-            searchable = [every[i] for i in kept]
-            costs = [
-                np.array([self.database.variants[self.space.knobs[i].tensor][j].proxy for j in options])
-                for i, options in zip(kept, searchable)
-            ]
-            sizes = [
-                np.array([padded(self.database.variants[self.space.knobs[i].tensor][j].bytes) for j in options])
-                for i, options in zip(kept, searchable)
-            ]
-            self.tables[key] = (knapsack(costs, sizes, capacity), capacity, kept, searchable)
-        return self.tables[key]
+    def table(self, removed: tuple[int, ...], capacity: int, penalty: float = 0.0):
+        """The knapsack over the kept knobs, each variant's cost its proxy KL plus `penalty` x its share of the
+        speed / RAM room (`Pricer.share`). Bytes-only tables (penalty 0) are kept: one per removal set answers every
+        budget; a penalized one (~17 MB on SmolLM2) serves one solve."""
+        if penalty == 0 and removed in self.tables and self.tables[removed][1] >= capacity:
+            return self.tables[removed]
+        kept = [i for i, k in enumerate(self.space.knobs) if k.block not in removed]
+        every = searchable_variants(self.database)
+        searchable = [every[i] for i in kept]
+        costs = [self._costs(self.space.knobs[i], options, penalty) for i, options in zip(kept, searchable)]
+        sizes = [
+            np.array([padded(self.database.variants[self.space.knobs[i].tensor][j].bytes) for j in options])
+            for i, options in zip(kept, searchable)
+        ]
+        table = (knapsack(costs, sizes, capacity), capacity, kept, searchable)
+        if penalty == 0:
+            self.tables[removed] = table
+        return table
+
+    def _costs(self, knob, options: list[int], penalty: float) -> np.ndarray:
+        variants = self.database.variants[knob.tensor]
+        costs = np.array([variants[j].proxy for j in options])
+        if penalty:
+            costs += penalty * np.array(
+                [self.pricer.share(knob.tensor, knob.shape, variants[j].option.type) for j in options]
+            )
+        return costs
 
     def smallest(self) -> tuple[int, tuple[int, ...]]:
         """The smallest reachable file and its removal set."""
@@ -328,29 +340,54 @@ class Searcher:
         return best
 
     def knapsack_answers(self, budget: int) -> list[tuple[float, Configuration]]:
-        """The proxy optimum within `budget` for each removal set, best first."""
-        removal_kl = dict(self.depth)
+        """The proxy optimum within `budget` for each removal set, best first. With speed / RAM constraints, per
+        removal set the least proxy KL among the answers the cost model prices within them: the multiplier of the
+        variants' shares (`table`'s penalty) grows 4x a step from PENALTY_START until the answer fits, then is
+        bisected PENALTY_BISECTIONS times between the last that did not and the first that did."""
         answers = []
         for removed in self.removal_sets():
-            layout = self.sizer.layout(removed)
-            capacity = budget - layout.header_bytes - layout.fixed_bytes
-            if capacity <= 0:
-                continue
-            table, _, kept, searchable = self.table(removed, max(capacity, self.capacity))
-            picks = table.solve(capacity)
-            if picks is None:
-                continue
-            choice = [0] * len(self.space.knobs)
-            proxy = sum(removal_kl[b] for b in removed)
-            for i, options, pick in zip(kept, searchable, picks):
-                choice[i] = options[pick]
-                proxy += self.database.variants[self.space.knobs[i].tensor][options[pick]].proxy
-            for i, knob in enumerate(self.space.knobs):  # removed blocks' tensors: any index (unused)
-                if knob.block in removed:
-                    choice[i] = 0
-            answers.append((proxy, Configuration(tuple(choice), removed)))
+            answer = self._answer(removed, budget, 0.0)
+            if answer is not None and self.pricer is not None and not self.pricer.fits(answer[1]):
+                answer = self._priced_answer(removed, budget)
+            if answer is not None:
+                answers.append(answer)
         answers.sort(key=lambda item: item[0])
         return answers
+
+    def _priced_answer(self, removed: tuple[int, ...], budget: int) -> tuple[float, Configuration] | None:
+        low, high, found = 0.0, PENALTY_START, None
+        while high <= PENALTY_MAX:
+            found = self._answer(removed, budget, high)
+            if found is None or self.pricer.fits(found[1]):
+                break
+            low, high = high, high * 4
+        if found is None or not self.pricer.fits(found[1]):
+            return None
+        for _ in range(PENALTY_BISECTIONS):
+            middle = (low + high) / 2
+            answer = self._answer(removed, budget, middle)
+            if answer is not None and self.pricer.fits(answer[1]):
+                high, found = middle, min(found, answer, key=lambda item: item[0])
+            else:
+                low = middle
+        return found
+
+    def _answer(self, removed: tuple[int, ...], budget: int, penalty: float) -> tuple[float, Configuration] | None:
+        """(proxy KL, configuration) of the knapsack's answer within `budget` with these blocks removed."""
+        layout = self.sizer.layout(removed)
+        capacity = budget - layout.header_bytes - layout.fixed_bytes
+        if capacity <= 0:
+            return None
+        table, _, kept, searchable = self.table(removed, capacity if penalty else max(capacity, self.capacity), penalty)
+        picks = table.solve(capacity)
+        if picks is None:
+            return None
+        choice = [0] * len(self.space.knobs)  # removed blocks' tensors: any index (unused)
+        proxy = sum(dict(self.depth)[b] for b in removed)
+        for i, options, pick in zip(kept, searchable, picks):
+            choice[i] = options[pick]
+            proxy += self.database.variants[self.space.knobs[i].tensor][options[pick]].proxy
+        return proxy, Configuration(tuple(choice), removed)
 
     def search(
         self, budget: int, uniform: list[Configuration], generations: int
@@ -358,12 +395,9 @@ class Searcher:
         """(configuration, proxy KL of the knapsack answer, its true KL, the re-ranked true KL, generations run)
         within `budget`.
 
-        With speed / RAM constraints the knapsack runs on bytes and its answers are priced by the cost model; when
-        none fits, the byte budget tightens (4% a step) until one does."""
-        answers, tightened = [], budget
-        while not answers and tightened > 0:
-            answers = [(proxy, c) for proxy, c in self.knapsack_answers(tightened) if self.priced_size(c) <= budget]
-            tightened = int(tightened * 0.96) if self.pricer is not None else 0
+        With speed / RAM constraints the knapsack's answers are those the cost model prices within them
+        (`knapsack_answers`)."""
+        answers = self.knapsack_answers(budget)
         seeds = [c for _, c in answers[:2]] + [c for c in uniform if self.priced_size(c) <= budget]
         if not seeds:
             raise SlimlmError(

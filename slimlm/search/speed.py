@@ -4,7 +4,9 @@
 A configuration's file holds every 2-D tensor at some type; the cost model predicts its decode tokens/s and peak RSS
 from bytes per type and the number of blocks. The search treats a configuration the model prices outside the
 constraints as not fitting (as if over the byte budget), and the chosen file is then measured: a constraint it does
-not meet when measured is an error, not a footnote.
+not meet when measured is an error, not a footnote. The knapsack itself sees the limits through `Pricer.share`: a
+type that decodes slowly per byte (Q4_1, Q5_0 on AVX2 here) costs more than its bytes, so the answer spends the
+byte budget on fast types (Q4_0, Q8_0) instead of shrinking the file until a slow mixture fits.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def cost_model_for(base, types: list[str], threads: int, cache: Path):
     ordered = ["q8_0", *sorted(t for t in types if t != "q8_0")]
     if cache.exists():
         model = CostModel.load(cache)
-        if set(ordered) <= set(model.seconds_per_byte) and model.threads == threads:
-            return model
+        if set(ordered) <= set(model.seconds_per_byte) and model.threads == threads and model.method == "side-by-side":
+            return model  # one calibrated from separate runs priced the k-quants by the machine's drift: redone
     with stage(f"search: calibrating llama.cpp's decode costs for {', '.join(ordered)} ({threads} threads)"):
         model = measure_type_costs(base, ordered, threads=threads)
     model.save(cache)
@@ -68,6 +70,20 @@ class Pricer:
                 types[renumber(name, configuration.removed)] = type_
                 shapes[renumber(name, configuration.removed)] = shape
         return types, shapes
+
+    def share(self, tensor: str, shape: tuple[int, int], type_: str) -> float:
+        """What one tensor held as `type_` takes of the constraints' room: its predicted decode seconds per token
+        over the seconds a token may take (1 / min_decode_tps), plus its predicted RSS over max_ram. The knapsack
+        adds a multiple of it to the tensor's proxy KL (a Lagrangian relaxation of the speed and RAM limits)."""
+        from slimlm.export.gguf_types import tensor_bytes
+
+        held = tensor_bytes(type_, shape)
+        total = 0.0
+        if self.min_decode_tps is not None:
+            total += held * self.cost_model.seconds_per_byte[type_] * self.min_decode_tps
+        if self.max_ram_bytes is not None:
+            total += held * self.cost_model.ram_per_byte[type_] / self.max_ram_bytes
+        return total
 
     def predict(self, configuration: Configuration) -> dict:
         types, shapes = self.tensor_types(configuration)
