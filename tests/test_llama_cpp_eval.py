@@ -127,8 +127,10 @@ def test_decode_rounds_beyond_memory_runs_groups_scaled_by_the_first_file(tokeni
     paths = [tmp_path / f"{kind}.gguf" for kind in ("q8_0", "q4_0", "f16")]
     for path in paths:
         write_gguf(model, tokenizer, path, path.stem)
+    import slimlm.calibration.sequential as sequential
+
     room = engine.MEMORY_PER_FILE_BYTE * (paths[0].stat().st_size + paths[1].stat().st_size) * 2
-    monkeypatch.setattr(engine, "_available_memory_bytes", lambda: room)
+    monkeypatch.setattr(sequential, "free_memory", lambda device: room)
     assert engine._memory_groups(paths) == [paths[:2], [paths[0], paths[2]]]
     groups = []
     real = engine._run_child

@@ -260,13 +260,16 @@ def one_pass_fits(model: nn.Module, windows: int, seqlen: int, device: torch.dev
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free on `device`: CUDA's own count, else the host's MemAvailable."""
+    """Bytes free on `device`: CUDA's own count, else the host's MemAvailable (0 where the host does not say)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # no /proc (macOS): unknown, as if nothing were free
+        pass
     return 0
 
 

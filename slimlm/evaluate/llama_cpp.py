@@ -227,7 +227,11 @@ def _scaled(row: DecodeRounds, scale: float) -> DecodeRounds:
 
 def _memory_groups(paths: list[Path]) -> list[list[Path]]:
     """The paths in groups that fit in half the free memory at once; every group starts with paths[0]."""
-    budget = _available_memory_bytes() / 2
+    import torch
+
+    from slimlm.calibration.sequential import free_memory
+
+    budget = (free_memory(torch.device("cpu")) or 4 << 30) / 2  # 4 GiB where the host does not say
     groups: list[list[Path]] = [[paths[0]]]
     held = MEMORY_PER_FILE_BYTE * paths[0].stat().st_size
     for path in paths[1:]:
@@ -238,16 +242,6 @@ def _memory_groups(paths: list[Path]) -> list[list[Path]]:
         groups[-1].append(path)
         held += need
     return groups
-
-
-def _available_memory_bytes() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 # --- the parent's side ------------------------------------------------------------------------------------------
@@ -449,18 +443,10 @@ def _speed_child(request: dict) -> dict:
         logits = engine.decode(prompt, 0, all_logits=False)
         token = int(logits[0].argmax())
         prompt_seconds = time.perf_counter() - start
-        cpu_start = time.process_time()  # all of this process's threads
-        start = last = time.perf_counter()
-        for position in range(prompt_tokens, prompt_tokens + new_tokens):
-            token = int(engine.decode([token], position, all_logits=False)[0].argmax())  # greedy
-            now = time.perf_counter()
-            if attempt:
-                token_times.append(now - last)
-            last = now
-        decode_seconds = time.perf_counter() - start
-        decode_cpu = time.process_time() - cpu_start
+        latencies, decode_seconds, decode_cpu = _timed_decode(engine, token, prompt_tokens, new_tokens)
         if attempt:
             prompt_times.append(prompt_seconds)
+            token_times.extend(latencies)
             decode_times.append(decode_seconds)
             cpu_times.append(decode_cpu)
     info = lib.llama_print_system_info().decode("utf-8", "replace").strip()
@@ -468,11 +454,7 @@ def _speed_child(request: dict) -> dict:
     return {
         "result": {
             "prefill_tokens_per_s": prompt_tokens / statistics.median(prompt_times),
-            "decode_tokens_per_s": new_tokens / statistics.median(decode_times),
-            "decode_tokens_per_s_p10": 1 / statistics.quantiles(token_times, n=10)[0]
-            if len(token_times) > 1
-            else new_tokens / decode_times[0],
-            "decode_cpu_tokens_per_s": request["threads"] * new_tokens / max(statistics.median(cpu_times), 1e-9),
+            **_decode_rates(new_tokens, request["threads"], decode_times, token_times, cpu_times),
             "peak_rss_bytes": _peak_rss_bytes(),
             "llama_cpp": f"llama-cpp-python {getattr(lib, '__version__', '?')}; {info}" + _wait_policy(),
         }
@@ -500,17 +482,11 @@ def _rounds_child(request: dict) -> dict:
         for i in order:
             engine, token = engines[i], firsts[i]
             lib.llama_memory_seq_rm(lib.llama_get_memory(engine.ctx), 0, prompt_tokens, -1)
-            cpu_start = time.process_time()
-            start = last = time.perf_counter()
-            for position in range(prompt_tokens, prompt_tokens + new_tokens):
-                token = int(engine.decode([token], position, all_logits=False)[0].argmax())
-                now = time.perf_counter()
-                if round_:
-                    tokens[i].append(now - last)
-                last = now
+            latencies, decode_seconds, decode_cpu = _timed_decode(engine, token, prompt_tokens, new_tokens)
             if round_:
-                seconds[i].append(time.perf_counter() - start)
-                cpu[i].append(time.process_time() - cpu_start)
+                tokens[i].extend(latencies)
+                seconds[i].append(decode_seconds)
+                cpu[i].append(decode_cpu)
         if round_:
             print(ROUND_DONE, flush=True)
     for engine in engines:
@@ -519,14 +495,39 @@ def _rounds_child(request: dict) -> dict:
         "result": [
             {
                 "path": path,
-                "decode_tokens_per_s": new_tokens / statistics.median(seconds[i]),
-                "decode_tokens_per_s_p10": 1
-                / (statistics.quantiles(tokens[i], n=10)[0] if len(tokens[i]) > 1 else tokens[i][0]),
-                "decode_cpu_tokens_per_s": request["threads"] * new_tokens / max(statistics.median(cpu[i]), 1e-9),
+                **_decode_rates(new_tokens, request["threads"], seconds[i], tokens[i], cpu[i]),
                 "rounds": [new_tokens / t for t in seconds[i]],
             }
             for i, path in enumerate(request["paths"])
         ]
+    }
+
+
+def _timed_decode(engine: _Engine, token: int, position: int, count: int) -> tuple[list[float], float, float]:
+    """Greedy-decode `count` tokens after `token`, one llama_decode each from `position`: (each token's seconds,
+    the wall seconds, the CPU seconds of all this process's threads)."""
+    cpu_start = time.process_time()
+    start = last = time.perf_counter()
+    latencies = []
+    for at in range(position, position + count):
+        token = int(engine.decode([token], at, all_logits=False)[0].argmax())
+        now = time.perf_counter()
+        latencies.append(now - last)
+        last = now
+    return latencies, time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def _decode_rates(
+    new_tokens: int, threads: int, seconds: list[float], latencies: list[float], cpu: list[float]
+) -> dict[str, float]:
+    """The decode figures of repeated runs of `new_tokens` tokens: from the median run's wall time, from the 10th
+    percentile of single-token latencies, and from the median run's CPU time."""
+    return {
+        "decode_tokens_per_s": new_tokens / statistics.median(seconds),
+        "decode_tokens_per_s_p10": 1 / statistics.quantiles(latencies, n=10)[0]
+        if len(latencies) > 1
+        else new_tokens / seconds[0],
+        "decode_cpu_tokens_per_s": threads * new_tokens / max(statistics.median(cpu), 1e-9),
     }
 
 

@@ -316,9 +316,7 @@ class Searcher:
         variants = self.database.variants[knob.tensor]
         costs = np.array([variants[j].proxy for j in options])
         if penalty:
-            costs += penalty * np.array(
-                [self.pricer.share(knob.tensor, knob.shape, variants[j].option.type) for j in options]
-            )
+            costs += penalty * np.array([self.pricer.share(knob.shape, variants[j].option.type) for j in options])
         return costs
 
     def smallest(self) -> tuple[int, tuple[int, ...]]:

@@ -71,7 +71,7 @@ class Pricer:
                 shapes[renumber(name, configuration.removed)] = shape
         return types, shapes
 
-    def share(self, tensor: str, shape: tuple[int, int], type_: str) -> float:
+    def share(self, shape: tuple[int, int], type_: str) -> float:
         """What one tensor held as `type_` takes of the constraints' room: its predicted decode seconds per token
         over the seconds a token may take (1 / min_decode_tps), plus its predicted RSS over max_ram. The knapsack
         adds a multiple of it to the tensor's proxy KL (a Lagrangian relaxation of the speed and RAM limits)."""
