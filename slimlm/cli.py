@@ -1125,6 +1125,13 @@ def search(
             help=f"Blocks that may be removed whole (0: none; default {SEARCH.depth_candidates}, --fast {FAST_SEARCH.depth_candidates}).",
         ),
     ] = None,
+    speed_rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--speed-rounds",
+            help=f"Rounds of every point's decode timed side by side in llama.cpp, for the quality-against-speed plot (0: not timed; default {SEARCH.speed_rounds}, --fast {FAST_SEARCH.speed_rounds}).",
+        ),
+    ] = None,
     fast: Annotated[
         bool,
         typer.Option(
@@ -1189,6 +1196,7 @@ def search(
         "generations": generations,
         "front_generations": front_generations,
         "depth_candidates": depth_candidates,
+        "speed_rounds": speed_rounds,
     }
     values = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)} | {
         k: v for k, v in chosen.items() if v is not None or k == "types"
@@ -1199,6 +1207,7 @@ def search(
             "generations": "--generations",
             "front_generations": "--front-generations",
             "depth_candidates": "--depth-candidates",
+            "speed_rounds": "--speed-rounds",
         },
         **values,
     )

@@ -168,6 +168,9 @@ class SearchSettings:
     offspring: int = 8
     survivors: int = 2
     depth_candidates: int = 3  # blocks that may be removed whole (those whose removal costs least KL)
+    # rounds of every point's decode timed side by side in llama.cpp, for the quality-against-speed plot (0: not
+    # timed); each round, and a warm-up, decodes 64 tokens from each distinct file (~0.7 s apiece for SmolLM2 here)
+    speed_rounds: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -179,6 +182,7 @@ class SearchSettings:
             ("offspring", 1),
             ("survivors", 1),
             ("depth_candidates", 0),
+            ("speed_rounds", 0),
         ):
             _at_least(self, name, low, "4")
 
@@ -197,6 +201,7 @@ FAST_SEARCH = SearchSettings(
     front_generations=0,
     offspring=6,
     depth_candidates=2,
+    speed_rounds=0,  # one round of 8 files took 36 s, a fifth of the job
 )
 SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=6, kl_windows=6)  # held-out figures of every front point
 FAST_SEARCH_EVALUATION = EvalSettings(seqlen=512, max_windows=2, kl_windows=2)

@@ -18,7 +18,7 @@ from slimlm.data.calibration import CalibrationSet
 from slimlm.errors import SlimlmError
 from slimlm.export import export_model
 from slimlm.export.gguf import check_gguf_config, write_gguf
-from slimlm.export.gguf_arch import ARCHITECTURES
+from slimlm.export.gguf_arch import ARCHITECTURES, head_dim
 from slimlm.models.adapters import adapter_for
 from slimlm.pipeline import compress_
 from slimlm.prune.depth import DepthConfig, prune_depth_
@@ -244,6 +244,53 @@ def test_transformers_gguf_loader_computes_slimlm_logits(arch, gguf_type, tmp_pa
     assert loaded.config.model_type == ("llama" if arch == "mistral" else arch)  # llama.cpp runs Mistral as llama
     expected = logits(model)
     assert relative_error(logits(loaded), expected) < (1e-6 if gguf_type == "f32" else 3e-3)
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0", "q4_1"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_slimlm_reads_a_llama_family_gguf_as_transformers_does(arch, gguf_type, tmp_path):
+    """slimlm's own GGUF reader (one parse) gives transformers' GGUF loader's weights bit for bit (q/k rows permuted
+    back, biases, q/k norms, the tied or untied head) and the same config where transformers reads the keys."""
+    from slimlm.models.gguf_load import dense_checkpoint
+    from slimlm.models.load import load_model
+
+    model = model_from(LOADER_CONFIGS[arch]())
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, gguf_type)
+    assert dense_checkpoint(path) is not None  # read by slimlm, not handed to transformers
+    ours = load_model(str(path)).model
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    for key in ("model_type", "hidden_size", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings"):
+        assert getattr(ours.config, key) == getattr(theirs.config, key), key
+    assert head_dim(ours.config) == head_dim(theirs.config)
+    assert ours.config.rope_parameters["rope_theta"] == theirs.config.rope_parameters["rope_theta"]
+    assert np.array_equal(logits(ours), logits(theirs))
+
+
+def test_slimlm_reads_the_head_dim_transformers_gguf_loader_misses(tmp_path):
+    """A Qwen3 whose head_dim is not hidden / heads: the file's attention.key_length is read (transformers' loader
+    derives it from the hidden size), so the model computes slimlm's logits."""
+    from slimlm.models.load import load_model
+
+    model = model_from(CONFIGS["qwen3"]())
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, "f32")
+    assert relative_error(logits(load_model(str(path)).model), logits(model)) < 1e-6
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3", "gpt2"])
+def test_other_architectures_are_left_to_transformers_gguf_loader(arch, tmp_path):
+    from slimlm.models.gguf_load import dense_checkpoint
+    from slimlm.models.load import load_model
+
+    model = model_from(LOADER_CONFIGS[arch]())
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tiny_tokenizer(), path, "f32")
+    assert dense_checkpoint(path) is None
+    assert relative_error(logits(load_model(str(path)).model), logits(model)) < 1e-6
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------------------

@@ -584,6 +584,18 @@ def test_search_writes_the_chosen_file_within_budget(searched):
     assert (out / "model.gguf").stat().st_size == result.chosen.file_bytes <= q4_1["file_bytes"]
 
 
+def test_every_point_is_timed_side_by_side_in_llama_cpp_for_the_speed_plot(searched):
+    """Every point with a file gets a decode rate measured in llama.cpp (one process, all files side by side); the
+    plot of KL against measured speed and the table's column come from those measurements."""
+    pytest.importorskip("llama_cpp")
+    result, _ = searched
+    front = json.loads((result.out / "front.json").read_text())
+    assert all(p["metrics"]["decode_tps"] > 0 for p in front["points"] if p["kind"] != "base")
+    assert "side by side" in front["context"]["evaluation"]["speed"]
+    assert (result.out / "front-speed.png").stat().st_size > 0
+    assert "decode tok/s" in (result.out / "report.html").read_text()
+
+
 def test_search_beats_every_uniform_point_it_could_afford(searched):
     """The seeds include every uniform point within budget and re-ranking keeps the best: on the re-ranking tokens
     no affordable uniform point can be better than the chosen one."""

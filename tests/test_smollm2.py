@@ -100,6 +100,23 @@ def test_alias_loads_llama_that_generates(smol, prompt_ids):
     assert "Paris" in tokenizer.decode(generated[0, prompt_ids.shape[1] :])  # real weights, not random ones
 
 
+def test_slimlm_reads_the_embedded_gguf_as_transformers_does(smol):
+    """The embedded file through slimlm's one-parse reader: transformers' GGUF loader's weights bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.models.gguf_load import dense_checkpoint
+    from slimlm.models.load import resolve_alias
+
+    path = resolve_alias("smollm2-135m")
+    config, state = dense_checkpoint(path)
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    expected = theirs.state_dict()
+    assert set(state) == set(expected) - {"lm_head.weight"}  # tied: the head is the embedding
+    for name, tensor in state.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert config.to_dict()["rope_parameters"] == theirs.config.to_dict()["rope_parameters"]
+
+
 def test_magnitude_2of4_reloads_in_plain_transformers_with_the_same_perplexity(smol, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -267,10 +267,9 @@ def check_gguf(path: str | Path) -> Path:
 
 
 def gguf_architecture(path: Path) -> str:
-    from slimlm.models.gguf_check import read_gguf
+    from slimlm.models.gguf_check import check_gguf_file
 
-    field = read_gguf(path).fields.get("general.architecture")
-    return field.contents() if field is not None else "unknown"
+    return str(check_gguf_file(path).get("general.architecture", "unknown"))
 
 
 def _run_child(request: dict, scratch: Path, on_round=None) -> dict:

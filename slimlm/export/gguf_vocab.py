@@ -47,7 +47,7 @@ def copy_tokenizer_metadata(writer, source: Path, vocab_size: int) -> bool:
 @functools.lru_cache(maxsize=2)
 def _tokenizer_fields(path: str, size: int, mtime_ns: int) -> tuple[int | None, tuple]:
     """(token count, each `tokenizer.*` key as (key, contents, type, array type)) of a GGUF file, read once per
-    process and file version (a search writes several headers; the parse is `read_gguf`'s, shared with the check)."""
+    process and file version (a search writes several headers; the parse is `read_gguf`'s, shared with the loader)."""
     from gguf import GGUFValueType
 
     from slimlm.models.gguf_check import read_gguf

@@ -268,17 +268,27 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
-    """transformers + gguf dequantize the file; the result is a plain dense model with no GGUF ties left."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The file dequantized into a plain dense model with no GGUF ties left: llama-family files by slimlm's own
+    reader (`models.gguf_load`, one parse), the rest by transformers; the tokenizer by transformers."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.models.gguf_check import check_gguf_file
+    from slimlm.models.gguf_load import dense_checkpoint
 
     check_gguf_file(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False
-        )
+        dense = dense_checkpoint(path)
+        if dense is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False
+            )
+        else:
+            config, state = dense
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+                None, config=config, state_dict=state, dtype=dtype
+            )
+            model.config._name_or_path = str(path.parent)  # what transformers' GGUF loader records
     except (ValueError, OSError, KeyError) as err:
         raise SlimlmError(
             f"could not read GGUF file '{path}': {_first_line(err)}",

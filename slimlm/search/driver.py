@@ -35,7 +35,7 @@ from slimlm.search.rerank import (
 )
 from slimlm.search.solver import knapsack
 from slimlm.search.space import Option, gguf_search_space
-from slimlm.search.speed import Pricer, require_llama_cpp
+from slimlm.search.speed import Pricer, measure_points_decode, require_llama_cpp
 from slimlm.settings import Constraints, EvalSettings, SearchSettings, parse_bytes
 
 PENALTY_START, PENALTY_MAX, PENALTY_BISECTIONS = 1e-4, 1e4, 6  # the speed / RAM multiplier's search (proxy KL units)
@@ -560,7 +560,7 @@ def run_gguf_search(
                     overwrite=overwrite,
                 )
                 point.note += f"; file {path.relative_to(out)}"
-    problems = []
+    problems, speed_protocol = [], None
     if _llama_cpp_installed():
         with stage("search: the chosen file measured in llama.cpp"):
             chosen.metrics["llama.cpp"] = _in_llama_cpp(summary.path, windows, reference)
@@ -568,6 +568,23 @@ def run_gguf_search(
                 measured = pricer.check_written(summary.path, constraints.threads)
                 problems = measured.pop("problems")
                 chosen.metrics["llama.cpp"]["cost_model"] = measured
+        if settings.speed_rounds:
+            speed_protocol = measure_points_decode(
+                points,
+                chosen,
+                summary.path,
+                lambda configuration, path: write_configuration(
+                    base.model,
+                    base.tokenizer,
+                    source_gguf(base),
+                    configuration.removed,
+                    _packed(configuration, database),
+                    path,
+                ),
+                database.canonical,
+                constraints.threads,
+                settings.speed_rounds,
+            )
     base_point = Point(
         "base (16-bit)",
         "base",
@@ -583,7 +600,11 @@ def run_gguf_search(
         "budget_bytes": chosen_budget,
         "settings": asdict(settings),
         **basis.context(),
-        "evaluation": {"protocol": windows.protocol(), "kl": reference.describe() if reference else None},
+        "evaluation": {
+            "protocol": windows.protocol(),
+            "kl": reference.describe() if reference else None,
+            "speed": speed_protocol,
+        },
         "depth": [{"block": b, "kl": kl} for b, kl in depth],
         "sparsity": "not searched: neither GGUF nor llama.cpp stores or runs unstructured / 2:4 sparse weights smaller or faster",
         "seconds": round(time.perf_counter() - started, 1),

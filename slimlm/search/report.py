@@ -1,6 +1,7 @@
 """What a search leaves in its directory: front.json, recipe.yaml, the plots and report.html; and the table printed.
 
-The front is drawn over *held-out* KL (evaluation text the search never saw) against file bytes; uniform points
+The front is drawn over *held-out* KL (evaluation text the search never saw) against file bytes, and against decode
+tok/s measured in llama.cpp where the points were timed (`search.speed.measure_points_decode`); uniform points
 (slimlm's codes, one type everywhere) and llama.cpp's presets (its reference quantizer) share the axes.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -52,13 +54,25 @@ def recipe_dict(point, database, statistics: dict) -> dict:
     }
 
 
-def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes | None:
+def file_bytes_of(row: dict) -> float | None:
+    return row.get("file_bytes")
+
+
+def decode_tps_of(row: dict) -> float | None:
+    return row["metrics"].get("decode_tps")
+
+
+def plot_front(
+    rows: list[dict], x_of: Callable[[dict], float | None], x_label: str, title: str, join: bool = True
+) -> bytes | None:
+    """Held-out KL (log) against `x_of(row)` for every row that has both; `join`: the searched points joined in x
+    order (the front over bytes), else labelled by their budgets (over speed, where their order is not a front)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if r.get(x_key) is not None and r["metrics"].get("kl_divergence") is not None]
+    points = [r for r in rows if x_of(r) is not None and r["metrics"].get("kl_divergence") is not None]
     if len(points) < 2:
         return None
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
@@ -66,7 +80,7 @@ def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes 
         mine = [r for r in points if r["kind"] == kind]
         if mine:
             ax.scatter(
-                [r[x_key] for r in mine],
+                [x_of(r) for r in mine],
                 [max(r["metrics"]["kl_divergence"], 1e-5) for r in mine],
                 c=colour,
                 marker=marker,
@@ -74,24 +88,22 @@ def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes 
                 s=36,
                 zorder=3,
             )
-    searched = sorted((r for r in points if r["kind"] == "searched"), key=lambda r: r[x_key])
-    if len(searched) > 1:
+    searched = sorted((r for r in points if r["kind"] == "searched"), key=x_of)
+    if join and len(searched) > 1:
         ax.plot(
-            [r[x_key] for r in searched],
+            [x_of(r) for r in searched],
             [max(r["metrics"]["kl_divergence"], 1e-5) for r in searched],
             c=KIND_STYLE["searched"][0],
             lw=1,
             zorder=2,
         )
+    labels: dict[tuple[float, float], list[str]] = {}  # points holding the same bytes share one label
     for r in points:
-        if r["kind"] != "searched":
-            ax.annotate(
-                r["name"].replace("slimlm uniform ", "").replace("llama.cpp ", "lc "),
-                (r[x_key], max(r["metrics"]["kl_divergence"], 1e-5)),
-                fontsize=7,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
+        if r["kind"] != "searched" or not join:
+            name = r["name"].replace("slimlm uniform ", "").replace("llama.cpp ", "lc ").replace("searched ", "")
+            labels.setdefault((x_of(r), max(r["metrics"]["kl_divergence"], 1e-5)), []).append(name)
+    for xy, names in labels.items():
+        ax.annotate(" = ".join(names), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("KL(base ‖ model), held-out, nats/token (log)")
@@ -106,7 +118,7 @@ def plot_front(rows: list[dict], x_key: str, x_label: str, title: str) -> bytes 
 
 
 def table_rows(data: dict) -> list[list[str]]:
-    rows = []
+    rows, timed = [], _timed(data)
     for r in sorted(data["points"], key=lambda r: r["file_bytes"]):
         m = r["metrics"]
         rows.append(
@@ -120,8 +132,18 @@ def table_rows(data: dict) -> list[list[str]]:
                 "—" if r.get("rerank_kl") is None else f"{r['rerank_kl']:.4f}",
                 "yes" if r.get("on_front") else "",
             ]
+            + ([] if not timed else ["—" if m.get("decode_tps") is None else f"{m['decode_tps']:.1f}"])
         )
     return rows
+
+
+def headers(data: dict) -> list[str]:
+    """The table's columns; decode tok/s where the points were timed in llama.cpp."""
+    return HEADERS + (["decode tok/s"] if _timed(data) else [])
+
+
+def _timed(data: dict) -> bool:
+    return any(r["metrics"].get("decode_tps") is not None for r in data["points"])
 
 
 HEADERS = ["point", "kind", "file MB", "KL held-out", "ppl", "top-1 %", "KL calib", "front"]
@@ -134,18 +156,29 @@ def write_search_report(result, database) -> None:
     (out / "recipe.yaml").write_text(
         yaml.safe_dump(recipe_dict(result.chosen, database, result.context["settings"]["statistics"]), sort_keys=False)
     )
-    figure = plot_front(
-        data["points"],
-        "file_bytes",
-        "GGUF file size (bytes)"
-        if data["context"].get("target", "gguf") == "gguf"
-        else "model.safetensors size (bytes)",
-        f"{data['context']['model']['source']}: held-out KL against file size",
-    )
+    source = data["context"]["model"]["source"]
+    plots = {
+        "front-size.png": (
+            file_bytes_of,
+            "GGUF file size (bytes)"
+            if data["context"].get("target", "gguf") == "gguf"
+            else "model.safetensors size (bytes)",
+            f"{source}: held-out KL against file size",
+            True,
+        ),
+        "front-speed.png": (
+            decode_tps_of,
+            "decode tok/s, measured in llama.cpp side by side",
+            f"{source}: held-out KL against decode speed ({data['context']['constraints']['threads']} threads)",
+            False,
+        ),
+    }
     figures = {}
-    if figure is not None:
-        (out / "front-size.png").write_bytes(figure)
-        figures["front-size.png"] = figure
+    for name, (x_of, x_label, title, join) in plots.items():
+        figure = plot_front(data["points"], x_of, x_label, title, join)
+        if figure is not None:
+            (out / name).write_bytes(figure)
+            figures[name] = figure
     (out / "report.html").write_text(page(data, figures))
 
 
@@ -154,7 +187,7 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
 
     from slimlm.report.html import STYLE
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADERS)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers(data))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table_rows(data))
     images = "".join(
         f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
@@ -164,6 +197,7 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
     notes = [
         f"model: {context['model']['source']}; chosen: {data['chosen']} (written to {'model.gguf' if context.get('target', 'gguf') == 'gguf' else 'this directory, a compressed-tensors checkpoint'})",
         f"held-out evaluation: {context['evaluation']['protocol']}",
+        *([f"speed: {context['evaluation']['speed']}"] if context["evaluation"].get("speed") else []),
         f"search: {context['seconds']} s; database {data['database']['knobs']} tensors, {data['database']['bytes'] / 1e6:.1f} MB on disk",
         f"sparsity: {context['sparsity']}",
     ]
@@ -172,7 +206,7 @@ def page(data: dict, figures: dict[str, bytes]) -> str:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>slimlm search</title><style>{STYLE}</style></head><body>'
         f'<h1>slimlm search</h1><ul class="notes">{notes_html}</ul>'
         f'<h2>Front and baselines</h2><div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-        f'<h2>Quality against size</h2><div class="figures">{images}</div></body></html>\n'
+        f'<h2>Quality against size and speed</h2><div class="figures">{images}</div></body></html>\n'
     )
 
 
@@ -183,7 +217,7 @@ def print_table(data: dict) -> None:
     from rich.table import Table
 
     table = Table(title="slimlm search: searched points against uniform codes and llama.cpp presets (held-out KL)")
-    for h in HEADERS:
+    for h in headers(data):
         table.add_column(h, justify="left" if h in ("point", "kind") else "right")
     for row in table_rows(data):
         table.add_row(*row)

@@ -12,6 +12,8 @@ byte budget on fast types (Q4_0, Q8_0) instead of shrinking the file until a slo
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,3 +119,44 @@ class Pricer:
 
 def describe(measured: dict) -> str:
     return json.dumps({k: v for k, v in measured.items() if k != "problems"})
+
+
+PROMPT_TOKENS, TIMED_TOKENS = 512, 64  # each point's timing: the cost model's context, half its decode (a dozen files)
+
+
+def measure_points_decode(
+    points: list,
+    chosen,
+    chosen_path: Path,
+    write: Callable[[Configuration, Path], None],
+    canonical: Callable[[Configuration], Configuration],
+    threads: int,
+    rounds: int,
+) -> str:
+    """Every point's decode tok/s in llama.cpp (`metrics["decode_tps"]`), all files measured side by side in one
+    process (`llama_cpp_decode_rounds`: one file alone drifts by ~10% within minutes here, the ratios hold), so the
+    report's quality-against-speed plot is drawn from measurements, not from the cost model. Points holding the
+    same bytes share one file. Returns the protocol, for the report."""
+    from slimlm.evaluate.llama_cpp import llama_cpp_decode_rounds
+    from slimlm.progress import stage
+
+    measured = [p for p in points if p.configuration is not None]
+    files = {canonical(chosen.configuration): chosen_path}
+    with tempfile.TemporaryDirectory(prefix="slimlm-speed-") as scratch:
+        with stage(f"search: writing {len({canonical(p.configuration) for p in measured}) - 1} more files to time"):
+            for point in measured:
+                key = canonical(point.configuration)
+                if key not in files:
+                    files[key] = Path(scratch) / f"{len(files)}.gguf"
+                    write(point.configuration, files[key])
+        paths = list(files.values())
+        rates = llama_cpp_decode_rounds(
+            paths, threads=threads, prompt_tokens=PROMPT_TOKENS, new_tokens=TIMED_TOKENS, rounds=rounds, progress=True
+        )
+    by_path = {Path(r.path): r.decode_tokens_per_s for r in rates}
+    for point in measured:
+        point.metrics["decode_tps"] = by_path[files[canonical(point.configuration)]]
+    return (
+        f"decode tok/s in llama.cpp, {threads} threads, {TIMED_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt, "
+        f"{len(paths)} files side by side, median of {rounds} round{'s' if rounds > 1 else ''} after a warm-up"
+    )
