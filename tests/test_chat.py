@@ -75,6 +75,19 @@ class Terminal:
     def send(self, text: str) -> None:
         os.write(self.fd, text.encode())
 
+    def press_ctrl_c_until(self, pattern: str, presses: int = 3) -> re.Match:
+        """Ctrl-C, again if `pattern` has not shown within 10 s, as a user would press it again: CPython's readline
+        looks at signals only when its select() is interrupted, so a SIGINT that lands between the prompt being
+        drawn and the select() (a loaded machine widens that gap) is seen at the next key, not at once."""
+        for _ in range(presses - 1):
+            self.send("\x03")
+            try:
+                return self.expect(pattern, timeout=10)
+            except AssertionError:
+                continue
+        self.send("\x03")
+        return self.expect(pattern)
+
     def exit_code(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -105,8 +118,7 @@ def test_chat_in_a_terminal_multi_turn_then_ctrl_c(chat_dir):
     terminal.send("/reset\r")
     terminal.expect(r"conversation cleared")
     terminal.expect(r"> ")
-    terminal.send("\x03")  # Ctrl-C at the prompt: leave cleanly, no traceback
-    terminal.expect(r"bye")
+    terminal.press_ctrl_c_until(r"bye")  # Ctrl-C at the prompt: leave cleanly, no traceback
     assert terminal.exit_code() == 0
     assert "Traceback" not in terminal.seen
 
