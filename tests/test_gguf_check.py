@@ -52,6 +52,23 @@ def test_forged_counts_and_magic_are_refused(real_gguf, tmp_path):
         check_gguf_file(wrong)
 
 
+def test_forged_metadata_is_refused_without_allocating_it(real_gguf, tmp_path):
+    """The layout walk skips arrays by their counts, bounded by the file: a forged vocabulary count or an unknown
+    value type is named in one line instead of reaching a parser."""
+    data = bytearray(real_gguf.read_bytes()[:4_000_000])
+    key = b"tokenizer.ggml.tokens"
+    at = data.index(key) + len(key) + 4 + 4  # past the key, its value type (array) and the element type (string)
+    forged = tmp_path / "forged.gguf"
+    forged.write_bytes(bytes(data[:at]) + struct.pack("<Q", 2**40) + bytes(data[at + 8 :]))
+    with pytest.raises(SlimlmError, match=r"is malformed: an array claims 1099511627776 strings"):
+        check_gguf_file(forged)
+    first_type = 24 + 8 + struct.unpack_from("<Q", data, 24)[0]  # the header, the first key's length and bytes
+    unknown = tmp_path / "unknown.gguf"
+    unknown.write_bytes(bytes(data[:first_type]) + struct.pack("<I", 99) + bytes(data[first_type + 4 :]))
+    with pytest.raises(SlimlmError, match=r"is malformed: unknown metadata value type 99"):
+        check_gguf_file(unknown)
+
+
 @pytest.mark.parametrize("verb", [["eval"], ["export", "--format", "hf", "--out", "OUT"]])
 def test_cli_refuses_a_truncated_gguf_in_one_line(real_gguf, tmp_path, verb):
     path = tmp_path / "cut.gguf"

@@ -107,6 +107,12 @@ def permute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
     return rows.reshape(n_head, 2, head_dim // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
+def unpermute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `permute_rope_rows`: llama.cpp's adjacent-pair rows back to HF's rotate-half layout."""
+    head_dim = rows.shape[0] // n_head
+    return rows.reshape(n_head, head_dim // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
 def code_layout_problem(grid: QuantGrid, in_features: int, gguf_type: str) -> str | None:
     """Why GGUF `gguf_type` cannot hold these codes exactly (None if it can)."""
     if gguf_type in K_QUANTS:

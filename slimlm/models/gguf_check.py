@@ -81,24 +81,18 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.unpack("Q"))).decode("utf-8")
 
-    def skip_value(self, kind: int) -> None:
-        if kind in SCALARS:
-            self.take(struct.calcsize("<" + SCALARS[kind]))
-        elif kind == STRING:
-            self.take(self.unpack("Q"))
-        elif kind == ARRAY:
-            element, count = self.unpack("I"), self.unpack("Q")
-            if element in SCALARS:
-                self.take(count * struct.calcsize("<" + SCALARS[element]))
-            elif element == STRING:
-                if count * 8 > len(self.data) - self.position:
-                    raise ValueError(f"an array claims {count} strings, more than the file can hold")
-                for _ in range(count):
-                    self.take(self.unpack("Q"))
-            else:
-                raise ValueError(f"an array of unknown value type {element}")
+    def skip_array(self) -> None:
+        """Past an array value (element type, count, elements), reading none of its elements."""
+        element, count = self.unpack("I"), self.unpack("Q")
+        if element in SCALARS:
+            self.take(count * struct.calcsize("<" + SCALARS[element]))
+        elif element == STRING:
+            if count * 8 > len(self.data) - self.position:
+                raise ValueError(f"an array claims {count} strings, more than the file can hold")
+            for _ in range(count):
+                self.take(self.unpack("Q"))
         else:
-            raise ValueError(f"unknown metadata value type {kind}")
+            raise ValueError(f"an array of unknown value type {element}")
 
 
 def _walk(path: Path, n_tensors: int, n_kv: int) -> tuple[dict, list[tuple[str, int, int]], int]:
@@ -115,8 +109,10 @@ def _walk(path: Path, n_tensors: int, n_kv: int) -> tuple[dict, list[tuple[str, 
                 scalars[key] = cursor.unpack(SCALARS[kind])
             elif kind == STRING:
                 scalars[key] = cursor.string()
+            elif kind == ARRAY:
+                cursor.skip_array()
             else:
-                cursor.skip_value(kind)
+                raise ValueError(f"unknown metadata value type {kind}")
         tensors = []
         for _ in range(n_tensors):
             name, n_dims = cursor.string(), cursor.unpack("I")

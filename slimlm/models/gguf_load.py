@@ -27,6 +27,8 @@ def dense_checkpoint(path: Path) -> tuple[object, dict[str, torch.Tensor]] | Non
     """(transformers config, float32 state dict) of the GGUF at `path`, or None where transformers must read it."""
     from transformers import AutoConfig
 
+    from slimlm.export.gguf import unpermute_rope_rows
+
     reader = read_gguf(path)
     fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.")}
     arch = fields.get("general.architecture")
@@ -43,7 +45,7 @@ def dense_checkpoint(path: Path) -> tuple[object, dict[str, torch.Tensor]] | Non
         values = _dequantized(tensor)
         kind = name.split(".")[-2]
         if arch == "llama" and kind in heads:  # llama.cpp's adjacent-pair RoPE rows back to HF's halves
-            values = _unpermute_rope_rows(values, heads[kind])
+            values = unpermute_rope_rows(values, heads[kind])
         state[name] = values
     return config, state
 
@@ -94,9 +96,3 @@ def _dequantized(tensor) -> torch.Tensor:
     shape = tuple(int(n) for n in reversed(tensor.shape))
     values = np.asarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     return torch.from_numpy(values.reshape(shape).copy())
-
-
-def _unpermute_rope_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The inverse of `export.gguf.permute_rope_rows`."""
-    head_dim = rows.shape[0] // n_head
-    return rows.reshape(n_head, head_dim // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)

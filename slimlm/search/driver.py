@@ -529,17 +529,22 @@ def run_gguf_search(
         points.append(Point(name, kind, configuration, sizer(configuration)))
     base_quality, windows, reference = evaluate_points(base, points, live, evaluation, stages[1], chosen_budget)
     chosen = _choose(points, chosen_budget, constraints, pricer)
-    with stage(f"search: writing {out / 'model.gguf'}"):
-        out.mkdir(parents=True, exist_ok=True)
-        summary = write_configuration(
+
+    def write(configuration: Configuration, path: Path):
+        """The configuration's GGUF at `path`, the database's bytes as they are."""
+        return write_configuration(
             base.model,
             base.tokenizer,
             source_gguf(base),
-            chosen.configuration.removed,
-            _packed(chosen.configuration, database),
-            out / "model.gguf",
+            configuration.removed,
+            _packed(configuration, database),
+            path,
             overwrite=overwrite,
         )
+
+    with stage(f"search: writing {out / 'model.gguf'}"):
+        out.mkdir(parents=True, exist_ok=True)
+        summary = write(chosen.configuration, out / "model.gguf")
         written = file_bytes(summary.path)
         if written != chosen.file_bytes:
             raise SlimlmError(
@@ -550,15 +555,7 @@ def run_gguf_search(
         for point in points:
             if point.kind == "searched" and point is not chosen:
                 path = out / "front" / f"{point.budget / 1e6:.1f}MB.gguf"
-                write_configuration(
-                    base.model,
-                    base.tokenizer,
-                    source_gguf(base),
-                    point.configuration.removed,
-                    _packed(point.configuration, database),
-                    path,
-                    overwrite=overwrite,
-                )
+                write(point.configuration, path)
                 point.note += f"; file {path.relative_to(out)}"
     problems, speed_protocol = [], None
     if _llama_cpp_installed():
@@ -573,14 +570,7 @@ def run_gguf_search(
                 points,
                 chosen,
                 summary.path,
-                lambda configuration, path: write_configuration(
-                    base.model,
-                    base.tokenizer,
-                    source_gguf(base),
-                    configuration.removed,
-                    _packed(configuration, database),
-                    path,
-                ),
+                write,
                 database.canonical,
                 constraints.threads,
                 settings.speed_rounds,

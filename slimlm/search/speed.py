@@ -140,22 +140,22 @@ def measure_points_decode(
     from slimlm.evaluate.llama_cpp import llama_cpp_decode_rounds
     from slimlm.progress import stage
 
-    measured = [p for p in points if p.configuration is not None]
-    files = {canonical(chosen.configuration): chosen_path}
+    keys = {id(p): canonical(p.configuration) for p in points if p.configuration is not None}
+    distinct = {keys[id(p)]: p.configuration for p in points if id(p) in keys}  # one configuration per file
+    others = [key for key in distinct if key != keys[id(chosen)]]
     with tempfile.TemporaryDirectory(prefix="slimlm-speed-") as scratch:
-        with stage(f"search: writing {len({canonical(p.configuration) for p in measured}) - 1} more files to time"):
-            for point in measured:
-                key = canonical(point.configuration)
-                if key not in files:
-                    files[key] = Path(scratch) / f"{len(files)}.gguf"
-                    write(point.configuration, files[key])
+        files = {keys[id(chosen)]: chosen_path} | {key: Path(scratch) / f"{i}.gguf" for i, key in enumerate(others)}
+        with stage(f"search: writing {len(others)} more files to time"):
+            for key in others:
+                write(distinct[key], files[key])
         paths = list(files.values())
         rates = llama_cpp_decode_rounds(
             paths, threads=threads, prompt_tokens=PROMPT_TOKENS, new_tokens=TIMED_TOKENS, rounds=rounds, progress=True
         )
     by_path = {Path(r.path): r.decode_tokens_per_s for r in rates}
-    for point in measured:
-        point.metrics["decode_tps"] = by_path[files[canonical(point.configuration)]]
+    for point in points:
+        if id(point) in keys:
+            point.metrics["decode_tps"] = by_path[files[keys[id(point)]]]
     return (
         f"decode tok/s in llama.cpp, {threads} threads, {TIMED_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt, "
         f"{len(paths)} files side by side, median of {rounds} round{'s' if rounds > 1 else ''} after a warm-up"
