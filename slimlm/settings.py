@@ -191,10 +191,12 @@ class SearchSettings:
 CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int4-g128", "int8-g128", "int8-channel", "dense")
 FAST_CT_SEARCH_TYPES = ("int4-g32", "int4-g64", "int8-channel", "dense")
 DEFAULT_SEARCH = SearchSettings()
-# `--fast`: one 5-bit type, GPTQ on fewer windows, no re-ranking generations (the seeds scored by true KL, the best
-# kept: on SmolLM2 the one generation --fast ran left the KL at 0.0082 and took 19 s), a third of the held-out tokens
+# `--fast`: one 5-bit type, F16 (what spare bytes buy above Q4_1's size: without it the embedded model's front
+# stopped at its own Q4_1 codes up to 111.6 MB), GPTQ on fewer windows, no re-ranking generations (the seeds scored
+# by true KL, the best kept: on SmolLM2 the one generation --fast ran left the KL at 0.0082 and took 19 s), a third
+# of the held-out tokens
 FAST_SEARCH = SearchSettings(
-    types=("q4_0", "q4_1", "q5_1", "q8_0"),
+    types=("q4_0", "q4_1", "q5_1", "q8_0", "f16"),
     statistics=CalibrationSettings(samples=4, seqlen=512),
     rerank_windows=2,
     generations=0,
