@@ -140,11 +140,12 @@ def measure_points_decode(
     from slimlm.evaluate.llama_cpp import llama_cpp_decode_rounds
     from slimlm.progress import stage
 
-    keys = {id(p): canonical(p.configuration) for p in points if p.configuration is not None}
-    distinct = {keys[id(p)]: p.configuration for p in points if id(p) in keys}  # one configuration per file
-    others = [key for key in distinct if key != keys[id(chosen)]]
+    measured = [(p, canonical(p.configuration)) for p in points if p.configuration is not None]
+    distinct = {key: p.configuration for p, key in measured}  # one configuration per file
+    chosen_key = canonical(chosen.configuration)
+    others = [key for key in distinct if key != chosen_key]
     with tempfile.TemporaryDirectory(prefix="slimlm-speed-") as scratch:
-        files = {keys[id(chosen)]: chosen_path} | {key: Path(scratch) / f"{i}.gguf" for i, key in enumerate(others)}
+        files = {chosen_key: chosen_path} | {key: Path(scratch) / f"{i}.gguf" for i, key in enumerate(others)}
         with stage(f"search: writing {len(others)} more files to time"):
             for key in others:
                 write(distinct[key], files[key])
@@ -153,9 +154,8 @@ def measure_points_decode(
             paths, threads=threads, prompt_tokens=PROMPT_TOKENS, new_tokens=TIMED_TOKENS, rounds=rounds, progress=True
         )
     by_path = {Path(r.path): r.decode_tokens_per_s for r in rates}
-    for point in points:
-        if id(point) in keys:
-            point.metrics["decode_tps"] = by_path[files[keys[id(point)]]]
+    for point, key in measured:
+        point.metrics["decode_tps"] = by_path[files[key]]
     return (
         f"decode tok/s in llama.cpp, {threads} threads, {TIMED_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt, "
         f"{len(paths)} files side by side, median of {rounds} round{'s' if rounds > 1 else ''} after a warm-up"
