@@ -243,6 +243,25 @@ def pack_blocks(name: str, u: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
     return torch.cat(parts, dim=1)
 
 
+def unpack_blocks(name: str, raw: torch.Tensor) -> torch.Tensor:
+    """Raw blocks (N, block bytes) uint8 of a 32-weight type -> the weights (N, 32) float32, as ggml (and the
+    `gguf` package, bit for bit) computes them: fp16 scales widened, d·q (+ m) in float32. 3-5x the speed of the
+    package's row-group loop, which the search calls thousands of times."""
+    d = raw[:, :2].contiguous().view(torch.float16).float()  # (N, 1)
+    if name == "q8_0":
+        return raw[:, 2:].contiguous().view(torch.int8).float().mul_(d)
+    affine = name in AFFINE
+    start = 4 if affine else 2
+    qs = raw[:, -16:]
+    u = torch.cat([qs & 0xF, qs >> 4], dim=1)  # (N, 32)
+    if name in ("q5_0", "q5_1"):
+        qh = raw[:, start : start + 4].contiguous().view(torch.int32)  # (N, 1) little-endian
+        u = u | (((qh >> torch.arange(32, dtype=torch.int32)) & 1).to(torch.uint8) << 4)
+    if affine:
+        return u.float().mul_(d).add_(raw[:, 2:4].contiguous().view(torch.float16).float())
+    return (u.float() - float(-SYMMETRIC[name][0])).mul_(d)
+
+
 # --- grids: the file's fields as S·q + O per group --------------------------------------------------------------
 
 
@@ -629,9 +648,13 @@ def gptq_for_type(
 
 
 def dequantize_tensor(data: np.ndarray, name: str, shape: Sequence[int]) -> torch.Tensor:
-    """Raw bytes as the file holds them -> float32 tensor of `shape`, with the `gguf` package's dequantizers."""
+    """Raw bytes as the file holds them -> float32 tensor of `shape`: the 32-weight types by `unpack_blocks`, the
+    rest with the `gguf` package's dequantizers."""
     from gguf import quants
 
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(*shape[:-1], -1)
+    if name in SYMMETRIC or name in AFFINE:
+        blocks = torch.from_numpy(raw.reshape(-1, TYPES[name].block_bytes))
+        return unpack_blocks(name, blocks).reshape(tuple(shape))
     values = quants.dequantize(raw, ggml_type(name))
     return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(tuple(shape)).copy())

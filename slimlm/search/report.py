@@ -54,8 +54,8 @@ def recipe_dict(point, database, statistics: dict) -> dict:
     }
 
 
-def file_bytes_of(row: dict) -> float | None:
-    return row.get("file_bytes")
+def file_mb_of(row: dict) -> float | None:
+    return None if row.get("file_bytes") is None else row["file_bytes"] / 1e6
 
 
 def decode_tps_of(row: dict) -> float | None:
@@ -63,14 +63,23 @@ def decode_tps_of(row: dict) -> float | None:
 
 
 def plot_front(
-    rows: list[dict], x_of: Callable[[dict], float | None], x_label: str, title: str, join: bool = True
+    rows: list[dict],
+    x_of: Callable[[dict], float | None],
+    x_label: str,
+    title: str,
+    join: bool = True,
+    chosen: str | None = None,
 ) -> bytes | None:
     """Held-out KL (log) against `x_of(row)` for every row that has both; `join`: the searched points joined in x
-    order (the front over bytes), else labelled by their budgets (over speed, where their order is not a front)."""
+    order (the front over bytes), else labelled by their budgets (over speed, where their order is not a front).
+    The `chosen` point gets a ring."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def kl_of(r: dict) -> float:
+        return max(r["metrics"]["kl_divergence"], 1e-5)
 
     points = [r for r in rows if x_of(r) is not None and r["metrics"].get("kl_divergence") is not None]
     if len(points) < 2:
@@ -80,31 +89,22 @@ def plot_front(
         mine = [r for r in points if r["kind"] == kind]
         if mine:
             ax.scatter(
-                [x_of(r) for r in mine],
-                [max(r["metrics"]["kl_divergence"], 1e-5) for r in mine],
-                c=colour,
-                marker=marker,
-                label=kind,
-                s=36,
-                zorder=3,
+                [x_of(r) for r in mine], [kl_of(r) for r in mine], c=colour, marker=marker, label=kind, s=36, zorder=3
             )
+    for r in (r for r in points if r["name"] == chosen):
+        ax.scatter(
+            [x_of(r)], [kl_of(r)], s=160, facecolors="none", edgecolors="#1f2933", lw=1.2, label="chosen", zorder=4
+        )
     searched = sorted((r for r in points if r["kind"] == "searched"), key=x_of)
     if join and len(searched) > 1:
-        ax.plot(
-            [x_of(r) for r in searched],
-            [max(r["metrics"]["kl_divergence"], 1e-5) for r in searched],
-            c=KIND_STYLE["searched"][0],
-            lw=1,
-            zorder=2,
-        )
+        ax.plot([x_of(r) for r in searched], [kl_of(r) for r in searched], c=KIND_STYLE["searched"][0], lw=1, zorder=2)
     labels: dict[tuple[float, float], list[str]] = {}  # points holding the same bytes share one label
     for r in points:
         if r["kind"] != "searched" or not join:
             name = r["name"].replace("slimlm uniform ", "").replace("llama.cpp ", "lc ").replace("searched ", "")
-            labels.setdefault((x_of(r), max(r["metrics"]["kl_divergence"], 1e-5)), []).append(name)
-    for xy, names in labels.items():
-        ax.annotate(" = ".join(names), xy, fontsize=7, xytext=(4, 3), textcoords="offset points")
+            labels.setdefault((x_of(r), kl_of(r)), []).append(name)
     ax.set_yscale("log")
+    _annotate_apart(ax, fig, labels)
     ax.set_xlabel(x_label)
     ax.set_ylabel("KL(base ‖ model), held-out, nats/token (log)")
     ax.set_title(title, fontsize=10)
@@ -115,6 +115,31 @@ def plot_front(
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+LABEL_GAP = (48, 8)  # points: two labels nearer than this in x and y overlap, so the later one moves up
+
+
+def _annotate_apart(ax, fig, labels: dict[tuple[float, float], list[str]]) -> None:
+    """Each label beside its point, stepped up where it would overlap one already placed (points a few tenths of a
+    MB or tok/s apart otherwise print their labels on top of each other)."""
+    ax.autoscale_view()
+    fig.canvas.draw()  # the axes' limits are final only once drawn
+    placed: list[tuple[float, float]] = []
+    for xy, names in sorted(labels.items(), key=lambda item: (item[0][1], item[0][0])):
+        px, py = ax.transData.transform(xy) * 72 / fig.dpi  # in points, as the offsets are
+        lift = 3
+        while any(abs(px - qx) < LABEL_GAP[0] and abs(py + lift - qy) < LABEL_GAP[1] for qx, qy in placed):
+            lift += LABEL_GAP[1]
+        placed.append((px, py + lift))
+        ax.annotate(
+            " = ".join(names),
+            xy,
+            fontsize=7,
+            xytext=(4, lift),
+            textcoords="offset points",
+            arrowprops=None if lift == 3 else {"arrowstyle": "-", "lw": 0.5, "color": "#9aa5b1"},
+        )
 
 
 def table_rows(data: dict) -> list[list[str]]:
@@ -159,10 +184,8 @@ def write_search_report(result, database) -> None:
     source = data["context"]["model"]["source"]
     plots = {
         "front-size.png": (
-            file_bytes_of,
-            "GGUF file size (bytes)"
-            if data["context"].get("target", "gguf") == "gguf"
-            else "model.safetensors size (bytes)",
+            file_mb_of,
+            "GGUF file size (MB)" if data["context"].get("target", "gguf") == "gguf" else "model.safetensors size (MB)",
             f"{source}: held-out KL against file size",
             True,
         ),
@@ -175,7 +198,7 @@ def write_search_report(result, database) -> None:
     }
     figures = {}
     for name, (x_of, x_label, title, join) in plots.items():
-        figure = plot_front(data["points"], x_of, x_label, title, join)
+        figure = plot_front(data["points"], x_of, x_label, title, join, chosen=data["chosen"])
         if figure is not None:
             (out / name).write_bytes(figure)
             figures[name] = figure
