@@ -30,7 +30,7 @@ ARCHS = ("llama", "qwen2")
 ACTIVATION_ROUNDED = {"smoothquant-gptq-w8a8": (2e-2, 1e-3)}  # recipe -> (rel. tolerance of the sum, of the |x| sum)
 # Integer codes: their two sums are exact integers and stay pinned exactly, but GPTQ's error feedback may trade one
 # step between two codes where another CPU's float kernels round a half step the other way. Measured between an AMD
-# EPYC with AVX2 only and the AVX-512 one that wrote the fixture: awq-gptq-w4-g64 on qwen2, one o_proj's codes with
+# EPYC with AVX2 only and the machine that wrote the fixture: awq-gptq-w4-g64 on qwen2, one o_proj's codes with
 # both sums equal and the random projection 0.81 apart. A pair of one-step trades moves it by at most ~2·max|probe|.
 CODE_TENSORS = ("weight_q", "weight_zero_point")
 CODE_PROJECTION_TOLERANCE = 8.0
