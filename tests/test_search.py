@@ -809,3 +809,36 @@ def test_a_speed_limit_spends_the_byte_budget_on_fast_types_not_on_a_smaller_fil
     while not pricer.fits(searcher.knapsack_answers(shrunk)[0][1]):
         shrunk -= 256
     assert proxy <= searcher.knapsack_answers(shrunk)[0][0]
+
+
+def test_scores_are_kept_beside_the_database_for_a_later_run(tmp_path, monkeypatch):
+    """A second live model on the same database answers a configuration it has scored from the store, on the same
+    tokens only; a torn last line (an interrupted run) is skipped."""
+    import slimlm.search.rerank as rerank_module
+    from slimlm.evaluate.perplexity import EvalWindows, evaluate_quality
+    from slimlm.search.rerank import live_copy
+
+    model, database = _database(tmp_path, types=("q4_0", "q4_1"))
+    seed = uniform_configuration(database, Option("q4_0", "gptq"), Option("q8_0", "rtn"))
+    other = uniform_configuration(database, Option("q4_1", "gptq"), Option("q8_0", "rtn"))
+
+    def windows_of(ids):
+        return EvalWindows(ids, "test", ids.shape[1], ids.shape[0], None)
+
+    windows, shifted = windows_of(_ids(2, 32, 7)), windows_of(_ids(2, 32, 8))
+    _, reference = evaluate_quality(model, windows, keep_reference=2, progress=False)
+    _, shifted_reference = evaluate_quality(model, shifted, keep_reference=2, progress=False)
+    first = live_copy(model, database).quality(seed, windows, reference)
+    store = next(database.path.glob("scores-*.jsonl"))
+    store.write_text(store.read_text() + '{"tokens": "torn')
+
+    forwards = []
+    real = rerank_module.evaluate_quality
+    monkeypatch.setattr(rerank_module, "evaluate_quality", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    later = live_copy(model, database)
+    assert later.scored(seed, windows, reference) and not later.scored(other, windows, reference)
+    assert later.quality(seed, windows, reference) == first and forwards == []
+    later.quality(seed, shifted, shifted_reference)  # other tokens: scored anew
+    later.quality(other, windows, reference)
+    assert len(forwards) == 2
+    assert live_copy(model, database).scored(other, windows, reference)  # stored after the torn line, on its own

@@ -31,14 +31,14 @@ from slimlm.settings import FAST_CT_SEARCH_TYPES as FAST_CT_TYPES
 
 def ct_live_copy(model: nn.Module, database):
     """The re-ranking's live model: a copy whose dense tensors are rounded to the checkpoint's bfloat16."""
-    from slimlm.search.rerank import LiveModel
+    from slimlm.search.rerank import LiveModel, ScoreStore
 
     live = copy.deepcopy(model).eval()
     with torch.no_grad():
         for tensor in [*live.parameters(), *live.buffers()]:
             if tensor.is_floating_point():
                 tensor.copy_(tensor.to(STORAGE_DTYPE).to(tensor.dtype))
-    return LiveModel(live, database)
+    return LiveModel(live, database, store=ScoreStore(database.path))
 
 
 def default_ct_database(model: nn.Module, calibration_sha: str) -> Path:

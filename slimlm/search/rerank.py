@@ -15,9 +15,13 @@ nothing (on SmolLM2 most do).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,6 +49,56 @@ def describe_configuration(configuration: Configuration, database: Database) -> 
     }
 
 
+class ScoreStore:
+    """Every score a search measured, kept beside its database (`scores-<slimlm version>.jsonl`), so a later budget
+    on the same database scores only configurations it has not seen: the front's seeds and the baselines recur at
+    every run (on SmolLM2 they were 5 of a further budget's 10 minutes). A score depends on the configuration, the
+    token windows and the base's reference on them (the base is the database's: its identity is checked); lines are
+    appended one score at a time, and a torn last line (an interrupted run) is skipped. A database that cannot be
+    written keeps its scores for this run only."""
+
+    def __init__(self, path: Path):
+        from slimlm import __version__
+
+        self.path = path / f"scores-{__version__}.jsonl"
+        self.results: dict[tuple[str, str], QualityResult] = {}
+        text = self.path.read_text() if self.path.is_file() else ""
+        self.torn = bool(text) and not text.endswith("\n")  # the next line starts on a line of its own
+        if text:
+            for line in text.splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.results[(entry["tokens"], entry["configuration"])] = QualityResult(**entry["quality"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def get(self, key: tuple[str, str]) -> QualityResult | None:
+        return self.results.get(key)
+
+    def add(self, key: tuple[str, str], quality: QualityResult) -> None:
+        self.results[key] = quality
+        line = json.dumps({"tokens": key[0], "configuration": key[1], "quality": dataclasses.asdict(quality)})
+        try:
+            with self.path.open("a") as f:
+                f.write(("\n" if self.torn else "") + line + "\n")
+            self.torn = False
+        except OSError:
+            pass
+
+
+def score_key(
+    database: Database, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits
+) -> tuple[str, str]:
+    """(the token windows and reference, the configuration: each kept tensor's option label, the blocks removed) as
+    two short digests; labels, not variant indices, so the key does not hang on the order variants are listed in."""
+    tokens = hashlib.sha256(windows.input_ids.to(torch.int64).numpy().tobytes())
+    tokens.update(reference.input_ids.to(torch.int64).numpy().tobytes())
+    tokens.update(f"{windows.seqlen}|{windows.bos_token_id}|{reference.top_k}|{reference.vocab}".encode())
+    chosen = hashlib.sha256(repr(sorted(describe_configuration(configuration, database).items())).encode())
+    chosen.update(repr(configuration.removed).encode())
+    return tokens.hexdigest()[:20], chosen.hexdigest()[:20]
+
+
 @dataclass
 class LiveModel:
     """A copy of the base whose tensors are swapped to a configuration's decoded variants."""
@@ -57,6 +111,7 @@ class LiveModel:
     # (configuration, id(windows), id(reference)) -> (windows, reference, quality): the value keeps both token sets
     # alive, so their ids stay theirs
     scores: dict[tuple, tuple] = field(default_factory=dict)
+    store: ScoreStore | None = None  # the scores earlier runs on this database measured
     # module -> the weight type whose activation rounding its input gets (GGUF: `engine_rounded_inputs`)
     input_types: dict[str, str] = field(default_factory=dict)
 
@@ -92,12 +147,18 @@ class LiveModel:
     def quality(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult:
         """Perplexity, KL and top-1 of the configuration on `windows` against `reference`; each configuration is
         scored once per token set (the uniform seeds recur at every budget, the front's points share answers)."""
-        key = (self.database.canonical(configuration), id(windows), id(reference))
+        canonical = self.database.canonical(configuration)
+        key = (canonical, id(windows), id(reference))
         if key in self.scores:
             return self.scores[key][2]
-        self.apply(configuration)
-        with blocks_skipped(self.model, configuration.removed):
-            quality, _ = evaluate_quality(self.model, windows, reference, progress=False)
+        stored = score_key(self.database, canonical, windows, reference) if self.store is not None else None
+        quality = self.store.get(stored) if stored is not None else None
+        if quality is None:
+            self.apply(configuration)
+            with blocks_skipped(self.model, configuration.removed):
+                quality, _ = evaluate_quality(self.model, windows, reference, progress=False)
+            if stored is not None:
+                self.store.add(stored, quality)
         self.scores[key] = (windows, reference, quality)
         return quality
 
@@ -105,8 +166,14 @@ class LiveModel:
         return self.quality(configuration, windows, reference).kl_divergence
 
     def scored(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> bool:
-        """Whether `quality` would answer from what it has already measured."""
-        return (self.database.canonical(configuration), id(windows), id(reference)) in self.scores
+        """Whether `quality` would answer from what it has already measured (this run or, in the store, an earlier one)."""
+        canonical = self.database.canonical(configuration)
+        if (canonical, id(windows), id(reference)) in self.scores:
+            return True
+        return (
+            self.store is not None
+            and self.store.get(score_key(self.database, canonical, windows, reference)) is not None
+        )
 
 
 def blocks_skipped(model: nn.Module, removed: tuple[int, ...]):
@@ -118,7 +185,7 @@ def blocks_skipped(model: nn.Module, removed: tuple[int, ...]):
 def live_copy(model: nn.Module, database: Database) -> LiveModel:
     import copy
 
-    live = LiveModel(copy.deepcopy(model).eval(), database)
+    live = LiveModel(copy.deepcopy(model).eval(), database, store=ScoreStore(database.path))
     if database.space.target == "gguf":
         engine_rounded_inputs(live.model, database, live.input_types)
     return live
