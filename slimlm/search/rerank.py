@@ -49,8 +49,11 @@ def describe_configuration(configuration: Configuration, database: Database) -> 
     }
 
 
+SCORES_VERSION = 1  # bumped when a score of the same configuration on the same tokens would come out otherwise
+
+
 class ScoreStore:
-    """Every score a search measured, kept beside its database (`scores-<slimlm version>.jsonl`), so a later budget
+    """Every score a search measured, kept beside its database (`scores-v<SCORES_VERSION>.jsonl`), so a later budget
     on the same database scores only configurations it has not seen: the front's seeds and the baselines recur at
     every run (on SmolLM2 they were 5 of a further budget's 10 minutes). A score depends on the configuration, the
     token windows and the base's reference on them (the base is the database's: its identity is checked); lines are
@@ -58,9 +61,7 @@ class ScoreStore:
     written keeps its scores for this run only."""
 
     def __init__(self, path: Path):
-        from slimlm import __version__
-
-        self.path = path / f"scores-{__version__}.jsonl"
+        self.path = path / f"scores-v{SCORES_VERSION}.jsonl"
         self.results: dict[tuple[str, str], QualityResult] = {}
         text = self.path.read_text() if self.path.is_file() else ""
         self.torn = bool(text) and not text.endswith("\n")  # the next line starts on a line of its own
