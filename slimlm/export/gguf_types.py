@@ -654,7 +654,8 @@ def dequantize_tensor(data: np.ndarray, name: str, shape: Sequence[int]) -> torc
 
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(*shape[:-1], -1)
     if name in SYMMETRIC or name in AFFINE:
-        blocks = torch.from_numpy(raw.reshape(-1, TYPES[name].block_bytes))
+        blocks = raw.reshape(-1, TYPES[name].block_bytes)
+        blocks = torch.from_numpy(blocks if blocks.flags.writeable else blocks.copy())  # a mapped file's are not
         return unpack_blocks(name, blocks).reshape(tuple(shape))
     values = quants.dequantize(raw, ggml_type(name))
     return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(tuple(shape)).copy())
