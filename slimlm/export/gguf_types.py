@@ -650,12 +650,12 @@ def gptq_for_type(
 def dequantize_tensor(data: np.ndarray, name: str, shape: Sequence[int]) -> torch.Tensor:
     """Raw bytes as the file holds them -> float32 tensor of `shape`: the 32-weight types by `unpack_blocks`, the
     rest with the `gguf` package's dequantizers."""
-    from gguf import quants
-
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(*shape[:-1], -1)
     if name in SYMMETRIC or name in AFFINE:
         blocks = raw.reshape(-1, TYPES[name].block_bytes)
         blocks = torch.from_numpy(blocks if blocks.flags.writeable else blocks.copy())  # a mapped file's are not
         return unpack_blocks(name, blocks).reshape(tuple(shape))
+    from gguf import quants
+
     values = quants.dequantize(raw, ggml_type(name))
     return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(tuple(shape)).copy())

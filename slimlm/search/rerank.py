@@ -148,33 +148,30 @@ class LiveModel:
     def quality(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult:
         """Perplexity, KL and top-1 of the configuration on `windows` against `reference`; each configuration is
         scored once per token set (the uniform seeds recur at every budget, the front's points share answers)."""
-        canonical = self.database.canonical(configuration)
-        key = (canonical, id(windows), id(reference))
-        if key in self.scores:
-            return self.scores[key][2]
-        stored = score_key(self.database, canonical, windows, reference) if self.store is not None else None
-        quality = self.store.get(stored) if stored is not None else None
+        key = (self.database.canonical(configuration), id(windows), id(reference))
+        quality = self._known(key, windows, reference)
         if quality is None:
             self.apply(configuration)
             with blocks_skipped(self.model, configuration.removed):
                 quality, _ = evaluate_quality(self.model, windows, reference, progress=False)
-            if stored is not None:
-                self.store.add(stored, quality)
+            if self.store is not None:
+                self.store.add(score_key(self.database, key[0], windows, reference), quality)
         self.scores[key] = (windows, reference, quality)
         return quality
+
+    def _known(self, key: tuple, windows: EvalWindows, reference: ReferenceLogits) -> QualityResult | None:
+        """The score of `key` (canonical configuration, token-set ids) measured this run or, in the store, earlier."""
+        if key in self.scores:
+            return self.scores[key][2]
+        return None if self.store is None else self.store.get(score_key(self.database, key[0], windows, reference))
 
     def kl(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> float:
         return self.quality(configuration, windows, reference).kl_divergence
 
     def scored(self, configuration: Configuration, windows: EvalWindows, reference: ReferenceLogits) -> bool:
         """Whether `quality` would answer from what it has already measured (this run or, in the store, an earlier one)."""
-        canonical = self.database.canonical(configuration)
-        if (canonical, id(windows), id(reference)) in self.scores:
-            return True
-        return (
-            self.store is not None
-            and self.store.get(score_key(self.database, canonical, windows, reference)) is not None
-        )
+        key = (self.database.canonical(configuration), id(windows), id(reference))
+        return self._known(key, windows, reference) is not None
 
 
 def blocks_skipped(model: nn.Module, removed: tuple[int, ...]):
